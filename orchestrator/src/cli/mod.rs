@@ -1,0 +1,179 @@
+//! The `certo` command line: argument definitions and one module per command.
+//! Each command is a few lines over the library.
+
+mod bench_cmd;
+mod catalogue_cmd;
+mod db_cmd;
+mod demo_cmd;
+mod patch_cmd;
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::catalogue::Catalogue;
+use crate::store::{Location, Store, default_data_dir};
+
+/// Exit status when a command ran but found errors in its input (invalid
+/// records, conflicts): the input must change, retrying will not help.
+pub const EXIT_INVALID: u8 = 1;
+/// Exit status when Certo itself could not do its work (store unreachable, I/O).
+pub const EXIT_FAILURE: u8 = 3;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "certo",
+    version,
+    about = "Certifies grid-middleware patches: validates patch records, stores them, and (as the project grows) builds, ships and boots the VM images that test them",
+    long_about = None,
+    after_help = "Without --database-url or DATABASE_URL, Certo starts its own PostgreSQL cluster under the data directory and reuses it."
+)]
+pub struct Cli {
+    #[command(flatten)]
+    pub global: Global,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Args)]
+pub struct Global {
+    /// Where Certo keeps its state (the embedded PostgreSQL cluster, later images and caches).
+    /// Default: /var/lib/certo as root, else $XDG_DATA_HOME/certo or ~/.local/share/certo.
+    #[arg(long, global = true, env = "CERTO_DATA_DIR", value_name = "DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// An existing PostgreSQL database to use instead of the embedded cluster.
+    #[arg(long, global = true, env = "DATABASE_URL", value_name = "URL", hide_env_values = true)]
+    pub database_url: Option<String>,
+    /// The catalogue of releases, platforms and node types (default: the built-in fixture catalogue).
+    #[arg(long, global = true, env = "CERTO_CATALOGUE", value_name = "FILE")]
+    pub catalogue: Option<PathBuf>,
+    /// More log output (repeat for more); CERTO_LOG takes a tracing filter instead.
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    pub verbose: u8,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Check patch record files (YAML, JSON or tracker text) without storing anything.
+    Validate(patch_cmd::ValidateArgs),
+    /// Validate and store patch records; all files are stored in one transaction or not at all.
+    Submit(patch_cmd::SubmitArgs),
+    /// List stored patches (current revisions unless --state or --all-revisions).
+    Patches(patch_cmd::PatchesArgs),
+    /// Show one patch: its record, its revisions and what happened to it.
+    Show(patch_cmd::ShowArgs),
+    /// Show the catalogue: releases, platforms and node types.
+    Catalogue(catalogue_cmd::CatalogueArgs),
+    /// Manage the embedded PostgreSQL cluster.
+    Db(db_cmd::DbArgs),
+    /// Run Certo's main job on the embedded default: store the fixture patches and list them.
+    Demo(demo_cmd::DemoArgs),
+    /// Measure Certo's speed.
+    Bench(bench_cmd::BenchArgs),
+}
+
+impl Global {
+    pub fn data_dir(&self) -> PathBuf {
+        self.data_dir.clone().unwrap_or_else(default_data_dir)
+    }
+
+    pub fn location(&self) -> Location {
+        match &self.database_url {
+            Some(url) if !url.is_empty() => Location::Url(url.clone()),
+            _ => Location::Embedded(self.data_dir()),
+        }
+    }
+
+    pub async fn store(&self) -> anyhow::Result<Store> {
+        Ok(Store::open(&self.location()).await?)
+    }
+
+    pub fn catalogue(&self) -> anyhow::Result<Catalogue> {
+        Ok(match &self.catalogue {
+            Some(path) => Catalogue::from_file(path)?,
+            None => Catalogue::builtin(),
+        })
+    }
+}
+
+/// The fixture folder shipped with the source tree.
+pub fn default_fixtures_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../fixtures")
+}
+
+fn init_tracing(verbose: u8) {
+    use tracing_subscriber::EnvFilter;
+    let filter = match std::env::var("CERTO_LOG") {
+        Ok(f) if !f.is_empty() => EnvFilter::new(f),
+        _ => EnvFilter::new(match verbose {
+            0 => "warn",
+            1 => "info,sqlx=warn",
+            2 => "debug,sqlx=info",
+            _ => "trace",
+        }),
+    };
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+}
+
+/// Runs the command line; the binary's `main` is this and nothing else.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_tracing(cli.global.verbose);
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::from(EXIT_FAILURE);
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(EXIT_FAILURE)
+        }
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    let g = &cli.global;
+    match cli.command {
+        Command::Validate(args) => patch_cmd::validate(g, args),
+        Command::Submit(args) => patch_cmd::submit(g, args).await,
+        Command::Patches(args) => patch_cmd::patches(g, args).await,
+        Command::Show(args) => patch_cmd::show(g, args).await,
+        Command::Catalogue(args) => catalogue_cmd::run(g, args),
+        Command::Db(args) => db_cmd::run(g, args).await,
+        Command::Demo(args) => demo_cmd::run(g, args).await,
+        Command::Bench(args) => bench_cmd::run(g, args).await,
+    }
+}
+
+/// Prints a value as pretty JSON on stdout.
+pub(crate) fn print_json<T: serde::Serialize>(value: &T) -> anyhow::Result<()> {
+    println!("{}", serde_json::to_string_pretty(value)?);
+    Ok(())
+}
+
+/// A progress bar on stderr when it is a terminal, hidden otherwise.
+pub(crate) fn progress(len: u64, what: &str) -> indicatif::ProgressBar {
+    use std::io::IsTerminal;
+    if !std::io::stderr().is_terminal() || len < 2 {
+        return indicatif::ProgressBar::hidden();
+    }
+    let bar = indicatif::ProgressBar::new(len);
+    if let Ok(style) = indicatif::ProgressStyle::with_template(
+        "{msg:>12} [{bar:40}] {pos}/{len} {per_sec} eta {eta}",
+    ) {
+        bar.set_style(style.progress_chars("=> "));
+    }
+    bar.set_message(what.to_string());
+    bar
+}

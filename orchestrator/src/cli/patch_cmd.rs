@@ -1,0 +1,344 @@
+//! `certo validate`, `submit`, `patches`, `show`.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::Args;
+use serde_json::json;
+
+use super::{EXIT_INVALID, Global, print_json, progress};
+use crate::ingest::{self, Loaded};
+use crate::patch::{PackageSource, PatchRecord};
+use crate::store::{PatchRow, PatchState, SubmitError, SubmitOutcome};
+
+#[derive(Debug, Args)]
+pub struct ValidateArgs {
+    /// Patch record files (.yaml/.yml, .json, .txt; other names are recognised by content), or folders of them.
+    #[arg(required = true, value_name = "FILE")]
+    pub files: Vec<PathBuf>,
+    /// Print the result as JSON on stdout.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct SubmitArgs {
+    /// Patch record files or folders of them; stored in one transaction, or not at all.
+    #[arg(required = true, value_name = "FILE")]
+    pub files: Vec<PathBuf>,
+    /// Print the result as JSON on stdout.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct PatchesArgs {
+    /// Only patches in this state (submitted, superseded).
+    #[arg(long, value_name = "STATE")]
+    pub state: Option<PatchState>,
+    /// Only patches of this release (3.1, 3.2, "gLite 3.2").
+    #[arg(long, value_name = "RELEASE")]
+    pub release: Option<String>,
+    /// List every revision, superseded ones included.
+    #[arg(long)]
+    pub all_revisions: bool,
+    /// Print the list as JSON on stdout.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct ShowArgs {
+    /// The patch id (e.g. 3456), optionally with a revision (3456@2).
+    #[arg(value_name = "PATCH")]
+    pub patch: String,
+    /// The revision to show (default: the newest).
+    #[arg(long, short)]
+    pub revision: Option<u32>,
+    /// Print the patch as JSON on stdout.
+    #[arg(long)]
+    pub json: bool,
+}
+
+fn load(g: &Global, files: &[PathBuf]) -> anyhow::Result<Loaded> {
+    let catalogue = g.catalogue()?;
+    let count = ingest::expand(files).map(|f| f.len()).unwrap_or(0);
+    let bar = progress(count as u64, "validating");
+    let loaded = ingest::load_files(files, &catalogue, || bar.inc(1));
+    bar.finish_and_clear();
+    Ok(loaded)
+}
+
+pub fn validate(g: &Global, args: ValidateArgs) -> anyhow::Result<ExitCode> {
+    let loaded = load(g, &args.files)?;
+    for e in &loaded.errors {
+        eprintln!("{e}");
+    }
+    let bad_files = loaded.files.iter().filter(|f| f.2 > 0).count();
+    if args.json {
+        let files: Vec<_> = loaded
+            .files
+            .iter()
+            .map(|(file, records, errors)| json!({"file": file, "records": records, "errors": errors}))
+            .collect();
+        print_json(&json!({
+            "valid": loaded.errors.is_empty(),
+            "records": loaded.records.len(),
+            "files": files,
+            "errors": loaded.errors,
+        }))?;
+    } else if loaded.errors.is_empty() {
+        println!(
+            "{} record(s) in {} file(s): all valid",
+            loaded.records.len(),
+            loaded.files.len()
+        );
+    } else {
+        eprintln!(
+            "{} error(s) in {bad_files} of {} file(s)",
+            loaded.errors.len(),
+            loaded.files.len().max(1)
+        );
+    }
+    Ok(if loaded.errors.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(EXIT_INVALID)
+    })
+}
+
+pub async fn submit(g: &Global, args: SubmitArgs) -> anyhow::Result<ExitCode> {
+    let loaded = load(g, &args.files)?;
+    if !loaded.errors.is_empty() {
+        for e in &loaded.errors {
+            eprintln!("{e}");
+        }
+        eprintln!(
+            "{} error(s); nothing was stored",
+            loaded.errors.len()
+        );
+        if args.json {
+            print_json(&json!({"stored": false, "errors": loaded.errors}))?;
+        }
+        return Ok(ExitCode::from(EXIT_INVALID));
+    }
+    let store = g.store().await?;
+    match store.submit(&loaded.records).await {
+        Ok(reports) => {
+            if args.json {
+                print_json(&json!({"stored": true, "records": reports}))?;
+            } else {
+                for r in &reports {
+                    match r.outcome {
+                        SubmitOutcome::Stored { supersedes: Some(old) } => println!(
+                            "stored     patch {} r{} (supersedes r{old})  {}",
+                            r.patch_id, r.revision, r.file
+                        ),
+                        SubmitOutcome::Stored { supersedes: None } => {
+                            println!("stored     patch {} r{}  {}", r.patch_id, r.revision, r.file)
+                        }
+                        SubmitOutcome::Unchanged => println!(
+                            "unchanged  patch {} r{} (already stored with the same content)  {}",
+                            r.patch_id, r.revision, r.file
+                        ),
+                    }
+                }
+            }
+            tracing::info!(records = reports.len(), "submitted");
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(SubmitError::Conflicts(conflicts)) => {
+            for e in &conflicts {
+                eprintln!("{e}");
+            }
+            eprintln!("{} conflict(s); nothing was stored", conflicts.len());
+            if args.json {
+                print_json(&json!({"stored": false, "errors": conflicts}))?;
+            }
+            Ok(ExitCode::from(EXIT_INVALID))
+        }
+        Err(SubmitError::Store(e)) => Err(e).context("cannot store the records"),
+    }
+}
+
+fn summary(row: &PatchRow) -> serde_json::Value {
+    json!({
+        "patch_id": row.patch_id,
+        "revision": row.revision,
+        "state": row.state,
+        "title": row.record.title,
+        "release": row.record.release,
+        "platforms": row.record.platforms,
+        "node_types": row.record.node_types,
+        "submitter": row.record.submitter,
+        "tracker_status": row.record.status,
+        "submitted_at": row.submitted_at,
+        "superseded_by": row.superseded_by,
+        "content_sha256": row.content_sha256,
+    })
+}
+
+pub async fn patches(g: &Global, args: PatchesArgs) -> anyhow::Result<ExitCode> {
+    let release = match &args.release {
+        Some(r) => Some(
+            g.catalogue()?
+                .release(r)
+                .map(|r| r.name.clone())
+                .with_context(|| format!("unknown release `{r}`"))?,
+        ),
+        None => None,
+    };
+    let store = g.store().await?;
+    let mut rows = store.list_patches(args.state, release.as_deref()).await?;
+    if args.state.is_none() && !args.all_revisions {
+        rows.retain(|r| r.state != PatchState::Superseded);
+    }
+    if args.json {
+        let list: Vec<_> = rows.iter().map(summary).collect();
+        return print_json(&list).map(|()| ExitCode::SUCCESS);
+    }
+    if rows.is_empty() {
+        println!("no patches");
+        return Ok(ExitCode::SUCCESS);
+    }
+    let table: Vec<[String; 7]> = rows
+        .iter()
+        .map(|r| {
+            [
+                r.patch_id.to_string(),
+                r.revision.to_string(),
+                r.state.to_string(),
+                format!("gLite {}", r.record.release),
+                r.record.platforms.join(","),
+                r.record.node_types.join(","),
+                r.record.title.clone(),
+            ]
+        })
+        .collect();
+    let header = ["PATCH", "REV", "STATE", "RELEASE", "PLATFORMS", "NODE TYPES", "TITLE"];
+    let mut widths = header.map(str::len);
+    for row in &table {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.chars().count());
+        }
+    }
+    let line = |cells: &[String]| {
+        let mut out = String::new();
+        for (i, cell) in cells.iter().enumerate() {
+            if i + 1 == cells.len() {
+                out.push_str(cell);
+            } else {
+                out.push_str(&format!("{cell:<w$}  ", w = widths[i]));
+            }
+        }
+        out
+    };
+    println!("{}", line(&header.map(String::from)));
+    for row in &table {
+        println!("{}", line(row));
+    }
+    println!("{} patch revision(s)", rows.len());
+    Ok(ExitCode::SUCCESS)
+}
+
+fn parse_patch_arg(s: &str) -> anyhow::Result<(u64, Option<u32>)> {
+    let (id, rev) = match s.split_once('@') {
+        Some((id, rev)) => (id, Some(rev)),
+        None => (s, None),
+    };
+    let id = id
+        .trim()
+        .parse()
+        .with_context(|| format!("`{s}` is not a patch id (expected digits, optionally @REVISION)"))?;
+    let rev = rev
+        .map(|r| r.trim().trim_start_matches(['r', 'R']).parse())
+        .transpose()
+        .with_context(|| format!("`{s}` has no valid revision after `@`"))?;
+    Ok((id, rev))
+}
+
+pub async fn show(g: &Global, args: ShowArgs) -> anyhow::Result<ExitCode> {
+    let (id, at_rev) = parse_patch_arg(&args.patch)?;
+    let revision = args.revision.or(at_rev);
+    let store = g.store().await?;
+    let Some(row) = store.get_patch(id, revision).await? else {
+        match revision {
+            Some(r) => eprintln!("error: patch {id} revision {r} is not stored"),
+            None => eprintln!("error: patch {id} is not stored"),
+        }
+        return Ok(ExitCode::from(EXIT_INVALID));
+    };
+    let revisions = store.revisions(id).await?;
+    let events = store.events(id).await?;
+    if args.json {
+        let revs: Vec<_> = revisions.iter().map(|(r, s)| json!({"revision": r, "state": s})).collect();
+        print_json(&json!({
+            "patch_id": row.patch_id,
+            "revision": row.revision,
+            "state": row.state,
+            "content_sha256": row.content_sha256,
+            "submitted_at": row.submitted_at,
+            "superseded_by": row.superseded_by,
+            "source_file": row.source_file,
+            "source_format": row.source_format,
+            "record": row.record,
+            "revisions": revs,
+            "events": events,
+        }))?;
+        return Ok(ExitCode::SUCCESS);
+    }
+    print_record(&row.record);
+    println!();
+    println!("Certo state:   {}{}", row.state, row.superseded_by.map(|r| format!(" (by revision {r})")).unwrap_or_default());
+    println!("Submitted:     {} from {} ({})", row.submitted_at.format("%Y-%m-%d %H:%M:%S UTC"), row.source_file, row.source_format);
+    println!("Content:       sha256:{}", row.content_sha256);
+    let revs: Vec<String> = revisions.iter().map(|(r, s)| format!("r{r} {s}")).collect();
+    println!("Revisions:     {}", revs.join(", "));
+    println!("History:");
+    for e in &events {
+        println!("  {}  r{}  {}  {}", e.at.format("%Y-%m-%d %H:%M:%S"), e.revision, e.kind, e.detail);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn print_record(r: &PatchRecord) {
+    println!("Patch {} revision {}: {}", r.id, r.revision, r.title);
+    println!("Status:        {}", r.status);
+    println!("Release:       gLite {}", r.release);
+    println!("Platforms:     {}", r.platforms.join(", "));
+    println!("Node types:    {}", r.node_types.join(", "));
+    println!("Submitter:     {}", r.submitter);
+    if !r.bugs.is_empty() {
+        println!("Bugs:");
+        for b in &r.bugs {
+            let title = b.title.as_deref().map(|t| format!(" ({t})")).unwrap_or_default();
+            let test = b.regression_test.as_deref().map(|t| format!(" [test: {t}]")).unwrap_or_default();
+            println!("  {}{title}{test}", b.id);
+        }
+    }
+    if !r.packages.is_empty() {
+        println!("Packages:");
+        for p in &r.packages {
+            let source = match &p.source {
+                PackageSource::Release => String::new(),
+                PackageSource::Repository(path) => format!(" from repository {path}"),
+                PackageSource::Url(url) => format!(" from {url}"),
+            };
+            let sha = p.sha256.as_deref().map(|s| format!(" sha256:{}…", &s[..12])).unwrap_or_default();
+            println!("  {}{sha}{source}", p.file);
+        }
+    }
+    if !r.config_changes.is_empty() {
+        println!("Configuration changes:");
+        for c in &r.config_changes {
+            println!("  {}: {}={}", c.file, c.key, c.value);
+        }
+    }
+    if !r.description.is_empty() {
+        println!("Description:");
+        for line in r.description.lines() {
+            println!("  {line}");
+        }
+    }
+}

@@ -1,0 +1,9 @@
+//! Certo: certifies patches of grid middleware releases on virtual machines it
+//! builds, ships and boots. This crate is the orchestrator: the patch model and
+//! its validation, the store, and the command line.
+
+pub mod catalogue;
+pub mod patch;
+pub mod store;
+pub mod cli;
+pub mod ingest;

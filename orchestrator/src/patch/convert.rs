@@ -1,0 +1,808 @@
+//! From a positioned tree (any input form) to a validated [`PatchRecord`],
+//! collecting every error with its position and field path.
+
+use std::collections::HashMap;
+
+use super::doc::{Key, Node, Pos, Value};
+use super::limits::{self, shorten};
+use super::{
+    Bug, ConfigChange, Diagnostic, Package, PackageFormat, PackageSource, PatchRecord,
+    SourceFormat,
+};
+use crate::catalogue::{Catalogue, Release};
+
+/// Tracker statuses a record may carry (compared ignoring case).
+pub const STATUSES: &[&str] = &[
+    "Open",
+    "Ready for Integration",
+    "Ready for Certification",
+    "In Certification",
+    "Certified",
+    "Rejected",
+    "Obsolete",
+];
+
+/// The message for a record that lists neither packages nor configuration changes.
+pub const CHANGES_NOTHING: &str =
+    "the patch changes nothing: it lists no packages and no configuration changes";
+
+const FIELDS: &[&str] = &[
+    "id",
+    "revision",
+    "title",
+    "status",
+    "release",
+    "platforms",
+    "node_types",
+    "bugs",
+    "packages",
+    "config_changes",
+    "submitter",
+    "description",
+];
+
+struct Ctx<'a> {
+    errors: Vec<Diagnostic>,
+    catalogue: &'a Catalogue,
+    format: SourceFormat,
+}
+
+impl Ctx<'_> {
+    fn err(&mut self, pos: Pos, field: impl Into<String>, message: impl Into<String>) {
+        self.errors.push(Diagnostic::new(pos, field, message));
+    }
+
+    /// How a field is called in the record's own form (for messages).
+    fn spelled(&self, field: &str) -> String {
+        match self.format {
+            SourceFormat::Text => super::text::text_key_for(field)
+                .map(|k| {
+                    let mut c = k.chars();
+                    c.next()
+                        .map(|f| f.to_uppercase().collect::<String>() + c.as_str())
+                        .unwrap_or_default()
+                })
+                .unwrap_or_else(|| field.to_string()),
+            _ => field.to_string(),
+        }
+    }
+
+    /// A scalar's text, or an error naming what was found instead.
+    fn text<'n>(&mut self, node: &'n Node, field: &str, what: &str) -> Option<&'n str> {
+        match &node.value {
+            Value::Scalar { text, .. } => Some(text),
+            Value::Null => {
+                self.err(node.pos, field, format!("expected {what}, found nothing"));
+                None
+            }
+            _ => {
+                self.err(
+                    node.pos,
+                    field,
+                    format!("expected {what}, found {}", node.kind()),
+                );
+                None
+            }
+        }
+    }
+
+    /// A single-line string without control characters, of bounded length.
+    fn line<'n>(&mut self, node: &'n Node, field: &str, what: &str, max: usize) -> Option<&'n str> {
+        let text = self.text(node, field, what)?;
+        let text_trimmed = text.trim();
+        if text_trimmed.is_empty() {
+            self.err(node.pos, field, format!("expected {what}, found an empty value"));
+            return None;
+        }
+        if let Some(c) = text_trimmed.chars().find(|c| c.is_control()) {
+            self.err(
+                node.pos,
+                field,
+                format!(
+                    "control character {} is not allowed in {what}",
+                    c.escape_unicode()
+                ),
+            );
+            return None;
+        }
+        let n = text_trimmed.chars().count();
+        if n > max {
+            self.err(
+                node.pos,
+                field,
+                format!("{what} is {n} characters long; at most {max} are allowed"),
+            );
+            return None;
+        }
+        Some(text_trimmed)
+    }
+
+    fn number(&mut self, node: &Node, field: &str, what: &str, max: u64) -> Option<u64> {
+        let text = self.text(node, field, what)?;
+        match text.trim().parse::<u64>() {
+            Ok(0) => {
+                self.err(node.pos, field, format!("{what} must be positive, found 0"));
+                None
+            }
+            Ok(n) if n > max => {
+                self.err(
+                    node.pos,
+                    field,
+                    format!("{what} {n} is out of range (at most {max})"),
+                );
+                None
+            }
+            Ok(n) => Some(n),
+            Err(_) => {
+                self.err(
+                    node.pos,
+                    field,
+                    format!(
+                        "expected {what} (a positive whole number), found `{}`",
+                        shorten(text)
+                    ),
+                );
+                None
+            }
+        }
+    }
+
+    /// The items of a list field (a lone scalar counts as a list of one).
+    fn items<'n>(&mut self, node: &'n Node, field: &str, max: usize) -> Vec<&'n Node> {
+        let items: Vec<&Node> = match &node.value {
+            Value::Seq(items) => items.iter().collect(),
+            Value::Null => Vec::new(),
+            Value::Scalar { .. } => vec![node],
+            Value::Map(_) => {
+                self.err(
+                    node.pos,
+                    field,
+                    "expected a list, found a mapping".to_string(),
+                );
+                return Vec::new();
+            }
+        };
+        if items.len() > max {
+            self.err(
+                node.pos,
+                field,
+                format!("{} items; at most {max} are allowed", items.len()),
+            );
+            return Vec::new();
+        }
+        items
+    }
+
+    /// The entries of a mapping, refusing keys outside `allowed`.
+    fn entries<'n>(
+        &mut self,
+        node: &'n Node,
+        field: &str,
+        allowed: &[&str],
+    ) -> Option<HashMap<&'n str, (&'n Key, &'n Node)>> {
+        let Value::Map(entries) = &node.value else {
+            self.err(
+                node.pos,
+                field,
+                format!("expected a mapping, found {}", node.kind()),
+            );
+            return None;
+        };
+        let mut out = HashMap::new();
+        for (key, value) in entries {
+            if allowed.contains(&key.name.as_str()) {
+                out.insert(key.name.as_str(), (key, value));
+            } else {
+                let path = if field.is_empty() {
+                    shorten(&key.name)
+                } else {
+                    format!("{field}.{}", shorten(&key.name))
+                };
+                self.err(
+                    key.pos,
+                    path,
+                    format!(
+                        "unknown field `{}` (expected one of: {})",
+                        shorten(&key.name),
+                        allowed.join(", ")
+                    ),
+                );
+            }
+        }
+        Some(out)
+    }
+}
+
+fn join(field: &str, sub: &str) -> String {
+    format!("{field}.{sub}")
+}
+
+/// Checks a path from outside input: relative (unless `absolute_ok`), no `..`
+/// or `.` components, no empty components, no backslashes or control characters.
+fn check_path(path: &str, absolute_ok: bool) -> Result<(), String> {
+    if path.chars().any(|c| c.is_control() || c == '\\') {
+        return Err("must not contain control characters or backslashes".into());
+    }
+    let rest = match path.strip_prefix('/') {
+        Some(rest) if absolute_ok => rest,
+        Some(_) => return Err("must be a relative path".into()),
+        None => path,
+    };
+    for component in rest.split('/') {
+        match component {
+            "" => return Err("must not contain empty components (`//` or a trailing `/`)".into()),
+            "." | ".." => {
+                return Err(format!("must not contain `{component}` components"));
+            }
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+/// Splits a package file name into (name, version, release, arch, format).
+pub fn parse_package_file(file: &str) -> Result<(String, String, String, String, PackageFormat), String> {
+    if file.contains('/') || file.contains('\\') {
+        return Err("a package file name must not contain path separators".into());
+    }
+    if let Some(c) = file.chars().find(|c| c.is_control() || c.is_whitespace()) {
+        return Err(format!(
+            "a package file name must not contain {}",
+            if c.is_control() {
+                format!("control character {}", c.escape_unicode())
+            } else {
+                "white space".into()
+            }
+        ));
+    }
+    if file.starts_with('.') || file.starts_with('-') {
+        return Err("a package file name must not start with `.` or `-`".into());
+    }
+    let name_ok = |s: &str, deb: bool| {
+        !s.is_empty()
+            && s.chars().next().is_some_and(|c| c.is_ascii_alphanumeric())
+            && s.chars().all(|c| {
+                (if deb {
+                    c.is_ascii_lowercase() || c.is_ascii_digit()
+                } else {
+                    c.is_ascii_alphanumeric() || c == '_'
+                }) || matches!(c, '.' | '+' | '-')
+            })
+    };
+    let version_ok = |s: &str| {
+        !s.is_empty()
+            && s.chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '+' | '~' | '_' | '^'))
+    };
+    if let Some(stem) = file.strip_suffix(".rpm") {
+        // name-version-release.arch.rpm
+        let (rest, arch) = stem
+            .rsplit_once('.')
+            .ok_or("expected `name-version-release.arch.rpm`, found no architecture")?;
+        let (rest, release) = rest
+            .rsplit_once('-')
+            .ok_or("expected `name-version-release.arch.rpm`, found no release")?;
+        let (name, version) = rest
+            .rsplit_once('-')
+            .ok_or("expected `name-version-release.arch.rpm`, found no version")?;
+        if !name_ok(name, false) {
+            return Err(format!("`{}` is not a valid RPM package name", shorten(name)));
+        }
+        if !version_ok(version) || !version.starts_with(|c: char| c.is_ascii_digit()) {
+            return Err(format!(
+                "expected `name-version-release.arch.rpm`; the version `{}` does not start with a digit or has characters other than letters, digits, `.`, `+`, `~`, `_`, `^`",
+                shorten(version)
+            ));
+        }
+        if !version_ok(release) {
+            return Err(format!("`{}` is not a valid RPM release", shorten(release)));
+        }
+        if !arch.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') || arch.is_empty() {
+            return Err(format!("`{}` is not a valid RPM architecture", shorten(arch)));
+        }
+        return Ok((name.into(), version.into(), release.into(), arch.into(), PackageFormat::Rpm));
+    }
+    if let Some(stem) = file.strip_suffix(".deb") {
+        // name_version_arch.deb, the version possibly `upstream-revision`.
+        let parts: Vec<&str> = stem.split('_').collect();
+        let [name, full_version, arch] = parts[..] else {
+            return Err("expected `name_version_arch.deb`".into());
+        };
+        if !name_ok(name, true) || name.len() < 2 {
+            return Err(format!("`{}` is not a valid Debian package name", shorten(name)));
+        }
+        let (version, release) = match full_version.rsplit_once('-') {
+            Some((v, r)) => (v, r),
+            None => (full_version, ""),
+        };
+        let deb_version_ok = |s: &str| {
+            s.chars().next().is_some_and(|c| c.is_ascii_digit())
+                && s.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '+' | '~' | '-' | '%'))
+        };
+        if !deb_version_ok(version) || !(release.is_empty() || version_ok(release)) {
+            return Err(format!(
+                "`{}` is not a valid Debian version",
+                shorten(full_version)
+            ));
+        }
+        if !arch.chars().all(|c| c.is_ascii_alphanumeric() || c == '-') || arch.is_empty() {
+            return Err(format!("`{}` is not a valid Debian architecture", shorten(arch)));
+        }
+        return Ok((name.into(), version.into(), release.into(), arch.into(), PackageFormat::Deb));
+    }
+    Err("expected a file name ending in `.rpm` or `.deb`".into())
+}
+
+/// Converts and validates one record tree.
+pub fn record_from_tree(
+    tree: &Node,
+    catalogue: &Catalogue,
+    format: SourceFormat,
+) -> Result<PatchRecord, Vec<Diagnostic>> {
+    let mut cx = Ctx {
+        errors: Vec::new(),
+        catalogue,
+        format,
+    };
+    let Some(fields) = cx.entries(tree, "", FIELDS) else {
+        return Err(cx.errors);
+    };
+    let get = |name: &str| fields.get(name).map(|(_, node)| *node);
+
+    // Required fields.
+    for required in ["id", "revision", "title", "release", "platforms", "node_types", "submitter"] {
+        let missing = match get(required) {
+            None => true,
+            Some(node) => match &node.value {
+                Value::Null => true,
+                Value::Seq(items) => items.is_empty(),
+                _ => false,
+            },
+        };
+        if missing {
+            let pos = fields.get(required).map_or(tree.pos, |(key, _)| key.pos);
+            cx.err(
+                pos,
+                required,
+                format!("required field `{}` is missing or empty", cx.spelled(required)),
+            );
+        }
+    }
+
+    let id = get("id").filter(|n| n.value != Value::Null).and_then(|n| cx.number(n, "id", "a patch id", 1 << 53));
+    let revision = get("revision")
+        .filter(|n| n.value != Value::Null)
+        .and_then(|n| cx.number(n, "revision", "a revision", 1_000_000));
+    let title = get("title")
+        .filter(|n| n.value != Value::Null)
+        .and_then(|n| cx.line(n, "title", "a title", limits::MAX_TITLE_CHARS))
+        .map(str::to_string);
+    let status = match get("status").filter(|n| n.value != Value::Null) {
+        None => Some("Ready for Certification".to_string()),
+        Some(n) => cx.line(n, "status", "a status", limits::MAX_NAME_CHARS).and_then(|s| {
+            match STATUSES.iter().find(|known| known.eq_ignore_ascii_case(s)) {
+                Some(known) => Some((*known).to_string()),
+                None => {
+                    cx.err(
+                        n.pos,
+                        "status",
+                        format!("unknown status `{}` (expected one of: {})", shorten(s), STATUSES.join(", ")),
+                    );
+                    None
+                }
+            }
+        }),
+    };
+    let release: Option<&Release> = get("release").filter(|n| n.value != Value::Null).and_then(|n| {
+        let s = cx.line(n, "release", "a release", limits::MAX_NAME_CHARS)?;
+        match catalogue.release(s) {
+            Some(r) => Some(r),
+            None => {
+                let known: Vec<&str> = catalogue.releases.iter().map(|r| r.label.as_str()).collect();
+                cx.err(
+                    n.pos,
+                    "release",
+                    format!("unknown release `{}` (expected one of: {})", shorten(s), known.join(", ")),
+                );
+                None
+            }
+        }
+    });
+
+    // Platforms.
+    let mut platforms: Vec<(String, Pos)> = Vec::new();
+    if let Some(node) = get("platforms") {
+        for (i, item) in cx.items(node, "platforms", limits::MAX_PLATFORMS).into_iter().enumerate() {
+            let field = format!("platforms[{i}]");
+            let Some(label) = cx.line(item, &field, "a platform label", limits::MAX_NAME_CHARS) else {
+                continue;
+            };
+            let label = label.to_string();
+            if cx.catalogue.platform(&label).is_none() {
+                let known: Vec<&str> = cx.catalogue.platforms.iter().map(|p| p.label.as_str()).collect();
+                cx.err(
+                    item.pos,
+                    field,
+                    format!("unknown platform `{}` (expected one of: {})", shorten(&label), known.join(", ")),
+                );
+                continue;
+            }
+            if let Some(r) = release {
+                if !r.platforms.contains(&label) {
+                    cx.err(
+                        item.pos,
+                        field,
+                        format!("platform {label} is not supported by {} (supported: {})", r.label, r.platforms.join(", ")),
+                    );
+                    continue;
+                }
+            }
+            if let Some((_, first)) = platforms.iter().find(|(p, _)| *p == label) {
+                cx.err(item.pos, field, format!("platform {label} is listed twice (first at {first})"));
+                continue;
+            }
+            platforms.push((label, item.pos));
+        }
+    }
+
+    // Node types.
+    let mut node_types: Vec<(String, Pos)> = Vec::new();
+    if let Some(node) = get("node_types") {
+        for (i, item) in cx.items(node, "node_types", limits::MAX_NODE_TYPES).into_iter().enumerate() {
+            let field = format!("node_types[{i}]");
+            let Some(name) = cx.line(item, &field, "a node type", limits::MAX_NAME_CHARS) else {
+                continue;
+            };
+            let Some(r) = release else { continue };
+            let Some(nt) = r.node_type(name) else {
+                let known: Vec<&str> = r.node_types.iter().map(|n| n.name.as_str()).collect();
+                cx.err(
+                    item.pos,
+                    field,
+                    format!("unknown node type `{}` for {} (expected one of: {})", shorten(name), r.label, known.join(", ")),
+                );
+                continue;
+            };
+            if let Some((_, first)) = node_types.iter().find(|(n, _)| *n == nt.name) {
+                cx.err(item.pos, field, format!("node type {} is listed twice (first at {first})", nt.name));
+                continue;
+            }
+            for (platform, _) in &platforms {
+                if !nt.available_on(r, platform) {
+                    cx.err(
+                        item.pos,
+                        field.clone(),
+                        format!("node type {} of {} is not available on {platform}", nt.name, r.label),
+                    );
+                }
+            }
+            node_types.push((nt.name.clone(), item.pos));
+        }
+    }
+
+    // Bugs.
+    let mut bugs: Vec<(Bug, Pos)> = Vec::new();
+    if let Some(node) = get("bugs") {
+        for (i, item) in cx.items(node, "bugs", limits::MAX_BUGS).into_iter().enumerate() {
+            let field = format!("bugs[{i}]");
+            let (id_node, title_node, test_node) = match &item.value {
+                Value::Map(_) => {
+                    let Some(entries) = cx.entries(item, &field, &["id", "title", "regression_test"]) else {
+                        continue;
+                    };
+                    let Some((_, id_node)) = entries.get("id") else {
+                        cx.err(item.pos, join(&field, "id"), "required field `id` is missing");
+                        continue;
+                    };
+                    (*id_node, entries.get("title").map(|e| e.1), entries.get("regression_test").map(|e| e.1))
+                }
+                _ => (item, None, None),
+            };
+            let id_field = if matches!(item.value, Value::Map(_)) { join(&field, "id") } else { field.clone() };
+            let id = cx.number(id_node, &id_field, "a bug id", 1 << 53);
+            let title = title_node
+                .filter(|n| n.value != Value::Null)
+                .and_then(|n| cx.line(n, &join(&field, "title"), "a bug title", limits::MAX_TITLE_CHARS))
+                .map(str::to_string);
+            let regression_test = match test_node.filter(|n| n.value != Value::Null) {
+                None => None,
+                Some(n) => {
+                    let f = join(&field, "regression_test");
+                    match cx.line(n, &f, "a regression test name", limits::MAX_NAME_CHARS) {
+                        Some(t) => match check_path(t, false) {
+                            Ok(()) => Some(t.to_string()),
+                            Err(why) => {
+                                cx.err(n.pos, f, format!("regression test `{}` {why}", shorten(t)));
+                                None
+                            }
+                        },
+                        None => None,
+                    }
+                }
+            };
+            let Some(id) = id else { continue };
+            if let Some((_, first)) = bugs.iter().find(|(b, _)| b.id == id) {
+                cx.err(item.pos, id_field, format!("bug {id} is listed twice (first at {first})"));
+                continue;
+            }
+            bugs.push((Bug { id, title, regression_test }, item.pos));
+        }
+    }
+
+    // Packages.
+    let mut packages: Vec<(Package, Pos)> = Vec::new();
+    if let Some(node) = get("packages") {
+        for (i, item) in cx.items(node, "packages", limits::MAX_PACKAGES).into_iter().enumerate() {
+            let field = format!("packages[{i}]");
+            let (file_node, sha_node, repo_node, url_node) = match &item.value {
+                Value::Map(_) => {
+                    let Some(entries) = cx.entries(item, &field, &["file", "sha256", "repository", "url"]) else {
+                        continue;
+                    };
+                    let Some((_, file_node)) = entries.get("file") else {
+                        cx.err(item.pos, join(&field, "file"), "required field `file` (the package file name) is missing");
+                        continue;
+                    };
+                    (*file_node, entries.get("sha256").map(|e| e.1), entries.get("repository").map(|e| e.1), entries.get("url").map(|e| e.1))
+                }
+                _ => (item, None, None, None),
+            };
+            let file_field = if matches!(item.value, Value::Map(_)) { join(&field, "file") } else { field.clone() };
+            let Some(file) = cx.text(file_node, &file_field, "a package file name") else { continue };
+            let file = file.trim();
+            if file.chars().count() > limits::MAX_NAME_CHARS {
+                cx.err(file_node.pos, file_field, format!("package file name is longer than {} characters", limits::MAX_NAME_CHARS));
+                continue;
+            }
+            let parsed = match parse_package_file(file) {
+                Ok(parsed) => Some(parsed),
+                Err(why) => {
+                    cx.err(file_node.pos, file_field.clone(), format!("`{}`: {why}", shorten(file)));
+                    None
+                }
+            };
+            let sha256 = match sha_node.filter(|n| n.value != Value::Null) {
+                None => None,
+                Some(n) => {
+                    let f = join(&field, "sha256");
+                    cx.text(n, &f, "a SHA-256 digest").and_then(|s| {
+                        let s = s.trim();
+                        if s.len() == 64 && s.chars().all(|c| c.is_ascii_hexdigit()) {
+                            Some(s.to_ascii_lowercase())
+                        } else {
+                            cx.err(n.pos, f, format!("expected 64 hexadecimal digits, found `{}`", shorten(s)));
+                            None
+                        }
+                    })
+                }
+            };
+            let repo = repo_node.filter(|n| n.value != Value::Null);
+            let url = url_node.filter(|n| n.value != Value::Null);
+            let source = match (repo, url) {
+                (Some(r), Some(_)) => {
+                    cx.err(r.pos, join(&field, "repository"), "give either `repository` or `url`, not both");
+                    None
+                }
+                (Some(n), None) => {
+                    let f = join(&field, "repository");
+                    cx.line(n, &f, "a repository path", limits::MAX_NAME_CHARS).and_then(|p| match check_path(p, false) {
+                        Ok(()) => Some(PackageSource::Repository(p.to_string())),
+                        Err(why) => {
+                            cx.err(n.pos, f, format!("repository path `{}` {why}", shorten(p)));
+                            None
+                        }
+                    })
+                }
+                (None, Some(n)) => {
+                    let f = join(&field, "url");
+                    cx.line(n, &f, "a URL", limits::MAX_URL_CHARS).and_then(|u| {
+                        let rest = u.strip_prefix("https://").or_else(|| u.strip_prefix("http://"));
+                        match rest {
+                            Some(rest) if !rest.is_empty() && !rest.starts_with('/') && !u.chars().any(char::is_whitespace) => {
+                                Some(PackageSource::Url(u.to_string()))
+                            }
+                            _ => {
+                                cx.err(n.pos, f, format!("expected an http:// or https:// URL, found `{}`", shorten(u)));
+                                None
+                            }
+                        }
+                    })
+                }
+                (None, None) => Some(PackageSource::Release),
+            };
+            let (Some((name, version, rel, arch, pformat)), Some(source)) = (parsed, source) else { continue };
+            if let Some((_, first)) = packages.iter().find(|(p, _)| p.file == file) {
+                cx.err(file_node.pos, file_field, format!("package {file} is listed twice (first at {first})"));
+                continue;
+            }
+            if let Some((other, first)) = packages.iter().find(|(p, _)| p.name == name && p.arch == arch && p.format == pformat) {
+                cx.err(
+                    file_node.pos,
+                    file_field,
+                    format!("package {name} ({arch}) is listed twice, as {} (at {first}) and as {file}", other.file),
+                );
+                continue;
+            }
+            packages.push((
+                Package { file: file.to_string(), name, version, release: rel, arch, format: pformat, source, sha256 },
+                file_node.pos,
+            ));
+        }
+    }
+
+    // Packages against platforms: each package must install on at least one
+    // platform of its family, and each platform needs a package of its family.
+    let families: Vec<(&String, PackageFormat, &Pos)> = platforms
+        .iter()
+        .filter_map(|(label, pos)| cx.catalogue.platform(label).map(|p| (label, p.family, pos)))
+        .collect();
+    for (i, (package, pos)) in packages.iter().enumerate() {
+        let field = format!("packages[{i}]");
+        let same_family: Vec<&&String> = families.iter().filter(|(_, f, _)| *f == package.format).map(|(l, _, _)| l).collect();
+        if same_family.is_empty() {
+            if !families.is_empty() {
+                let listed: Vec<String> = families.iter().map(|(l, f, _)| format!("{l} ({f})")).collect();
+                cx.err(
+                    *pos,
+                    field,
+                    format!(
+                        "{} is {} package but no platform of this patch takes {} packages (platforms: {})",
+                        package.file,
+                        package.format.with_article(),
+                        package.format.family_name(),
+                        listed.join(", ")
+                    ),
+                );
+            }
+            continue;
+        }
+        let installable = same_family.iter().any(|label| {
+            cx.catalogue.platform(label).is_some_and(|p| p.package_archs.contains(&package.arch))
+        });
+        if !installable {
+            let labels: Vec<&str> = same_family.iter().map(|l| l.as_str()).collect();
+            cx.err(
+                *pos,
+                field,
+                format!("architecture {} of {} does not install on any platform of this patch ({})", package.arch, package.file, labels.join(", ")),
+            );
+        }
+    }
+    if !packages.is_empty() {
+        for (i, (label, family, pos)) in families.iter().enumerate() {
+            if !packages.iter().any(|(p, _)| p.format == *family) {
+                cx.err(
+                    **pos,
+                    format!("platforms[{i}]"),
+                    format!("platform {label} takes {} packages, but the patch lists none", family.family_name()),
+                );
+            }
+        }
+    }
+
+    // Configuration changes.
+    let mut config_changes: Vec<(ConfigChange, Pos)> = Vec::new();
+    if let Some(node) = get("config_changes") {
+        for (i, item) in cx.items(node, "config_changes", limits::MAX_CONFIG_CHANGES).into_iter().enumerate() {
+            let field = format!("config_changes[{i}]");
+            let Some(entries) = cx.entries(item, &field, &["file", "key", "value"]) else { continue };
+            let mut missing = false;
+            for required in ["file", "key", "value"] {
+                if !entries.contains_key(required) {
+                    cx.err(item.pos, join(&field, required), format!("required field `{required}` is missing"));
+                    missing = true;
+                }
+            }
+            if missing {
+                continue;
+            }
+            let (file_node, key_node, value_node) = (entries["file"].1, entries["key"].1, entries["value"].1);
+            let file = cx.line(file_node, &join(&field, "file"), "a configuration file", limits::MAX_NAME_CHARS).and_then(|f| {
+                match check_path(f, true) {
+                    Ok(()) => Some(f.to_string()),
+                    Err(why) => {
+                        cx.err(file_node.pos, join(&field, "file"), format!("configuration file `{}` {why}", shorten(f)));
+                        None
+                    }
+                }
+            });
+            let key = cx.line(key_node, &join(&field, "key"), "a configuration key", limits::MAX_NAME_CHARS).and_then(|k| {
+                let ok = k.chars().next().is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+                    && k.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'));
+                if ok {
+                    Some(k.to_string())
+                } else {
+                    cx.err(
+                        key_node.pos,
+                        join(&field, "key"),
+                        format!("`{}` is not a valid key (letters, digits, `_`, `.`, `-`; starting with a letter or `_`)", shorten(k)),
+                    );
+                    None
+                }
+            });
+            let value = match &value_node.value {
+                Value::Null => Some(String::new()),
+                _ => cx.text(value_node, &join(&field, "value"), "a value").and_then(|v| {
+                    if let Some(c) = v.chars().find(|c| c.is_control()) {
+                        cx.err(value_node.pos, join(&field, "value"), format!("control character {} is not allowed in a value", c.escape_unicode()));
+                        None
+                    } else if v.chars().count() > limits::MAX_VALUE_CHARS {
+                        cx.err(value_node.pos, join(&field, "value"), format!("value is longer than {} characters", limits::MAX_VALUE_CHARS));
+                        None
+                    } else {
+                        Some(v.trim().to_string())
+                    }
+                }),
+            };
+            let (Some(file), Some(key), Some(value)) = (file, key, value) else { continue };
+            if let Some((_, first)) = config_changes.iter().find(|(c, _)| c.file == file && c.key == key) {
+                cx.err(item.pos, field, format!("{key} in {file} is changed twice (first at {first})"));
+                continue;
+            }
+            config_changes.push((ConfigChange { file, key, value }, item.pos));
+        }
+    }
+    let count = |name: &str| {
+        get(name).map_or(0, |n| match &n.value {
+            Value::Seq(items) => items.len(),
+            Value::Null => 0,
+            _ => 1,
+        })
+    };
+    let reported = cx
+        .errors
+        .iter()
+        .any(|e| e.field.starts_with("packages") || e.field.starts_with("config_changes"));
+    if count("packages") + count("config_changes") == 0 && !reported {
+        cx.err(tree.pos, "packages", CHANGES_NOTHING);
+    }
+
+    let submitter = get("submitter").filter(|n| n.value != Value::Null).and_then(|n| {
+        let s = cx.line(n, "submitter", "a submitter", 64)?;
+        if s.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-' | '@')) {
+            Some(s.to_string())
+        } else {
+            cx.err(n.pos, "submitter", format!("`{}` is not a valid user name (letters, digits, `.`, `_`, `-`, `@`)", shorten(s)));
+            None
+        }
+    });
+    let description = match get("description").filter(|n| n.value != Value::Null) {
+        None => Some(String::new()),
+        Some(n) => cx.text(n, "description", "a description").and_then(|d| {
+            if let Some(c) = d.chars().find(|c| c.is_control() && *c != '\n' && *c != '\t') {
+                cx.err(n.pos, "description", format!("control character {} is not allowed in the description", c.escape_unicode()));
+                None
+            } else if d.chars().count() > limits::MAX_DESCRIPTION_CHARS {
+                cx.err(n.pos, "description", format!("description is longer than {} characters", limits::MAX_DESCRIPTION_CHARS));
+                None
+            } else {
+                Some(d.trim_end().to_string())
+            }
+        }),
+    };
+
+    if !cx.errors.is_empty() {
+        return Err(cx.errors);
+    }
+    match (id, revision, title, status, release, submitter, description) {
+        (Some(id), Some(revision), Some(title), Some(status), Some(release), Some(submitter), Some(description)) => Ok(PatchRecord {
+            id,
+            revision: u32::try_from(revision).unwrap_or(u32::MAX),
+            title,
+            status,
+            release: release.name.clone(),
+            platforms: platforms.into_iter().map(|(p, _)| p).collect(),
+            node_types: node_types.into_iter().map(|(n, _)| n).collect(),
+            bugs: bugs.into_iter().map(|(b, _)| b).collect(),
+            packages: packages.into_iter().map(|(p, _)| p).collect(),
+            config_changes: config_changes.into_iter().map(|(c, _)| c).collect(),
+            submitter,
+            description,
+        }),
+        _ => {
+            cx.err(tree.pos, "record", "the record is incomplete");
+            Err(cx.errors)
+        }
+    }
+}

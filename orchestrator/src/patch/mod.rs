@@ -1,0 +1,351 @@
+//! Patch records: the model, the three input forms (YAML, JSON, the tracker's
+//! text export) and their validation against the catalogue.
+//!
+//! Reading a record never touches the store: [`load`] either returns records
+//! that passed every check, or every error found in the file, each with its
+//! file, line, column and field.
+
+pub mod convert;
+pub mod doc;
+pub mod limits;
+pub mod text;
+
+use std::fmt;
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::catalogue::Catalogue;
+pub use doc::Pos;
+
+/// One validation error: where it is, which field, and what was expected.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Diagnostic {
+    pub file: String,
+    pub line: u32,
+    pub col: u32,
+    /// The field path, e.g. `packages[1].file`; `syntax` for a parse error,
+    /// `record` for an error about the record as a whole.
+    pub field: String,
+    pub message: String,
+}
+
+impl Diagnostic {
+    pub fn new(pos: Pos, field: impl Into<String>, message: impl Into<String>) -> Diagnostic {
+        let field = field.into();
+        Diagnostic {
+            file: String::new(),
+            line: pos.line,
+            col: pos.col,
+            field: if field.is_empty() {
+                "record".to_string()
+            } else {
+                field
+            },
+            message: message.into(),
+        }
+    }
+
+    pub fn pos(&self) -> Pos {
+        Pos {
+            line: self.line,
+            col: self.col,
+        }
+    }
+}
+
+impl fmt::Display for Diagnostic {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{}:{}:{}: {}: {}",
+            self.file, self.line, self.col, self.field, self.message
+        )
+    }
+}
+
+/// A package format: the two families of the platforms Certo knows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PackageFormat {
+    Rpm,
+    Deb,
+}
+
+impl PackageFormat {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PackageFormat::Rpm => "rpm",
+            PackageFormat::Deb => "deb",
+        }
+    }
+
+    /// How people call the family: `RPM`, `Debian`.
+    pub fn family_name(self) -> &'static str {
+        match self {
+            PackageFormat::Rpm => "RPM",
+            PackageFormat::Deb => "Debian",
+        }
+    }
+
+    pub fn with_article(self) -> &'static str {
+        match self {
+            PackageFormat::Rpm => "an RPM",
+            PackageFormat::Deb => "a Debian",
+        }
+    }
+}
+
+impl fmt::Display for PackageFormat {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Where a package is fetched from.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", content = "location", rename_all = "snake_case")]
+pub enum PackageSource {
+    /// The patch repository the catalogue configures for the record's release.
+    Release,
+    /// A path relative to the package repository root.
+    Repository(String),
+    /// An http(s) URL of the package's directory or of the file itself.
+    Url(String),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Package {
+    /// The package file name, e.g. `glite-yaim-core-4.0.12-1.noarch.rpm`.
+    pub file: String,
+    pub name: String,
+    pub version: String,
+    /// The RPM release or the Debian revision (empty for a native Debian package).
+    pub release: String,
+    pub arch: String,
+    pub format: PackageFormat,
+    pub source: PackageSource,
+    /// Lower-case hex SHA-256 of the package file, when the record gives it.
+    pub sha256: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Bug {
+    pub id: u64,
+    pub title: Option<String>,
+    /// The regression test that checks the fix, as named in the node type's suite.
+    pub regression_test: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ConfigChange {
+    /// The configuration file, e.g. `site-info.def` or `/etc/glite/wms.conf`.
+    pub file: String,
+    pub key: String,
+    pub value: String,
+}
+
+/// A validated patch record. Field order is the canonical order of the content digest.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PatchRecord {
+    pub id: u64,
+    pub revision: u32,
+    pub title: String,
+    /// The tracker's status, e.g. `Ready for Certification`.
+    pub status: String,
+    /// The release baseline, as the catalogue names it (`3.1`, `3.2`).
+    pub release: String,
+    pub platforms: Vec<String>,
+    pub node_types: Vec<String>,
+    pub bugs: Vec<Bug>,
+    pub packages: Vec<Package>,
+    pub config_changes: Vec<ConfigChange>,
+    pub submitter: String,
+    pub description: String,
+}
+
+impl PatchRecord {
+    /// SHA-256 over the canonical JSON encoding of the record: the same content
+    /// has the same digest whichever form it was written in.
+    pub fn content_digest(&self) -> String {
+        let bytes = serde_json::to_vec(self).expect("a patch record always serialises");
+        hex::encode(Sha256::digest(&bytes))
+    }
+}
+
+/// The input forms a record can be written in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SourceFormat {
+    Yaml,
+    Json,
+    Text,
+}
+
+impl SourceFormat {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SourceFormat::Yaml => "yaml",
+            SourceFormat::Json => "json",
+            SourceFormat::Text => "text",
+        }
+    }
+
+    /// The form of a file: by its extension, else by its first non-blank character.
+    pub fn detect(path: &Path, src: &str) -> SourceFormat {
+        match path.extension().and_then(|e| e.to_str()) {
+            Some("yaml" | "yml") => SourceFormat::Yaml,
+            Some("json") => SourceFormat::Json,
+            Some("txt" | "text") => SourceFormat::Text,
+            _ => {
+                let first = src
+                    .lines()
+                    .map(str::trim)
+                    .find(|l| !l.is_empty() && !l.starts_with('#'))
+                    .unwrap_or("");
+                if first.starts_with('{') || first.starts_with('[') {
+                    SourceFormat::Json
+                } else if first.to_ascii_lowercase().starts_with("patch:") {
+                    SourceFormat::Text
+                } else {
+                    SourceFormat::Yaml
+                }
+            }
+        }
+    }
+}
+
+/// A record that passed validation, with where it came from.
+#[derive(Debug, Clone)]
+pub struct LoadedRecord {
+    pub record: PatchRecord,
+    pub digest: String,
+    pub file: String,
+    pub pos: Pos,
+    pub format: SourceFormat,
+}
+
+/// Reads every record of one file and validates it against the catalogue.
+///
+/// Returns all records, or every error found (never a partial list of records).
+pub fn load(
+    file: &str,
+    bytes: &[u8],
+    format: Option<SourceFormat>,
+    catalogue: &Catalogue,
+) -> Result<Vec<LoadedRecord>, Vec<Diagnostic>> {
+    let with_file = |mut errors: Vec<Diagnostic>| {
+        for e in &mut errors {
+            e.file = file.to_string();
+        }
+        errors.sort_by_key(|e| (e.line, e.col));
+        errors
+    };
+    if bytes.len() > limits::MAX_FILE_BYTES {
+        return Err(with_file(vec![Diagnostic::new(
+            Pos::new(1, 1),
+            "syntax",
+            format!(
+                "file is {} bytes; patch files are limited to {} bytes",
+                bytes.len(),
+                limits::MAX_FILE_BYTES
+            ),
+        )]));
+    }
+    let src = match std::str::from_utf8(bytes) {
+        Ok(src) => src,
+        Err(e) => {
+            let good = &bytes[..e.valid_up_to()];
+            let line = good.iter().filter(|b| **b == b'\n').count() + 1;
+            let line_start = good.iter().rposition(|b| *b == b'\n').map_or(0, |i| i + 1);
+            let col = String::from_utf8_lossy(&good[line_start..]).chars().count() + 1;
+            return Err(with_file(vec![Diagnostic::new(
+                Pos::new(line, col),
+                "syntax",
+                "the file is not valid UTF-8",
+            )]));
+        }
+    };
+    let src = src.strip_prefix('\u{feff}').unwrap_or(src);
+    let format = format.unwrap_or_else(|| SourceFormat::detect(Path::new(file), src));
+    let (trees, mut errors) = match format {
+        SourceFormat::Text => text::parse_text(src),
+        SourceFormat::Yaml | SourceFormat::Json => {
+            let parsed = if format == SourceFormat::Yaml {
+                doc::parse_yaml(src)
+            } else {
+                doc::parse_json(src)
+            };
+            match parsed {
+                Ok(trees) => (trees, Vec::new()),
+                Err(e) => {
+                    return Err(with_file(vec![Diagnostic::new(e.pos, "syntax", e.message)]));
+                }
+            }
+        }
+    };
+    if trees.is_empty() && errors.is_empty() {
+        errors.push(Diagnostic::new(
+            Pos::new(1, 1),
+            "record",
+            "the file holds no patch record",
+        ));
+    }
+    if trees.len() > limits::MAX_RECORDS_PER_FILE {
+        errors.push(Diagnostic::new(
+            trees[limits::MAX_RECORDS_PER_FILE].pos,
+            "record",
+            format!(
+                "more than {} records in one file",
+                limits::MAX_RECORDS_PER_FILE
+            ),
+        ));
+    }
+    let mut records = Vec::with_capacity(trees.len());
+    for (i, tree) in trees.iter().enumerate() {
+        // Lines of this record: up to the next record's first line.
+        let end = trees.get(i + 1).map_or(u32::MAX, |t| t.pos.line);
+        let item_errors_here = errors.iter().any(|e| {
+            e.line >= tree.pos.line
+                && e.line < end
+                && (e.field.starts_with("packages") || e.field.starts_with("config_changes"))
+        });
+        match convert::record_from_tree(tree, catalogue, format) {
+            // An item the text parser already refused is not "nothing".
+            Err(errs) if item_errors_here => {
+                errors.extend(errs.into_iter().filter(|e| e.message != convert::CHANGES_NOTHING));
+            }
+            Ok(_) if item_errors_here => {}
+            Ok(record) => records.push(LoadedRecord {
+                digest: record.content_digest(),
+                record,
+                file: file.to_string(),
+                pos: tree.pos,
+                format,
+            }),
+            Err(mut errs) => errors.append(&mut errs),
+        }
+    }
+    // The same patch revision twice in one file is a conflict or a repeat.
+    for (i, a) in records.iter().enumerate() {
+        if let Some(b) = records[..i]
+            .iter()
+            .find(|b| b.record.id == a.record.id && b.record.revision == a.record.revision)
+        {
+            errors.push(Diagnostic::new(
+                a.pos,
+                "id",
+                format!(
+                    "patch {} revision {} appears twice in this file (first at line {})",
+                    a.record.id, a.record.revision, b.pos.line
+                ),
+            ));
+        }
+    }
+    if errors.is_empty() {
+        Ok(records)
+    } else {
+        Err(with_file(errors))
+    }
+}

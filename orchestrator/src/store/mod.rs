@@ -1,0 +1,178 @@
+//! The store: PostgreSQL through sqlx. `DATABASE_URL` selects an existing
+//! server; without it Certo starts its own private cluster ([`cluster`]).
+//! The schema lives in `migrations/` and is applied on every open.
+
+pub mod cluster;
+mod patches;
+pub mod scratch;
+
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::time::Duration;
+
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::{ConnectOptions, PgPool};
+
+pub use cluster::{Cluster, ClusterError, ClusterStatus};
+pub use patches::{PatchEvent, PatchRow, PatchState, SubmitError, SubmitOutcome, SubmitReport};
+
+pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../migrations");
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error(transparent)]
+    Cluster(#[from] ClusterError),
+    #[error("invalid database URL: {0}")]
+    Url(sqlx::Error),
+    #[error("cannot connect to the database at {target}: {source}")]
+    Connect { target: String, source: sqlx::Error },
+    #[error("cannot apply the schema migrations: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+    #[error("database error: {0}")]
+    Db(#[from] sqlx::Error),
+    #[error("stored data is inconsistent: {0}")]
+    Corrupt(String),
+}
+
+/// Where the store is.
+#[derive(Debug, Clone)]
+pub enum Location {
+    /// An existing server, by URL (from `--database-url` or `DATABASE_URL`).
+    Url(String),
+    /// Certo's own cluster under this data directory.
+    Embedded(PathBuf),
+}
+
+/// The default data directory: `CERTO_DATA_DIR` is read by the CLI; this is
+/// the fallback, `/var/lib/certo` for root, else `$XDG_DATA_HOME/certo` or
+/// `~/.local/share/certo`.
+pub fn default_data_dir() -> PathBuf {
+    if std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("Uid:"))
+                .and_then(|l| l.split_whitespace().nth(2).map(|u| u == "0"))
+        })
+        .unwrap_or(false)
+    {
+        return PathBuf::from("/var/lib/certo");
+    }
+    if let Some(xdg) = std::env::var_os("XDG_DATA_HOME").filter(|v| !v.is_empty()) {
+        return PathBuf::from(xdg).join("certo");
+    }
+    match std::env::var_os("HOME") {
+        Some(home) => PathBuf::from(home).join(".local/share/certo"),
+        None => PathBuf::from(".certo"),
+    }
+}
+
+/// A handle on the store.
+#[derive(Debug, Clone)]
+pub struct Store {
+    pool: PgPool,
+}
+
+/// Connects to the embedded cluster of `data_dir`, starting it if needed,
+/// and makes sure Certo's database exists. Returns its URL.
+pub async fn ensure_embedded(data_dir: &Path) -> Result<String, StoreError> {
+    let cluster = Cluster::new(data_dir)?;
+    let started = {
+        let cluster = cluster.clone();
+        tokio::task::spawn_blocking(move || cluster.start())
+            .await
+            .map_err(|e| StoreError::Corrupt(format!("cluster start task failed: {e}")))??
+    };
+    if started {
+        tracing::debug!("embedded cluster started by this process");
+    }
+    create_database_if_missing(&cluster.url("postgres"), cluster::DATABASE).await?;
+    Ok(cluster.url(cluster::DATABASE))
+}
+
+/// Creates a database on the server of `admin_url` unless it exists.
+pub async fn create_database_if_missing(admin_url: &str, name: &str) -> Result<(), StoreError> {
+    let opts = PgConnectOptions::from_str(admin_url).map_err(StoreError::Url)?;
+    let mut conn = opts
+        .connect()
+        .await
+        .map_err(|source| StoreError::Connect {
+            target: admin_url.to_string(),
+            source,
+        })?;
+    let exists: bool =
+        sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_database WHERE datname = $1)")
+            .bind(name)
+            .fetch_one(&mut conn)
+            .await?;
+    if !exists {
+        let sql = format!("CREATE DATABASE \"{}\"", name.replace('"', "\"\""));
+        match sqlx::query(sqlx::AssertSqlSafe(sql)).execute(&mut conn).await {
+            Ok(_) => {}
+            // Another process created it in between.
+            Err(sqlx::Error::Database(e))
+                if matches!(e.code().as_deref(), Some("42P04") | Some("23505")) => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(())
+}
+
+impl Store {
+    /// Opens the store at `location` and applies the migrations.
+    pub async fn open(location: &Location) -> Result<Store, StoreError> {
+        let url = match location {
+            Location::Url(url) => url.clone(),
+            Location::Embedded(dir) => ensure_embedded(dir).await?,
+        };
+        Store::connect(&url).await
+    }
+
+    /// Connects to a database by URL and applies the migrations.
+    pub async fn connect(url: &str) -> Result<Store, StoreError> {
+        let opts = PgConnectOptions::from_str(url).map_err(StoreError::Url)?;
+        let pool = PgPoolOptions::new()
+            .max_connections(8)
+            .acquire_timeout(Duration::from_secs(30))
+            .connect_with(opts)
+            .await
+            .map_err(|source| StoreError::Connect {
+                target: redact(url),
+                source,
+            })?;
+        MIGRATOR.run(&pool).await?;
+        Ok(Store { pool })
+    }
+
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+}
+
+/// A URL fit for messages: any password replaced by `***`.
+pub fn redact(url: &str) -> String {
+    match (url.find("://"), url.find('@')) {
+        (Some(scheme), Some(at)) if at > scheme => {
+            let userinfo = &url[scheme + 3..at];
+            match userinfo.split_once(':') {
+                Some((user, _)) => format!("{}{user}:***{}", &url[..scheme + 3], &url[at..]),
+                None => url.to_string(),
+            }
+        }
+        _ => url.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::redact;
+
+    #[test]
+    fn passwords_never_reach_messages() {
+        assert_eq!(
+            redact("postgres://certo:s3cret@db.example/certo"),
+            "postgres://certo:***@db.example/certo"
+        );
+        assert_eq!(redact("postgres://certo@localhost/certo"), "postgres://certo@localhost/certo");
+    }
+}

@@ -1,0 +1,143 @@
+//! Scratch databases: a fresh, migrated database on the same server, for tests
+//! and benchmarks, dropped afterwards. Databases left behind by a process that
+//! died (a panicking test) are dropped by the next one that creates a scratch
+//! database.
+
+use std::str::FromStr;
+use std::sync::atomic::{AtomicU32, Ordering};
+
+use sqlx::postgres::PgConnectOptions;
+use sqlx::{ConnectOptions, Connection};
+
+use super::{Location, Store, StoreError, cluster::Cluster, create_database_if_missing};
+
+static COUNTER: AtomicU32 = AtomicU32::new(0);
+
+/// A migrated database that exists for one test or one benchmark run.
+#[derive(Debug)]
+pub struct ScratchDb {
+    pub store: Store,
+    pub url: String,
+    admin_url: String,
+    name: String,
+}
+
+/// The URL of the server's maintenance database, and a function giving the
+/// URL of any database on that server.
+fn server_urls(location: &Location) -> Result<(String, Box<dyn Fn(&str) -> String>), StoreError> {
+    match location {
+        Location::Embedded(dir) => {
+            let cluster = Cluster::new(dir)?;
+            Ok((cluster.url("postgres"), Box::new(move |db: &str| cluster.url(db))))
+        }
+        Location::Url(url) => {
+            let base = url.clone();
+            PgConnectOptions::from_str(url).map_err(StoreError::Url)?;
+            let with_db = move |db: &str| replace_database(&base, db);
+            Ok((with_db("postgres"), Box::new(with_db)))
+        }
+    }
+}
+
+/// Replaces the database part of a `postgres://` URL.
+fn replace_database(url: &str, db: &str) -> String {
+    let (head, query) = match url.split_once('?') {
+        Some((h, q)) => (h, Some(q)),
+        None => (url, None),
+    };
+    let after_scheme = head.find("://").map_or(0, |i| i + 3);
+    let base = match head[after_scheme..].find('/') {
+        Some(i) => &head[..after_scheme + i],
+        None => head,
+    };
+    match query {
+        Some(q) => format!("{base}/{db}?{q}"),
+        None => format!("{base}/{db}"),
+    }
+}
+
+impl ScratchDb {
+    /// Creates `<prefix>_<pid>_<n>` on the server of `location` and migrates it.
+    pub async fn create(location: &Location, prefix: &str) -> Result<ScratchDb, StoreError> {
+        if let Location::Embedded(dir) = location {
+            super::ensure_embedded(dir).await?;
+        }
+        let (admin_url, url_of) = server_urls(location)?;
+        drop_orphans(&admin_url, prefix).await?;
+        let name = format!(
+            "{prefix}_{}_{}",
+            std::process::id(),
+            COUNTER.fetch_add(1, Ordering::SeqCst)
+        );
+        create_database_if_missing(&admin_url, &name).await?;
+        let url = url_of(&name);
+        let store = Store::connect(&url).await?;
+        Ok(ScratchDb {
+            store,
+            url,
+            admin_url,
+            name,
+        })
+    }
+
+    /// Closes the pool and drops the database.
+    pub async fn drop_db(self) -> Result<(), StoreError> {
+        self.store.pool().close().await;
+        let mut conn = PgConnectOptions::from_str(&self.admin_url)
+            .map_err(StoreError::Url)?
+            .connect()
+            .await?;
+        let sql = format!("DROP DATABASE IF EXISTS \"{}\" WITH (FORCE)", self.name);
+        sqlx::query(sqlx::AssertSqlSafe(sql)).execute(&mut conn).await?;
+        conn.close().await?;
+        Ok(())
+    }
+}
+
+/// Drops scratch databases whose creating process no longer runs.
+async fn drop_orphans(admin_url: &str, prefix: &str) -> Result<(), StoreError> {
+    let mut conn = PgConnectOptions::from_str(admin_url)
+        .map_err(StoreError::Url)?
+        .connect()
+        .await
+        .map_err(|source| StoreError::Connect {
+            target: super::redact(admin_url),
+            source,
+        })?;
+    let names: Vec<String> =
+        sqlx::query_scalar("SELECT datname FROM pg_database WHERE starts_with(datname, $1)")
+            .bind(format!("{prefix}_"))
+            .fetch_all(&mut conn)
+            .await?;
+    for name in names {
+        let pid = name[prefix.len() + 1..]
+            .split('_')
+            .next()
+            .and_then(|p| p.parse::<u32>().ok());
+        let alive = pid.is_none_or(|pid| std::path::Path::new(&format!("/proc/{pid}")).exists());
+        if !alive {
+            let sql = format!("DROP DATABASE IF EXISTS \"{}\" WITH (FORCE)", name.replace('"', ""));
+            sqlx::query(sqlx::AssertSqlSafe(sql)).execute(&mut conn).await?;
+        }
+    }
+    conn.close().await?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::replace_database;
+
+    #[test]
+    fn database_part_of_a_url_is_replaced() {
+        assert_eq!(
+            replace_database("postgres://u:p@h:5432/certo?sslmode=disable", "x"),
+            "postgres://u:p@h:5432/x?sslmode=disable"
+        );
+        assert_eq!(replace_database("postgres://u@h", "x"), "postgres://u@h/x");
+        assert_eq!(
+            replace_database("postgres://certo@localhost/certo?host=/tmp/s", "postgres"),
+            "postgres://certo@localhost/postgres?host=/tmp/s"
+        );
+    }
+}

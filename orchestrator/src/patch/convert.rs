@@ -777,7 +777,10 @@ pub fn record_from_tree(
                 cx.err(n.pos, "description", format!("description is longer than {} characters", limits::MAX_DESCRIPTION_CHARS));
                 None
             } else {
-                Some(d.trim_end().to_string())
+                // Canonical form: no trailing white space on any line, no
+                // blank lines before or after (the text form cannot keep them).
+                let lines: Vec<&str> = d.lines().map(str::trim_end).collect();
+                Some(lines.join("\n").trim_matches('\n').to_string())
             }
         }),
     };

@@ -265,7 +265,10 @@ pub fn parse_json(src: &str) -> Result<Vec<Node>, SyntaxError> {
             Some(i) => message[..i].to_string(),
             None => message,
         };
-        return Err(SyntaxError::new(Pos::new(e.line(), e.column()), message));
+        return Err(SyntaxError::new(
+            Pos::new(e.line().max(1), e.column().max(1)),
+            message,
+        ));
     }
     let mut docs = parse_yaml(src)?;
     match docs.len() {

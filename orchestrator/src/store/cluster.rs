@@ -248,22 +248,23 @@ impl Cluster {
         self.pgdata().join("PG_VERSION").is_file()
     }
 
-    /// Whether the server answers, and its process id (from `postmaster.pid`).
+    /// The server's process id from `postmaster.pid`, if the file exists.
+    fn recorded_pid(&self) -> Option<u32> {
+        fs::read_to_string(self.pgdata().join("postmaster.pid"))
+            .ok()
+            .and_then(|s| s.lines().next()?.trim().parse().ok())
+    }
+
+    /// Whether the server runs: the process `postmaster.pid` names is alive (not
+    /// a zombie) and works in this data directory. (`pg_ctl status` is not
+    /// enough: where nothing reaps orphans, a killed server lingers as a zombie
+    /// that still "exists".)
     pub fn status(&self) -> ClusterStatus {
-        let running = self.is_initialised()
-            && self
-                .command("pg_ctl")
-                .arg("status")
-                .arg("-D")
-                .arg(self.pgdata())
-                .output()
-                .is_ok_and(|o| o.status.success());
-        let pid = running
-            .then(|| fs::read_to_string(self.pgdata().join("postmaster.pid")).ok())
-            .flatten()
-            .and_then(|s| s.lines().next()?.trim().parse().ok());
+        let pid = self
+            .recorded_pid()
+            .filter(|pid| server_processes(&self.pgdata()).contains(pid));
         ClusterStatus {
-            running,
+            running: pid.is_some(),
             pid,
             initialised: self.is_initialised(),
             pgdata: self.pgdata(),
@@ -274,6 +275,44 @@ impl Cluster {
                 .ok()
                 .map(|v| v.trim().to_string()),
         }
+    }
+
+    /// After a crash of the server: waits for its orphaned backends to exit
+    /// (they notice the postmaster's death within moments), then removes the
+    /// stale `postmaster.pid`, so that a new server can start safely.
+    fn clear_after_crash(&self) -> Result<(), ClusterError> {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        loop {
+            let left = server_processes(&self.pgdata());
+            if left.is_empty() {
+                break;
+            }
+            if std::time::Instant::now() > deadline {
+                return Err(ClusterError::Command {
+                    program: "postgres".into(),
+                    status: "stale".into(),
+                    detail: format!(
+                        "the server is not answering but processes {left:?} still work in {}; stop them first",
+                        self.pgdata().display()
+                    ),
+                });
+            }
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+        let pid_file = self.pgdata().join("postmaster.pid");
+        if pid_file.exists() {
+            tracing::warn!(pgdata = %self.pgdata().display(), "the embedded server had stopped without shutting down; restarting it");
+            fs::remove_file(&pid_file).map_err(io("cannot remove", &pid_file))?;
+            // The socket and its lock file name the dead server too; the
+            // socket directory is Certo's own, so they can go.
+            for name in [".s.PGSQL.5432", ".s.PGSQL.5432.lock"] {
+                let path = self.socket_dir().join(name);
+                if path.exists() {
+                    fs::remove_file(&path).map_err(io("cannot remove", &path))?;
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Takes the data directory's lock for the duration of a start or stop, so
@@ -302,6 +341,7 @@ impl Cluster {
         if !self.is_initialised() {
             self.init()?;
         }
+        self.clear_after_crash()?;
         let socket_dir = self.socket_dir();
         self.private_dir(&socket_dir)?;
         let conf = self.pgdata().join("certo.conf");
@@ -374,6 +414,30 @@ impl Cluster {
         self.run(cmd, "pg_ctl stop")?;
         Ok(true)
     }
+}
+
+/// Live (non-zombie) processes whose working directory is `pgdata`: every
+/// PostgreSQL server process works in its data directory.
+fn server_processes(pgdata: &Path) -> Vec<u32> {
+    let Ok(target) = fs::canonicalize(pgdata) else {
+        return Vec::new();
+    };
+    let Ok(entries) = fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            fs::read_link(format!("/proc/{pid}/cwd")).is_ok_and(|cwd| cwd == target)
+                && fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
+                    // The state follows the parenthesised command name.
+                    stat.rsplit_once(')')
+                        .and_then(|(_, rest)| rest.split_whitespace().next())
+                        .is_some_and(|state| state != "Z" && state != "X")
+                })
+        })
+        .collect()
 }
 
 fn absolute(path: &Path) -> PathBuf {

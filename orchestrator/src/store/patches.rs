@@ -279,49 +279,39 @@ impl Store {
             .await?;
         }
         if !rows.is_empty() {
-            let rows = Json(&rows);
+            // One statement stores the whole batch: the rows are encoded once and
+            // parsed once by the server; the child rows come from the same JSON.
+            let rows = serde_json::to_string(&rows).map_err(|e| StoreError::Corrupt(format!("cannot encode records: {e}")))?;
             sqlx::query(
-                "INSERT INTO patches (patch_id, revision, content_sha256, state, title, tracker_status, release,
-                                      platforms, node_types, submitter, record, source_file, source_format,
-                                      superseded_at, superseded_by)
-                 SELECT (r->'record'->>'id')::bigint, (r->'record'->>'revision')::int, r->>'sha', r->>'state',
-                        r->'record'->>'title', r->'record'->>'status', r->'record'->>'release',
-                        ARRAY(SELECT jsonb_array_elements_text(r->'record'->'platforms')),
-                        ARRAY(SELECT jsonb_array_elements_text(r->'record'->'node_types')),
-                        r->'record'->>'submitter', r->'record', r->>'file', r->>'format',
-                        CASE WHEN r->>'state' = 'superseded' THEN now() END,
-                        (r->>'superseded_by')::int
-                 FROM jsonb_array_elements($1) AS r",
-            )
-            .bind(rows)
-            .execute(&mut *tx)
-            .await?;
-            sqlx::query(
-                "INSERT INTO patch_packages (patch_id, revision, position, file_name, name, version, pkg_release,
-                                             arch, format, source_kind, source, sha256)
-                 SELECT (r->'record'->>'id')::bigint, (r->'record'->>'revision')::int, (p.ord - 1)::int,
-                        p.v->>'file', p.v->>'name', p.v->>'version', p.v->>'release', p.v->>'arch', p.v->>'format',
-                        p.v->'source'->>'kind', p.v->'source'->>'location', p.v->>'sha256'
-                 FROM jsonb_array_elements($1) AS r,
-                      jsonb_array_elements(r->'record'->'packages') WITH ORDINALITY AS p(v, ord)",
-            )
-            .bind(rows)
-            .execute(&mut *tx)
-            .await?;
-            sqlx::query(
-                "INSERT INTO patch_bugs (patch_id, revision, bug_id, title, regression_test)
-                 SELECT (r->'record'->>'id')::bigint, (r->'record'->>'revision')::int, (b->>'id')::bigint,
-                        b->>'title', b->>'regression_test'
-                 FROM jsonb_array_elements($1) AS r, jsonb_array_elements(r->'record'->'bugs') AS b",
-            )
-            .bind(rows)
-            .execute(&mut *tx)
-            .await?;
-            sqlx::query(
-                "INSERT INTO patch_events (patch_id, revision, kind, detail)
+                "WITH r AS (SELECT value AS r FROM jsonb_array_elements($1::text::jsonb)),
+                 p AS (
+                   INSERT INTO patches (patch_id, revision, content_sha256, state, title, tracker_status, release,
+                                        platforms, node_types, submitter, record, source_file, source_format,
+                                        superseded_at, superseded_by)
+                   SELECT (r->'record'->>'id')::bigint, (r->'record'->>'revision')::int, r->>'sha', r->>'state',
+                          r->'record'->>'title', r->'record'->>'status', r->'record'->>'release',
+                          ARRAY(SELECT jsonb_array_elements_text(r->'record'->'platforms')),
+                          ARRAY(SELECT jsonb_array_elements_text(r->'record'->'node_types')),
+                          r->'record'->>'submitter', r->'record', r->>'file', r->>'format',
+                          CASE WHEN r->>'state' = 'superseded' THEN now() END,
+                          (r->>'superseded_by')::int
+                   FROM r),
+                 k AS (
+                   INSERT INTO patch_packages (patch_id, revision, position, file_name, name, version, pkg_release,
+                                               arch, format, source_kind, source, sha256)
+                   SELECT (r->'record'->>'id')::bigint, (r->'record'->>'revision')::int, (p.ord - 1)::int,
+                          p.v->>'file', p.v->>'name', p.v->>'version', p.v->>'release', p.v->>'arch', p.v->>'format',
+                          p.v->'source'->>'kind', p.v->'source'->>'location', p.v->>'sha256'
+                   FROM r, jsonb_array_elements(r->'record'->'packages') WITH ORDINALITY AS p(v, ord)),
+                 b AS (
+                   INSERT INTO patch_bugs (patch_id, revision, bug_id, title, regression_test)
+                   SELECT (r->'record'->>'id')::bigint, (r->'record'->>'revision')::int, (b->>'id')::bigint,
+                          b->>'title', b->>'regression_test'
+                   FROM r, jsonb_array_elements(r->'record'->'bugs') AS b)
+                 INSERT INTO patch_events (patch_id, revision, kind, detail)
                  SELECT (r->'record'->>'id')::bigint, (r->'record'->>'revision')::int, 'submitted',
                         jsonb_build_object('file', r->>'file', 'format', r->>'format', 'content_sha256', r->>'sha')
-                 FROM jsonb_array_elements($1) AS r",
+                 FROM r",
             )
             .bind(rows)
             .execute(&mut *tx)

@@ -1,0 +1,62 @@
+//! Shared set-up for the integration tests: a real PostgreSQL database per
+//! test. `DATABASE_URL` selects a server; without it the tests start Certo's
+//! embedded cluster under the target directory (the same code users run).
+#![allow(dead_code)]
+
+use std::path::PathBuf;
+use std::process::{Command, Output};
+
+use certo::catalogue::Catalogue;
+use certo::ingest;
+use certo::store::Location;
+use certo::store::scratch::ScratchDb;
+
+pub fn location() -> Location {
+    match std::env::var("DATABASE_URL") {
+        Ok(url) if !url.is_empty() => Location::Url(url),
+        _ => Location::Embedded(PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("certo-test-store")),
+    }
+}
+
+/// A fresh, migrated database for one test.
+pub async fn scratch() -> ScratchDb {
+    ScratchDb::create(&location(), "certo_test")
+        .await
+        .expect("a scratch database (PostgreSQL must be installed: /usr/lib/postgresql/15/bin)")
+}
+
+pub fn fixtures() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../fixtures/patches")
+}
+
+pub fn load_valid() -> Vec<certo::patch::LoadedRecord> {
+    let loaded = ingest::load_files(&[fixtures().join("valid")], &Catalogue::builtin(), || {});
+    assert!(loaded.errors.is_empty(), "valid fixtures have errors: {:?}", loaded.errors);
+    loaded.records
+}
+
+/// Runs the `certo` binary against a database.
+pub fn certo(db_url: &str, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_certo"))
+        .args(args)
+        .env("DATABASE_URL", db_url)
+        .env_remove("CERTO_CATALOGUE")
+        .output()
+        .expect("run certo")
+}
+
+/// A digest of everything stored: every row of every table of the schema.
+pub async fn snapshot(db: &ScratchDb) -> Vec<(String, i64, String)> {
+    let mut out = Vec::new();
+    for table in ["patches", "patch_packages", "patch_bugs", "patch_events"] {
+        let sql = format!(
+            "SELECT count(*), coalesce(md5(string_agg(t::text, '|' ORDER BY t::text)), '') FROM {table} t"
+        );
+        let (count, digest): (i64, String) = sqlx::query_as(sqlx::AssertSqlSafe(sql))
+            .fetch_one(db.store.pool())
+            .await
+            .expect("snapshot query");
+        out.push((table.to_string(), count, digest));
+    }
+    out
+}

@@ -105,10 +105,12 @@ impl Catalogue {
                 path: path.to_string(),
                 source,
             })?;
-        catalogue.check().map_err(|message| CatalogueError::Invalid {
-            path: path.to_string(),
-            message,
-        })?;
+        catalogue
+            .check()
+            .map_err(|message| CatalogueError::Invalid {
+                path: path.to_string(),
+                message,
+            })?;
         Ok(catalogue)
     }
 
@@ -196,7 +198,13 @@ mod tests {
         let c = Catalogue::builtin();
         for release in ["3.1", "3.2"] {
             let r = c.release(release).expect("release present");
-            for n in ["glite-UI", "glite-WN", "glite-CE", "glite-BDII", "glite-WMS"] {
+            for n in [
+                "glite-UI",
+                "glite-WN",
+                "glite-CE",
+                "glite-BDII",
+                "glite-WMS",
+            ] {
                 assert!(r.node_type(n).is_some(), "{release} lacks {n}");
             }
         }
@@ -226,6 +234,9 @@ mod tests {
     fn inconsistent_catalogue_is_refused() {
         let text = "releases:\n  - name: '3.2'\n    label: gLite 3.2\n    platforms: [sl9_x86_64]\n    node_types: []\nplatforms: []\n";
         let err = Catalogue::parse("x.yaml", text).expect_err("unknown platform");
-        assert!(err.to_string().contains("unknown platform sl9_x86_64"), "{err}");
+        assert!(
+            err.to_string().contains("unknown platform sl9_x86_64"),
+            "{err}"
+        );
     }
 }

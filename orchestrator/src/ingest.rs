@@ -74,7 +74,10 @@ pub fn load_files(paths: &[PathBuf], catalogue: &Catalogue, mut tick: impl FnMut
     };
     for path in files {
         let name = path.display().to_string();
-        match read_limited(&path).map_err(|e| vec![e]).and_then(|bytes| patch::load(&name, &bytes, None, catalogue)) {
+        match read_limited(&path)
+            .map_err(|e| vec![e])
+            .and_then(|bytes| patch::load(&name, &bytes, None, catalogue))
+        {
             Ok(records) => {
                 loaded.files.push((name, records.len(), 0));
                 loaded.records.extend(records);

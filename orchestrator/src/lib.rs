@@ -3,7 +3,7 @@
 //! its validation, the store, and the command line.
 
 pub mod catalogue;
-pub mod patch;
-pub mod store;
 pub mod cli;
 pub mod ingest;
+pub mod patch;
+pub mod store;

@@ -11,7 +11,11 @@ use std::process::{Command, Output};
 
 fn certo_in(data_dir: &Path, args: &[&str], uid: Option<(u32, u32)>, exe: &Path) -> Output {
     let mut cmd = Command::new(exe);
-    cmd.arg("--data-dir").arg(data_dir).args(args).env_remove("DATABASE_URL").env_remove("CERTO_DATA_DIR");
+    cmd.arg("--data-dir")
+        .arg(data_dir)
+        .args(args)
+        .env_remove("DATABASE_URL")
+        .env_remove("CERTO_DATA_DIR");
     if let Some((uid, gid)) = uid {
         let home = data_dir.parent().expect("parent");
         cmd.uid(uid).gid(gid).env("HOME", home).current_dir(home);
@@ -21,7 +25,11 @@ fn certo_in(data_dir: &Path, args: &[&str], uid: Option<(u32, u32)>, exe: &Path)
 
 fn status(data_dir: &Path, uid: Option<(u32, u32)>, exe: &Path) -> serde_json::Value {
     let out = certo_in(data_dir, &["db", "status", "--json"], uid, exe);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     serde_json::from_slice(&out.stdout).expect("status json")
 }
 
@@ -39,20 +47,35 @@ fn ok(out: Output) -> String {
 /// The whole life of an embedded cluster, run by `uid` (None: this process's user).
 fn lifecycle(data_dir: &Path, patch_file: &Path, uid: Option<(u32, u32)>, exe: &Path) {
     let s = status(data_dir, uid, exe);
-    assert_eq!((s["cluster"]["initialised"].as_bool(), s["cluster"]["running"].as_bool()), (Some(false), Some(false)));
+    assert_eq!(
+        (
+            s["cluster"]["initialised"].as_bool(),
+            s["cluster"]["running"].as_bool()
+        ),
+        (Some(false), Some(false))
+    );
 
     // The first command that needs the store starts the cluster.
-    let out = ok(certo_in(data_dir, &["submit", patch_file.to_str().expect("utf-8")], uid, exe));
+    let out = ok(certo_in(
+        data_dir,
+        &["submit", patch_file.to_str().expect("utf-8")],
+        uid,
+        exe,
+    ));
     assert!(out.starts_with("stored"), "{out}");
     let s = status(data_dir, uid, exe);
     assert_eq!(s["cluster"]["running"], true);
     let pid = s["cluster"]["pid"].as_u64().expect("pid");
 
     // The server is killed: the next command restarts it, nothing is lost.
-    ok(Command::new("kill").args(["-9", &pid.to_string()]).output().expect("kill"));
+    ok(Command::new("kill")
+        .args(["-9", &pid.to_string()])
+        .output()
+        .expect("kill"));
     std::thread::sleep(std::time::Duration::from_millis(300));
     let listed: Vec<serde_json::Value> =
-        serde_json::from_str(&ok(certo_in(data_dir, &["patches", "--json"], uid, exe))).expect("json");
+        serde_json::from_str(&ok(certo_in(data_dir, &["patches", "--json"], uid, exe)))
+            .expect("json");
     assert_eq!(listed.len(), 1);
     let s = status(data_dir, uid, exe);
     assert_ne!(s["cluster"]["pid"].as_u64(), Some(pid));
@@ -61,10 +84,18 @@ fn lifecycle(data_dir: &Path, patch_file: &Path, uid: Option<(u32, u32)>, exe: &
     assert!(ok(certo_in(data_dir, &["db", "stop"], uid, exe)).starts_with("stopped"));
     assert_eq!(status(data_dir, uid, exe)["cluster"]["running"], false);
     assert!(ok(certo_in(data_dir, &["db", "stop"], uid, exe)).contains("was not running"));
-    let again = ok(certo_in(data_dir, &["submit", patch_file.to_str().expect("utf-8")], uid, exe));
+    let again = ok(certo_in(
+        data_dir,
+        &["submit", patch_file.to_str().expect("utf-8")],
+        uid,
+        exe,
+    ));
     assert!(again.starts_with("unchanged"), "{again}");
     let url = ok(certo_in(data_dir, &["db", "url"], uid, exe));
-    assert!(url.starts_with("postgres://certo@localhost/certo?host=/"), "{url}");
+    assert!(
+        url.starts_with("postgres://certo@localhost/certo?host=/"),
+        "{url}"
+    );
     ok(certo_in(data_dir, &["db", "stop"], uid, exe));
 }
 
@@ -72,7 +103,12 @@ fn lifecycle(data_dir: &Path, patch_file: &Path, uid: Option<(u32, u32)>, exe: &
 fn embedded_cluster_as_this_user() {
     let dir = tempfile::tempdir().expect("tempdir");
     let patch = common::fixtures().join("valid/3456-yaim-core-wn.txt");
-    lifecycle(&dir.path().join("state"), &patch, None, Path::new(env!("CARGO_BIN_EXE_certo")));
+    lifecycle(
+        &dir.path().join("state"),
+        &patch,
+        None,
+        Path::new(env!("CARGO_BIN_EXE_certo")),
+    );
 }
 
 /// As root this checks the other case too: an ordinary user (`nobody`) runs
@@ -83,15 +119,27 @@ fn embedded_cluster_as_this_user() {
 fn embedded_cluster_as_the_other_kind_of_user() {
     let dir = tempfile::tempdir().expect("tempdir");
     let uid_line = std::fs::read_to_string("/proc/self/status").expect("status");
-    let is_root = uid_line.lines().any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(2) == Some("0"));
+    let is_root = uid_line
+        .lines()
+        .any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(2) == Some("0"));
     if !is_root {
         let data = dir.path().join("state");
-        ok(certo_in(&data, &["db", "start"], None, Path::new(env!("CARGO_BIN_EXE_certo"))));
+        ok(certo_in(
+            &data,
+            &["db", "start"],
+            None,
+            Path::new(env!("CARGO_BIN_EXE_certo")),
+        ));
         let me = std::fs::metadata(dir.path()).expect("meta");
         let pgdata = std::fs::metadata(data.join("postgres/data")).expect("pgdata");
         use std::os::unix::fs::MetadataExt;
         assert_eq!(pgdata.uid(), me.uid());
-        ok(certo_in(&data, &["db", "stop"], None, Path::new(env!("CARGO_BIN_EXE_certo"))));
+        ok(certo_in(
+            &data,
+            &["db", "stop"],
+            None,
+            Path::new(env!("CARGO_BIN_EXE_certo")),
+        ));
         return;
     }
     // Everything the ordinary user needs lives in a folder it owns.
@@ -99,8 +147,21 @@ fn embedded_cluster_as_the_other_kind_of_user() {
     let exe = dir.path().join("certo");
     std::fs::copy(env!("CARGO_BIN_EXE_certo"), &exe).expect("copy binary");
     let patch = dir.path().join("3456.txt");
-    std::fs::copy(common::fixtures().join("valid/3456-yaim-core-wn.txt"), &patch).expect("copy patch");
-    ok(Command::new("chown").arg("-R").arg(format!("{uid}:{gid}")).arg(dir.path()).output().expect("chown"));
-    ok(Command::new("chmod").arg("755").arg(dir.path()).output().expect("chmod"));
+    std::fs::copy(
+        common::fixtures().join("valid/3456-yaim-core-wn.txt"),
+        &patch,
+    )
+    .expect("copy patch");
+    ok(Command::new("chown")
+        .arg("-R")
+        .arg(format!("{uid}:{gid}"))
+        .arg(dir.path())
+        .output()
+        .expect("chown"));
+    ok(Command::new("chmod")
+        .arg("755")
+        .arg(dir.path())
+        .output()
+        .expect("chmod"));
     lifecycle(&dir.path().join("state"), &patch, Some((uid, gid)), &exe);
 }

@@ -25,7 +25,14 @@ fn valid_fixtures_cover_the_matrix_in_all_three_forms() {
         .iter()
         .flat_map(|r| r.record.platforms.iter().map(String::as_str))
         .collect();
-    for p in ["sl4_i386", "sl4_x86_64", "sl5_i386", "sl5_x86_64", "deb12_i386", "deb12_x86_64"] {
+    for p in [
+        "sl4_i386",
+        "sl4_x86_64",
+        "sl5_i386",
+        "sl5_x86_64",
+        "deb12_i386",
+        "deb12_x86_64",
+    ] {
         assert!(platforms.contains(p), "no fixture patch for {p}");
     }
 }
@@ -44,21 +51,39 @@ fn the_sample_text_record_reads_as_the_tracker_wrote_it() {
     assert_eq!(r.node_types, ["glite-WN", "glite-UI"]);
     assert_eq!(r.bugs.len(), 2);
     assert_eq!(r.bugs[0].id, 45678);
-    assert_eq!(r.bugs[0].title.as_deref(), Some("yaim fails when WN_LIST is empty"));
+    assert_eq!(
+        r.bugs[0].title.as_deref(),
+        Some("yaim fails when WN_LIST is empty")
+    );
     assert_eq!(r.bugs[1].id, 45679);
     assert_eq!(r.bugs[1].title, None);
     let p = &r.packages[0];
     assert_eq!(
-        (p.name.as_str(), p.version.as_str(), p.release.as_str(), p.arch.as_str()),
+        (
+            p.name.as_str(),
+            p.version.as_str(),
+            p.release.as_str(),
+            p.arch.as_str()
+        ),
         ("glite-yaim-core", "4.0.12", "1", "noarch")
     );
     assert!(p.sha256.as_deref().is_some_and(|s| s.len() == 64));
     assert_eq!(r.packages[1].release, "2.sl5");
     assert_eq!(r.config_changes[0].file, "site-info.def");
     assert_eq!(r.config_changes[0].key, "WN_LIST");
-    assert_eq!(r.config_changes[0].value, "/opt/glite/yaim/etc/wn-list.conf");
-    assert!(r.description.starts_with("yaim-core 4.0.12 no longer aborts"));
-    assert!(r.description.contains("\n\nThe good patch"), "{:?}", r.description);
+    assert_eq!(
+        r.config_changes[0].value,
+        "/opt/glite/yaim/etc/wn-list.conf"
+    );
+    assert!(
+        r.description
+            .starts_with("yaim-core 4.0.12 no longer aborts")
+    );
+    assert!(
+        r.description.contains("\n\nThe good patch"),
+        "{:?}",
+        r.description
+    );
 }
 
 #[test]
@@ -70,7 +95,7 @@ fn every_malformed_fixture_gives_its_expected_errors() {
         .lines()
         .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
         .collect();
-    let files = ingest::expand(&[dir.clone()]).expect("list invalid fixtures");
+    let files = ingest::expand(std::slice::from_ref(&dir)).expect("list invalid fixtures");
     assert!(files.len() >= 25, "only {} malformed fixtures", files.len());
     let catalogue = Catalogue::builtin();
     let mut actual = Vec::new();
@@ -92,10 +117,13 @@ fn oversized_files_are_refused_before_parsing() {
     while big.len() <= certo::patch::limits::MAX_FILE_BYTES {
         big.push_str("  filler text filler text filler text filler text\n");
     }
-    let errors = certo::patch::load("big.txt", big.as_bytes(), None, &catalogue).expect_err("too big");
+    let errors =
+        certo::patch::load("big.txt", big.as_bytes(), None, &catalogue).expect_err("too big");
     assert_eq!(errors.len(), 1);
     assert!(
-        errors[0].to_string().starts_with("big.txt:1:1: syntax: file is ")
+        errors[0]
+            .to_string()
+            .starts_with("big.txt:1:1: syntax: file is ")
             && errors[0].message.contains("limited to 1048576 bytes"),
         "{}",
         errors[0]
@@ -111,7 +139,8 @@ fn too_many_packages_are_refused() {
     for i in 0..=certo::patch::limits::MAX_PACKAGES {
         text.push_str(&format!("  p{i}-1.0-1.noarch.rpm\n"));
     }
-    let errors = certo::patch::load("many.txt", text.as_bytes(), None, &catalogue).expect_err("too many");
+    let errors =
+        certo::patch::load("many.txt", text.as_bytes(), None, &catalogue).expect_err("too many");
     assert_eq!(
         errors.iter().map(ToString::to_string).collect::<Vec<_>>(),
         ["many.txt:8:6: packages: 1001 items; at most 1000 are allowed"]

@@ -21,7 +21,10 @@ fn check_any(src: &[u8], format: SourceFormat) {
         Err(errors) => {
             assert!(!errors.is_empty());
             for e in errors {
-                assert!(e.line >= 1 && e.line <= lines + 1, "{e} outside {lines} lines");
+                assert!(
+                    e.line >= 1 && e.line <= lines + 1,
+                    "{e} outside {lines} lines"
+                );
                 assert!(e.col >= 1, "{e}");
                 assert!(!e.field.is_empty() && !e.message.is_empty(), "{e:?}");
                 assert!(!e.message.contains('\n'), "multi-line message: {e:?}");
@@ -91,25 +94,49 @@ fn gen_record() -> impl Strategy<Value = Gen> {
         "[A-Za-z0-9][A-Za-z0-9 .:+&/-]{0,40}[A-Za-z0-9]",
         proptest::sample::subsequence(vec!["sl5_x86_64", "sl5_i386"], 1..=2),
         proptest::sample::subsequence(vec!["glite-UI", "glite-WN", "glite-BDII"], 1..=3),
-        proptest::collection::btree_map(1u64..1_000_000, proptest::option::of("[A-Za-z0-9][A-Za-z0-9 ._-]{0,30}[A-Za-z0-9]"), 0..4),
-        proptest::collection::btree_map(word, (("[0-9][0-9a-z.]{0,5}", "[0-9][a-z0-9.]{0,4}"), proptest::option::of("[0-9a-f]{64}")), 1..5),
-        proptest::collection::btree_map((word, "[A-Z_][A-Z0-9_]{0,10}"), "[A-Za-z0-9/=._-]{0,20}", 0..3),
+        proptest::collection::btree_map(
+            1u64..1_000_000,
+            proptest::option::of("[A-Za-z0-9][A-Za-z0-9 ._-]{0,30}[A-Za-z0-9]"),
+            0..4,
+        ),
+        proptest::collection::btree_map(
+            word,
+            (
+                ("[0-9][0-9a-z.]{0,5}", "[0-9][a-z0-9.]{0,4}"),
+                proptest::option::of("[0-9a-f]{64}"),
+            ),
+            1..5,
+        ),
+        proptest::collection::btree_map(
+            (word, "[A-Z_][A-Z0-9_]{0,10}"),
+            "[A-Za-z0-9/=._-]{0,20}",
+            0..3,
+        ),
         proptest::collection::vec("[A-Za-z0-9][A-Za-z0-9 ,.()-]{0,30}", 0..4),
     )
-        .prop_map(|(id, revision, title, platforms, node_types, bugs, packages, config, description)| Gen {
-            id,
-            revision,
-            title,
-            platforms,
-            node_types,
-            bugs: bugs.into_iter().collect(),
-            packages: packages
-                .into_iter()
-                .map(|(name, ((v, r), sha))| (format!("glite-{name}-{v}-{r}.noarch.rpm"), sha))
-                .collect(),
-            config: config.into_iter().map(|((f, k), v)| (format!("{f}.conf"), k, v)).collect(),
-            description,
-        })
+        .prop_map(
+            |(id, revision, title, platforms, node_types, bugs, packages, config, description)| {
+                Gen {
+                    id,
+                    revision,
+                    title,
+                    platforms,
+                    node_types,
+                    bugs: bugs.into_iter().collect(),
+                    packages: packages
+                        .into_iter()
+                        .map(|(name, ((v, r), sha))| {
+                            (format!("glite-{name}-{v}-{r}.noarch.rpm"), sha)
+                        })
+                        .collect(),
+                    config: config
+                        .into_iter()
+                        .map(|((f, k), v)| (format!("{f}.conf"), k, v))
+                        .collect(),
+                    description,
+                }
+            },
+        )
 }
 
 impl Gen {

@@ -27,12 +27,23 @@ async fn fixtures_are_stored_and_listed() {
     // Patch 3213 comes in two revisions: r2 supersedes r1 within the batch.
     let all = db.store.list_patches(None, None).await.expect("list");
     assert_eq!(all.len(), records.len());
-    let r1 = all.iter().find(|r| r.patch_id == 3213 && r.revision == 1).expect("3213 r1");
+    let r1 = all
+        .iter()
+        .find(|r| r.patch_id == 3213 && r.revision == 1)
+        .expect("3213 r1");
     assert_eq!(r1.state, PatchState::Superseded);
     assert_eq!(r1.superseded_by, Some(2));
-    let current = db.store.list_patches(Some(PatchState::Submitted), None).await.expect("list");
+    let current = db
+        .store
+        .list_patches(Some(PatchState::Submitted), None)
+        .await
+        .expect("list");
     assert_eq!(current.len(), records.len() - 1);
-    let only_31 = db.store.list_patches(None, Some("3.1")).await.expect("list");
+    let only_31 = db
+        .store
+        .list_patches(None, Some("3.1"))
+        .await
+        .expect("list");
     assert!(only_31.iter().all(|r| r.record.release == "3.1") && !only_31.is_empty());
     // Packages and bugs are queryable on their own.
     let (packages, bugs): (i64, i64) = sqlx::query_as(
@@ -43,9 +54,17 @@ async fn fixtures_are_stored_and_listed() {
     .expect("count");
     let expected_packages: usize = records.iter().map(|r| r.record.packages.len()).sum();
     let expected_bugs: usize = records.iter().map(|r| r.record.bugs.len()).sum();
-    assert_eq!((packages as usize, bugs as usize), (expected_packages, expected_bugs));
+    assert_eq!(
+        (packages as usize, bugs as usize),
+        (expected_packages, expected_bugs)
+    );
     // The stored record reads back identical.
-    let shown = db.store.get_patch(3456, None).await.expect("get").expect("3456");
+    let shown = db
+        .store
+        .get_patch(3456, None)
+        .await
+        .expect("get")
+        .expect("3456");
     let original = records.iter().find(|r| r.record.id == 3456).expect("3456");
     assert_eq!(shown.record, original.record);
     assert_eq!(shown.content_sha256, original.digest);
@@ -56,7 +75,11 @@ async fn fixtures_are_stored_and_listed() {
 async fn resubmitting_the_same_content_is_a_no_op() {
     let db = common::scratch().await;
     let a = record("a.txt", &text_record(100, 1, "a-1.0-1.noarch.rpm"));
-    let first = db.store.submit(std::slice::from_ref(&a)).await.expect("first");
+    let first = db
+        .store
+        .submit(std::slice::from_ref(&a))
+        .await
+        .expect("first");
     assert_eq!(first[0].outcome, SubmitOutcome::Stored { supersedes: None });
     let before = common::snapshot(&db).await;
     // The same content written as YAML is the same record.
@@ -108,18 +131,44 @@ async fn a_higher_revision_supersedes_and_an_older_one_is_refused() {
         .submit(&[record("r3.txt", &text_record(103, 3, "a-1.0-3.noarch.rpm"))])
         .await
         .expect("r3");
-    assert_eq!(r3[0].outcome, SubmitOutcome::Stored { supersedes: Some(1) });
+    assert_eq!(
+        r3[0].outcome,
+        SubmitOutcome::Stored {
+            supersedes: Some(1)
+        }
+    );
     let revisions = db.store.revisions(103).await.expect("revisions");
-    assert_eq!(revisions, [(1, PatchState::Superseded), (3, PatchState::Submitted)]);
-    let newest = db.store.get_patch(103, None).await.expect("get").expect("103");
+    assert_eq!(
+        revisions,
+        [(1, PatchState::Superseded), (3, PatchState::Submitted)]
+    );
+    let newest = db
+        .store
+        .get_patch(103, None)
+        .await
+        .expect("get")
+        .expect("103");
     assert_eq!(newest.revision, 3);
-    let events: Vec<String> = db.store.events(103).await.expect("events").into_iter().map(|e| format!("r{} {}", e.revision, e.kind)).collect();
+    let events: Vec<String> = db
+        .store
+        .events(103)
+        .await
+        .expect("events")
+        .into_iter()
+        .map(|e| format!("r{} {}", e.revision, e.kind))
+        .collect();
     assert_eq!(events, ["r1 submitted", "r1 superseded", "r3 submitted"]);
 
     let before = common::snapshot(&db).await;
-    match db.store.submit(&[record("r2.txt", &text_record(103, 2, "a-1.0-2.noarch.rpm"))]).await {
+    match db
+        .store
+        .submit(&[record("r2.txt", &text_record(103, 2, "a-1.0-2.noarch.rpm"))])
+        .await
+    {
         Err(SubmitError::Conflicts(errors)) => assert!(
-            errors[0].message.contains("revision 2 is older than its stored revision 3"),
+            errors[0]
+                .message
+                .contains("revision 2 is older than its stored revision 3"),
             "{}",
             errors[0]
         ),
@@ -137,7 +186,9 @@ async fn concurrent_submissions_of_one_record_store_it_once() {
     for _ in 0..6 {
         let store = db.store.clone();
         let a = a.clone();
-        tasks.push(tokio::spawn(async move { store.submit(&[a]).await.map(|r| r[0].outcome.clone()) }));
+        tasks.push(tokio::spawn(async move {
+            store.submit(&[a]).await.map(|r| r[0].outcome.clone())
+        }));
     }
     let mut stored = 0;
     for t in tasks {
@@ -160,11 +211,16 @@ async fn the_cli_refuses_every_malformed_fixture_and_the_store_stays_as_it_was()
     let db = common::scratch().await;
     let valid = common::fixtures().join("valid");
     let out = common::certo(&db.url, &["submit", valid.to_str().expect("utf-8")]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let before = common::snapshot(&db).await;
     assert!(before[0].1 >= 12);
 
-    let expected = std::fs::read_to_string(common::fixtures().join("invalid-expected.txt")).expect("expected");
+    let expected =
+        std::fs::read_to_string(common::fixtures().join("invalid-expected.txt")).expect("expected");
     let files = certo::ingest::expand(&[common::fixtures().join("invalid")]).expect("list");
     for file in &files {
         let out = common::certo(&db.url, &["submit", file.to_str().expect("utf-8")]);
@@ -172,12 +228,22 @@ async fn the_cli_refuses_every_malformed_fixture_and_the_store_stays_as_it_was()
         assert_eq!(out.status.code(), Some(1), "{}: {stderr}", file.display());
         let name = file.file_name().and_then(|n| n.to_str()).expect("name");
         // Each expected line appears, with the path as given on the command line.
-        for line in expected.lines().filter(|l| l.starts_with(&format!("{name}:"))) {
+        for line in expected
+            .lines()
+            .filter(|l| l.starts_with(&format!("{name}:")))
+        {
             let with_path = format!("{}{}", file.display(), &line[name.len()..]);
-            assert!(stderr.contains(&with_path), "{name}: missing `{with_path}` in:\n{stderr}");
+            assert!(
+                stderr.contains(&with_path),
+                "{name}: missing `{with_path}` in:\n{stderr}"
+            );
         }
         assert!(stderr.contains("nothing was stored"), "{stderr}");
-        assert_eq!(common::snapshot(&db).await, before, "{name} changed the store");
+        assert_eq!(
+            common::snapshot(&db).await,
+            before,
+            "{name} changed the store"
+        );
     }
 
     // A batch mixing a new valid record with a malformed one stores nothing.
@@ -186,7 +252,11 @@ async fn the_cli_refuses_every_malformed_fixture_and_the_store_stays_as_it_was()
     std::fs::write(&good, text_record(4999, 1, "good-1.0-1.noarch.rpm")).expect("write");
     let out = common::certo(
         &db.url,
-        &["submit", good.to_str().expect("utf-8"), files[0].to_str().expect("utf-8")],
+        &[
+            "submit",
+            good.to_str().expect("utf-8"),
+            files[0].to_str().expect("utf-8"),
+        ],
     );
     assert_eq!(out.status.code(), Some(1));
     assert_eq!(common::snapshot(&db).await, before);
@@ -197,7 +267,10 @@ async fn the_cli_refuses_every_malformed_fixture_and_the_store_stays_as_it_was()
 async fn the_cli_lists_and_shows_patches_as_json() {
     let db = common::scratch().await;
     let valid = common::fixtures().join("valid");
-    let out = common::certo(&db.url, &["submit", "--json", valid.to_str().expect("utf-8")]);
+    let out = common::certo(
+        &db.url,
+        &["submit", "--json", valid.to_str().expect("utf-8")],
+    );
     assert!(out.status.success());
     let submitted: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
     assert_eq!(submitted["stored"], true);
@@ -206,28 +279,50 @@ async fn the_cli_lists_and_shows_patches_as_json() {
     let out = common::certo(&db.url, &["submit", valid.to_str().expect("utf-8")]);
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success());
-    assert!(stdout.lines().all(|l| l.starts_with("unchanged")), "{stdout}");
+    assert!(
+        stdout.lines().all(|l| l.starts_with("unchanged")),
+        "{stdout}"
+    );
 
     let out = common::certo(&db.url, &["patches", "--json"]);
     let list: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).expect("json");
     assert!(list.iter().all(|p| p["state"] == "submitted"));
-    assert!(list.iter().any(|p| p["patch_id"] == 3456 && p["revision"] == 2));
-    assert!(!list.iter().any(|p| p["patch_id"] == 3213 && p["revision"] == 1));
+    assert!(
+        list.iter()
+            .any(|p| p["patch_id"] == 3456 && p["revision"] == 2)
+    );
+    assert!(
+        !list
+            .iter()
+            .any(|p| p["patch_id"] == 3213 && p["revision"] == 1)
+    );
 
     let out = common::certo(&db.url, &["patches", "--state", "superseded", "--json"]);
     let list: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).expect("json");
     assert_eq!(list.len(), 1);
-    assert_eq!((list[0]["patch_id"].as_u64(), list[0]["superseded_by"].as_u64()), (Some(3213), Some(2)));
+    assert_eq!(
+        (
+            list[0]["patch_id"].as_u64(),
+            list[0]["superseded_by"].as_u64()
+        ),
+        (Some(3213), Some(2))
+    );
 
     let out = common::certo(&db.url, &["show", "3213", "--json"]);
     let shown: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
     assert_eq!(shown["revision"], 2);
-    assert_eq!(shown["record"]["bugs"][0]["regression_test"], "glite-LB/bug40410");
+    assert_eq!(
+        shown["record"]["bugs"][0]["regression_test"],
+        "glite-LB/bug40410"
+    );
     assert_eq!(shown["revisions"].as_array().map(Vec::len), Some(2));
 
     let out = common::certo(&db.url, &["show", "3213@1"]);
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(text.contains("Patch 3213 revision 1") && text.contains("superseded (by revision 2)"), "{text}");
+    assert!(
+        text.contains("Patch 3213 revision 1") && text.contains("superseded (by revision 2)"),
+        "{text}"
+    );
 
     let out = common::certo(&db.url, &["show", "999999"]);
     assert_eq!(out.status.code(), Some(1));

@@ -44,7 +44,10 @@ struct Lcg(u64);
 
 impl Lcg {
     fn next(&mut self, n: usize) -> usize {
-        self.0 = self.0.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        self.0 = self
+            .0
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
         ((self.0 >> 33) % n as u64) as usize
     }
 }
@@ -115,7 +118,12 @@ fn median(mut v: Vec<f64>) -> f64 {
 }
 
 pub async fn run(g: &Global, args: BenchArgs) -> anyhow::Result<ExitCode> {
-    let BenchCommand::Ingest { records, batch, runs, json } = args.command;
+    let BenchCommand::Ingest {
+        records,
+        batch,
+        runs,
+        json,
+    } = args.command;
     if records == 0 || batch == 0 || runs == 0 {
         bail!("--records, --batch and --runs must be positive");
     }
@@ -144,19 +152,31 @@ pub async fn run(g: &Global, args: BenchArgs) -> anyhow::Result<ExitCode> {
             }
             parse_time += t.elapsed();
             let t = Instant::now();
-            scratch.store.submit(&loaded).await.map_err(|e| anyhow::anyhow!("{e}"))?;
+            scratch
+                .store
+                .submit(&loaded)
+                .await
+                .map_err(|e| anyhow::anyhow!("{e}"))?;
             store_time += t.elapsed();
             bar.inc(chunk.len() as u64);
         }
         let total = started.elapsed();
         bar.finish_and_clear();
-        let stored: i64 = sqlx::query_scalar("SELECT count(*) FROM patches").fetch_one(scratch.store.pool()).await?;
+        let stored: i64 = sqlx::query_scalar("SELECT count(*) FROM patches")
+            .fetch_one(scratch.store.pool())
+            .await?;
         if stored as usize != records {
             bail!("run {run}: {stored} records stored, expected {records}");
         }
         scratch.drop_db().await?;
         let rate = records as f64 / total.as_secs_f64();
-        tracing::info!(run, records, seconds = total.as_secs_f64(), rate, "ingest run");
+        tracing::info!(
+            run,
+            records,
+            seconds = total.as_secs_f64(),
+            rate,
+            "ingest run"
+        );
         if !json {
             println!(
                 "run {run}: {records} records in {:.2} s = {rate:.0} records/s (parse+validate {:.2} s, store {:.2} s)",
@@ -169,7 +189,11 @@ pub async fn run(g: &Global, args: BenchArgs) -> anyhow::Result<ExitCode> {
         parse_rates.push(records as f64 / parse_time.as_secs_f64());
         store_rates.push(records as f64 / store_time.as_secs_f64());
     }
-    let (total, parse, store) = (median(totals.clone()), median(parse_rates), median(store_rates));
+    let (total, parse, store) = (
+        median(totals.clone()),
+        median(parse_rates),
+        median(store_rates),
+    );
     if json {
         print_json(&json!({
             "records": records, "batch": batch, "runs": runs,
@@ -179,7 +203,9 @@ pub async fn run(g: &Global, args: BenchArgs) -> anyhow::Result<ExitCode> {
             "runs_records_per_second": totals,
         }))?;
     } else {
-        println!("median of {runs} runs: {total:.0} records/s end to end (parse+validate alone {parse:.0}/s, store alone {store:.0}/s), batches of {batch}");
+        println!(
+            "median of {runs} runs: {total:.0} records/s end to end (parse+validate alone {parse:.0}/s, store alone {store:.0}/s), batches of {batch}"
+        );
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -22,10 +22,19 @@ pub fn run(g: &Global, args: CatalogueArgs) -> anyhow::Result<ExitCode> {
     println!("Platforms:");
     for p in &catalogue.platforms {
         let recipe = match &p.recipe {
-            crate::catalogue::Recipe::Mmdebstrap { suite, arch } => format!("mmdebstrap {suite} ({arch})"),
-            crate::catalogue::Recipe::Dnf { repository, arch } => format!("dnf from {repository} ({arch})"),
+            crate::catalogue::Recipe::Mmdebstrap { suite, arch } => {
+                format!("mmdebstrap {suite} ({arch})")
+            }
+            crate::catalogue::Recipe::Dnf { repository, arch } => {
+                format!("dnf from {repository} ({arch})")
+            }
         };
-        println!("  {:<14} {} packages ({})  core: {recipe}", p.label, p.family, p.package_archs.join(", "));
+        println!(
+            "  {:<14} {} packages ({})  core: {recipe}",
+            p.label,
+            p.family,
+            p.package_archs.join(", ")
+        );
     }
     for r in &catalogue.releases {
         println!();

@@ -58,7 +58,14 @@ pub async fn run(g: &Global, args: DbArgs) -> anyhow::Result<ExitCode> {
             if json {
                 print_json(&json!({"embedded": true, "data_dir": dir, "cluster": status}))?;
             } else {
-                println!("store:    embedded PostgreSQL {} under {}", status.server_version.as_deref().unwrap_or("(not initialised)"), dir.display());
+                println!(
+                    "store:    embedded PostgreSQL {} under {}",
+                    status
+                        .server_version
+                        .as_deref()
+                        .unwrap_or("(not initialised)"),
+                    dir.display()
+                );
                 println!(
                     "state:    {}",
                     match (status.running, status.pid) {
@@ -89,7 +96,9 @@ pub async fn run(g: &Global, args: DbArgs) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         (DbCommand::Stop, Location::Url(_)) => {
-            eprintln!("error: the store is an external database (DATABASE_URL); Certo only stops its own embedded cluster");
+            eprintln!(
+                "error: the store is an external database (DATABASE_URL); Certo only stops its own embedded cluster"
+            );
             Ok(ExitCode::from(EXIT_FAILURE))
         }
         (DbCommand::Stop, Location::Embedded(dir)) => {
@@ -97,7 +106,10 @@ pub async fn run(g: &Global, args: DbArgs) -> anyhow::Result<ExitCode> {
             if cluster.stop()? {
                 println!("stopped the embedded cluster under {}", dir.display());
             } else {
-                println!("the embedded cluster under {} was not running", dir.display());
+                println!(
+                    "the embedded cluster under {} was not running",
+                    dir.display()
+                );
             }
             Ok(ExitCode::SUCCESS)
         }

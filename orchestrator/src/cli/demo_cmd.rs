@@ -23,16 +23,25 @@ pub async fn run(g: &Global, args: DemoArgs) -> anyhow::Result<ExitCode> {
     let valid_dir = args.fixtures.join("patches/valid");
     let invalid_dir = args.fixtures.join("patches/invalid");
 
-    println!("== Store: {}", match g.location() {
-        crate::store::Location::Url(u) => format!("external database {}", crate::store::redact(&u)),
-        crate::store::Location::Embedded(d) => format!("embedded PostgreSQL cluster under {}", d.display()),
-    });
+    println!(
+        "== Store: {}",
+        match g.location() {
+            crate::store::Location::Url(u) =>
+                format!("external database {}", crate::store::redact(&u)),
+            crate::store::Location::Embedded(d) =>
+                format!("embedded PostgreSQL cluster under {}", d.display()),
+        }
+    );
     let store = g.store().await.context("cannot open the store")?;
 
     println!("== Validating the malformed fixture records (each must be refused)");
     let invalid = ingest::load_files(std::slice::from_ref(&invalid_dir), &catalogue, || {});
     let refused = invalid.files.iter().filter(|f| f.2 > 0).count();
-    println!("   {refused} of {} malformed files refused, {} errors in all", invalid.files.len(), invalid.errors.len());
+    println!(
+        "   {refused} of {} malformed files refused, {} errors in all",
+        invalid.files.len(),
+        invalid.errors.len()
+    );
     if let Some(e) = invalid.errors.first() {
         println!("   for example: {e}");
     }
@@ -41,7 +50,10 @@ pub async fn run(g: &Global, args: DemoArgs) -> anyhow::Result<ExitCode> {
         return Ok(ExitCode::from(EXIT_INVALID));
     }
 
-    println!("== Submitting the fixture patches from {}", valid_dir.display());
+    println!(
+        "== Submitting the fixture patches from {}",
+        valid_dir.display()
+    );
     let loaded = ingest::load_files(std::slice::from_ref(&valid_dir), &catalogue, || {});
     if !loaded.errors.is_empty() {
         for e in &loaded.errors {
@@ -49,8 +61,14 @@ pub async fn run(g: &Global, args: DemoArgs) -> anyhow::Result<ExitCode> {
         }
         return Ok(ExitCode::from(EXIT_INVALID));
     }
-    let reports = store.submit(&loaded.records).await.map_err(|e| anyhow::anyhow!("{e}"))?;
-    let stored = reports.iter().filter(|r| matches!(r.outcome, SubmitOutcome::Stored { .. })).count();
+    let reports = store
+        .submit(&loaded.records)
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let stored = reports
+        .iter()
+        .filter(|r| matches!(r.outcome, SubmitOutcome::Stored { .. }))
+        .count();
     println!(
         "   {} records from {} files: {stored} stored, {} already stored unchanged",
         reports.len(),
@@ -61,7 +79,12 @@ pub async fn run(g: &Global, args: DemoArgs) -> anyhow::Result<ExitCode> {
     println!("== Patches in the store");
     patch_cmd::patches(
         g,
-        patch_cmd::PatchesArgs { state: None, release: None, all_revisions: true, json: false },
+        patch_cmd::PatchesArgs {
+            state: None,
+            release: None,
+            all_revisions: true,
+            json: false,
+        },
     )
     .await
 }

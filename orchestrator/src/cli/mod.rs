@@ -43,7 +43,13 @@ pub struct Global {
     #[arg(long, global = true, env = "CERTO_DATA_DIR", value_name = "DIR")]
     pub data_dir: Option<PathBuf>,
     /// An existing PostgreSQL database to use instead of the embedded cluster.
-    #[arg(long, global = true, env = "DATABASE_URL", value_name = "URL", hide_env_values = true)]
+    #[arg(
+        long,
+        global = true,
+        env = "DATABASE_URL",
+        value_name = "URL",
+        hide_env_values = true
+    )]
     pub database_url: Option<String>,
     /// The catalogue of releases, platforms and node types (default: the built-in fixture catalogue).
     #[arg(long, global = true, env = "CERTO_CATALOGUE", value_name = "FILE")]

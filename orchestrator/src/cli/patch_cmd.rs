@@ -114,10 +114,7 @@ pub async fn submit(g: &Global, args: SubmitArgs) -> anyhow::Result<ExitCode> {
         for e in &loaded.errors {
             eprintln!("{e}");
         }
-        eprintln!(
-            "{} error(s); nothing was stored",
-            loaded.errors.len()
-        );
+        eprintln!("{} error(s); nothing was stored", loaded.errors.len());
         if args.json {
             print_json(&json!({"stored": false, "errors": loaded.errors}))?;
         }
@@ -131,12 +128,17 @@ pub async fn submit(g: &Global, args: SubmitArgs) -> anyhow::Result<ExitCode> {
             } else {
                 for r in &reports {
                     match r.outcome {
-                        SubmitOutcome::Stored { supersedes: Some(old) } => println!(
+                        SubmitOutcome::Stored {
+                            supersedes: Some(old),
+                        } => println!(
                             "stored     patch {} r{} (supersedes r{old})  {}",
                             r.patch_id, r.revision, r.file
                         ),
                         SubmitOutcome::Stored { supersedes: None } => {
-                            println!("stored     patch {} r{}  {}", r.patch_id, r.revision, r.file)
+                            println!(
+                                "stored     patch {} r{}  {}",
+                                r.patch_id, r.revision, r.file
+                            )
                         }
                         SubmitOutcome::Unchanged => println!(
                             "unchanged  patch {} r{} (already stored with the same content)  {}",
@@ -216,7 +218,15 @@ pub async fn patches(g: &Global, args: PatchesArgs) -> anyhow::Result<ExitCode> 
             ]
         })
         .collect();
-    let header = ["PATCH", "REV", "STATE", "RELEASE", "PLATFORMS", "NODE TYPES", "TITLE"];
+    let header = [
+        "PATCH",
+        "REV",
+        "STATE",
+        "RELEASE",
+        "PLATFORMS",
+        "NODE TYPES",
+        "TITLE",
+    ];
     let mut widths = header.map(str::len);
     for row in &table {
         for (w, cell) in widths.iter_mut().zip(row) {
@@ -247,10 +257,9 @@ fn parse_patch_arg(s: &str) -> anyhow::Result<(u64, Option<u32>)> {
         Some((id, rev)) => (id, Some(rev)),
         None => (s, None),
     };
-    let id = id
-        .trim()
-        .parse()
-        .with_context(|| format!("`{s}` is not a patch id (expected digits, optionally @REVISION)"))?;
+    let id = id.trim().parse().with_context(|| {
+        format!("`{s}` is not a patch id (expected digits, optionally @REVISION)")
+    })?;
     let rev = rev
         .map(|r| r.trim().trim_start_matches(['r', 'R']).parse())
         .transpose()
@@ -272,7 +281,10 @@ pub async fn show(g: &Global, args: ShowArgs) -> anyhow::Result<ExitCode> {
     let revisions = store.revisions(id).await?;
     let events = store.events(id).await?;
     if args.json {
-        let revs: Vec<_> = revisions.iter().map(|(r, s)| json!({"revision": r, "state": s})).collect();
+        let revs: Vec<_> = revisions
+            .iter()
+            .map(|(r, s)| json!({"revision": r, "state": s}))
+            .collect();
         print_json(&json!({
             "patch_id": row.patch_id,
             "revision": row.revision,
@@ -290,14 +302,31 @@ pub async fn show(g: &Global, args: ShowArgs) -> anyhow::Result<ExitCode> {
     }
     print_record(&row.record);
     println!();
-    println!("Certo state:   {}{}", row.state, row.superseded_by.map(|r| format!(" (by revision {r})")).unwrap_or_default());
-    println!("Submitted:     {} from {} ({})", row.submitted_at.format("%Y-%m-%d %H:%M:%S UTC"), row.source_file, row.source_format);
+    println!(
+        "Certo state:   {}{}",
+        row.state,
+        row.superseded_by
+            .map(|r| format!(" (by revision {r})"))
+            .unwrap_or_default()
+    );
+    println!(
+        "Submitted:     {} from {} ({})",
+        row.submitted_at.format("%Y-%m-%d %H:%M:%S UTC"),
+        row.source_file,
+        row.source_format
+    );
     println!("Content:       sha256:{}", row.content_sha256);
     let revs: Vec<String> = revisions.iter().map(|(r, s)| format!("r{r} {s}")).collect();
     println!("Revisions:     {}", revs.join(", "));
     println!("History:");
     for e in &events {
-        println!("  {}  r{}  {}  {}", e.at.format("%Y-%m-%d %H:%M:%S"), e.revision, e.kind, e.detail);
+        println!(
+            "  {}  r{}  {}  {}",
+            e.at.format("%Y-%m-%d %H:%M:%S"),
+            e.revision,
+            e.kind,
+            e.detail
+        );
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -312,8 +341,16 @@ fn print_record(r: &PatchRecord) {
     if !r.bugs.is_empty() {
         println!("Bugs:");
         for b in &r.bugs {
-            let title = b.title.as_deref().map(|t| format!(" ({t})")).unwrap_or_default();
-            let test = b.regression_test.as_deref().map(|t| format!(" [test: {t}]")).unwrap_or_default();
+            let title = b
+                .title
+                .as_deref()
+                .map(|t| format!(" ({t})"))
+                .unwrap_or_default();
+            let test = b
+                .regression_test
+                .as_deref()
+                .map(|t| format!(" [test: {t}]"))
+                .unwrap_or_default();
             println!("  {}{title}{test}", b.id);
         }
     }
@@ -325,7 +362,11 @@ fn print_record(r: &PatchRecord) {
                 PackageSource::Repository(path) => format!(" from repository {path}"),
                 PackageSource::Url(url) => format!(" from {url}"),
             };
-            let sha = p.sha256.as_deref().map(|s| format!(" sha256:{}…", &s[..12])).unwrap_or_default();
+            let sha = p
+                .sha256
+                .as_deref()
+                .map(|s| format!(" sha256:{}…", &s[..12]))
+                .unwrap_or_default();
             println!("  {}{sha}{source}", p.file);
         }
     }

@@ -6,8 +6,7 @@ use std::collections::HashMap;
 use super::doc::{Key, Node, Pos, Value};
 use super::limits::{self, shorten};
 use super::{
-    Bug, ConfigChange, Diagnostic, Package, PackageFormat, PackageSource, PatchRecord,
-    SourceFormat,
+    Bug, ConfigChange, Diagnostic, Package, PackageFormat, PackageSource, PatchRecord, SourceFormat,
 };
 use crate::catalogue::{Catalogue, Release};
 
@@ -91,7 +90,11 @@ impl Ctx<'_> {
         let text = self.text(node, field, what)?;
         let text_trimmed = text.trim();
         if text_trimmed.is_empty() {
-            self.err(node.pos, field, format!("expected {what}, found an empty value"));
+            self.err(
+                node.pos,
+                field,
+                format!("expected {what}, found an empty value"),
+            );
             return None;
         }
         if let Some(c) = text_trimmed.chars().find(|c| c.is_control()) {
@@ -241,7 +244,9 @@ fn check_path(path: &str, absolute_ok: bool) -> Result<(), String> {
 }
 
 /// Splits a package file name into (name, version, release, arch, format).
-pub fn parse_package_file(file: &str) -> Result<(String, String, String, String, PackageFormat), String> {
+pub fn parse_package_file(
+    file: &str,
+) -> Result<(String, String, String, String, PackageFormat), String> {
     if file.contains('/') || file.contains('\\') {
         return Err("a package file name must not contain path separators".into());
     }
@@ -286,7 +291,10 @@ pub fn parse_package_file(file: &str) -> Result<(String, String, String, String,
             .rsplit_once('-')
             .ok_or("expected `name-version-release.arch.rpm`, found no version")?;
         if !name_ok(name, false) {
-            return Err(format!("`{}` is not a valid RPM package name", shorten(name)));
+            return Err(format!(
+                "`{}` is not a valid RPM package name",
+                shorten(name)
+            ));
         }
         if !version_ok(version) || !version.starts_with(|c: char| c.is_ascii_digit()) {
             return Err(format!(
@@ -298,9 +306,18 @@ pub fn parse_package_file(file: &str) -> Result<(String, String, String, String,
             return Err(format!("`{}` is not a valid RPM release", shorten(release)));
         }
         if !arch.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') || arch.is_empty() {
-            return Err(format!("`{}` is not a valid RPM architecture", shorten(arch)));
+            return Err(format!(
+                "`{}` is not a valid RPM architecture",
+                shorten(arch)
+            ));
         }
-        return Ok((name.into(), version.into(), release.into(), arch.into(), PackageFormat::Rpm));
+        return Ok((
+            name.into(),
+            version.into(),
+            release.into(),
+            arch.into(),
+            PackageFormat::Rpm,
+        ));
     }
     if let Some(stem) = file.strip_suffix(".deb") {
         // name_version_arch.deb, the version possibly `upstream-revision`.
@@ -309,7 +326,10 @@ pub fn parse_package_file(file: &str) -> Result<(String, String, String, String,
             return Err("expected `name_version_arch.deb`".into());
         };
         if !name_ok(name, true) || name.len() < 2 {
-            return Err(format!("`{}` is not a valid Debian package name", shorten(name)));
+            return Err(format!(
+                "`{}` is not a valid Debian package name",
+                shorten(name)
+            ));
         }
         let (version, release) = match full_version.rsplit_once('-') {
             Some((v, r)) => (v, r),
@@ -327,9 +347,18 @@ pub fn parse_package_file(file: &str) -> Result<(String, String, String, String,
             ));
         }
         if !arch.chars().all(|c| c.is_ascii_alphanumeric() || c == '-') || arch.is_empty() {
-            return Err(format!("`{}` is not a valid Debian architecture", shorten(arch)));
+            return Err(format!(
+                "`{}` is not a valid Debian architecture",
+                shorten(arch)
+            ));
         }
-        return Ok((name.into(), version.into(), release.into(), arch.into(), PackageFormat::Deb));
+        return Ok((
+            name.into(),
+            version.into(),
+            release.into(),
+            arch.into(),
+            PackageFormat::Deb,
+        ));
     }
     Err("expected a file name ending in `.rpm` or `.deb`".into())
 }
@@ -351,7 +380,15 @@ pub fn record_from_tree(
     let get = |name: &str| fields.get(name).map(|(_, node)| *node);
 
     // Required fields.
-    for required in ["id", "revision", "title", "release", "platforms", "node_types", "submitter"] {
+    for required in [
+        "id",
+        "revision",
+        "title",
+        "release",
+        "platforms",
+        "node_types",
+        "submitter",
+    ] {
         let missing = match get(required) {
             None => true,
             Some(node) => match &node.value {
@@ -365,12 +402,17 @@ pub fn record_from_tree(
             cx.err(
                 pos,
                 required,
-                format!("required field `{}` is missing or empty", cx.spelled(required)),
+                format!(
+                    "required field `{}` is missing or empty",
+                    cx.spelled(required)
+                ),
             );
         }
     }
 
-    let id = get("id").filter(|n| n.value != Value::Null).and_then(|n| cx.number(n, "id", "a patch id", 1 << 53));
+    let id = get("id")
+        .filter(|n| n.value != Value::Null)
+        .and_then(|n| cx.number(n, "id", "a patch id", 1 << 53));
     let revision = get("revision")
         .filter(|n| n.value != Value::Null)
         .and_then(|n| cx.number(n, "revision", "a revision", 1_000_000));
@@ -380,66 +422,105 @@ pub fn record_from_tree(
         .map(str::to_string);
     let status = match get("status").filter(|n| n.value != Value::Null) {
         None => Some("Ready for Certification".to_string()),
-        Some(n) => cx.line(n, "status", "a status", limits::MAX_NAME_CHARS).and_then(|s| {
-            match STATUSES.iter().find(|known| known.eq_ignore_ascii_case(s)) {
-                Some(known) => Some((*known).to_string()),
-                None => {
-                    cx.err(
-                        n.pos,
-                        "status",
-                        format!("unknown status `{}` (expected one of: {})", shorten(s), STATUSES.join(", ")),
-                    );
-                    None
-                }
-            }
-        }),
+        Some(n) => cx
+            .line(n, "status", "a status", limits::MAX_NAME_CHARS)
+            .and_then(
+                |s| match STATUSES.iter().find(|known| known.eq_ignore_ascii_case(s)) {
+                    Some(known) => Some((*known).to_string()),
+                    None => {
+                        cx.err(
+                            n.pos,
+                            "status",
+                            format!(
+                                "unknown status `{}` (expected one of: {})",
+                                shorten(s),
+                                STATUSES.join(", ")
+                            ),
+                        );
+                        None
+                    }
+                },
+            ),
     };
-    let release: Option<&Release> = get("release").filter(|n| n.value != Value::Null).and_then(|n| {
-        let s = cx.line(n, "release", "a release", limits::MAX_NAME_CHARS)?;
-        match catalogue.release(s) {
-            Some(r) => Some(r),
-            None => {
-                let known: Vec<&str> = catalogue.releases.iter().map(|r| r.label.as_str()).collect();
-                cx.err(
-                    n.pos,
-                    "release",
-                    format!("unknown release `{}` (expected one of: {})", shorten(s), known.join(", ")),
-                );
-                None
-            }
-        }
-    });
+    let release: Option<&Release> =
+        get("release")
+            .filter(|n| n.value != Value::Null)
+            .and_then(|n| {
+                let s = cx.line(n, "release", "a release", limits::MAX_NAME_CHARS)?;
+                match catalogue.release(s) {
+                    Some(r) => Some(r),
+                    None => {
+                        let known: Vec<&str> = catalogue
+                            .releases
+                            .iter()
+                            .map(|r| r.label.as_str())
+                            .collect();
+                        cx.err(
+                            n.pos,
+                            "release",
+                            format!(
+                                "unknown release `{}` (expected one of: {})",
+                                shorten(s),
+                                known.join(", ")
+                            ),
+                        );
+                        None
+                    }
+                }
+            });
 
     // Platforms.
     let mut platforms: Vec<(String, Pos)> = Vec::new();
     if let Some(node) = get("platforms") {
-        for (i, item) in cx.items(node, "platforms", limits::MAX_PLATFORMS).into_iter().enumerate() {
+        for (i, item) in cx
+            .items(node, "platforms", limits::MAX_PLATFORMS)
+            .into_iter()
+            .enumerate()
+        {
             let field = format!("platforms[{i}]");
-            let Some(label) = cx.line(item, &field, "a platform label", limits::MAX_NAME_CHARS) else {
+            let Some(label) = cx.line(item, &field, "a platform label", limits::MAX_NAME_CHARS)
+            else {
                 continue;
             };
             let label = label.to_string();
             if cx.catalogue.platform(&label).is_none() {
-                let known: Vec<&str> = cx.catalogue.platforms.iter().map(|p| p.label.as_str()).collect();
+                let known: Vec<&str> = cx
+                    .catalogue
+                    .platforms
+                    .iter()
+                    .map(|p| p.label.as_str())
+                    .collect();
                 cx.err(
                     item.pos,
                     field,
-                    format!("unknown platform `{}` (expected one of: {})", shorten(&label), known.join(", ")),
+                    format!(
+                        "unknown platform `{}` (expected one of: {})",
+                        shorten(&label),
+                        known.join(", ")
+                    ),
                 );
                 continue;
             }
-            if let Some(r) = release {
-                if !r.platforms.contains(&label) {
-                    cx.err(
-                        item.pos,
-                        field,
-                        format!("platform {label} is not supported by {} (supported: {})", r.label, r.platforms.join(", ")),
-                    );
-                    continue;
-                }
+            if let Some(r) = release
+                && !r.platforms.contains(&label)
+            {
+                cx.err(
+                    item.pos,
+                    field,
+                    format!(
+                        "platform {label} is not supported by {} (supported: {})",
+                        r.label,
+                        r.platforms.join(", ")
+                    ),
+                );
+                continue;
             }
             if let Some((_, first)) = platforms.iter().find(|(p, _)| *p == label) {
-                cx.err(item.pos, field, format!("platform {label} is listed twice (first at {first})"));
+                cx.err(
+                    item.pos,
+                    field,
+                    format!("platform {label} is listed twice (first at {first})"),
+                );
                 continue;
             }
             platforms.push((label, item.pos));
@@ -449,7 +530,11 @@ pub fn record_from_tree(
     // Node types.
     let mut node_types: Vec<(String, Pos)> = Vec::new();
     if let Some(node) = get("node_types") {
-        for (i, item) in cx.items(node, "node_types", limits::MAX_NODE_TYPES).into_iter().enumerate() {
+        for (i, item) in cx
+            .items(node, "node_types", limits::MAX_NODE_TYPES)
+            .into_iter()
+            .enumerate()
+        {
             let field = format!("node_types[{i}]");
             let Some(name) = cx.line(item, &field, "a node type", limits::MAX_NAME_CHARS) else {
                 continue;
@@ -460,12 +545,21 @@ pub fn record_from_tree(
                 cx.err(
                     item.pos,
                     field,
-                    format!("unknown node type `{}` for {} (expected one of: {})", shorten(name), r.label, known.join(", ")),
+                    format!(
+                        "unknown node type `{}` for {} (expected one of: {})",
+                        shorten(name),
+                        r.label,
+                        known.join(", ")
+                    ),
                 );
                 continue;
             };
             if let Some((_, first)) = node_types.iter().find(|(n, _)| *n == nt.name) {
-                cx.err(item.pos, field, format!("node type {} is listed twice (first at {first})", nt.name));
+                cx.err(
+                    item.pos,
+                    field,
+                    format!("node type {} is listed twice (first at {first})", nt.name),
+                );
                 continue;
             }
             for (platform, _) in &platforms {
@@ -473,7 +567,10 @@ pub fn record_from_tree(
                     cx.err(
                         item.pos,
                         field.clone(),
-                        format!("node type {} of {} is not available on {platform}", nt.name, r.label),
+                        format!(
+                            "node type {} of {} is not available on {platform}",
+                            nt.name, r.label
+                        ),
                     );
                 }
             }
@@ -484,26 +581,51 @@ pub fn record_from_tree(
     // Bugs.
     let mut bugs: Vec<(Bug, Pos)> = Vec::new();
     if let Some(node) = get("bugs") {
-        for (i, item) in cx.items(node, "bugs", limits::MAX_BUGS).into_iter().enumerate() {
+        for (i, item) in cx
+            .items(node, "bugs", limits::MAX_BUGS)
+            .into_iter()
+            .enumerate()
+        {
             let field = format!("bugs[{i}]");
             let (id_node, title_node, test_node) = match &item.value {
                 Value::Map(_) => {
-                    let Some(entries) = cx.entries(item, &field, &["id", "title", "regression_test"]) else {
+                    let Some(entries) =
+                        cx.entries(item, &field, &["id", "title", "regression_test"])
+                    else {
                         continue;
                     };
                     let Some((_, id_node)) = entries.get("id") else {
-                        cx.err(item.pos, join(&field, "id"), "required field `id` is missing");
+                        cx.err(
+                            item.pos,
+                            join(&field, "id"),
+                            "required field `id` is missing",
+                        );
                         continue;
                     };
-                    (*id_node, entries.get("title").map(|e| e.1), entries.get("regression_test").map(|e| e.1))
+                    (
+                        *id_node,
+                        entries.get("title").map(|e| e.1),
+                        entries.get("regression_test").map(|e| e.1),
+                    )
                 }
                 _ => (item, None, None),
             };
-            let id_field = if matches!(item.value, Value::Map(_)) { join(&field, "id") } else { field.clone() };
+            let id_field = if matches!(item.value, Value::Map(_)) {
+                join(&field, "id")
+            } else {
+                field.clone()
+            };
             let id = cx.number(id_node, &id_field, "a bug id", 1 << 53);
             let title = title_node
                 .filter(|n| n.value != Value::Null)
-                .and_then(|n| cx.line(n, &join(&field, "title"), "a bug title", limits::MAX_TITLE_CHARS))
+                .and_then(|n| {
+                    cx.line(
+                        n,
+                        &join(&field, "title"),
+                        "a bug title",
+                        limits::MAX_TITLE_CHARS,
+                    )
+                })
                 .map(str::to_string);
             let regression_test = match test_node.filter(|n| n.value != Value::Null) {
                 None => None,
@@ -523,42 +645,85 @@ pub fn record_from_tree(
             };
             let Some(id) = id else { continue };
             if let Some((_, first)) = bugs.iter().find(|(b, _)| b.id == id) {
-                cx.err(item.pos, id_field, format!("bug {id} is listed twice (first at {first})"));
+                cx.err(
+                    item.pos,
+                    id_field,
+                    format!("bug {id} is listed twice (first at {first})"),
+                );
                 continue;
             }
-            bugs.push((Bug { id, title, regression_test }, item.pos));
+            bugs.push((
+                Bug {
+                    id,
+                    title,
+                    regression_test,
+                },
+                item.pos,
+            ));
         }
     }
 
     // Packages.
     let mut packages: Vec<(Package, Pos)> = Vec::new();
     if let Some(node) = get("packages") {
-        for (i, item) in cx.items(node, "packages", limits::MAX_PACKAGES).into_iter().enumerate() {
+        for (i, item) in cx
+            .items(node, "packages", limits::MAX_PACKAGES)
+            .into_iter()
+            .enumerate()
+        {
             let field = format!("packages[{i}]");
             let (file_node, sha_node, repo_node, url_node) = match &item.value {
                 Value::Map(_) => {
-                    let Some(entries) = cx.entries(item, &field, &["file", "sha256", "repository", "url"]) else {
+                    let Some(entries) =
+                        cx.entries(item, &field, &["file", "sha256", "repository", "url"])
+                    else {
                         continue;
                     };
                     let Some((_, file_node)) = entries.get("file") else {
-                        cx.err(item.pos, join(&field, "file"), "required field `file` (the package file name) is missing");
+                        cx.err(
+                            item.pos,
+                            join(&field, "file"),
+                            "required field `file` (the package file name) is missing",
+                        );
                         continue;
                     };
-                    (*file_node, entries.get("sha256").map(|e| e.1), entries.get("repository").map(|e| e.1), entries.get("url").map(|e| e.1))
+                    (
+                        *file_node,
+                        entries.get("sha256").map(|e| e.1),
+                        entries.get("repository").map(|e| e.1),
+                        entries.get("url").map(|e| e.1),
+                    )
                 }
                 _ => (item, None, None, None),
             };
-            let file_field = if matches!(item.value, Value::Map(_)) { join(&field, "file") } else { field.clone() };
-            let Some(file) = cx.text(file_node, &file_field, "a package file name") else { continue };
+            let file_field = if matches!(item.value, Value::Map(_)) {
+                join(&field, "file")
+            } else {
+                field.clone()
+            };
+            let Some(file) = cx.text(file_node, &file_field, "a package file name") else {
+                continue;
+            };
             let file = file.trim();
             if file.chars().count() > limits::MAX_NAME_CHARS {
-                cx.err(file_node.pos, file_field, format!("package file name is longer than {} characters", limits::MAX_NAME_CHARS));
+                cx.err(
+                    file_node.pos,
+                    file_field,
+                    format!(
+                        "package file name is longer than {} characters",
+                        limits::MAX_NAME_CHARS
+                    ),
+                );
                 continue;
             }
             let parsed = match parse_package_file(file) {
                 Ok(parsed) => Some(parsed),
                 Err(why) => {
-                    cx.err(file_node.pos, file_field.clone(), format!("`{}`: {why}", shorten(file)));
+                    cx.err(
+                        file_node.pos,
+                        file_field.clone(),
+                        format!("`{}`: {why}", shorten(file)),
+                    );
                     None
                 }
             };
@@ -571,7 +736,11 @@ pub fn record_from_tree(
                         if s.len() == 64 && s.chars().all(|c| c.is_ascii_hexdigit()) {
                             Some(s.to_ascii_lowercase())
                         } else {
-                            cx.err(n.pos, f, format!("expected 64 hexadecimal digits, found `{}`", shorten(s)));
+                            cx.err(
+                                n.pos,
+                                f,
+                                format!("expected 64 hexadecimal digits, found `{}`", shorten(s)),
+                            );
                             None
                         }
                     })
@@ -581,51 +750,91 @@ pub fn record_from_tree(
             let url = url_node.filter(|n| n.value != Value::Null);
             let source = match (repo, url) {
                 (Some(r), Some(_)) => {
-                    cx.err(r.pos, join(&field, "repository"), "give either `repository` or `url`, not both");
+                    cx.err(
+                        r.pos,
+                        join(&field, "repository"),
+                        "give either `repository` or `url`, not both",
+                    );
                     None
                 }
                 (Some(n), None) => {
                     let f = join(&field, "repository");
-                    cx.line(n, &f, "a repository path", limits::MAX_NAME_CHARS).and_then(|p| match check_path(p, false) {
-                        Ok(()) => Some(PackageSource::Repository(p.to_string())),
-                        Err(why) => {
-                            cx.err(n.pos, f, format!("repository path `{}` {why}", shorten(p)));
-                            None
-                        }
-                    })
+                    cx.line(n, &f, "a repository path", limits::MAX_NAME_CHARS)
+                        .and_then(|p| match check_path(p, false) {
+                            Ok(()) => Some(PackageSource::Repository(p.to_string())),
+                            Err(why) => {
+                                cx.err(n.pos, f, format!("repository path `{}` {why}", shorten(p)));
+                                None
+                            }
+                        })
                 }
                 (None, Some(n)) => {
                     let f = join(&field, "url");
-                    cx.line(n, &f, "a URL", limits::MAX_URL_CHARS).and_then(|u| {
-                        let rest = u.strip_prefix("https://").or_else(|| u.strip_prefix("http://"));
-                        match rest {
-                            Some(rest) if !rest.is_empty() && !rest.starts_with('/') && !u.chars().any(char::is_whitespace) => {
-                                Some(PackageSource::Url(u.to_string()))
+                    cx.line(n, &f, "a URL", limits::MAX_URL_CHARS)
+                        .and_then(|u| {
+                            let rest = u
+                                .strip_prefix("https://")
+                                .or_else(|| u.strip_prefix("http://"));
+                            match rest {
+                                Some(rest)
+                                    if !rest.is_empty()
+                                        && !rest.starts_with('/')
+                                        && !u.chars().any(char::is_whitespace) =>
+                                {
+                                    Some(PackageSource::Url(u.to_string()))
+                                }
+                                _ => {
+                                    cx.err(
+                                        n.pos,
+                                        f,
+                                        format!(
+                                            "expected an http:// or https:// URL, found `{}`",
+                                            shorten(u)
+                                        ),
+                                    );
+                                    None
+                                }
                             }
-                            _ => {
-                                cx.err(n.pos, f, format!("expected an http:// or https:// URL, found `{}`", shorten(u)));
-                                None
-                            }
-                        }
-                    })
+                        })
                 }
                 (None, None) => Some(PackageSource::Release),
             };
-            let (Some((name, version, rel, arch, pformat)), Some(source)) = (parsed, source) else { continue };
-            if let Some((_, first)) = packages.iter().find(|(p, _)| p.file == file) {
-                cx.err(file_node.pos, file_field, format!("package {file} is listed twice (first at {first})"));
+            let (Some((name, version, rel, arch, pformat)), Some(source)) = (parsed, source) else {
                 continue;
-            }
-            if let Some((other, first)) = packages.iter().find(|(p, _)| p.name == name && p.arch == arch && p.format == pformat) {
+            };
+            if let Some((_, first)) = packages.iter().find(|(p, _)| p.file == file) {
                 cx.err(
                     file_node.pos,
                     file_field,
-                    format!("package {name} ({arch}) is listed twice, as {} (at {first}) and as {file}", other.file),
+                    format!("package {file} is listed twice (first at {first})"),
+                );
+                continue;
+            }
+            if let Some((other, first)) = packages
+                .iter()
+                .find(|(p, _)| p.name == name && p.arch == arch && p.format == pformat)
+            {
+                cx.err(
+                    file_node.pos,
+                    file_field,
+                    format!(
+                        "package {name} ({arch}) is listed twice, as {} (at {first}) and as {file}",
+                        other.file
+                    ),
                 );
                 continue;
             }
             packages.push((
-                Package { file: file.to_string(), name, version, release: rel, arch, format: pformat, source, sha256 },
+                Package {
+                    file: file.to_string(),
+                    name,
+                    version,
+                    release: rel,
+                    arch,
+                    format: pformat,
+                    source,
+                    sha256,
+                },
                 file_node.pos,
             ));
         }
@@ -639,10 +848,17 @@ pub fn record_from_tree(
         .collect();
     for (i, (package, pos)) in packages.iter().enumerate() {
         let field = format!("packages[{i}]");
-        let same_family: Vec<&&String> = families.iter().filter(|(_, f, _)| *f == package.format).map(|(l, _, _)| l).collect();
+        let same_family: Vec<&&String> = families
+            .iter()
+            .filter(|(_, f, _)| *f == package.format)
+            .map(|(l, _, _)| l)
+            .collect();
         if same_family.is_empty() {
             if !families.is_empty() {
-                let listed: Vec<String> = families.iter().map(|(l, f, _)| format!("{l} ({f})")).collect();
+                let listed: Vec<String> = families
+                    .iter()
+                    .map(|(l, f, _)| format!("{l} ({f})"))
+                    .collect();
                 cx.err(
                     *pos,
                     field,
@@ -658,14 +874,21 @@ pub fn record_from_tree(
             continue;
         }
         let installable = same_family.iter().any(|label| {
-            cx.catalogue.platform(label).is_some_and(|p| p.package_archs.contains(&package.arch))
+            cx.catalogue
+                .platform(label)
+                .is_some_and(|p| p.package_archs.contains(&package.arch))
         });
         if !installable {
             let labels: Vec<&str> = same_family.iter().map(|l| l.as_str()).collect();
             cx.err(
                 *pos,
                 field,
-                format!("architecture {} of {} does not install on any platform of this patch ({})", package.arch, package.file, labels.join(", ")),
+                format!(
+                    "architecture {} of {} does not install on any platform of this patch ({})",
+                    package.arch,
+                    package.file,
+                    labels.join(", ")
+                ),
             );
         }
     }
@@ -675,7 +898,10 @@ pub fn record_from_tree(
                 cx.err(
                     **pos,
                     format!("platforms[{i}]"),
-                    format!("platform {label} takes {} packages, but the patch lists none", family.family_name()),
+                    format!(
+                        "platform {label} takes {} packages, but the patch lists none",
+                        family.family_name()
+                    ),
                 );
             }
         }
@@ -684,29 +910,49 @@ pub fn record_from_tree(
     // Configuration changes.
     let mut config_changes: Vec<(ConfigChange, Pos)> = Vec::new();
     if let Some(node) = get("config_changes") {
-        for (i, item) in cx.items(node, "config_changes", limits::MAX_CONFIG_CHANGES).into_iter().enumerate() {
+        for (i, item) in cx
+            .items(node, "config_changes", limits::MAX_CONFIG_CHANGES)
+            .into_iter()
+            .enumerate()
+        {
             let field = format!("config_changes[{i}]");
-            let Some(entries) = cx.entries(item, &field, &["file", "key", "value"]) else { continue };
+            let Some(entries) = cx.entries(item, &field, &["file", "key", "value"]) else {
+                continue;
+            };
             let mut missing = false;
             for required in ["file", "key", "value"] {
                 if !entries.contains_key(required) {
-                    cx.err(item.pos, join(&field, required), format!("required field `{required}` is missing"));
+                    cx.err(
+                        item.pos,
+                        join(&field, required),
+                        format!("required field `{required}` is missing"),
+                    );
                     missing = true;
                 }
             }
             if missing {
                 continue;
             }
-            let (file_node, key_node, value_node) = (entries["file"].1, entries["key"].1, entries["value"].1);
-            let file = cx.line(file_node, &join(&field, "file"), "a configuration file", limits::MAX_NAME_CHARS).and_then(|f| {
-                match check_path(f, true) {
+            let (file_node, key_node, value_node) =
+                (entries["file"].1, entries["key"].1, entries["value"].1);
+            let file = cx
+                .line(
+                    file_node,
+                    &join(&field, "file"),
+                    "a configuration file",
+                    limits::MAX_NAME_CHARS,
+                )
+                .and_then(|f| match check_path(f, true) {
                     Ok(()) => Some(f.to_string()),
                     Err(why) => {
-                        cx.err(file_node.pos, join(&field, "file"), format!("configuration file `{}` {why}", shorten(f)));
+                        cx.err(
+                            file_node.pos,
+                            join(&field, "file"),
+                            format!("configuration file `{}` {why}", shorten(f)),
+                        );
                         None
                     }
-                }
-            });
+                });
             let key = cx.line(key_node, &join(&field, "key"), "a configuration key", limits::MAX_NAME_CHARS).and_then(|k| {
                 let ok = k.chars().next().is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
                     && k.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'));
@@ -723,21 +969,46 @@ pub fn record_from_tree(
             });
             let value = match &value_node.value {
                 Value::Null => Some(String::new()),
-                _ => cx.text(value_node, &join(&field, "value"), "a value").and_then(|v| {
-                    if let Some(c) = v.chars().find(|c| c.is_control()) {
-                        cx.err(value_node.pos, join(&field, "value"), format!("control character {} is not allowed in a value", c.escape_unicode()));
-                        None
-                    } else if v.chars().count() > limits::MAX_VALUE_CHARS {
-                        cx.err(value_node.pos, join(&field, "value"), format!("value is longer than {} characters", limits::MAX_VALUE_CHARS));
-                        None
-                    } else {
-                        Some(v.trim().to_string())
-                    }
-                }),
+                _ => cx
+                    .text(value_node, &join(&field, "value"), "a value")
+                    .and_then(|v| {
+                        if let Some(c) = v.chars().find(|c| c.is_control()) {
+                            cx.err(
+                                value_node.pos,
+                                join(&field, "value"),
+                                format!(
+                                    "control character {} is not allowed in a value",
+                                    c.escape_unicode()
+                                ),
+                            );
+                            None
+                        } else if v.chars().count() > limits::MAX_VALUE_CHARS {
+                            cx.err(
+                                value_node.pos,
+                                join(&field, "value"),
+                                format!(
+                                    "value is longer than {} characters",
+                                    limits::MAX_VALUE_CHARS
+                                ),
+                            );
+                            None
+                        } else {
+                            Some(v.trim().to_string())
+                        }
+                    }),
             };
-            let (Some(file), Some(key), Some(value)) = (file, key, value) else { continue };
-            if let Some((_, first)) = config_changes.iter().find(|(c, _)| c.file == file && c.key == key) {
-                cx.err(item.pos, field, format!("{key} in {file} is changed twice (first at {first})"));
+            let (Some(file), Some(key), Some(value)) = (file, key, value) else {
+                continue;
+            };
+            if let Some((_, first)) = config_changes
+                .iter()
+                .find(|(c, _)| c.file == file && c.key == key)
+            {
+                cx.err(
+                    item.pos,
+                    field,
+                    format!("{key} in {file} is changed twice (first at {first})"),
+                );
                 continue;
             }
             config_changes.push((ConfigChange { file, key, value }, item.pos));
@@ -758,23 +1029,51 @@ pub fn record_from_tree(
         cx.err(tree.pos, "packages", CHANGES_NOTHING);
     }
 
-    let submitter = get("submitter").filter(|n| n.value != Value::Null).and_then(|n| {
-        let s = cx.line(n, "submitter", "a submitter", 64)?;
-        if s.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-' | '@')) {
-            Some(s.to_string())
-        } else {
-            cx.err(n.pos, "submitter", format!("`{}` is not a valid user name (letters, digits, `.`, `_`, `-`, `@`)", shorten(s)));
-            None
-        }
-    });
+    let submitter = get("submitter")
+        .filter(|n| n.value != Value::Null)
+        .and_then(|n| {
+            let s = cx.line(n, "submitter", "a submitter", 64)?;
+            if s.chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-' | '@'))
+            {
+                Some(s.to_string())
+            } else {
+                cx.err(
+                    n.pos,
+                    "submitter",
+                    format!(
+                        "`{}` is not a valid user name (letters, digits, `.`, `_`, `-`, `@`)",
+                        shorten(s)
+                    ),
+                );
+                None
+            }
+        });
     let description = match get("description").filter(|n| n.value != Value::Null) {
         None => Some(String::new()),
         Some(n) => cx.text(n, "description", "a description").and_then(|d| {
-            if let Some(c) = d.chars().find(|c| c.is_control() && *c != '\n' && *c != '\t') {
-                cx.err(n.pos, "description", format!("control character {} is not allowed in the description", c.escape_unicode()));
+            if let Some(c) = d
+                .chars()
+                .find(|c| c.is_control() && *c != '\n' && *c != '\t')
+            {
+                cx.err(
+                    n.pos,
+                    "description",
+                    format!(
+                        "control character {} is not allowed in the description",
+                        c.escape_unicode()
+                    ),
+                );
                 None
             } else if d.chars().count() > limits::MAX_DESCRIPTION_CHARS {
-                cx.err(n.pos, "description", format!("description is longer than {} characters", limits::MAX_DESCRIPTION_CHARS));
+                cx.err(
+                    n.pos,
+                    "description",
+                    format!(
+                        "description is longer than {} characters",
+                        limits::MAX_DESCRIPTION_CHARS
+                    ),
+                );
                 None
             } else {
                 // Canonical form: no trailing white space on any line, no
@@ -789,7 +1088,15 @@ pub fn record_from_tree(
         return Err(cx.errors);
     }
     match (id, revision, title, status, release, submitter, description) {
-        (Some(id), Some(revision), Some(title), Some(status), Some(release), Some(submitter), Some(description)) => Ok(PatchRecord {
+        (
+            Some(id),
+            Some(revision),
+            Some(title),
+            Some(status),
+            Some(release),
+            Some(submitter),
+            Some(description),
+        ) => Ok(PatchRecord {
             id,
             revision: u32::try_from(revision).unwrap_or(u32::MAX),
             title,

@@ -180,7 +180,10 @@ pub fn parse_yaml(src: &str) -> Result<Vec<Node>, SyntaxError> {
                 }
                 if let Some(tag) = tag {
                     let plain = tag.is_yaml_core_schema()
-                        && matches!(tag.suffix.as_str(), "str" | "int" | "float" | "bool" | "null");
+                        && matches!(
+                            tag.suffix.as_str(),
+                            "str" | "int" | "float" | "bool" | "null"
+                        );
                     if !plain {
                         return Err(SyntaxError::new(
                             pos,

@@ -314,7 +314,10 @@ pub fn load(
         match convert::record_from_tree(tree, catalogue, format) {
             // An item the text parser already refused is not "nothing".
             Err(errs) if item_errors_here => {
-                errors.extend(errs.into_iter().filter(|e| e.message != convert::CHANGES_NOTHING));
+                errors.extend(
+                    errs.into_iter()
+                        .filter(|e| e.message != convert::CHANGES_NOTHING),
+                );
             }
             Ok(_) if item_errors_here => {}
             Ok(record) => records.push(LoadedRecord {

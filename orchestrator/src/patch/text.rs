@@ -49,14 +49,20 @@ const KEYS: &[(&str, &str, Shape)] = &[
     ("rpms", "packages", Shape::Packages),
     ("debs", "packages", Shape::Packages),
     ("packages", "packages", Shape::Packages),
-    ("configuration changes", "config_changes", Shape::ConfigChanges),
+    (
+        "configuration changes",
+        "config_changes",
+        Shape::ConfigChanges,
+    ),
     ("submitter", "submitter", Shape::Single),
     ("description", "description", Shape::Text),
 ];
 
 /// Text-form names of the record fields, for messages.
 pub fn text_key_for(field: &str) -> Option<&'static str> {
-    KEYS.iter().find(|(_, f, _)| *f == field).map(|(k, _, _)| *k)
+    KEYS.iter()
+        .find(|(_, f, _)| *f == field)
+        .map(|(k, _, _)| *k)
 }
 
 struct Field {
@@ -407,10 +413,11 @@ pub fn parse_text(src: &str) -> (Vec<Node>, Vec<Diagnostic>) {
             continue;
         }
         if line.trim().is_empty() {
-            if let Some(field) = current.as_mut() {
-                if field.shape == Shape::Text && !field.text_lines.is_empty() {
-                    field.pending_blank += 1;
-                }
+            if let Some(field) = current.as_mut()
+                && field.shape == Shape::Text
+                && !field.text_lines.is_empty()
+            {
+                field.pending_blank += 1;
             }
             continue;
         }
@@ -451,7 +458,11 @@ pub fn parse_text(src: &str) -> (Vec<Node>, Vec<Diagnostic>) {
             skipping = true;
             continue;
         };
-        let normalised = raw_key.split_whitespace().collect::<Vec<_>>().join(" ").to_lowercase();
+        let normalised = raw_key
+            .split_whitespace()
+            .collect::<Vec<_>>()
+            .join(" ")
+            .to_lowercase();
         let Some(&(_, canonical, shape)) = KEYS.iter().find(|(k, _, _)| *k == normalised) else {
             errors.push(Diagnostic::new(
                 pos,
@@ -474,7 +485,10 @@ pub fn parse_text(src: &str) -> (Vec<Node>, Vec<Diagnostic>) {
             continue;
         }
         let lead = rest.len() - rest.trim_start().len();
-        let value_pos = Pos::new(line_no, raw_key.chars().count() + 2 + rest[..lead].chars().count());
+        let value_pos = Pos::new(
+            line_no,
+            raw_key.chars().count() + 2 + rest[..lead].chars().count(),
+        );
         let key = Key {
             name: raw_key.trim().to_string(),
             pos,

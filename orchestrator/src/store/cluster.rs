@@ -46,7 +46,10 @@ pub enum ClusterError {
     },
 }
 
-fn io<'p>(action: &'static str, path: &'p Path) -> impl FnOnce(std::io::Error) -> ClusterError + use<'p> {
+fn io<'p>(
+    action: &'static str,
+    path: &'p Path,
+) -> impl FnOnce(std::io::Error) -> ClusterError + use<'p> {
     move |source| ClusterError::Io {
         action,
         path: path.to_path_buf(),
@@ -150,10 +153,10 @@ impl Cluster {
             None
         };
         let mut root = data_dir.join("postgres");
-        if let Some(user) = &server_user {
-            if !user_can_reach(user, &data_dir) {
-                root = PathBuf::from(format!("/var/lib/certo/postgres-{}", short_hash(&data_dir)));
-            }
+        if let Some(user) = &server_user
+            && !user_can_reach(user, &data_dir)
+        {
+            root = PathBuf::from(format!("/var/lib/certo/postgres-{}", short_hash(&data_dir)));
         }
         Ok(Cluster {
             data_dir,
@@ -206,7 +209,11 @@ impl Cluster {
         let mut cmd = Command::new(self.bin_dir.join(program));
         cmd.env_remove("PGDATA")
             .env("LC_ALL", "C")
-            .current_dir(if self.root.is_dir() { &self.root } else { Path::new("/") });
+            .current_dir(if self.root.is_dir() {
+                &self.root
+            } else {
+                Path::new("/")
+            });
         if let Some(user) = &self.server_user {
             cmd.uid(user.uid).gid(user.gid);
         }
@@ -386,9 +393,16 @@ impl Cluster {
             fs::remove_dir_all(&staging).map_err(io("cannot remove", &staging))?;
         }
         let mut cmd = self.command("initdb");
-        cmd.arg("-D")
-            .arg(&staging)
-            .args(["-U", SUPERUSER, "-A", "trust", "-E", "UTF8", "--no-locale", "--no-instructions"]);
+        cmd.arg("-D").arg(&staging).args([
+            "-U",
+            SUPERUSER,
+            "-A",
+            "trust",
+            "-E",
+            "UTF8",
+            "--no-locale",
+            "--no-instructions",
+        ]);
         self.run(cmd, "initdb")?;
         let conf = staging.join("postgresql.conf");
         let mut f = OpenOptions::new()
@@ -410,7 +424,11 @@ impl Cluster {
             return Ok(false);
         }
         let mut cmd = self.command("pg_ctl");
-        cmd.arg("stop").arg("-w").args(["-m", "fast"]).arg("-D").arg(self.pgdata());
+        cmd.arg("stop")
+            .arg("-w")
+            .args(["-m", "fast"])
+            .arg("-D")
+            .arg(self.pgdata());
         self.run(cmd, "pg_ctl stop")?;
         Ok(true)
     }

@@ -93,13 +93,10 @@ pub async fn ensure_embedded(data_dir: &Path) -> Result<String, StoreError> {
 /// Creates a database on the server of `admin_url` unless it exists.
 pub async fn create_database_if_missing(admin_url: &str, name: &str) -> Result<(), StoreError> {
     let opts = PgConnectOptions::from_str(admin_url).map_err(StoreError::Url)?;
-    let mut conn = opts
-        .connect()
-        .await
-        .map_err(|source| StoreError::Connect {
-            target: admin_url.to_string(),
-            source,
-        })?;
+    let mut conn = opts.connect().await.map_err(|source| StoreError::Connect {
+        target: admin_url.to_string(),
+        source,
+    })?;
     let exists: bool =
         sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_database WHERE datname = $1)")
             .bind(name)
@@ -107,7 +104,10 @@ pub async fn create_database_if_missing(admin_url: &str, name: &str) -> Result<(
             .await?;
     if !exists {
         let sql = format!("CREATE DATABASE \"{}\"", name.replace('"', "\"\""));
-        match sqlx::query(sqlx::AssertSqlSafe(sql)).execute(&mut conn).await {
+        match sqlx::query(sqlx::AssertSqlSafe(sql))
+            .execute(&mut conn)
+            .await
+        {
             Ok(_) => {}
             // Another process created it in between.
             Err(sqlx::Error::Database(e))
@@ -173,6 +173,9 @@ mod tests {
             redact("postgres://certo:s3cret@db.example/certo"),
             "postgres://certo:***@db.example/certo"
         );
-        assert_eq!(redact("postgres://certo@localhost/certo"), "postgres://certo@localhost/certo");
+        assert_eq!(
+            redact("postgres://certo@localhost/certo"),
+            "postgres://certo@localhost/certo"
+        );
     }
 }

@@ -109,13 +109,25 @@ struct NewRow<'a> {
     superseded_by: Option<u32>,
 }
 
-type RowTuple = (i64, i32, String, String, DateTime<Utc>, Option<i32>, String, String, Json<PatchRecord>);
+type RowTuple = (
+    i64,
+    i32,
+    String,
+    String,
+    DateTime<Utc>,
+    Option<i32>,
+    String,
+    String,
+    Json<PatchRecord>,
+);
 
 fn row_from(t: RowTuple) -> Result<PatchRow, StoreError> {
     let (patch_id, revision, state, sha, at, superseded_by, file, format, Json(record)) = t;
     Ok(PatchRow {
-        patch_id: u64::try_from(patch_id).map_err(|_| StoreError::Corrupt(format!("negative patch id {patch_id}")))?,
-        revision: u32::try_from(revision).map_err(|_| StoreError::Corrupt(format!("negative revision {revision}")))?,
+        patch_id: u64::try_from(patch_id)
+            .map_err(|_| StoreError::Corrupt(format!("negative patch id {patch_id}")))?,
+        revision: u32::try_from(revision)
+            .map_err(|_| StoreError::Corrupt(format!("negative revision {revision}")))?,
         state: state.parse().map_err(StoreError::Corrupt)?,
         content_sha256: sha,
         submitted_at: at,
@@ -174,7 +186,10 @@ impl Store {
         let mut known: HashMap<u64, Vec<(u32, String, Option<usize>)>> = HashMap::new();
         let mut current: HashMap<u64, u32> = HashMap::new();
         for (id, rev, sha, state) in stored {
-            known.entry(id as u64).or_default().push((rev as u32, sha, None));
+            known
+                .entry(id as u64)
+                .or_default()
+                .push((rev as u32, sha, None));
             if state != "superseded" {
                 current.insert(id as u64, rev as u32);
             }
@@ -234,11 +249,16 @@ impl Store {
         let mut rows = Vec::new();
         for &i in &order {
             let rec = &records[i];
-            let Some(SubmitOutcome::Stored { supersedes }) = outcomes[i] else { continue };
+            let Some(SubmitOutcome::Stored { supersedes }) = outcomes[i] else {
+                continue;
+            };
             let id = rec.record.id;
             let in_batch_successor = order
                 .iter()
-                .filter(|&&j| records[j].record.id == id && matches!(outcomes[j], Some(SubmitOutcome::Stored { .. })))
+                .filter(|&&j| {
+                    records[j].record.id == id
+                        && matches!(outcomes[j], Some(SubmitOutcome::Stored { .. }))
+                })
                 .map(|&j| records[j].record.revision)
                 .filter(|r| *r > rec.record.revision)
                 .min();
@@ -259,7 +279,11 @@ impl Store {
                 sha: &rec.digest,
                 file: &rec.file,
                 format: rec.format.as_str(),
-                state: if in_batch_successor.is_some() { PatchState::Superseded } else { PatchState::Submitted },
+                state: if in_batch_successor.is_some() {
+                    PatchState::Superseded
+                } else {
+                    PatchState::Submitted
+                },
                 superseded_by: in_batch_successor,
             });
         }
@@ -281,7 +305,8 @@ impl Store {
         if !rows.is_empty() {
             // One statement stores the whole batch: the rows are encoded once and
             // parsed once by the server; the child rows come from the same JSON.
-            let rows = serde_json::to_string(&rows).map_err(|e| StoreError::Corrupt(format!("cannot encode records: {e}")))?;
+            let rows = serde_json::to_string(&rows)
+                .map_err(|e| StoreError::Corrupt(format!("cannot encode records: {e}")))?;
             sqlx::query(
                 "WITH r AS (SELECT value AS r FROM jsonb_array_elements($1::text::jsonb)),
                  p AS (
@@ -332,7 +357,11 @@ impl Store {
     }
 
     /// Lists stored revisions, newest patch first, optionally by state and release.
-    pub async fn list_patches(&self, state: Option<PatchState>, release: Option<&str>) -> Result<Vec<PatchRow>, StoreError> {
+    pub async fn list_patches(
+        &self,
+        state: Option<PatchState>,
+        release: Option<&str>,
+    ) -> Result<Vec<PatchRow>, StoreError> {
         let sql = format!(
             "SELECT {ROW_COLUMNS} FROM patches
              WHERE ($1::text IS NULL OR state = $1) AND ($2::text IS NULL OR release = $2)
@@ -347,7 +376,11 @@ impl Store {
     }
 
     /// One revision of a patch: the given one, or the newest.
-    pub async fn get_patch(&self, id: u64, revision: Option<u32>) -> Result<Option<PatchRow>, StoreError> {
+    pub async fn get_patch(
+        &self,
+        id: u64,
+        revision: Option<u32>,
+    ) -> Result<Option<PatchRow>, StoreError> {
         let sql = format!(
             "SELECT {ROW_COLUMNS} FROM patches WHERE patch_id = $1 AND ($2::int IS NULL OR revision = $2)
              ORDER BY revision DESC LIMIT 1"
@@ -362,11 +395,12 @@ impl Store {
 
     /// Every revision number of a patch, oldest first.
     pub async fn revisions(&self, id: u64) -> Result<Vec<(u32, PatchState)>, StoreError> {
-        let rows: Vec<(i32, String)> =
-            sqlx::query_as("SELECT revision, state FROM patches WHERE patch_id = $1 ORDER BY revision")
-                .bind(id as i64)
-                .fetch_all(&self.pool)
-                .await?;
+        let rows: Vec<(i32, String)> = sqlx::query_as(
+            "SELECT revision, state FROM patches WHERE patch_id = $1 ORDER BY revision",
+        )
+        .bind(id as i64)
+        .fetch_all(&self.pool)
+        .await?;
         rows.into_iter()
             .map(|(r, s)| Ok((r as u32, s.parse().map_err(StoreError::Corrupt)?)))
             .collect()
@@ -382,7 +416,12 @@ impl Store {
         .await?;
         Ok(rows
             .into_iter()
-            .map(|(at, revision, kind, Json(detail))| PatchEvent { at, revision: revision as u32, kind, detail })
+            .map(|(at, revision, kind, Json(detail))| PatchEvent {
+                at,
+                revision: revision as u32,
+                kind,
+                detail,
+            })
             .collect())
     }
 }

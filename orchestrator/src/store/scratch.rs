@@ -24,11 +24,16 @@ pub struct ScratchDb {
 
 /// The URL of the server's maintenance database, and a function giving the
 /// URL of any database on that server.
-fn server_urls(location: &Location) -> Result<(String, Box<dyn Fn(&str) -> String>), StoreError> {
+type UrlOf = Box<dyn Fn(&str) -> String>;
+
+fn server_urls(location: &Location) -> Result<(String, UrlOf), StoreError> {
     match location {
         Location::Embedded(dir) => {
             let cluster = Cluster::new(dir)?;
-            Ok((cluster.url("postgres"), Box::new(move |db: &str| cluster.url(db))))
+            Ok((
+                cluster.url("postgres"),
+                Box::new(move |db: &str| cluster.url(db)),
+            ))
         }
         Location::Url(url) => {
             let base = url.clone();
@@ -88,7 +93,9 @@ impl ScratchDb {
             .connect()
             .await?;
         let sql = format!("DROP DATABASE IF EXISTS \"{}\" WITH (FORCE)", self.name);
-        sqlx::query(sqlx::AssertSqlSafe(sql)).execute(&mut conn).await?;
+        sqlx::query(sqlx::AssertSqlSafe(sql))
+            .execute(&mut conn)
+            .await?;
         conn.close().await?;
         Ok(())
     }
@@ -116,8 +123,13 @@ async fn drop_orphans(admin_url: &str, prefix: &str) -> Result<(), StoreError> {
             .and_then(|p| p.parse::<u32>().ok());
         let alive = pid.is_none_or(|pid| std::path::Path::new(&format!("/proc/{pid}")).exists());
         if !alive {
-            let sql = format!("DROP DATABASE IF EXISTS \"{}\" WITH (FORCE)", name.replace('"', ""));
-            sqlx::query(sqlx::AssertSqlSafe(sql)).execute(&mut conn).await?;
+            let sql = format!(
+                "DROP DATABASE IF EXISTS \"{}\" WITH (FORCE)",
+                name.replace('"', "")
+            );
+            sqlx::query(sqlx::AssertSqlSafe(sql))
+                .execute(&mut conn)
+                .await?;
         }
     }
     conn.close().await?;

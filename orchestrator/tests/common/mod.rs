@@ -14,7 +14,9 @@ use certo::store::scratch::ScratchDb;
 pub fn location() -> Location {
     match std::env::var("DATABASE_URL") {
         Ok(url) if !url.is_empty() => Location::Url(url),
-        _ => Location::Embedded(PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("certo-test-store")),
+        _ => {
+            Location::Embedded(PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("certo-test-store"))
+        }
     }
 }
 
@@ -31,7 +33,11 @@ pub fn fixtures() -> PathBuf {
 
 pub fn load_valid() -> Vec<certo::patch::LoadedRecord> {
     let loaded = ingest::load_files(&[fixtures().join("valid")], &Catalogue::builtin(), || {});
-    assert!(loaded.errors.is_empty(), "valid fixtures have errors: {:?}", loaded.errors);
+    assert!(
+        loaded.errors.is_empty(),
+        "valid fixtures have errors: {:?}",
+        loaded.errors
+    );
     loaded.records
 }
 

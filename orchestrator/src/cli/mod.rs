@@ -105,7 +105,8 @@ impl Global {
 
 /// The fixture folder shipped with the source tree.
 pub fn default_fixtures_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../fixtures")
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../fixtures");
+    dir.canonicalize().unwrap_or(dir)
 }
 
 fn init_tracing(verbose: u8) {

@@ -243,10 +243,31 @@ fn check_path(path: &str, absolute_ok: bool) -> Result<(), String> {
     Ok(())
 }
 
-/// Splits a package file name into (name, version, release, arch, format).
-pub fn parse_package_file(
-    file: &str,
-) -> Result<(String, String, String, String, PackageFormat), String> {
+/// The parts of a package file name.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PackageFileName {
+    pub name: String,
+    pub version: String,
+    pub release: String,
+    pub arch: String,
+    pub format: PackageFormat,
+}
+
+impl PackageFileName {
+    fn new(name: &str, version: &str, release: &str, arch: &str, format: PackageFormat) -> Self {
+        PackageFileName {
+            name: name.into(),
+            version: version.into(),
+            release: release.into(),
+            arch: arch.into(),
+            format,
+        }
+    }
+}
+
+/// Splits a package file name (`name-version-release.arch.rpm` or
+/// `name_version[-revision]_arch.deb`) into its parts.
+pub fn parse_package_file(file: &str) -> Result<PackageFileName, String> {
     if file.contains('/') || file.contains('\\') {
         return Err("a package file name must not contain path separators".into());
     }
@@ -311,11 +332,11 @@ pub fn parse_package_file(
                 shorten(arch)
             ));
         }
-        return Ok((
-            name.into(),
-            version.into(),
-            release.into(),
-            arch.into(),
+        return Ok(PackageFileName::new(
+            name,
+            version,
+            release,
+            arch,
             PackageFormat::Rpm,
         ));
     }
@@ -352,11 +373,11 @@ pub fn parse_package_file(
                 shorten(arch)
             ));
         }
-        return Ok((
-            name.into(),
-            version.into(),
-            release.into(),
-            arch.into(),
+        return Ok(PackageFileName::new(
+            name,
+            version,
+            release,
+            arch,
             PackageFormat::Deb,
         ));
     }
@@ -799,7 +820,17 @@ pub fn record_from_tree(
                 }
                 (None, None) => Some(PackageSource::Release),
             };
-            let (Some((name, version, rel, arch, pformat)), Some(source)) = (parsed, source) else {
+            let (
+                Some(PackageFileName {
+                    name,
+                    version,
+                    release: rel,
+                    arch,
+                    format: pformat,
+                }),
+                Some(source),
+            ) = (parsed, source)
+            else {
                 continue;
             };
             if let Some((_, first)) = packages.iter().find(|(p, _)| p.file == file) {

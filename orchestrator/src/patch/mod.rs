@@ -268,6 +268,22 @@ pub fn load(
         }
     };
     let src = src.strip_prefix('\u{feff}').unwrap_or(src);
+    // A lone carriage return is a line break to YAML but not to the other
+    // forms or to most tools: refuse it, so that every form counts lines alike.
+    if let Some(at) = src
+        .match_indices('\r')
+        .map(|(i, _)| i)
+        .find(|&i| src.as_bytes().get(i + 1) != Some(&b'\n'))
+    {
+        let before = &src[..at];
+        let line = before.matches('\n').count() + 1;
+        let col = before[before.rfind('\n').map_or(0, |i| i + 1)..].chars().count() + 1;
+        return Err(with_file(vec![Diagnostic::new(
+            Pos::new(line, col),
+            "syntax",
+            "a carriage return (CR) not followed by a line feed: use LF or CRLF line endings",
+        )]));
+    }
     let format = format.unwrap_or_else(|| SourceFormat::detect(Path::new(file), src));
     let (trees, mut errors) = match format {
         SourceFormat::Text => text::parse_text(src),

@@ -120,6 +120,36 @@ async fn same_revision_with_other_content_is_refused_and_changes_nothing() {
 }
 
 #[tokio::test]
+async fn one_revision_twice_in_a_batch_with_other_content_is_refused() {
+    let db = common::scratch().await;
+    let a = record("a.txt", &text_record(105, 1, "a-1.0-1.noarch.rpm"));
+    let b = record("b.txt", &text_record(105, 1, "a-1.0-9.noarch.rpm"));
+    match db.store.submit(&[a.clone(), b]).await {
+        Err(SubmitError::Conflicts(errors)) => assert_eq!(
+            errors.iter().map(ToString::to_string).collect::<Vec<_>>(),
+            [
+                "b.txt:1:1: revision: patch 105 revision 1 is already submitted with different content (in a.txt:1); submit the change as revision 2"
+            ]
+        ),
+        other => panic!("expected a conflict, got {other:?}"),
+    }
+    assert!(db.store.get_patch(105, None).await.expect("get").is_none());
+    // The same content twice in one batch is stored once.
+    let reports = db.store.submit(&[a.clone(), a]).await.expect("same twice");
+    assert_eq!(
+        reports
+            .iter()
+            .map(|r| r.outcome.clone())
+            .collect::<Vec<_>>(),
+        [
+            SubmitOutcome::Stored { supersedes: None },
+            SubmitOutcome::Unchanged
+        ]
+    );
+    db.drop_db().await.expect("drop");
+}
+
+#[tokio::test]
 async fn a_higher_revision_supersedes_and_an_older_one_is_refused() {
     let db = common::scratch().await;
     db.store

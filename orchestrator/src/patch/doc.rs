@@ -123,7 +123,7 @@ pub fn parse_yaml(src: &str) -> Result<Vec<Node>, SyntaxError> {
                         if entries.iter().any(|(k, _)| k.name == text) {
                             return Err(SyntaxError::new(
                                 node.pos,
-                                format!("duplicate key `{text}`"),
+                                format!("duplicate key `{}`", limits::shorten(&text)),
                             ));
                         }
                         *pending = Some(Key {
@@ -187,7 +187,10 @@ pub fn parse_yaml(src: &str) -> Result<Vec<Node>, SyntaxError> {
                     if !plain {
                         return Err(SyntaxError::new(
                             pos,
-                            format!("YAML tag `{}{}` is not accepted", tag.handle, tag.suffix),
+                            format!(
+                                "YAML tag `{}` is not accepted",
+                                limits::shorten(&format!("{}{}", tag.handle, tag.suffix))
+                            ),
                         ));
                     }
                 }

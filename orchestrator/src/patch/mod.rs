@@ -277,7 +277,10 @@ pub fn load(
     {
         let before = &src[..at];
         let line = before.matches('\n').count() + 1;
-        let col = before[before.rfind('\n').map_or(0, |i| i + 1)..].chars().count() + 1;
+        let col = before[before.rfind('\n').map_or(0, |i| i + 1)..]
+            .chars()
+            .count()
+            + 1;
         return Err(with_file(vec![Diagnostic::new(
             Pos::new(line, col),
             "syntax",

@@ -290,7 +290,7 @@ impl Field {
                         self.canonical.to_string(),
                         format!(
                             "`{}` takes one value on its own line; indented lines are not allowed here",
-                            self.key.name
+                            limits::shorten(&self.key.name)
                         ),
                     ));
                 }
@@ -466,7 +466,7 @@ pub fn parse_text(src: &str) -> (Vec<Node>, Vec<Diagnostic>) {
         let Some(&(_, canonical, shape)) = KEYS.iter().find(|(k, _, _)| *k == normalised) else {
             errors.push(Diagnostic::new(
                 pos,
-                raw_key.trim().to_string(),
+                limits::shorten(raw_key.trim()),
                 format!(
                     "unknown key `{}` (expected one of: Patch, Revision, Title, Status, Release, Platforms, Node types, Bugs, RPMs, Configuration changes, Submitter, Description)",
                     limits::shorten(raw_key.trim())
@@ -479,7 +479,10 @@ pub fn parse_text(src: &str) -> (Vec<Node>, Vec<Diagnostic>) {
             errors.push(Diagnostic::new(
                 pos,
                 canonical.to_string(),
-                format!("`{}` given twice in one record", raw_key.trim()),
+                format!(
+                    "`{}` given twice in one record",
+                    limits::shorten(raw_key.trim())
+                ),
             ));
             skipping = true;
             continue;

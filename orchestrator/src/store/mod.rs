@@ -94,7 +94,7 @@ pub async fn ensure_embedded(data_dir: &Path) -> Result<String, StoreError> {
 pub async fn create_database_if_missing(admin_url: &str, name: &str) -> Result<(), StoreError> {
     let opts = PgConnectOptions::from_str(admin_url).map_err(StoreError::Url)?;
     let mut conn = opts.connect().await.map_err(|source| StoreError::Connect {
-        target: admin_url.to_string(),
+        target: redact(admin_url),
         source,
     })?;
     let exists: bool =

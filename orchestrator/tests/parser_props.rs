@@ -28,8 +28,14 @@ fn check_any(src: &[u8], format: SourceFormat) {
                 assert!(e.col >= 1, "{e}");
                 assert!(!e.field.is_empty() && !e.message.is_empty(), "{e:?}");
                 // Outside text is quoted shortened, control characters escaped.
-                assert!(!e.message.chars().any(char::is_control), "control character in {e:?}");
-                assert!(!e.field.chars().any(char::is_control), "control character in {e:?}");
+                assert!(
+                    !e.message.chars().any(char::is_control),
+                    "control character in {e:?}"
+                );
+                assert!(
+                    !e.field.chars().any(char::is_control),
+                    "control character in {e:?}"
+                );
             }
         }
     }

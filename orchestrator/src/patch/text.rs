@@ -242,7 +242,7 @@ fn config_item(item: &str, pos: Pos, errors: &mut Vec<Diagnostic>, index: usize)
             format!("config_changes[{index}]"),
             format!(
                 "expected `KEY=VALUE` after `{}:`, found `{}`",
-                file.trim(),
+                limits::shorten(file.trim()),
                 limits::shorten(setting)
             ),
         ));

@@ -77,8 +77,9 @@ pub async fn run(g: &Global, args: DemoArgs) -> anyhow::Result<ExitCode> {
     );
 
     println!("== Patches in the store");
-    patch_cmd::patches(
+    patch_cmd::list(
         g,
+        &store,
         patch_cmd::PatchesArgs {
             state: None,
             release: None,

@@ -10,7 +10,7 @@ use serde_json::json;
 use super::{EXIT_INVALID, Global, print_json, progress};
 use crate::ingest::{self, Loaded};
 use crate::patch::{PackageSource, PatchRecord};
-use crate::store::{PatchRow, PatchState, SubmitError, SubmitOutcome};
+use crate::store::{PatchRow, PatchState, Store, SubmitError, SubmitOutcome};
 
 #[derive(Debug, Args)]
 pub struct ValidateArgs {
@@ -182,6 +182,12 @@ fn summary(row: &PatchRow) -> serde_json::Value {
 }
 
 pub async fn patches(g: &Global, args: PatchesArgs) -> anyhow::Result<ExitCode> {
+    let store = g.store().await?;
+    list(g, &store, args).await
+}
+
+/// Lists patches from an open store (the demo reuses its own).
+pub async fn list(g: &Global, store: &Store, args: PatchesArgs) -> anyhow::Result<ExitCode> {
     let release = match &args.release {
         Some(r) => Some(
             g.catalogue()?
@@ -191,7 +197,6 @@ pub async fn patches(g: &Global, args: PatchesArgs) -> anyhow::Result<ExitCode> 
         ),
         None => None,
     };
-    let store = g.store().await?;
     let mut rows = store.list_patches(args.state, release.as_deref()).await?;
     if args.state.is_none() && !args.all_revisions {
         rows.retain(|r| r.state != PatchState::Superseded);

@@ -85,7 +85,8 @@ pub struct ClusterStatus {
     pub server_version: Option<String>,
 }
 
-fn effective_uid() -> Option<u32> {
+/// The effective user id of this process (from `/proc/self/status`).
+pub(crate) fn effective_uid() -> Option<u32> {
     let status = fs::read_to_string("/proc/self/status").ok()?;
     let line = status.lines().find(|l| l.starts_with("Uid:"))?;
     line.split_whitespace().nth(2)?.parse().ok()

@@ -47,15 +47,7 @@ pub enum Location {
 /// the fallback, `/var/lib/certo` for root, else `$XDG_DATA_HOME/certo` or
 /// `~/.local/share/certo`.
 pub fn default_data_dir() -> PathBuf {
-    if std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("Uid:"))
-                .and_then(|l| l.split_whitespace().nth(2).map(|u| u == "0"))
-        })
-        .unwrap_or(false)
-    {
+    if cluster::effective_uid() == Some(0) {
         return PathBuf::from("/var/lib/certo");
     }
     if let Some(xdg) = std::env::var_os("XDG_DATA_HOME").filter(|v| !v.is_empty()) {

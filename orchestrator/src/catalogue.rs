@@ -62,10 +62,26 @@ pub struct Platform {
 #[serde(tag = "kind", rename_all = "kebab-case", deny_unknown_fields)]
 pub enum Recipe {
     /// `mmdebstrap` from the Debian archive the machine is configured for.
-    Mmdebstrap { suite: String, arch: String },
-    /// `dnf --installroot` from an RPM repository (a URL, or a path relative
-    /// to the fixture repository root).
-    Dnf { repository: String, arch: String },
+    Mmdebstrap {
+        suite: String,
+        arch: String,
+        /// The archive URL (default: `http://deb.debian.org/debian`).
+        #[serde(default = "default_mirror")]
+        mirror: String,
+    },
+    /// `dnf --installroot` from an RPM repository (a path relative to the
+    /// package repository root).
+    Dnf {
+        repository: String,
+        arch: String,
+        /// dnf's `$releasever` (default: the digits of the platform's OS, `sl5` → `5`).
+        #[serde(default)]
+        releasever: Option<String>,
+    },
+}
+
+fn default_mirror() -> String {
+    "http://deb.debian.org/debian".to_owned()
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -4,6 +4,7 @@
 
 pub mod catalogue;
 pub mod cli;
+pub mod images;
 pub mod ingest;
 pub mod patch;
 pub mod store;

@@ -5,6 +5,7 @@ mod bench_cmd;
 mod catalogue_cmd;
 mod db_cmd;
 mod demo_cmd;
+pub mod image_cmd;
 mod patch_cmd;
 
 use std::path::{Path, PathBuf};
@@ -54,6 +55,10 @@ pub struct Global {
     /// The catalogue of releases, platforms and node types (default: the built-in fixture catalogue).
     #[arg(long, global = true, env = "CERTO_CATALOGUE", value_name = "FILE")]
     pub catalogue: Option<PathBuf>,
+    /// The package repository root that platform recipes and patch sources name
+    /// (default: the fixture world, built from fixtures/world under the data directory).
+    #[arg(long, global = true, env = "CERTO_REPOS", value_name = "DIR")]
+    pub repos: Option<PathBuf>,
     /// More log output (repeat for more); CERTO_LOG takes a tracing filter instead.
     #[arg(short, long, global = true, action = clap::ArgAction::Count)]
     pub verbose: u8,
@@ -77,6 +82,8 @@ pub enum Command {
     Demo(demo_cmd::DemoArgs),
     /// Measure Certo's speed.
     Bench(bench_cmd::BenchArgs),
+    /// Build, list and clean up VM images (layered, cached by a digest of their inputs).
+    Image(image_cmd::ImageArgs),
 }
 
 impl Global {
@@ -160,6 +167,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Db(args) => db_cmd::run(g, args).await,
         Command::Demo(args) => demo_cmd::run(g, args).await,
         Command::Bench(args) => bench_cmd::run(g, args).await,
+        Command::Image(args) => image_cmd::run(g, args).await,
     }
 }
 

@@ -1,0 +1,640 @@
+//! The two real backends: Debian (mmdebstrap, then apt-get in the chroot) and RPM
+//! (dnf --installroot), plus configuration changes. Each turns tool output into a
+//! structured [`BuildError`] naming the package, the phase and the exit status.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use crate::cmd::Log;
+use crate::error::{BuildError, Phase};
+use crate::mounts;
+use crate::plan::{Install, LayerPlan};
+use crate::repos::RepoLocation;
+use crate::request::Recipe;
+
+/// apt options every apt call gets: snapshot mirrors carry old Valid-Until dates.
+const APT_OPTS: &[&str] = &[
+    "-o",
+    "Acquire::Check-Valid-Until=false",
+    "-o",
+    "Acquire::Languages=none",
+    "-o",
+    "Dpkg::Use-Pty=0",
+    "-o",
+    "APT::Sandbox::User=root",
+];
+
+/// Builds the core layer of a Debian platform into the empty directory `tree`.
+pub fn deb_core(recipe: &Recipe, tree: &Path, log: &mut Log) -> Result<(), BuildError> {
+    let Recipe::Mmdebstrap {
+        suite,
+        arch,
+        mirror,
+    } = recipe
+    else {
+        return Err(BuildError::new(Phase::Prepare, "not a Debian recipe"));
+    };
+    let out = log.run(
+        Command::new("mmdebstrap")
+            .arg("--variant=minbase")
+            .arg("--mode=root")
+            .arg(format!("--architectures={arch}"))
+            .arg("--aptopt=Acquire::Check-Valid-Until \"false\"")
+            .arg("--aptopt=Acquire::Languages \"none\"")
+            .arg("--dpkgopt=path-exclude=/usr/share/man/*")
+            .arg("--dpkgopt=path-exclude=/usr/share/doc/*")
+            .arg("--dpkgopt=path-include=/usr/share/doc/*/copyright")
+            .arg(suite)
+            .arg(tree)
+            .arg(format!("deb {mirror} {suite} main")),
+    )?;
+    if !out.success() {
+        return Err(log.failure(
+            Phase::Unpack,
+            None,
+            out.status,
+            format!("mmdebstrap could not build {suite}/{arch}"),
+            &out.output,
+        ));
+    }
+    Ok(())
+}
+
+/// Builds the RPM-family core layer into the empty directory `tree`.
+pub fn rpm_core(
+    plan: &LayerPlan,
+    recipe: &Recipe,
+    tree: &Path,
+    scratch: &Path,
+    log: &mut Log,
+) -> Result<(), BuildError> {
+    std::fs::create_dir_all(tree)
+        .map_err(|e| BuildError::io(format!("creating {}", tree.display()), e))?;
+    dnf_install(plan, recipe, tree, scratch, log)
+}
+
+/// Runs `f` with the staging root prepared for package tools: /proc, /dev, /sys, the
+/// host's DNS and hosts files, and no service starts; everything is undone afterwards.
+pub fn with_chroot<T>(
+    root: &Path,
+    log: &mut Log,
+    f: impl FnOnce(&mut Log) -> Result<T, BuildError>,
+) -> Result<T, BuildError> {
+    mounts::mount_chroot_basics(root)?;
+    let mut created: Vec<PathBuf> = Vec::new();
+    let result = (|| {
+        for file in ["etc/resolv.conf", "etc/hosts"] {
+            let target = root.join(file);
+            let host = Path::new("/").join(file);
+            if !host.is_file() || !target.parent().is_some_and(Path::is_dir) {
+                continue;
+            }
+            if target.symlink_metadata().is_err() {
+                std::fs::write(&target, b"")
+                    .map_err(|e| BuildError::io(format!("creating {}", target.display()), e))?;
+                created.push(target.clone());
+            } else if !target.is_file() {
+                continue;
+            }
+            let ok = Command::new("mount")
+                .arg("--bind")
+                .arg(&host)
+                .arg(&target)
+                .status()
+                .is_ok_and(|s| s.success());
+            if !ok {
+                log.note(&format!(
+                    "could not bind {} into the staging root",
+                    host.display()
+                ));
+            }
+        }
+        let policy = root.join("usr/sbin/policy-rc.d");
+        if root.join("usr/sbin").is_dir() && !policy.exists() {
+            std::fs::write(&policy, b"#!/bin/sh\nexit 101\n")
+                .map_err(|e| BuildError::io("writing policy-rc.d", e))?;
+            set_mode(&policy, 0o755)?;
+            created.push(policy);
+        }
+        f(log)
+    })();
+    let unmounted = mounts::unmount_all_below(root);
+    for path in created {
+        let _ = std::fs::remove_file(path);
+    }
+    let value = result?;
+    unmounted?;
+    Ok(value)
+}
+
+fn set_mode(path: &Path, mode: u32) -> Result<(), BuildError> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+        .map_err(|e| BuildError::io(format!("chmod {}", path.display()), e))
+}
+
+/// Installs a Debian layer's packages with apt-get inside the merged root.
+pub fn deb_install(plan: &LayerPlan, root: &Path, log: &mut Log) -> Result<(), BuildError> {
+    // Local repositories and package files are bind-mounted read-only under /run/certo.
+    let run_dir = root.join("run/certo");
+    let mut sources = String::new();
+    let mut binds: Vec<(PathBuf, PathBuf)> = Vec::new();
+    for (i, repo) in plan.repos.iter().enumerate() {
+        if let RepoLocation::DebFlat(dir) = &repo.location {
+            let inside = format!("/run/certo/repo{i}");
+            binds.push((dir.clone(), run_dir.join(format!("repo{i}"))));
+            sources.push_str(&format!("deb [trusted=yes] file:{inside} ./\n"));
+        }
+    }
+    let mut args: Vec<String> = Vec::new();
+    let mut file_dirs: Vec<PathBuf> = Vec::new();
+    for item in &plan.install {
+        match item {
+            Install::Named { name, version } if version.is_empty() => args.push(name.clone()),
+            Install::Named { name, version } => args.push(format!("{name}={version}")),
+            Install::File { path, .. } => {
+                let dir = path.parent().unwrap_or(Path::new("/")).to_owned();
+                let idx = match file_dirs.iter().position(|d| *d == dir) {
+                    Some(i) => i,
+                    None => {
+                        file_dirs.push(dir.clone());
+                        binds.push((dir, run_dir.join(format!("files{}", file_dirs.len() - 1))));
+                        file_dirs.len() - 1
+                    }
+                };
+                args.push(format!(
+                    "/run/certo/files{idx}/{}",
+                    path.file_name().unwrap_or_default().to_string_lossy()
+                ));
+            }
+        }
+    }
+    let list = root.join("etc/apt/sources.list.d/certo.list");
+    let run_existed = run_dir.exists();
+    let result = with_chroot(root, log, |log| {
+        for (src, dst) in &binds {
+            mounts::bind_ro(src, dst)?;
+        }
+        std::fs::write(&list, &sources)
+            .map_err(|e| BuildError::io(format!("writing {}", list.display()), e))?;
+        let mut update = chroot_cmd(root, "apt-get");
+        update.args(APT_OPTS).arg("update");
+        let up = log.run(&mut update)?;
+        if !up.success() || up.output.contains("\nE: ") || up.output.starts_with("E: ") {
+            return Err(log.failure(
+                Phase::Prepare,
+                None,
+                up.status,
+                "apt-get update could not read the repositories".into(),
+                &up.output,
+            ));
+        }
+        if args.is_empty() {
+            return Ok(());
+        }
+        let mut install = chroot_cmd(root, "apt-get");
+        install
+            .env("DEBIAN_FRONTEND", "noninteractive")
+            .args(APT_OPTS)
+            .args([
+                "-y",
+                "--no-install-recommends",
+                "-o",
+                "Dpkg::Options::=--force-confold",
+                "install",
+            ])
+            .args(&args);
+        let out = log.run(&mut install)?;
+        if !out.success() {
+            return Err(deb_failure(log, out.status, &out.output));
+        }
+        let mut clean = chroot_cmd(root, "apt-get");
+        clean.args(APT_OPTS).arg("clean");
+        log.run_ok(Phase::Stage, &mut clean)?;
+        Ok(())
+    });
+    let _ = std::fs::remove_file(&list);
+    mounts::unmount_all_under(&run_dir)?;
+    if !run_existed {
+        let _ = std::fs::remove_dir_all(&run_dir);
+    } else {
+        for (_, dst) in &binds {
+            let _ = std::fs::remove_dir(dst);
+        }
+        let _ = std::fs::remove_dir(&run_dir);
+    }
+    result
+}
+
+fn chroot_cmd(root: &Path, program: &str) -> Command {
+    let mut c = Command::new("chroot");
+    c.arg(root)
+        .arg(program)
+        .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
+        .env("LC_ALL", "C.UTF-8");
+    c
+}
+
+/// Reads apt/dpkg output for the first failure: package, phase, exit status.
+pub fn deb_failure(log: &Log, status: Option<i32>, output: &str) -> BuildError {
+    let lines: Vec<&str> = output.lines().collect();
+    for line in &lines {
+        let l = line.trim();
+        if let Some(name) = l.strip_prefix("E: Unable to locate package ") {
+            return log.failure(
+                Phase::Resolve,
+                Some(name.trim().to_owned()),
+                status,
+                format!("no repository provides {}", name.trim()),
+                output,
+            );
+        }
+        if let Some((pkg, rest)) = l.split_once(" : Depends: ") {
+            return log.failure(
+                Phase::Resolve,
+                Some(pkg.trim().to_owned()),
+                status,
+                format!(
+                    "unmet dependency: {} depends on {}",
+                    pkg.trim(),
+                    rest.trim()
+                ),
+                output,
+            );
+        }
+    }
+    for (i, line) in lines.iter().enumerate() {
+        let l = line.trim();
+        if l.contains("trying to overwrite") {
+            let pkg = lines[..i]
+                .iter()
+                .rev()
+                .find_map(|p| p.trim().strip_prefix("Unpacking "))
+                .and_then(|p| p.split_whitespace().next())
+                .map(|p| p.split(':').next().unwrap_or(p).to_owned());
+            return log.failure(
+                Phase::Unpack,
+                pkg,
+                status,
+                format!(
+                    "file conflict: {}",
+                    l.trim_start_matches("dpkg: error processing archive ")
+                ),
+                output,
+            );
+        }
+        for (marker, phase_name) in [
+            (
+                "post-installation script subprocess returned error exit status ",
+                "postinst",
+            ),
+            (
+                "pre-installation script subprocess returned error exit status ",
+                "preinst",
+            ),
+        ] {
+            if let Some(pos) = l.find(marker) {
+                let code = l[pos + marker.len()..].trim().parse::<i32>().ok();
+                // "installed NAME package post-installation script ..." or "new NAME package ..."
+                let pkg = l
+                    .split_whitespace()
+                    .skip_while(|w| !matches!(*w, "installed" | "new"))
+                    .nth(1)
+                    .map(|p| p.split(':').next().unwrap_or(p).to_owned());
+                return log.failure(
+                    Phase::Script,
+                    pkg.clone(),
+                    code.or(status),
+                    format!(
+                        "the {phase_name} script of {} exited with status {}",
+                        pkg.as_deref().unwrap_or("a package"),
+                        code.map_or("?".into(), |c| c.to_string())
+                    ),
+                    output,
+                );
+            }
+        }
+    }
+    log.failure(
+        Phase::Unpack,
+        None,
+        status,
+        "apt-get install failed".into(),
+        output,
+    )
+}
+
+/// Installs an RPM layer's packages with dnf into `root`.
+pub fn dnf_install(
+    plan: &LayerPlan,
+    recipe: &Recipe,
+    root: &Path,
+    scratch: &Path,
+    log: &mut Log,
+) -> Result<(), BuildError> {
+    let Recipe::Dnf {
+        arch, releasever, ..
+    } = recipe
+    else {
+        return Err(BuildError::new(Phase::Prepare, "not an RPM recipe"));
+    };
+    // Debian's rpm keeps its database under ~/.rpmmacros' _dbpath (~/.rpmdb by default):
+    // a private HOME pins it to the image's /var/lib/rpm.
+    let home = scratch.join("home");
+    std::fs::create_dir_all(&home).map_err(|e| BuildError::io("creating dnf home", e))?;
+    std::fs::write(home.join(".rpmmacros"), "%_dbpath /var/lib/rpm\n")
+        .map_err(|e| BuildError::io("writing .rpmmacros", e))?;
+    let mut cmd = Command::new("dnf");
+    cmd.env("HOME", &home)
+        .env("LC_ALL", "C.UTF-8")
+        .arg(format!("--installroot={}", root.display()))
+        .arg(format!("--releasever={releasever}"))
+        .arg(format!("--forcearch={}", dnf_arch(arch)))
+        .arg("--setopt=reposdir=/dev/null")
+        .arg(format!(
+            "--setopt=cachedir={}",
+            scratch.join("cache").display()
+        ))
+        .arg(format!(
+            "--setopt=persistdir={}",
+            scratch.join("persist").display()
+        ))
+        .arg(format!("--setopt=logdir={}", scratch.join("log").display()))
+        .arg("--setopt=install_weak_deps=False")
+        .arg("--setopt=keepcache=False")
+        .arg("--nogpgcheck")
+        .arg("--noplugins")
+        .arg("--disableplugin=*")
+        .arg("-y");
+    for repo in &plan.repos {
+        if let RepoLocation::Rpm(dir) = &repo.location {
+            cmd.arg(format!(
+                "--repofrompath={},file://{}",
+                repo.id.replace('/', "-"),
+                dir.display()
+            ));
+        }
+    }
+    cmd.arg("install");
+    for item in &plan.install {
+        match item {
+            Install::Named { name, version } if version.is_empty() => {
+                cmd.arg(name);
+            }
+            Install::Named { name, version } => {
+                cmd.arg(format!("{name}-{version}"));
+            }
+            Install::File { path, .. } => {
+                cmd.arg(path);
+            }
+        }
+    }
+    let out = log.run(&mut cmd)?;
+    if let Some(err) = rpm_script_failure(log, &out.output) {
+        return Err(err);
+    }
+    if !out.success() {
+        return Err(rpm_failure(log, out.status, &out.output));
+    }
+    Ok(())
+}
+
+fn dnf_arch(arch: &str) -> &str {
+    match arch {
+        "i386" => "i686",
+        other => other,
+    }
+}
+
+/// rpm reports a failed `%post` as a warning and dnf still exits 0: find it.
+fn rpm_script_failure(log: &Log, output: &str) -> Option<BuildError> {
+    for line in output.lines() {
+        let l = line.trim();
+        // "warning: %post(NAME-V-R.A) scriptlet failed, exit status 1"
+        let Some(start) = l.find('%') else { continue };
+        let Some(pos) = l.find(" scriptlet failed, exit status ") else {
+            continue;
+        };
+        let head = &l[start + 1..pos];
+        let Some((script, rest)) = head.split_once('(') else {
+            continue;
+        };
+        let nevra = rest.trim_end_matches(')');
+        let code = l[pos + " scriptlet failed, exit status ".len()..]
+            .trim()
+            .parse::<i32>()
+            .ok();
+        return Some(log.failure(
+            Phase::Script,
+            Some(nevra.to_owned()),
+            code,
+            format!(
+                "the %{script} script of {nevra} exited with status {}",
+                code.map_or("?".into(), |c| c.to_string())
+            ),
+            output,
+        ));
+    }
+    None
+}
+
+fn rpm_failure(log: &Log, status: Option<i32>, output: &str) -> BuildError {
+    for line in output.lines() {
+        let l = line.trim();
+        if let Some(name) = l.strip_prefix("No match for argument: ") {
+            return log.failure(
+                Phase::Resolve,
+                Some(name.to_owned()),
+                status,
+                format!("no repository provides {name}"),
+                output,
+            );
+        }
+        if let Some(pos) = l.find("nothing provides ") {
+            let rest = &l[pos + "nothing provides ".len()..];
+            let (dep, needer) = rest.split_once(" needed by ").unwrap_or((rest, ""));
+            let needer = needer.split_whitespace().next().unwrap_or("").to_owned();
+            return log.failure(
+                Phase::Resolve,
+                (!needer.is_empty()).then(|| needer.clone()),
+                status,
+                format!("unmet dependency: {needer} requires {dep}, which no repository provides"),
+                output,
+            );
+        }
+        if l.contains(" conflicts with file from package ") {
+            let pkg = l
+                .split(" from install of ")
+                .nth(1)
+                .and_then(|r| r.split_whitespace().next())
+                .map(str::to_owned);
+            return log.failure(
+                Phase::Unpack,
+                pkg,
+                status,
+                format!("file conflict: {}", l.trim_start_matches("file ")),
+                output,
+            );
+        }
+    }
+    log.failure(
+        Phase::Unpack,
+        None,
+        status,
+        "dnf install failed".into(),
+        output,
+    )
+}
+
+/// Applies the layer's configuration changes (`KEY=VALUE`, replacing an existing
+/// assignment or appending) and runs YAIM's checker when the image has one.
+pub fn apply_config(plan: &LayerPlan, root: &Path, log: &mut Log) -> Result<(), BuildError> {
+    if plan.config.is_empty() {
+        return Ok(());
+    }
+    for (rel, key, value) in &plan.config {
+        let path = root.join(rel);
+        let meta = path.symlink_metadata().map_err(|_| {
+            BuildError::new(
+                Phase::Configure,
+                format!("configuration change {key}={value}: /{rel} does not exist in the image"),
+            )
+        })?;
+        if !meta.is_file() {
+            return Err(BuildError::new(
+                Phase::Configure,
+                format!("configuration change {key}={value}: /{rel} is not a regular file"),
+            ));
+        }
+        let text = std::fs::read_to_string(&path)
+            .map_err(|e| BuildError::new(Phase::Configure, format!("reading /{rel}: {e}")))?;
+        let prefix = format!("{key}=");
+        let mut replaced = false;
+        let mut out: Vec<String> = Vec::new();
+        for line in text.lines() {
+            if line.trim_start().starts_with(&prefix) {
+                out.push(format!("{key}={value}"));
+                replaced = true;
+            } else {
+                out.push(line.to_owned());
+            }
+        }
+        if !replaced {
+            out.push(format!("{key}={value}"));
+        }
+        let mut new = out.join("\n");
+        new.push('\n');
+        std::fs::write(&path, new)
+            .map_err(|e| BuildError::new(Phase::Configure, format!("writing /{rel}: {e}")))?;
+        log.note(&format!("set {key}={value} in /{rel}"));
+    }
+    let checker = root.join("opt/glite/yaim/bin/yaim-check");
+    if checker.is_file() {
+        let out = log.run(&mut chroot_cmd(root, "/opt/glite/yaim/bin/yaim-check"))?;
+        if !out.success() {
+            let first = out
+                .output
+                .lines()
+                .find(|l| !l.trim().is_empty() && !l.starts_with("certo:"))
+                .unwrap_or("yaim-check refused the configuration")
+                .trim()
+                .to_owned();
+            return Err(log.failure(
+                Phase::Configure,
+                None,
+                out.status,
+                format!("the configuration does not validate: {first}"),
+                &out.output,
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Every installed package: (name, version, arch).
+pub fn installed_packages(
+    family: &str,
+    root: &Path,
+    scratch: &Path,
+) -> Vec<(String, String, String)> {
+    let out = if family == "deb" {
+        Command::new("dpkg-query")
+            .arg(format!(
+                "--admindir={}",
+                root.join("var/lib/dpkg").display()
+            ))
+            .args(["-W", "-f", "${Package} ${Version} ${Architecture}\\n"])
+            .output()
+    } else {
+        Command::new("rpm")
+            .env("HOME", scratch.join("home"))
+            .arg("--root")
+            .arg(root)
+            .args([
+                "--dbpath",
+                "/var/lib/rpm",
+                "-qa",
+                "--qf",
+                "%{NAME} %{VERSION}-%{RELEASE} %{ARCH}\\n",
+            ])
+            .output()
+    };
+    let Ok(out) = out else { return Vec::new() };
+    let mut list: Vec<(String, String, String)> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| {
+            let mut it = l.split_whitespace();
+            Some((
+                it.next()?.to_owned(),
+                it.next()?.to_owned(),
+                it.next().unwrap_or("").to_owned(),
+            ))
+        })
+        .collect();
+    list.sort();
+    list
+}
+
+/// Files that differ on every build and mean nothing in an image: logs, caches, indexes.
+pub fn remove_volatile(root: &Path) {
+    let globs = [
+        "var/lib/apt/lists",
+        "var/cache/apt",
+        "var/log/apt",
+        "var/cache/dnf",
+        "var/lib/dnf",
+        "tmp",
+        "var/tmp",
+    ];
+    for dir in globs {
+        let d = root.join(dir);
+        if let Ok(entries) = std::fs::read_dir(&d) {
+            for e in entries.flatten() {
+                let p = e.path();
+                if e.file_type().is_ok_and(|t| t.is_dir()) {
+                    if e.file_name() == "partial" || e.file_name() == "archives" {
+                        continue;
+                    }
+                    let _ = std::fs::remove_dir_all(&p);
+                } else {
+                    let _ = std::fs::remove_file(&p);
+                }
+            }
+        }
+    }
+    for file in [
+        "var/log/dpkg.log",
+        "var/log/alternatives.log",
+        "var/log/dnf.log",
+        "var/log/dnf.librepo.log",
+        "var/log/dnf.rpm.log",
+        "var/log/hawkey.log",
+        "var/cache/debconf/config.dat-old",
+        "var/cache/debconf/templates.dat-old",
+        "var/lib/dpkg/status-old",
+        "var/lib/dpkg/diversions-old",
+        "var/cache/ldconfig/aux-cache",
+    ] {
+        let _ = std::fs::remove_file(root.join(file));
+    }
+}

@@ -1,0 +1,396 @@
+//! From an [`ImageRequest`] to the stack of layers it needs, each with its inputs and
+//! digest — computed from repository metadata and files only, without running any
+//! package manager, so a fully cached image is found in milliseconds.
+
+use std::path::{Path, PathBuf};
+
+use sha2::{Digest, Sha256};
+
+use crate::digest::{LayerDigest, LayerInputs, LayerKind};
+use crate::error::{BuildError, Phase};
+use crate::repos::{self, Repo, RepoLocation};
+use crate::request::{ImageRequest, PackageSource, Recipe, debian_name, safe_file_name};
+
+/// What the Debian base layer installs on top of minbase: what every appliance needs.
+pub const DEB_BASE_PACKAGES: &[&str] = &["busybox", "iproute2", "procps"];
+/// What the RPM-family core layer installs.
+pub const RPM_CORE_PACKAGES: &[&str] = &[
+    "filesystem",
+    "setup",
+    "busybox",
+    "sl-release",
+    "initscripts",
+];
+/// What the RPM-family base layer installs.
+pub const RPM_BASE_PACKAGES: &[&str] = &["certo-base"];
+
+/// One thing a layer installs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Install {
+    /// A package from the layer's repositories, pinned when its version is known.
+    Named {
+        /// Package name.
+        name: String,
+        /// Exact version (`version-release` for RPM), or empty when the repository state pins it.
+        version: String,
+    },
+    /// A package file of a patch.
+    File {
+        /// Package name.
+        name: String,
+        /// The file on disk.
+        path: PathBuf,
+        /// Its SHA-256, hex.
+        sha256: String,
+    },
+}
+
+/// One layer of the stack, ready to look up or build.
+#[derive(Debug, Clone)]
+pub struct LayerPlan {
+    /// Level.
+    pub kind: LayerKind,
+    /// Backend description (tool and fixed parameters).
+    pub backend: String,
+    /// Repositories it installs from.
+    pub repos: Vec<Repo>,
+    /// What it installs.
+    pub install: Vec<Install>,
+    /// Configuration changes: path relative to the root, key, value.
+    pub config: Vec<(String, String, String)>,
+    /// Inputs (with the parent's digest).
+    pub inputs: LayerInputs,
+    /// The cache key.
+    pub digest: LayerDigest,
+    /// Human label, e.g. `node-type glite-WN`.
+    pub label: String,
+}
+
+/// Plans the layers of `request`, bottom to top. `world` is the repository root.
+pub fn plan(request: &ImageRequest, world: &Path) -> Result<Vec<LayerPlan>, BuildError> {
+    let rel = &request.release;
+    let mut layers: Vec<LayerPlan> = Vec::new();
+    let mut push = |kind: LayerKind,
+                    backend: String,
+                    repos: Vec<Repo>,
+                    install: Vec<Install>,
+                    config: Vec<(String, String, String)>,
+                    label: String|
+     -> Result<(), BuildError> {
+        let parent = layers.last().map(|l| *l.digest.as_bytes());
+        let mut repository_state = Vec::new();
+        for repo in &repos {
+            repository_state.push((repo.id.clone(), repo.state().map_err(|e| e.in_layer(kind))?));
+        }
+        let packages = install
+            .iter()
+            .map(|i| match i {
+                Install::Named { name, version } => (name.clone(), version.clone()),
+                Install::File { name, path, sha256 } => (
+                    name.clone(),
+                    format!(
+                        "file:{} sha256:{sha256}",
+                        path.file_name().unwrap_or_default().to_string_lossy()
+                    ),
+                ),
+            })
+            .collect();
+        let mut config_files: Vec<(String, Vec<u8>)> = Vec::new();
+        for (path, key, value) in &config {
+            let line = format!("{key}={value}\n");
+            match config_files.iter_mut().find(|(p, _)| p == path) {
+                Some((_, content)) => content.extend_from_slice(line.as_bytes()),
+                None => config_files.push((path.clone(), line.into_bytes())),
+            }
+        }
+        let inputs = LayerInputs {
+            parent,
+            kind,
+            backend: backend.clone(),
+            repository_state,
+            packages,
+            config_files,
+        };
+        let digest = inputs.digest().map_err(|e| {
+            BuildError::new(Phase::Prepare, format!("layer inputs: {e}")).in_layer(kind)
+        })?;
+        layers.push(LayerPlan {
+            kind,
+            backend,
+            repos,
+            install,
+            config,
+            inputs,
+            digest,
+            label,
+        });
+        Ok(())
+    };
+
+    match &request.platform.recipe {
+        Recipe::Mmdebstrap {
+            suite,
+            arch,
+            mirror,
+        } => {
+            let mirror_repo = Repo {
+                id: format!("debian/{suite}"),
+                location: RepoLocation::DebMirror {
+                    url: mirror.clone(),
+                    suite: suite.clone(),
+                },
+            };
+            let glite_dir = world.join("deb/glite").join(rel);
+            let glite = Repo {
+                id: format!("glite/{rel}"),
+                location: RepoLocation::DebFlat(glite_dir.clone()),
+            };
+            let updates_dir = world.join("deb/updates").join(rel);
+            push(
+                LayerKind::Core,
+                format!("mmdebstrap/minbase/{suite}/{arch}"),
+                vec![mirror_repo.clone()],
+                Vec::new(),
+                Vec::new(),
+                format!("core {}", request.platform.label),
+            )?;
+            push(
+                LayerKind::Base,
+                format!("apt-get/{arch}"),
+                vec![mirror_repo.clone()],
+                DEB_BASE_PACKAGES
+                    .iter()
+                    .map(|p| Install::Named {
+                        name: (*p).to_owned(),
+                        version: String::new(),
+                    })
+                    .collect(),
+                Vec::new(),
+                "base".to_owned(),
+            )?;
+            let node_pkg = debian_name(&request.node_type);
+            let version = repos::deb_flat_version(&glite_dir, &node_pkg)?.ok_or_else(|| {
+                BuildError::new(
+                    Phase::Resolve,
+                    format!(
+                        "node type {} has no package {node_pkg} in {}",
+                        request.node_type,
+                        glite_dir.display()
+                    ),
+                )
+                .package(node_pkg.clone())
+                .in_layer(LayerKind::NodeType)
+            })?;
+            push(
+                LayerKind::NodeType,
+                format!("apt-get/{arch}"),
+                vec![mirror_repo.clone(), glite.clone()],
+                vec![Install::Named {
+                    name: node_pkg,
+                    version,
+                }],
+                Vec::new(),
+                format!("node-type {}", request.node_type),
+            )?;
+            if let Some(patch) = &request.patch {
+                let mut repos = vec![mirror_repo, glite];
+                if updates_dir.is_dir() {
+                    repos.push(Repo {
+                        id: format!("updates/{rel}"),
+                        location: RepoLocation::DebFlat(updates_dir.clone()),
+                    });
+                }
+                let install = patch_files(patch, world, "deb", &updates_dir)?;
+                let config = patch_config(patch)?;
+                push(
+                    LayerKind::Patch,
+                    format!("apt-get/{arch}"),
+                    repos,
+                    install,
+                    config,
+                    format!("patch {} r{}", patch.id, patch.revision),
+                )?;
+            }
+        }
+        Recipe::Dnf {
+            repository,
+            arch,
+            releasever,
+        } => {
+            crate::request::safe_relative(repository).map_err(|why| {
+                BuildError::new(
+                    Phase::Prepare,
+                    format!("platform repository {repository:?}: {why}"),
+                )
+            })?;
+            let os_dir = world.join(repository);
+            let os = Repo {
+                id: format!("os/{}", request.platform.label),
+                location: RepoLocation::Rpm(os_dir.clone()),
+            };
+            let plat = format!("{}/{}", request.platform.os, request.platform.arch);
+            let glite_dir = world.join("rpm/glite").join(rel).join(&plat);
+            let glite = Repo {
+                id: format!("glite/{rel}"),
+                location: RepoLocation::Rpm(glite_dir.clone()),
+            };
+            let updates_dir = world.join("rpm/updates").join(rel).join(&plat);
+            let backend = format!("dnf/{arch}/{releasever}");
+            let pinned = |dir: &Path, names: &[&str], kind| -> Result<Vec<Install>, BuildError> {
+                names
+                    .iter()
+                    .map(|n| {
+                        let version = repos::rpm_version(dir, n)
+                            .map_err(|e| e.in_layer(kind))?
+                            .ok_or_else(|| {
+                                BuildError::new(
+                                    Phase::Resolve,
+                                    format!("no package {n} in {}", dir.display()),
+                                )
+                                .package(*n)
+                                .in_layer(kind)
+                            })?;
+                        Ok(Install::Named {
+                            name: (*n).to_owned(),
+                            version,
+                        })
+                    })
+                    .collect()
+            };
+            push(
+                LayerKind::Core,
+                backend.clone(),
+                vec![os.clone()],
+                pinned(&os_dir, RPM_CORE_PACKAGES, LayerKind::Core)?,
+                Vec::new(),
+                format!("core {}", request.platform.label),
+            )?;
+            push(
+                LayerKind::Base,
+                backend.clone(),
+                vec![os.clone()],
+                pinned(&os_dir, RPM_BASE_PACKAGES, LayerKind::Base)?,
+                Vec::new(),
+                "base".to_owned(),
+            )?;
+            push(
+                LayerKind::NodeType,
+                backend.clone(),
+                vec![os.clone(), glite.clone()],
+                pinned(
+                    &glite_dir,
+                    &[request.node_type.as_str()],
+                    LayerKind::NodeType,
+                )?,
+                Vec::new(),
+                format!("node-type {}", request.node_type),
+            )?;
+            if let Some(patch) = &request.patch {
+                let mut repos = vec![os, glite];
+                if updates_dir.is_dir() {
+                    repos.push(Repo {
+                        id: format!("updates/{rel}"),
+                        location: RepoLocation::Rpm(updates_dir.clone()),
+                    });
+                }
+                let install = patch_files(patch, world, "rpm", &updates_dir)?;
+                let config = patch_config(patch)?;
+                push(
+                    LayerKind::Patch,
+                    backend,
+                    repos,
+                    install,
+                    config,
+                    format!("patch {} r{}", patch.id, patch.revision),
+                )?;
+            }
+        }
+    }
+    Ok(layers)
+}
+
+fn patch_config(
+    patch: &crate::request::PatchLayer,
+) -> Result<Vec<(String, String, String)>, BuildError> {
+    patch
+        .config_changes
+        .iter()
+        .map(|c| {
+            if c.key.is_empty() || c.key.contains(['=', '\n']) || c.value.contains('\n') {
+                return Err(BuildError::new(
+                    Phase::Configure,
+                    format!(
+                        "configuration change {}: {:?}={:?} is not a KEY=VALUE line",
+                        c.file, c.key, c.value
+                    ),
+                )
+                .in_layer(LayerKind::Patch));
+            }
+            Ok((
+                c.image_path().map_err(|e| e.in_layer(LayerKind::Patch))?,
+                c.key.clone(),
+                c.value.clone(),
+            ))
+        })
+        .collect()
+}
+
+fn patch_files(
+    patch: &crate::request::PatchLayer,
+    world: &Path,
+    family: &str,
+    updates_dir: &Path,
+) -> Result<Vec<Install>, BuildError> {
+    let mut out = Vec::new();
+    for package in &patch.packages {
+        let fail = |phase, msg: String| {
+            BuildError::new(phase, msg)
+                .package(package.file.clone())
+                .in_layer(LayerKind::Patch)
+        };
+        safe_file_name(&package.file)
+            .map_err(|why| fail(Phase::Fetch, format!("file name {:?}: {why}", package.file)))?;
+        let dir = match &package.source {
+            PackageSource::Release => updates_dir.to_owned(),
+            PackageSource::Repository(path) => {
+                crate::request::safe_relative(path).map_err(|why| {
+                    fail(Phase::Fetch, format!("repository path {path:?}: {why}"))
+                })?;
+                world.join(family).join(path)
+            }
+            PackageSource::Url(url) => {
+                return Err(fail(
+                    Phase::Fetch,
+                    format!(
+                        "the record names {url} as its source; Certo installs patch packages from repositories it can read (release update repositories or repo: paths), and this one is not reachable from the build host"
+                    ),
+                ));
+            }
+        };
+        let path = dir.join(&package.file);
+        let bytes = std::fs::read(&path).map_err(|e| {
+            fail(
+                Phase::Fetch,
+                format!("package file {} cannot be read: {e}", path.display()),
+            )
+        })?;
+        let sha256 = hex::encode(Sha256::digest(&bytes));
+        if let Some(expected) = &package.sha256
+            && !expected.eq_ignore_ascii_case(&sha256)
+        {
+            return Err(fail(
+                Phase::Fetch,
+                format!(
+                    "checksum mismatch for {}: the record says sha256 {expected}, the file has {sha256}",
+                    path.display()
+                ),
+            ));
+        }
+        out.push(Install::File {
+            name: package.name.clone(),
+            path,
+            sha256,
+        });
+    }
+    Ok(out)
+}

@@ -1,0 +1,576 @@
+//! `certo image build|plan|ls|gc`: the imager from the command line.
+
+use std::collections::{BTreeSet, HashMap};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context;
+use certo_imager::{BuildError, Built, Event, Format, ImageRequest, Imager, LayerOutcome, Phase};
+use clap::{Args, Subcommand};
+use serde_json::json;
+
+use super::{EXIT_FAILURE, EXIT_INVALID, Global, print_json};
+use crate::images;
+use crate::patch::PatchRecord;
+
+#[derive(Debug, Args)]
+pub struct ImageArgs {
+    #[command(subcommand)]
+    pub command: ImageCommand,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ImageCommand {
+    /// Build (or find in the cache) the image of one target; prints its digest and path.
+    Build(BuildArgs),
+    /// Show the layers a target needs and whether each is cached, without building.
+    Plan(TargetArgs),
+    /// List the images (and with --layers the layers) Certo has built.
+    Ls(LsArgs),
+    /// Remove images and layers no longer needed, under a keep policy.
+    Gc(GcArgs),
+}
+
+#[derive(Debug, Args, Clone)]
+pub struct TargetArgs {
+    /// Release, e.g. 3.2 or "gLite 3.2".
+    #[arg(long)]
+    pub release: String,
+    /// Platform label, e.g. sl5_x86_64 or deb12_x86_64.
+    #[arg(long)]
+    pub platform: String,
+    /// Node type, e.g. glite-WN.
+    #[arg(long)]
+    pub node_type: String,
+    /// A patch on top: a record file, or a stored patch as ID or ID@REVISION.
+    #[arg(long, value_name = "FILE|ID[@REV]")]
+    pub patch: Option<String>,
+    /// Which record of a patch file holding several.
+    #[arg(long, value_name = "ID")]
+    pub patch_id: Option<u64>,
+    /// Print JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct BuildArgs {
+    #[command(flatten)]
+    pub target: TargetArgs,
+    /// Extra artefacts besides the ext4 image: qcow2, tar.gz (comma-separated).
+    #[arg(long, value_delimiter = ',', value_name = "FORMATS")]
+    pub export: Vec<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct LsArgs {
+    /// List layers instead of images.
+    #[arg(long)]
+    pub layers: bool,
+    /// Print JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct GcArgs {
+    /// Keep every image and layer used within this many days.
+    #[arg(long, default_value_t = 7.0)]
+    pub keep_days: f64,
+    /// Keep at least this many of the most recently used images.
+    #[arg(long, default_value_t = 10)]
+    pub keep_images: usize,
+    /// Say what would be removed, remove nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Print JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+pub async fn run(g: &Global, args: ImageArgs) -> anyhow::Result<ExitCode> {
+    match args.command {
+        ImageCommand::Build(a) => build(g, a).await,
+        ImageCommand::Plan(a) => plan(g, a).await,
+        ImageCommand::Ls(a) => ls(g, a).await,
+        ImageCommand::Gc(a) => gc(g, a).await,
+    }
+}
+
+/// The imager over the data directory's cache and the package repositories.
+pub fn imager(g: &Global) -> anyhow::Result<Imager> {
+    let world = world(g)?;
+    let root = g.data_dir().join("imager");
+    Imager::open(&root, &world).map_err(|e| anyhow::anyhow!("opening the image cache: {e}"))
+}
+
+/// The package repository root: --repos, or the fixture world built under the data dir.
+pub fn world(g: &Global) -> anyhow::Result<PathBuf> {
+    if let Some(repos) = &g.repos {
+        return Ok(repos.clone());
+    }
+    let dest = g.data_dir().join("world");
+    std::fs::create_dir_all(g.data_dir())
+        .with_context(|| format!("creating {}", g.data_dir().display()))?;
+    images::build_world(&dest)?;
+    Ok(dest)
+}
+
+/// Reads the patch named on the command line (file or stored id).
+async fn load_patch(
+    g: &Global,
+    t: &TargetArgs,
+) -> anyhow::Result<Result<Option<PatchRecord>, String>> {
+    let Some(spec) = &t.patch else {
+        return Ok(Ok(None));
+    };
+    let path = Path::new(spec);
+    if path.exists() {
+        let catalogue = g.catalogue()?;
+        let loaded = crate::ingest::load_files(&[path.to_owned()], &catalogue, || {});
+        if !loaded.errors.is_empty() {
+            let lines: Vec<String> = loaded.errors.iter().map(|d| d.to_string()).collect();
+            return Ok(Err(lines.join("\n")));
+        }
+        let mut records: Vec<PatchRecord> = loaded.records.into_iter().map(|r| r.record).collect();
+        if let Some(id) = t.patch_id {
+            records.retain(|r| r.id == id);
+        }
+        return match records.len() {
+            1 => Ok(Ok(records.pop())),
+            0 => Ok(Err(format!(
+                "{spec}: no record with id {:?}",
+                t.patch_id.unwrap_or(0)
+            ))),
+            n => Ok(Err(format!(
+                "{spec} holds {n} records ({}); choose one with --patch-id",
+                records
+                    .iter()
+                    .map(|r| r.id.to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ))),
+        };
+    }
+    let (id, rev) = match spec.split_once('@') {
+        Some((i, r)) => (i, Some(r)),
+        None => (spec.as_str(), None),
+    };
+    let Ok(id) = id.parse::<u64>() else {
+        return Ok(Err(format!(
+            "--patch {spec:?} is neither a file nor a patch number (ID or ID@REVISION)"
+        )));
+    };
+    let rev = match rev.map(str::parse::<u32>) {
+        None => None,
+        Some(Ok(r)) => Some(r),
+        Some(Err(_)) => {
+            return Ok(Err(format!(
+                "--patch {spec:?}: the revision is not a number"
+            )));
+        }
+    };
+    let store = g.store().await?;
+    Ok(match store.get_patch(id, rev).await? {
+        Some(row) => Ok(Some(row.record)),
+        None => Err(format!("patch {spec} is not stored")),
+    })
+}
+
+async fn request(g: &Global, t: &TargetArgs) -> anyhow::Result<Result<ImageRequest, String>> {
+    let patch = match load_patch(g, t).await? {
+        Ok(p) => p,
+        Err(e) => return Ok(Err(e)),
+    };
+    let catalogue = g.catalogue()?;
+    Ok(images::request(
+        &catalogue,
+        &t.release,
+        &t.platform,
+        &t.node_type,
+        patch.as_ref(),
+    )
+    .map_err(|e| e.to_string()))
+}
+
+async fn plan(g: &Global, t: TargetArgs) -> anyhow::Result<ExitCode> {
+    let req = match request(g, &t).await? {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return Ok(ExitCode::from(EXIT_INVALID));
+        }
+    };
+    let imager = imager(g)?;
+    let planned = {
+        let imager = imager.clone();
+        let req = req.clone();
+        tokio::task::spawn_blocking(move || imager.plan(&req)).await?
+    };
+    let plans = match planned {
+        Ok(p) => p,
+        Err(e) => return Ok(report_failure(g, &req, &e, t.json).await),
+    };
+    let mut rows = Vec::new();
+    for p in &plans {
+        let cached = imager.store().layer(&p.digest).ok().flatten().is_some();
+        rows.push(json!({
+            "kind": p.kind, "label": p.label, "digest": p.digest, "cached": cached,
+            "backend": p.backend,
+            "repositories": p.inputs.repository_state.iter().map(|(id, d)| json!([id, hex::encode(d)])).collect::<Vec<_>>(),
+            "packages": p.inputs.packages,
+        }));
+    }
+    let digests: Vec<_> = plans.iter().map(|p| p.digest).collect();
+    let image = certo_imager::image_id(&digests);
+    let image_cached = imager.store().image(&image).ok().flatten().is_some();
+    if t.json {
+        print_json(&json!({"image": image, "image_cached": image_cached, "layers": rows}))?;
+    } else {
+        for p in &plans {
+            let cached = imager.store().layer(&p.digest).ok().flatten().is_some();
+            println!(
+                "{:<24} {}  {}",
+                p.label,
+                p.digest,
+                if cached { "cached" } else { "to build" }
+            );
+        }
+        println!(
+            "image {image}  {}",
+            if image_cached { "cached" } else { "to export" }
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Builds one image, recording the result or the failure; shared with `certo demo`.
+pub async fn build_one(
+    g: &Global,
+    store: &crate::store::Store,
+    imager: &Imager,
+    req: &ImageRequest,
+    formats: &[Format],
+    show_progress: bool,
+) -> anyhow::Result<Result<Built, BuildError>> {
+    let bar = if show_progress {
+        spinner()
+    } else {
+        indicatif::ProgressBar::hidden()
+    };
+    let _ = g;
+    let target = format!(
+        "{} {} {}{}",
+        req.release,
+        req.platform.label,
+        req.node_type,
+        req.patch
+            .as_ref()
+            .map(|p| format!(" + patch {} r{}", p.id, p.revision))
+            .unwrap_or_default()
+    );
+    bar.set_message(format!("{target}: planning"));
+    let result = {
+        let imager = imager.clone();
+        let req = req.clone();
+        let formats = formats.to_vec();
+        let bar = bar.clone();
+        let target = target.clone();
+        tokio::task::spawn_blocking(move || {
+            imager.build(&req, &formats, &|event| match event {
+                Event::Planned { .. } => {}
+                Event::LayerStarted { label, .. } => {
+                    bar.set_message(format!("{target}: building {label}"));
+                    tracing::info!(target = %target, layer = %label, "building layer");
+                }
+                Event::LayerReady {
+                    kind,
+                    digest,
+                    outcome,
+                    seconds,
+                } => {
+                    let how = match outcome {
+                        LayerOutcome::Cached => "cached",
+                        LayerOutcome::Built => "built",
+                        LayerOutcome::BuiltByOther => "built by another build",
+                    };
+                    tracing::info!(target = %target, layer = ?kind, %digest, outcome = how, seconds, "layer ready");
+                    bar.println(format!(
+                        "  {:<10} {}  {how} ({seconds:.1} s)",
+                        certo_imager::error::layer_name(kind),
+                        &digest.to_hex()[..16]
+                    ));
+                }
+                Event::Exporting { format } => {
+                    bar.set_message(format!("{target}: exporting {}", format.as_str()));
+                }
+            })
+        })
+        .await?
+    };
+    bar.finish_and_clear();
+    match &result {
+        Ok(built) => store.record_build(built).await?,
+        Err(e) => {
+            // Lower layers built before the failure are cache entries: record them.
+            if let Ok(plans) = imager.plan(req) {
+                let layers: Vec<_> = plans
+                    .iter()
+                    .filter_map(|p| imager.store().layer(&p.digest).ok().flatten())
+                    .collect();
+                store.record_layers(&layers).await?;
+            }
+            store.record_build_failure(req, e).await?;
+        }
+    }
+    Ok(result)
+}
+
+fn spinner() -> indicatif::ProgressBar {
+    use std::io::IsTerminal;
+    if !std::io::stderr().is_terminal() {
+        return indicatif::ProgressBar::hidden();
+    }
+    let bar = indicatif::ProgressBar::new_spinner();
+    if let Ok(style) = indicatif::ProgressStyle::with_template("{spinner} {elapsed:>4} {msg}") {
+        bar.set_style(style);
+    }
+    bar.enable_steady_tick(Duration::from_millis(120));
+    bar
+}
+
+async fn build(g: &Global, a: BuildArgs) -> anyhow::Result<ExitCode> {
+    let mut formats = Vec::new();
+    for f in &a.export {
+        match Format::parse(f) {
+            Some(f) => formats.push(f),
+            None => {
+                eprintln!("error: --export {f:?}: formats are ext4, qcow2 and tar.gz");
+                return Ok(ExitCode::from(2));
+            }
+        }
+    }
+    let req = match request(g, &a.target).await? {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return Ok(ExitCode::from(EXIT_INVALID));
+        }
+    };
+    let store = g.store().await?;
+    let imager = imager(g)?;
+    match build_one(g, &store, &imager, &req, &formats, !a.target.json).await? {
+        Ok(built) => {
+            let path = built
+                .image
+                .ext4()
+                .map(|x| x.path.display().to_string())
+                .unwrap_or_default();
+            if a.target.json {
+                print_json(&json!({
+                    "digest": built.image.digest,
+                    "path": path,
+                    "cached": built.image_cached && built.layers.iter().all(|(_, o)| *o != LayerOutcome::Built),
+                    "seconds": built.seconds,
+                    "release": built.image.release,
+                    "platform": built.image.platform,
+                    "node_type": built.image.node_type,
+                    "patch": built.image.patch.map(|(id, rev)| json!({"id": id, "revision": rev})),
+                    "artefacts": built.image.artefacts,
+                    "layers": built.layers.iter().map(|(l, o)| json!({
+                        "kind": l.kind, "digest": l.digest,
+                        "outcome": match o { LayerOutcome::Cached => "cached", LayerOutcome::Built => "built", LayerOutcome::BuiltByOther => "built_by_other" },
+                        "build_seconds": l.build_seconds, "size_bytes": l.size_bytes,
+                    })).collect::<Vec<_>>(),
+                }))?;
+            } else {
+                println!("image {}", built.image.digest);
+                for art in &built.image.artefacts {
+                    println!("  {:<7} {}", art.format, art.path.display());
+                }
+                println!("ready in {:.2} s", built.seconds);
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(e) => Ok(report_failure(g, &req, &e, a.target.json).await),
+    }
+}
+
+async fn report_failure(_g: &Global, _req: &ImageRequest, e: &BuildError, json: bool) -> ExitCode {
+    if json {
+        let _ = print_json(&json!({ "error": e, "message": e.to_string() }));
+    } else {
+        eprintln!("error: {e}");
+        if !e.log_tail.is_empty() {
+            eprintln!("  log tail:");
+            for line in &e.log_tail {
+                eprintln!("    {line}");
+            }
+        }
+    }
+    match e.phase {
+        Phase::Stage | Phase::Export => ExitCode::from(EXIT_FAILURE),
+        _ => ExitCode::from(EXIT_INVALID),
+    }
+}
+
+async fn ls(g: &Global, a: LsArgs) -> anyhow::Result<ExitCode> {
+    let store = g.store().await?;
+    if a.layers {
+        let layers = store.list_layers().await?;
+        if a.json {
+            print_json(&layers)?;
+        } else {
+            println!(
+                "{:<10} {:<16} {:>10} {:>8}  backend",
+                "kind", "digest", "size", "build"
+            );
+            for l in &layers {
+                println!(
+                    "{:<10} {:<16} {:>10} {:>7.1}s  {}",
+                    l.kind,
+                    &l.digest[..16],
+                    human(l.size_bytes),
+                    l.build_seconds,
+                    l.backend
+                );
+            }
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
+    let imgs = store.list_images().await?;
+    if a.json {
+        print_json(&imgs)?;
+    } else {
+        println!(
+            "{:<16} {:<7} {:<13} {:<13} {:<10} {:>10}  last used",
+            "digest", "release", "platform", "node type", "patch", "size"
+        );
+        for i in &imgs {
+            println!(
+                "{:<16} {:<7} {:<13} {:<13} {:<10} {:>10}  {}",
+                &i.digest[..16],
+                i.release,
+                i.platform,
+                i.node_type,
+                i.patch_id
+                    .map(|p| format!("{p} r{}", i.patch_revision.unwrap_or(0)))
+                    .unwrap_or_else(|| "-".into()),
+                human(i.size_bytes),
+                i.last_used_at.format("%Y-%m-%d %H:%M")
+            );
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn human(bytes: i64) -> String {
+    let b = bytes as f64;
+    if b >= 1e9 {
+        format!("{:.1} GB", b / 1e9)
+    } else if b >= 1e6 {
+        format!("{:.1} MB", b / 1e6)
+    } else {
+        format!("{:.0} kB", b / 1e3)
+    }
+}
+
+async fn gc(g: &Global, a: GcArgs) -> anyhow::Result<ExitCode> {
+    let store = g.store().await?;
+    let root = g.data_dir().join("imager");
+    let cache = certo_imager::Store::open(&root).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let last_used: HashMap<String, chrono::DateTime<chrono::Utc>> =
+        store.last_used().await?.into_iter().collect();
+    let keep_days = a.keep_days;
+    let keep_images = a.keep_images;
+    let dry_run = a.dry_run;
+    let (removed_images, removed_layers, freed) = tokio::task::spawn_blocking(move || {
+        let _lock = cache.gc_lock(true).map_err(|e| anyhow::anyhow!("{e}"))?;
+        let now = chrono::Utc::now();
+        let window = chrono::Duration::seconds((keep_days * 86400.0) as i64);
+        let used = |digest: &str, built_at: i64| {
+            last_used
+                .get(digest)
+                .copied()
+                .unwrap_or_else(|| chrono::DateTime::from_timestamp(built_at, 0).unwrap_or(now))
+        };
+        let mut images = cache.images().map_err(|e| anyhow::anyhow!("{e}"))?;
+        images.sort_by_key(|i| std::cmp::Reverse(used(&i.digest, i.built_at)));
+        let mut keep_layers: BTreeSet<String> = BTreeSet::new();
+        let mut remove_images = Vec::new();
+        for (i, img) in images.iter().enumerate() {
+            let recent = now - used(&img.digest, img.built_at) <= window;
+            if i < keep_images || recent {
+                keep_layers.extend(img.layers.iter().map(|l| l.to_hex()));
+            } else {
+                remove_images.push(img.clone());
+            }
+        }
+        let layers = cache.layers().map_err(|e| anyhow::anyhow!("{e}"))?;
+        let by_digest: HashMap<String, &certo_imager::LayerRecord> =
+            layers.iter().map(|l| (l.digest.to_hex(), l)).collect();
+        // Recently used layers stay, and so does every layer below a layer that stays.
+        for l in &layers {
+            if now - used(&l.digest.to_hex(), l.built_at) <= window {
+                keep_layers.insert(l.digest.to_hex());
+            }
+        }
+        let mut stack: Vec<String> = keep_layers.iter().cloned().collect();
+        while let Some(d) = stack.pop() {
+            if let Some(parent) = by_digest.get(&d).and_then(|l| l.parent)
+                && keep_layers.insert(parent.to_hex())
+            {
+                stack.push(parent.to_hex());
+            }
+        }
+        let remove_layers: Vec<certo_imager::LayerRecord> = layers
+            .iter()
+            .filter(|l| !keep_layers.contains(&l.digest.to_hex()))
+            .cloned()
+            .collect();
+        let mut freed: u64 = remove_images
+            .iter()
+            .flat_map(|i| i.artefacts.iter().map(|a| a.size_bytes))
+            .sum();
+        freed += remove_layers.iter().map(|l| l.size_bytes).sum::<u64>();
+        if !dry_run {
+            for img in &remove_images {
+                cache
+                    .remove("images", &img.digest)
+                    .map_err(|e| anyhow::anyhow!("{e}"))?;
+            }
+            // Children before parents.
+            let mut ordered = remove_layers.clone();
+            ordered.sort_by_key(|l| std::cmp::Reverse(l.kind as u8));
+            for l in &ordered {
+                cache
+                    .remove("layers", &l.digest.to_hex())
+                    .map_err(|e| anyhow::anyhow!("{e}"))?;
+            }
+        }
+        Ok::<_, anyhow::Error>((remove_images, remove_layers, freed))
+    })
+    .await??;
+    if !dry_run {
+        let ids: Vec<String> = removed_images.iter().map(|i| i.digest.clone()).collect();
+        store.forget_images(&ids, &removed_layers).await?;
+    }
+    if a.json {
+        print_json(&json!({
+            "dry_run": dry_run,
+            "removed_images": removed_images.iter().map(|i| &i.digest).collect::<Vec<_>>(),
+            "removed_layers": removed_layers.iter().map(|l| l.digest).collect::<Vec<_>>(),
+            "bytes_freed": freed,
+        }))?;
+    } else {
+        let verb = if dry_run { "would remove" } else { "removed" };
+        println!(
+            "{verb} {} images and {} layers, {}",
+            removed_images.len(),
+            removed_layers.len(),
+            human(freed as i64)
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}

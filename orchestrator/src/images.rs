@@ -1,0 +1,257 @@
+//! The bridge between patch records / the catalogue and the imager: which image a target
+//! needs, where the package repositories are, and how the fixture world is built.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use certo_imager::{
+    ConfigChange, ImageRequest, PackageSource, PatchLayer, PatchPackage, Platform, Recipe,
+};
+
+use crate::catalogue::{self, Catalogue};
+use crate::patch::{self, PackageFormat, PatchRecord};
+
+/// Why a target cannot be imaged.
+#[derive(Debug, thiserror::Error)]
+pub enum TargetError {
+    #[error("unknown release {0:?}; the catalogue has {1}")]
+    UnknownRelease(String, String),
+    #[error("unknown platform {0:?}; the catalogue has {1}")]
+    UnknownPlatform(String, String),
+    #[error("release {release} is not built for platform {platform}")]
+    ReleaseNotOnPlatform { release: String, platform: String },
+    #[error("unknown node type {node_type:?} in release {release}; it has {known}")]
+    UnknownNodeType {
+        node_type: String,
+        release: String,
+        known: String,
+    },
+    #[error("node type {node_type} of release {release} is not built for {platform}")]
+    NodeTypeNotOnPlatform {
+        node_type: String,
+        release: String,
+        platform: String,
+    },
+    #[error("patch {id} r{revision} is for release {patch_release}, not {release}")]
+    PatchRelease {
+        id: u64,
+        revision: u32,
+        patch_release: String,
+        release: String,
+    },
+    #[error("patch {id} r{revision} does not target platform {platform} (it targets {targets})")]
+    PatchPlatform {
+        id: u64,
+        revision: u32,
+        platform: String,
+        targets: String,
+    },
+    #[error("patch {id} r{revision} does not target node type {node_type} (it targets {targets})")]
+    PatchNodeType {
+        id: u64,
+        revision: u32,
+        node_type: String,
+        targets: String,
+    },
+}
+
+/// The image request for one target of the catalogue, with an optional patch on top.
+pub fn request(
+    catalogue: &Catalogue,
+    release: &str,
+    platform: &str,
+    node_type: &str,
+    patch: Option<&PatchRecord>,
+) -> Result<ImageRequest, TargetError> {
+    let rel = catalogue.release(release).ok_or_else(|| {
+        TargetError::UnknownRelease(
+            release.to_owned(),
+            catalogue
+                .releases
+                .iter()
+                .map(|r| r.name.clone())
+                .collect::<Vec<_>>()
+                .join(", "),
+        )
+    })?;
+    let plat = catalogue.platform(platform).ok_or_else(|| {
+        TargetError::UnknownPlatform(
+            platform.to_owned(),
+            catalogue
+                .platforms
+                .iter()
+                .map(|p| p.label.clone())
+                .collect::<Vec<_>>()
+                .join(", "),
+        )
+    })?;
+    if !rel.platforms.iter().any(|p| p == platform) {
+        return Err(TargetError::ReleaseNotOnPlatform {
+            release: rel.name.clone(),
+            platform: platform.to_owned(),
+        });
+    }
+    let nt = rel
+        .node_types
+        .iter()
+        .find(|n| n.name == node_type)
+        .ok_or_else(|| TargetError::UnknownNodeType {
+            node_type: node_type.to_owned(),
+            release: rel.name.clone(),
+            known: rel
+                .node_types
+                .iter()
+                .map(|n| n.name.clone())
+                .collect::<Vec<_>>()
+                .join(", "),
+        })?;
+    if !nt
+        .platforms
+        .as_ref()
+        .is_none_or(|ps| ps.iter().any(|p| p == platform))
+    {
+        return Err(TargetError::NodeTypeNotOnPlatform {
+            node_type: node_type.to_owned(),
+            release: rel.name.clone(),
+            platform: platform.to_owned(),
+        });
+    }
+    let recipe = match &plat.recipe {
+        catalogue::Recipe::Mmdebstrap {
+            suite,
+            arch,
+            mirror,
+        } => Recipe::Mmdebstrap {
+            suite: suite.clone(),
+            arch: arch.clone(),
+            mirror: mirror.clone(),
+        },
+        catalogue::Recipe::Dnf {
+            repository,
+            arch,
+            releasever,
+        } => Recipe::Dnf {
+            repository: repository.clone(),
+            arch: arch.clone(),
+            releasever: releasever
+                .clone()
+                .unwrap_or_else(|| plat.os.chars().filter(char::is_ascii_digit).collect()),
+        },
+    };
+    let patch = match patch {
+        None => None,
+        Some(p) => {
+            if catalogue.release(&p.release).map(|r| &r.name) != Some(&rel.name) {
+                return Err(TargetError::PatchRelease {
+                    id: p.id,
+                    revision: p.revision,
+                    patch_release: p.release.clone(),
+                    release: rel.name.clone(),
+                });
+            }
+            if !p.platforms.iter().any(|x| x == platform) {
+                return Err(TargetError::PatchPlatform {
+                    id: p.id,
+                    revision: p.revision,
+                    platform: platform.to_owned(),
+                    targets: p.platforms.join(", "),
+                });
+            }
+            if !p.node_types.iter().any(|x| x == node_type) {
+                return Err(TargetError::PatchNodeType {
+                    id: p.id,
+                    revision: p.revision,
+                    node_type: node_type.to_owned(),
+                    targets: p.node_types.join(", "),
+                });
+            }
+            Some(patch_layer(p, plat))
+        }
+    };
+    Ok(ImageRequest {
+        release: rel.name.clone(),
+        platform: Platform {
+            label: plat.label.clone(),
+            os: plat.os.clone(),
+            arch: plat.arch.clone(),
+            recipe,
+        },
+        node_type: nt.package.clone(),
+        patch,
+    })
+}
+
+/// The part of a patch that applies to one platform: its packages of the platform's
+/// family and architectures, and all its configuration changes.
+fn patch_layer(p: &PatchRecord, plat: &catalogue::Platform) -> PatchLayer {
+    let packages = p
+        .packages
+        .iter()
+        .filter(|pkg| pkg.format == plat.family && plat.package_archs.contains(&pkg.arch))
+        .map(|pkg| PatchPackage {
+            file: pkg.file.clone(),
+            name: pkg.name.clone(),
+            source: match &pkg.source {
+                patch::PackageSource::Release => PackageSource::Release,
+                patch::PackageSource::Repository(r) => PackageSource::Repository(r.clone()),
+                patch::PackageSource::Url(u) => PackageSource::Url(u.clone()),
+            },
+            sha256: pkg.sha256.clone(),
+        })
+        .collect();
+    PatchLayer {
+        id: u32::try_from(p.id).unwrap_or(u32::MAX),
+        revision: p.revision,
+        packages,
+        config_changes: p
+            .config_changes
+            .iter()
+            .map(|c| ConfigChange {
+                file: c.file.clone(),
+                key: c.key.clone(),
+                value: c.value.clone(),
+            })
+            .collect(),
+    }
+}
+
+/// Every (platform, node type) a patch needs an image for, in record order.
+pub fn patch_targets(p: &PatchRecord) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    for platform in &p.platforms {
+        for node_type in &p.node_types {
+            out.push((platform.clone(), node_type.clone()));
+        }
+    }
+    out
+}
+
+/// Whether the family of a platform is RPM.
+pub fn is_rpm(plat: &catalogue::Platform) -> bool {
+    plat.family == PackageFormat::Rpm
+}
+
+/// The fixture world's sources shipped with Certo.
+pub fn world_sources() -> PathBuf {
+    crate::cli::default_fixtures_dir().join("world")
+}
+
+/// Builds the fixture world's repositories into `dest` (a no-op when they are up to date).
+pub fn build_world(dest: &Path) -> anyhow::Result<()> {
+    let script = world_sources().join("build");
+    let out = Command::new(&script)
+        .arg(dest)
+        .output()
+        .map_err(|e| anyhow::anyhow!("cannot run {}: {e}", script.display()))?;
+    if !out.status.success() {
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        let tail: Vec<&str> = stderr.lines().rev().take(15).collect();
+        anyhow::bail!(
+            "building the fixture repositories with {} failed ({}):\n{}",
+            script.display(),
+            out.status,
+            tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+        );
+    }
+    Ok(())
+}

@@ -170,6 +170,9 @@ pub fn deb_install(plan: &LayerPlan, root: &Path, log: &mut Log) -> Result<(), B
         }
     }
     let list = root.join("etc/apt/sources.list.d/certo.list");
+    // The fixture repositories (Origin: Certo) win over the Debian archive where both
+    // have a package (bookworm has its own bdii).
+    let prefs = root.join("etc/apt/preferences.d/certo");
     let run_existed = run_dir.exists();
     let result = with_chroot(root, log, |log| {
         for (src, dst) in &binds {
@@ -177,6 +180,15 @@ pub fn deb_install(plan: &LayerPlan, root: &Path, log: &mut Log) -> Result<(), B
         }
         std::fs::write(&list, &sources)
             .map_err(|e| BuildError::io(format!("writing {}", list.display()), e))?;
+        if let Some(dir) = prefs.parent() {
+            std::fs::create_dir_all(dir)
+                .map_err(|e| BuildError::io(format!("creating {}", dir.display()), e))?;
+        }
+        std::fs::write(
+            &prefs,
+            "Package: *\nPin: release o=Certo\nPin-Priority: 1001\n",
+        )
+        .map_err(|e| BuildError::io(format!("writing {}", prefs.display()), e))?;
         let mut update = chroot_cmd(root, "apt-get");
         update.args(APT_OPTS).arg("update");
         let up = log.run(&mut update)?;
@@ -214,6 +226,7 @@ pub fn deb_install(plan: &LayerPlan, root: &Path, log: &mut Log) -> Result<(), B
         Ok(())
     });
     let _ = std::fs::remove_file(&list);
+    let _ = std::fs::remove_file(&prefs);
     mounts::unmount_all_under(&run_dir)?;
     if !run_existed {
         let _ = std::fs::remove_dir_all(&run_dir);
@@ -341,7 +354,15 @@ pub fn dnf_install(
     // Debian's rpm keeps its database under ~/.rpmmacros' _dbpath (~/.rpmdb by default):
     // a private HOME pins it to the image's /var/lib/rpm.
     let home = scratch.join("home");
-    std::fs::create_dir_all(&home).map_err(|e| BuildError::io("creating dnf home", e))?;
+    for dir in [
+        home.clone(),
+        scratch.join("cache"),
+        scratch.join("persist"),
+        scratch.join("log"),
+    ] {
+        std::fs::create_dir_all(&dir)
+            .map_err(|e| BuildError::io(format!("creating {}", dir.display()), e))?;
+    }
     std::fs::write(home.join(".rpmmacros"), "%_dbpath /var/lib/rpm\n")
         .map_err(|e| BuildError::io("writing .rpmmacros", e))?;
     let mut cmd = Command::new("dnf");

@@ -8,6 +8,8 @@ use std::process::{Command, Stdio};
 
 use crate::error::{BuildError, Phase};
 
+const SETPRIV: &str = "/usr/bin/setpriv";
+
 /// How many log lines a failure quotes.
 pub const LOG_TAIL_LINES: usize = 25;
 
@@ -61,9 +63,31 @@ impl Log {
         let _ = writeln!(self.file, "certo: {line}");
     }
 
-    /// Runs `command` with stdin closed and its output appended to the log.
+    /// Runs `command` with stdin closed and its output appended to the log. Where
+    /// util-linux's `setpriv` exists, the tool is killed if Certo dies, so a killed build
+    /// leaves no package manager writing into a staging area that is being removed.
     pub fn run(&mut self, command: &mut Command) -> Result<Finished, BuildError> {
         let shown = show(command);
+        let mut wrapped;
+        let command = if Path::new(SETPRIV).is_file() {
+            wrapped = Command::new(SETPRIV);
+            wrapped
+                .args(["--pdeathsig", "KILL", "--"])
+                .arg(command.get_program())
+                .args(command.get_args());
+            for (k, v) in command.get_envs() {
+                match v {
+                    Some(v) => wrapped.env(k, v),
+                    None => wrapped.env_remove(k),
+                };
+            }
+            if let Some(dir) = command.get_current_dir() {
+                wrapped.current_dir(dir);
+            }
+            &mut wrapped
+        } else {
+            command
+        };
         self.note(&format!("$ {shown}"));
         let start = self
             .file

@@ -239,6 +239,7 @@ pub fn world_sources() -> PathBuf {
 /// Builds the fixture world's repositories into `dest` (a no-op when they are up to date).
 pub fn build_world(dest: &Path) -> anyhow::Result<()> {
     let script = world_sources().join("build");
+    // The script skips an up-to-date world and serialises builders with `flock DEST.lock`.
     let out = Command::new(&script)
         .arg(dest)
         .output()

@@ -37,6 +37,8 @@ pub enum BenchCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Image builds: cached target, overlay staging, patch layer vs full build, rebuild identity.
+    Image(super::bench_image::ImageBenchArgs),
 }
 
 /// A deterministic generator of small numbers (no need for a random crate).
@@ -118,12 +120,15 @@ fn median(mut v: Vec<f64>) -> f64 {
 }
 
 pub async fn run(g: &Global, args: BenchArgs) -> anyhow::Result<ExitCode> {
-    let BenchCommand::Ingest {
-        records,
-        batch,
-        runs,
-        json,
-    } = args.command;
+    let (records, batch, runs, json) = match args.command {
+        BenchCommand::Ingest {
+            records,
+            batch,
+            runs,
+            json,
+        } => (records, batch, runs, json),
+        BenchCommand::Image(a) => return super::bench_image::run(g, a).await,
+    };
     if records == 0 || batch == 0 || runs == 0 {
         bail!("--records, --batch and --runs must be positive");
     }

@@ -1,5 +1,6 @@
 //! `certo demo`: the main job on the embedded default. At this stage of the
-//! project: start the store, submit the fixture patches, list them.
+//! project: start the store, submit the fixture patches, list them, and build
+//! the VM images every fixture patch needs (real mmdebstrap / dnf builds, cached).
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -16,6 +17,9 @@ pub struct DemoArgs {
     /// The fixture folder (holds patches/valid and patches/invalid).
     #[arg(long, env = "CERTO_FIXTURES", value_name = "DIR", default_value_os_t = default_fixtures_dir())]
     pub fixtures: PathBuf,
+    /// Skip building the images the fixture patches need.
+    #[arg(long)]
+    pub no_images: bool,
 }
 
 pub async fn run(g: &Global, args: DemoArgs) -> anyhow::Result<ExitCode> {
@@ -77,7 +81,7 @@ pub async fn run(g: &Global, args: DemoArgs) -> anyhow::Result<ExitCode> {
     );
 
     println!("== Patches in the store");
-    patch_cmd::list(
+    let listed = patch_cmd::list(
         g,
         &store,
         patch_cmd::PatchesArgs {
@@ -87,5 +91,87 @@ pub async fn run(g: &Global, args: DemoArgs) -> anyhow::Result<ExitCode> {
             json: false,
         },
     )
-    .await
+    .await?;
+    if args.no_images {
+        return Ok(listed);
+    }
+    build_images(g, &store, &catalogue, &loaded.records).await
+}
+
+/// Builds the image of every (platform, node type) of the newest revision of each patch.
+async fn build_images(
+    g: &Global,
+    store: &crate::store::Store,
+    catalogue: &crate::catalogue::Catalogue,
+    records: &[crate::patch::LoadedRecord],
+) -> anyhow::Result<ExitCode> {
+    use std::collections::BTreeMap;
+    let mut newest: BTreeMap<u64, &crate::patch::PatchRecord> = BTreeMap::new();
+    for r in records {
+        let e = newest.entry(r.record.id).or_insert(&r.record);
+        if r.record.revision > e.revision {
+            *e = &r.record;
+        }
+    }
+    println!("== Building the images the fixture patches need");
+    println!(
+        "   package repositories: building the fixture world (rpmbuild, dpkg-deb, createrepo_c)"
+    );
+    let imager = super::image_cmd::imager(g)?;
+    println!(
+        "   image cache: {} (repositories: {})",
+        imager.store().root().display(),
+        imager.world().display()
+    );
+    let (mut ready, mut refused, mut skipped) = (0, 0, 0);
+    let started = std::time::Instant::now();
+    for record in newest.values() {
+        for (platform, node_type) in crate::images::patch_targets(record) {
+            let label = format!("{} r{} {platform} {node_type}", record.id, record.revision);
+            let req = match crate::images::request(
+                catalogue,
+                &record.release,
+                &platform,
+                &node_type,
+                Some(record),
+            ) {
+                Ok(r) => r,
+                Err(e) => {
+                    skipped += 1;
+                    println!("   {label:<40} not a target: {e}");
+                    continue;
+                }
+            };
+            match super::image_cmd::build_one(g, store, &imager, &req, &[], true).await? {
+                Ok(built) => {
+                    ready += 1;
+                    let how: Vec<&str> = built
+                        .layers
+                        .iter()
+                        .map(|(_, o)| match o {
+                            certo_imager::LayerOutcome::Cached => "cached",
+                            _ => "built",
+                        })
+                        .collect();
+                    println!(
+                        "   {label:<40} ready   {}  {:>6.1} s  (layers: {})",
+                        &built.image.digest[..16],
+                        built.seconds,
+                        how.join(", ")
+                    );
+                }
+                Err(e) => {
+                    refused += 1;
+                    println!("   {label:<40} REFUSED {e}");
+                }
+            }
+        }
+    }
+    let layers = imager.store().layers().map(|l| l.len()).unwrap_or(0);
+    let images = imager.store().images().map(|l| l.len()).unwrap_or(0);
+    println!(
+        "   {ready} images ready, {refused} refused at image-build time, {skipped} combinations not offered; {layers} layers and {images} images in the cache; {:.0} s",
+        started.elapsed().as_secs_f64()
+    );
+    Ok(ExitCode::SUCCESS)
 }

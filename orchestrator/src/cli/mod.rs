@@ -2,6 +2,7 @@
 //! Each command is a few lines over the library.
 
 mod bench_cmd;
+mod bench_image;
 mod catalogue_cmd;
 mod db_cmd;
 mod demo_cmd;

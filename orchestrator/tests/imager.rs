@@ -1,0 +1,1062 @@
+//! The imager for real: mmdebstrap, apt-get, dnf, createrepo_c, mkfs.ext4 and overlay
+//! mounts, through the `certo` binary, with PostgreSQL recording the results. These tests
+//! run as root (scripts/test, CI).
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::OnceLock;
+
+use serde_json::Value;
+
+fn tmp() -> PathBuf {
+    PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
+}
+
+/// The fixture repositories, built once per test run (the build script skips an
+/// up-to-date world).
+fn world() -> PathBuf {
+    static WORLD: OnceLock<PathBuf> = OnceLock::new();
+    WORLD
+        .get_or_init(|| {
+            let dir = tmp().join("imager-world");
+            certo::images::build_world(&dir).expect("the fixture world builds");
+            dir
+        })
+        .clone()
+}
+
+/// A data directory shared by tests that may reuse each other's cached layers.
+fn shared_data() -> PathBuf {
+    tmp().join("imager-shared")
+}
+
+/// A data directory of one test, with an empty image cache.
+struct Fresh(PathBuf);
+
+impl Fresh {
+    fn new(name: &str) -> Self {
+        let dir = tmp().join(format!("imager-{name}-{}", std::process::id()));
+        if dir.exists() {
+            certo_imager::store::remove_tree(&dir).expect("remove old dir");
+        }
+        std::fs::create_dir_all(&dir).expect("create data dir");
+        Fresh(dir)
+    }
+}
+
+impl Drop for Fresh {
+    fn drop(&mut self) {
+        let _ = certo_imager::store::remove_tree(&self.0);
+    }
+}
+
+fn certo_cmd(db: &str, data: &Path, args: &[&str]) -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_certo"));
+    c.arg("--data-dir")
+        .arg(data)
+        .arg("--repos")
+        .arg(world())
+        .args(args)
+        .env("DATABASE_URL", db)
+        .env_remove("CERTO_CATALOGUE");
+    c
+}
+
+fn run(db: &str, data: &Path, args: &[&str]) -> Output {
+    certo_cmd(db, data, args).output().expect("run certo")
+}
+
+fn json_of(out: &Output) -> Value {
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "stdout is not JSON ({e}): {}\nstderr: {}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
+    })
+}
+
+fn build(db: &str, data: &Path, target: &[&str]) -> (Output, Value) {
+    let mut args = vec!["image", "build", "--json"];
+    args.extend_from_slice(target);
+    let out = run(db, data, &args);
+    let v = json_of(&out);
+    (out, v)
+}
+
+fn patch(name: &str) -> String {
+    common::fixtures()
+        .join("valid")
+        .join(name)
+        .to_string_lossy()
+        .into_owned()
+}
+
+/// A file's content inside an ext4 image, read with debugfs.
+fn cat_in_image(image: &Path, path: &str) -> String {
+    let out = Command::new("debugfs")
+        .arg("-R")
+        .arg(format!("cat {path}"))
+        .arg(image)
+        .output()
+        .expect("run debugfs");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn exists_in_image(image: &Path, path: &str) -> bool {
+    let out = Command::new("debugfs")
+        .arg("-R")
+        .arg(format!("stat {path}"))
+        .arg(image)
+        .output()
+        .expect("run debugfs");
+    out.status.success() && String::from_utf8_lossy(&out.stdout).contains("Inode:")
+}
+
+/// `NAME VERSION` of every package in the image's dpkg database.
+fn dpkg_installed(image: &Path) -> Vec<String> {
+    let status = cat_in_image(image, "/var/lib/dpkg/status");
+    let mut out = Vec::new();
+    for stanza in status.split("\n\n") {
+        let field = |f: &str| {
+            stanza
+                .lines()
+                .find_map(|l| l.strip_prefix(f))
+                .map(str::trim)
+                .unwrap_or("")
+                .to_owned()
+        };
+        if field("Status:") == "install ok installed" {
+            out.push(format!("{} {}", field("Package:"), field("Version:")));
+        }
+    }
+    out
+}
+
+/// `NAME VERSION-RELEASE` of every package in the image's rpm database.
+fn rpm_installed(image: &Path) -> Vec<String> {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let dump = Command::new("debugfs")
+        .arg("-R")
+        .arg(format!("rdump /var/lib/rpm {}", dir.path().display()))
+        .arg(image)
+        .output()
+        .expect("run debugfs");
+    assert!(dump.status.success());
+    let out = Command::new("rpm")
+        .arg("--dbpath")
+        .arg(dir.path().join("rpm"))
+        .args(["-qa", "--qf", "%{NAME} %{VERSION}-%{RELEASE}\\n"])
+        .output()
+        .expect("run rpm");
+    let mut list: Vec<String> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(str::to_owned)
+        .collect();
+    list.sort();
+    list
+}
+
+fn outcomes(v: &Value) -> Vec<(String, String)> {
+    v["layers"]
+        .as_array()
+        .expect("layers")
+        .iter()
+        .map(|l| {
+            (
+                l["kind"].as_str().unwrap_or("").to_owned(),
+                l["outcome"].as_str().unwrap_or("").to_owned(),
+            )
+        })
+        .collect()
+}
+
+fn layer_digest(v: &Value, kind: &str) -> String {
+    v["layers"]
+        .as_array()
+        .expect("layers")
+        .iter()
+        .find(|l| l["kind"] == kind)
+        .and_then(|l| l["digest"].as_str())
+        .unwrap_or_else(|| panic!("no {kind} layer in {v}"))
+        .to_owned()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn debian_image_is_built_from_real_layers_and_then_cached() {
+    let db = common::scratch().await;
+    let data = shared_data();
+    let target = [
+        "--release",
+        "3.2",
+        "--platform",
+        "deb12_x86_64",
+        "--node-type",
+        "glite-WN",
+    ];
+    let mut with_patch = target.to_vec();
+    let p = patch("3503-wn-bugfix.yaml");
+    with_patch.extend_from_slice(&["--patch", &p]);
+    let (out, v) = build(&db.url, &data, &with_patch);
+    assert!(out.status.success(), "build failed: {v}");
+    let kinds: Vec<String> = outcomes(&v).into_iter().map(|(k, _)| k).collect();
+    assert_eq!(kinds, ["core", "base", "node_type", "patch"]);
+    let image = PathBuf::from(v["path"].as_str().expect("path"));
+    assert!(image.is_file(), "{} missing", image.display());
+
+    // What dpkg says is installed: minbase, the base layer, the node type, the patch.
+    let installed = dpkg_installed(&image);
+    for expected in [
+        "base-files ",
+        "busybox ",
+        "glite-wn ",
+        "glite-wn-env 3.2.4-1",
+    ] {
+        assert!(
+            installed.iter().any(|p| p.starts_with(expected)),
+            "{expected:?} not installed; dpkg has {installed:?}"
+        );
+    }
+    assert!(
+        !installed.iter().any(|p| p == "glite-wn-env 3.2.3-1"),
+        "the baseline version is still installed"
+    );
+    // Files of the node type and of the patch are in the image; apt's lists are not.
+    assert!(exists_in_image(
+        &image,
+        "/usr/share/glite-tests/glite-WN/regression/bug61001.sh"
+    ));
+    assert!(exists_in_image(&image, "/etc/profile.d/grid-env.sh"));
+    assert!(!cat_in_image(&image, "/etc/debian_version").is_empty());
+
+    // The same request again is a cache hit on every layer and on the image.
+    let (out, again) = build(&db.url, &data, &with_patch);
+    assert!(out.status.success());
+    assert_eq!(again["digest"], v["digest"]);
+    assert!(
+        outcomes(&again).iter().all(|(_, o)| o == "cached"),
+        "{again}"
+    );
+    assert_eq!(again["cached"], true);
+
+    // The image without the patch shares the three lower layers.
+    let (out, plain) = build(&db.url, &data, &target);
+    assert!(out.status.success(), "{plain}");
+    assert_ne!(plain["digest"], v["digest"]);
+    for kind in ["core", "base", "node_type"] {
+        assert_eq!(layer_digest(&plain, kind), layer_digest(&v, kind));
+    }
+    let plain_image = PathBuf::from(plain["path"].as_str().expect("path"));
+    assert!(
+        dpkg_installed(&plain_image)
+            .iter()
+            .any(|p| p == "glite-wn-env 3.2.3-1")
+    );
+
+    // PostgreSQL knows both images and their layers.
+    let ls = json_of(&run(&db.url, &data, &["image", "ls", "--json"]));
+    let listed: Vec<&str> = ls
+        .as_array()
+        .expect("array")
+        .iter()
+        .filter_map(|i| i["digest"].as_str())
+        .collect();
+    assert!(listed.contains(&v["digest"].as_str().expect("digest")));
+    assert!(listed.contains(&plain["digest"].as_str().expect("digest")));
+    db.drop_db().await.expect("drop");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn rpm_image_is_built_with_dnf_from_fixture_repositories() {
+    let db = common::scratch().await;
+    let data = shared_data();
+    let p = patch("3456-yaim-core-wn.txt");
+    let (out, v) = build(
+        &db.url,
+        &data,
+        &[
+            "--release",
+            "3.2",
+            "--platform",
+            "sl5_x86_64",
+            "--node-type",
+            "glite-WN",
+            "--patch",
+            &p,
+            "--export",
+            "qcow2,tar.gz",
+        ],
+    );
+    assert!(out.status.success(), "build failed: {v}");
+    let image = PathBuf::from(v["path"].as_str().expect("path"));
+    let installed = rpm_installed(&image);
+    for expected in [
+        "busybox ",
+        "sl-release 5",
+        "certo-base ",
+        "glite-WN ",
+        "glite-yaim-core 4.0.12-1",
+        "glite-wn-info 1.2.3-2.sl5",
+    ] {
+        assert!(
+            installed.iter().any(|p| p.starts_with(expected)),
+            "{expected:?} not installed; rpm has {installed:?}"
+        );
+    }
+    assert!(cat_in_image(&image, "/etc/redhat-release").contains("Scientific Linux SL release 5"));
+    assert!(exists_in_image(&image, "/opt/glite/yaim/etc/wn-list.conf"));
+    // The configuration change is in the image.
+    let site = cat_in_image(&image, "/opt/glite/yaim/etc/site-info.def");
+    assert!(
+        site.lines()
+            .any(|l| l == "WN_LIST=/opt/glite/yaim/etc/wn-list.conf"),
+        "{site}"
+    );
+    // The exports exist and say what they are.
+    let formats: Vec<&str> = v["artefacts"]
+        .as_array()
+        .expect("artefacts")
+        .iter()
+        .filter_map(|a| a["format"].as_str())
+        .collect();
+    assert_eq!(formats, ["ext4", "qcow2", "tar.gz"]);
+    let qcow = image.with_file_name("rootfs.qcow2");
+    let info = Command::new("qemu-img")
+        .args(["info", "--output=json"])
+        .arg(&qcow)
+        .output()
+        .expect("qemu-img");
+    assert!(String::from_utf8_lossy(&info.stdout).contains("\"format\": \"qcow2\""));
+    let tar = Command::new("tar")
+        .arg("-tzf")
+        .arg(image.with_file_name("rootfs.tar.gz"))
+        .output()
+        .expect("tar");
+    assert!(String::from_utf8_lossy(&tar.stdout).contains("./etc/redhat-release"));
+    db.drop_db().await.expect("drop");
+}
+
+/// Writes a one-record patch file for failure tests.
+fn test_patch(dir: &Path, name: &str, body: &str) -> String {
+    let path = dir.join(name);
+    std::fs::write(&path, body).expect("write patch");
+    path.to_string_lossy().into_owned()
+}
+
+fn failing_build(db: &str, data: &Path, target: &[&str]) -> Value {
+    let (out, v) = build(db, data, target);
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "expected a refused build: {v}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Nothing of the failed layer is cached: plan it and look.
+    let mut plan_args = vec!["image", "plan", "--json"];
+    plan_args.extend(target.iter().filter(|a| **a != "--json"));
+    let plan = json_of(&run(db, data, &plan_args));
+    let failed_kind = v["error"]["layer"].as_str().expect("layer").to_owned();
+    if plan["error"].is_object() {
+        // The inputs themselves are refused (e.g. a package file's checksum): no digest,
+        // so nothing can have been cached under one.
+        assert_eq!(plan["error"]["phase"], v["error"]["phase"], "{plan}");
+        return v;
+    }
+    let failed = plan["layers"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no plan for {target:?}: {plan}"))
+        .iter()
+        .find(|l| l["kind"] == failed_kind.as_str())
+        .expect("the failed layer is planned");
+    assert_eq!(failed["cached"], false, "a failed layer was cached: {plan}");
+    assert!(
+        !data
+            .join("imager/layers")
+            .join(failed["digest"].as_str().expect("digest"))
+            .exists()
+    );
+    assert_eq!(plan["image_cached"], false);
+    v
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn failed_builds_say_which_package_phase_and_status_and_cache_nothing() {
+    let db = common::scratch().await;
+    let data = shared_data();
+    let dir = tempfile::tempdir().expect("tempdir");
+
+    // A post-install script that fails (fixture 3211): rpm only warns, Certo refuses.
+    let p = patch("3211-ui-broken-postinst.yaml");
+    let v = failing_build(
+        &db.url,
+        &data,
+        &[
+            "--release",
+            "3.1",
+            "--platform",
+            "sl5_x86_64",
+            "--node-type",
+            "glite-UI",
+            "--patch",
+            &p,
+        ],
+    );
+    assert_eq!(v["error"]["phase"], "script", "{v}");
+    assert_eq!(v["error"]["exit_status"], 1, "{v}");
+    assert!(
+        v["error"]["package"]
+            .as_str()
+            .is_some_and(|p| p.starts_with("glite-ui-postinst-broken")),
+        "{v}"
+    );
+    assert!(!v["error"]["log_tail"].as_array().expect("tail").is_empty());
+
+    // A configuration change that breaks the CE's configuration (fixture 3212).
+    let p = patch("3212-ce-bad-config.json");
+    let v = failing_build(
+        &db.url,
+        &data,
+        &[
+            "--release",
+            "3.1",
+            "--platform",
+            "sl5_x86_64",
+            "--node-type",
+            "glite-CE",
+            "--patch",
+            &p,
+        ],
+    );
+    assert_eq!(v["error"]["phase"], "configure", "{v}");
+    assert!(
+        v["message"]
+            .as_str()
+            .expect("message")
+            .contains("CE_GATEKEEPER_PORT"),
+        "{v}"
+    );
+
+    // A missing dependency.
+    let record = |id: u32, file: &str, platform: &str, repo: &str| {
+        format!(
+            "Patch: {id}\nRevision: 1\nTitle: failure test {id}\nStatus: Ready for Certification\nRelease: gLite 3.2\nPlatforms: {platform}\nNode types: glite-WN\n{}:\n  {file} repo:{repo}\nSubmitter: tester\nDescription:\n  Failure test.\n",
+            if file.ends_with(".rpm") {
+                "RPMs"
+            } else {
+                "DEBs"
+            }
+        )
+    };
+    let p = test_patch(
+        dir.path(),
+        "missing.txt",
+        &record(
+            9001,
+            "certo-test-missing-dep-1.0-1.noarch.rpm",
+            "sl5_x86_64",
+            "testing/sl5/x86_64",
+        ),
+    );
+    let v = failing_build(
+        &db.url,
+        &data,
+        &[
+            "--release",
+            "3.2",
+            "--platform",
+            "sl5_x86_64",
+            "--node-type",
+            "glite-WN",
+            "--patch",
+            &p,
+        ],
+    );
+    assert_eq!(v["error"]["phase"], "resolve", "{v}");
+    assert!(
+        v["message"]
+            .as_str()
+            .expect("message")
+            .contains("libcerto-absent"),
+        "{v}"
+    );
+    assert!(
+        v["error"]["package"]
+            .as_str()
+            .is_some_and(|p| p.starts_with("certo-test-missing-dep")),
+        "{v}"
+    );
+
+    // A file conflict with an installed package.
+    let p = test_patch(
+        dir.path(),
+        "conflict.txt",
+        &record(
+            9002,
+            "certo-test-file-conflict-1.0-1.noarch.rpm",
+            "sl5_x86_64",
+            "testing/sl5/x86_64",
+        ),
+    );
+    let v = failing_build(
+        &db.url,
+        &data,
+        &[
+            "--release",
+            "3.2",
+            "--platform",
+            "sl5_x86_64",
+            "--node-type",
+            "glite-WN",
+            "--patch",
+            &p,
+        ],
+    );
+    assert_eq!(v["error"]["phase"], "unpack", "{v}");
+    assert!(
+        v["message"].as_str().expect("message").contains("conflict"),
+        "{v}"
+    );
+
+    // A Debian post-install script that fails, read from dpkg's own words.
+    let p = test_patch(
+        dir.path(),
+        "deb-postinst.txt",
+        &record(
+            9003,
+            "certo-test-postinst-fails_1.0-1_all.deb",
+            "deb12_x86_64",
+            "testing",
+        ),
+    );
+    let v = failing_build(
+        &db.url,
+        &data,
+        &[
+            "--release",
+            "3.2",
+            "--platform",
+            "deb12_x86_64",
+            "--node-type",
+            "glite-WN",
+            "--patch",
+            &p,
+        ],
+    );
+    assert_eq!(v["error"]["phase"], "script", "{v}");
+    assert_eq!(v["error"]["exit_status"], 3, "{v}");
+    assert_eq!(v["error"]["package"], "certo-test-postinst-fails", "{v}");
+
+    // A package file whose checksum is not the record's.
+    let p = test_patch(
+        dir.path(),
+        "checksum.txt",
+        &record(
+            9004,
+            &format!("certo-test-ok-1.0-1.noarch.rpm sha256:{}", "ab".repeat(32)),
+            "sl5_x86_64",
+            "testing/sl5/x86_64",
+        ),
+    );
+    let v = failing_build(
+        &db.url,
+        &data,
+        &[
+            "--release",
+            "3.2",
+            "--platform",
+            "sl5_x86_64",
+            "--node-type",
+            "glite-WN",
+            "--patch",
+            &p,
+        ],
+    );
+    assert_eq!(v["error"]["phase"], "fetch", "{v}");
+    assert!(
+        v["message"]
+            .as_str()
+            .expect("message")
+            .contains("checksum mismatch"),
+        "{v}"
+    );
+
+    // Every failure is recorded as evidence.
+    let failures: Vec<(String, Option<String>)> =
+        sqlx::query_as("SELECT phase, package FROM image_build_failures ORDER BY id")
+            .fetch_all(db.store.pool())
+            .await
+            .expect("query");
+    let phases: Vec<&str> = failures.iter().map(|f| f.0.as_str()).collect();
+    assert_eq!(
+        phases,
+        [
+            "install script",
+            "configure",
+            "resolve",
+            "unpack",
+            "install script",
+            "fetch"
+        ]
+    );
+    db.drop_db().await.expect("drop");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn bad_targets_are_refused_with_a_reason_and_change_nothing() {
+    let db = common::scratch().await;
+    let data = Fresh::new("bad");
+    let cases: [(&[&str], &str); 4] = [
+        (
+            &[
+                "--release",
+                "3.2",
+                "--platform",
+                "sl6_x86_64",
+                "--node-type",
+                "glite-WN",
+            ],
+            "unknown platform \"sl6_x86_64\"",
+        ),
+        (
+            &[
+                "--release",
+                "3.3",
+                "--platform",
+                "sl5_x86_64",
+                "--node-type",
+                "glite-WN",
+            ],
+            "unknown release \"3.3\"",
+        ),
+        (
+            &[
+                "--release",
+                "3.1",
+                "--platform",
+                "deb12_x86_64",
+                "--node-type",
+                "glite-CE",
+            ],
+            "is not built for deb12_x86_64",
+        ),
+        (
+            &[
+                "--release",
+                "3.2",
+                "--platform",
+                "sl5_x86_64",
+                "--node-type",
+                "glite-WN",
+                "--patch",
+                "3456@7",
+            ],
+            "patch 3456@7 is not stored",
+        ),
+    ];
+    for (args, expected) in cases {
+        let mut all = vec!["image", "build"];
+        all.extend_from_slice(args);
+        let out = run(&db.url, &data.0, &all);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {stderr}");
+        assert!(stderr.contains(expected), "{args:?}: {stderr}");
+    }
+    // A patch whose repository path leaves the repository root is refused by the reader.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let p = test_patch(
+        dir.path(),
+        "escape.txt",
+        "Patch: 9100\nRevision: 1\nTitle: escape\nStatus: Ready for Certification\nRelease: gLite 3.2\nPlatforms: sl5_x86_64\nNode types: glite-WN\nRPMs:\n  certo-test-ok-1.0-1.noarch.rpm repo:../../../etc\nSubmitter: t\nDescription:\n  x\n",
+    );
+    let out = run(
+        &db.url,
+        &data.0,
+        &[
+            "image",
+            "build",
+            "--release",
+            "3.2",
+            "--platform",
+            "sl5_x86_64",
+            "--node-type",
+            "glite-WN",
+            "--patch",
+            &p,
+        ],
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains(".."), "{stderr}");
+    // Nothing was built or recorded.
+    let layers = std::fs::read_dir(data.0.join("imager/layers"))
+        .map(|d| d.count())
+        .unwrap_or(0);
+    assert_eq!(layers, 0);
+    let (images,): (i64,) = sqlx::query_as("SELECT count(*) FROM images")
+        .fetch_one(db.store.pool())
+        .await
+        .expect("count");
+    assert_eq!(images, 0);
+    db.drop_db().await.expect("drop");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn two_concurrent_builds_of_one_target_build_each_layer_once() {
+    let db = common::scratch().await;
+    let data = Fresh::new("concurrent");
+    let args = [
+        "image",
+        "build",
+        "--json",
+        "--release",
+        "3.2",
+        "--platform",
+        "sl5_x86_64",
+        "--node-type",
+        "glite-UI",
+    ];
+    let a = certo_cmd(&db.url, &data.0, &args).spawn_output();
+    let b = certo_cmd(&db.url, &data.0, &args).spawn_output();
+    let (a, b) = (a.join().expect("join"), b.join().expect("join"));
+    assert!(a.status.success() && b.status.success());
+    let (va, vb) = (json_of(&a), json_of(&b));
+    assert_eq!(va["digest"], vb["digest"]);
+    for (i, (kind, outcome_a)) in outcomes(&va).into_iter().enumerate() {
+        let outcome_b = &outcomes(&vb)[i].1;
+        let built = [&outcome_a, outcome_b]
+            .iter()
+            .filter(|o| o.as_str() == "built")
+            .count();
+        assert_eq!(
+            built, 1,
+            "{kind} built {built} times: {outcome_a} / {outcome_b}"
+        );
+    }
+    let layers = std::fs::read_dir(data.0.join("imager/layers"))
+        .expect("layers")
+        .count();
+    assert_eq!(layers, 3);
+    db.drop_db().await.expect("drop");
+}
+
+trait SpawnOutput {
+    fn spawn_output(&mut self) -> std::thread::JoinHandle<Output>;
+}
+
+impl SpawnOutput for Command {
+    fn spawn_output(&mut self) -> std::thread::JoinHandle<Output> {
+        let child = self
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("spawn certo");
+        std::thread::spawn(move || child.wait_with_output().expect("wait"))
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_build_killed_midway_leaves_no_cache_entry_and_no_mount() {
+    use std::os::unix::process::CommandExt;
+    let db = common::scratch().await;
+    let data = Fresh::new("killed");
+    let target = [
+        "--release",
+        "3.2",
+        "--platform",
+        "deb12_x86_64",
+        "--node-type",
+        "glite-UI",
+    ];
+    let mut plan_args = vec!["image", "plan", "--json"];
+    plan_args.extend_from_slice(&target);
+    let plan = json_of(&run(&db.url, &data.0, &plan_args));
+    let core = plan["layers"][0]["digest"]
+        .as_str()
+        .expect("digest")
+        .to_owned();
+
+    let mut args = vec!["image", "build"];
+    args.extend_from_slice(&target);
+    let mut child = certo_cmd(&db.url, &data.0, &args)
+        .process_group(0)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("spawn");
+    // Wait until mmdebstrap is writing into the staging area, then kill the whole job.
+    let staging = data.0.join("imager/staging");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    loop {
+        let busy = std::fs::read_dir(&staging)
+            .map(|d| {
+                d.flatten().any(|e| {
+                    e.path().join("out/tree/usr").exists() || e.path().join("out/tree/var").exists()
+                })
+            })
+            .unwrap_or(false);
+        if busy {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the build never started"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    std::thread::sleep(std::time::Duration::from_secs(3));
+    let pgid = child.id() as i32;
+    // `kill -9 -PGID` is read by procps-ng's kill as kill(-1, 9): everything. Spell it out.
+    Command::new("kill")
+        .args(["-s", "KILL", "--", &format!("-{pgid}")])
+        .status()
+        .expect("kill");
+    let _ = child.wait();
+    std::thread::sleep(std::time::Duration::from_millis(500));
+
+    // No layer was published, nothing recorded.
+    assert!(!data.0.join("imager/layers").join(&core).exists());
+    let (rows,): (i64,) = sqlx::query_as("SELECT count(*) FROM image_layers")
+        .fetch_one(db.store.pool())
+        .await
+        .expect("count");
+    assert_eq!(rows, 0);
+    // The next command removes what the dead build left: staging and its mounts.
+    let plan = json_of(&run(&db.url, &data.0, &plan_args));
+    assert_eq!(plan["layers"][0]["cached"], false);
+    let left = std::fs::read_dir(&staging).expect("staging").count();
+    assert_eq!(left, 0, "staging not cleaned");
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").expect("mountinfo");
+    assert!(
+        !mounts.contains(data.0.to_str().expect("utf-8")),
+        "mounts left under {}",
+        data.0.display()
+    );
+    db.drop_db().await.expect("drop");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn gc_removes_what_no_kept_image_needs_and_nothing_else() {
+    let db = common::scratch().await;
+    let data = Fresh::new("gc");
+    let base = [
+        "--release",
+        "3.2",
+        "--platform",
+        "sl5_x86_64",
+        "--node-type",
+        "glite-WN",
+    ];
+    let p = patch("3456-yaim-core-wn.txt");
+    let mut with_a = base.to_vec();
+    with_a.extend_from_slice(&["--patch", &p]);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let pb = test_patch(
+        dir.path(),
+        "ok.txt",
+        "Patch: 9200\nRevision: 1\nTitle: ok\nStatus: Ready for Certification\nRelease: gLite 3.2\nPlatforms: sl5_x86_64\nNode types: glite-WN\nRPMs:\n  certo-test-ok-1.1-1.noarch.rpm repo:testing/sl5/x86_64\nSubmitter: t\nDescription:\n  x\n",
+    );
+    let mut with_b = base.to_vec();
+    with_b.extend_from_slice(&["--patch", &pb]);
+    let (o1, plain) = build(&db.url, &data.0, &base);
+    let (o2, a) = build(&db.url, &data.0, &with_a);
+    let (o3, b) = build(&db.url, &data.0, &with_b);
+    assert!(
+        o1.status.success() && o2.status.success() && o3.status.success(),
+        "{plain} {a} {b}"
+    );
+    let layers_dir = data.0.join("imager/layers");
+    assert_eq!(std::fs::read_dir(&layers_dir).expect("layers").count(), 5);
+
+    // A dry run removes nothing.
+    let dry = json_of(&run(
+        &db.url,
+        &data.0,
+        &[
+            "image",
+            "gc",
+            "--keep-days",
+            "0",
+            "--keep-images",
+            "1",
+            "--dry-run",
+            "--json",
+        ],
+    ));
+    assert_eq!(dry["removed_images"].as_array().expect("images").len(), 2);
+    assert_eq!(std::fs::read_dir(&layers_dir).expect("layers").count(), 5);
+
+    let done = json_of(&run(
+        &db.url,
+        &data.0,
+        &[
+            "image",
+            "gc",
+            "--keep-days",
+            "0",
+            "--keep-images",
+            "1",
+            "--json",
+        ],
+    ));
+    // Kept: image B and its four layers. Removed: the plain image, image A and A's patch layer.
+    let removed: Vec<&str> = done["removed_layers"]
+        .as_array()
+        .expect("layers")
+        .iter()
+        .filter_map(|l| l.as_str())
+        .collect();
+    assert_eq!(removed, [layer_digest(&a, "patch").as_str()]);
+    for kind in ["core", "base", "node_type", "patch"] {
+        assert!(
+            layers_dir
+                .join(layer_digest(&b, kind))
+                .join("tree")
+                .is_dir(),
+            "{kind} of B removed"
+        );
+    }
+    assert!(PathBuf::from(b["path"].as_str().expect("path")).is_file());
+    assert!(!PathBuf::from(a["path"].as_str().expect("path")).exists());
+    let ls = json_of(&run(&db.url, &data.0, &["image", "ls", "--json"]));
+    let listed: Vec<&str> = ls
+        .as_array()
+        .expect("array")
+        .iter()
+        .filter_map(|i| i["digest"].as_str())
+        .collect();
+    assert_eq!(listed, [b["digest"].as_str().expect("digest")]);
+    // B still builds from the cache after gc.
+    let (_, again) = build(&db.url, &data.0, &with_b);
+    assert_eq!(again["cached"], true, "{again}");
+    db.drop_db().await.expect("drop");
+}
+
+fn digests(request: &certo_imager::ImageRequest, world: &Path) -> Vec<String> {
+    certo_imager::plan::plan(request, world)
+        .expect("plan")
+        .iter()
+        .map(|l| l.digest.to_hex())
+        .collect()
+}
+
+fn load_record(name: &str) -> certo::patch::PatchRecord {
+    let loaded = certo::ingest::load_files(
+        &[common::fixtures().join("valid").join(name)],
+        &certo::catalogue::Catalogue::builtin(),
+        || {},
+    );
+    assert!(loaded.errors.is_empty(), "{:?}", loaded.errors);
+    loaded.records[0].record.clone()
+}
+
+#[test]
+fn every_kind_of_input_change_changes_the_digest_of_that_layer_and_above() {
+    let copy = tempfile::tempdir().expect("tempdir");
+    let w = copy.path().join("world");
+    let ok = Command::new("cp")
+        .arg("-a")
+        .arg(world())
+        .arg(&w)
+        .status()
+        .expect("cp");
+    assert!(ok.success());
+    let cat = certo::catalogue::Catalogue::builtin();
+    let rec = load_record("3456-yaim-core-wn.txt");
+    let req = |rec: &certo::patch::PatchRecord, platform: &str| {
+        certo::images::request(&cat, "3.2", platform, "glite-WN", Some(rec)).expect("request")
+    };
+    let base = digests(&req(&rec, "sl5_x86_64"), &w);
+    assert_eq!(base.len(), 4);
+    // The same inputs give the same digests.
+    assert_eq!(digests(&req(&rec, "sl5_x86_64"), &w), base);
+
+    // A configuration line: only the patch layer changes.
+    let mut changed = rec.clone();
+    changed.config_changes[0].value.push_str(".new");
+    let d = digests(&req(&changed, "sl5_x86_64"), &w);
+    assert_eq!(d[..3], base[..3]);
+    assert_ne!(d[3], base[3]);
+
+    // A package version: the same patch with another version of a package.
+    let mut v10 = rec.clone();
+    let pkg = |file: &str| certo::patch::Package {
+        file: file.to_owned(),
+        name: "certo-test-ok".to_owned(),
+        version: "1.0".to_owned(),
+        release: "1".to_owned(),
+        arch: "noarch".to_owned(),
+        format: certo::patch::PackageFormat::Rpm,
+        source: certo::patch::PackageSource::Repository("testing/sl5/x86_64".to_owned()),
+        sha256: None,
+    };
+    v10.packages = vec![pkg("certo-test-ok-1.0-1.noarch.rpm")];
+    let mut v11 = rec.clone();
+    v11.packages = vec![pkg("certo-test-ok-1.1-1.noarch.rpm")];
+    let (d10, d11) = (
+        digests(&req(&v10, "sl5_x86_64"), &w),
+        digests(&req(&v11, "sl5_x86_64"), &w),
+    );
+    assert_eq!(d10[..3], d11[..3]);
+    assert_ne!(d10[3], d11[3]);
+
+    // A refresh of the release repository: the node-type layer and the patch layer change.
+    let glite = w.join("rpm/glite/3.2/sl5/x86_64");
+    std::fs::copy(
+        w.join("rpm/testing/sl5/x86_64/certo-test-ok-1.0-1.noarch.rpm"),
+        glite.join("certo-test-ok-1.0-1.noarch.rpm"),
+    )
+    .expect("copy rpm");
+    let ok = Command::new("createrepo_c")
+        .arg("-q")
+        .arg(&glite)
+        .status()
+        .expect("createrepo_c");
+    assert!(ok.success());
+    let d = digests(&req(&rec, "sl5_x86_64"), &w);
+    assert_eq!(d[..2], base[..2]);
+    assert_ne!(d[2], base[2]);
+    assert_ne!(d[3], base[3]);
+
+    // A refresh of the OS repository changes every layer (each has its parent in its inputs).
+    let os = w.join("rpm/os/sl5/x86_64");
+    std::fs::copy(
+        w.join("rpm/testing/sl5/x86_64/certo-test-ok-1.0-1.noarch.rpm"),
+        os.join("certo-test-ok-1.0-1.noarch.rpm"),
+    )
+    .expect("copy rpm");
+    let ok = Command::new("createrepo_c")
+        .arg("-q")
+        .arg(&os)
+        .status()
+        .expect("createrepo_c");
+    assert!(ok.success());
+    let d2 = digests(&req(&rec, "sl5_x86_64"), &w);
+    for i in 0..4 {
+        assert_ne!(
+            d2[i], d[i],
+            "layer {i} kept its digest after an OS repository refresh"
+        );
+    }
+
+    // Another architecture (backend parameters) is another stack.
+    let i386 = digests(&req(&rec, "sl5_i386"), &w);
+    for i in 0..4 {
+        assert_ne!(i386[i], d2[i]);
+    }
+
+    // Debian: a refreshed flat repository changes the node-type layer, not the core.
+    let deb = load_record("3503-wn-bugfix.yaml");
+    let dreq = certo::images::request(&cat, "3.2", "deb12_x86_64", "glite-WN", Some(&deb))
+        .expect("request");
+    let before = digests(&dreq, &w);
+    let release = w.join("deb/glite/3.2/Release");
+    let mut text = std::fs::read_to_string(&release).expect("Release");
+    text.push_str("Description: refreshed\n");
+    std::fs::write(&release, text).expect("write Release");
+    let after = digests(&dreq, &w);
+    assert_eq!(after[..2], before[..2]);
+    assert_ne!(after[2], before[2]);
+    assert_ne!(after[3], before[3]);
+}

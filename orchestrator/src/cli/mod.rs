@@ -1,11 +1,13 @@
 //! The `certo` command line: argument definitions and one module per command.
 //! Each command is a few lines over the library.
 
+mod agent_cmd;
 mod bench_cmd;
 mod catalogue_cmd;
 mod db_cmd;
 mod demo_cmd;
 mod patch_cmd;
+mod transfer_cmd;
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -77,6 +79,10 @@ pub enum Command {
     Demo(demo_cmd::DemoArgs),
     /// Measure Certo's speed.
     Bench(bench_cmd::BenchArgs),
+    /// Serve a host's image repository (the host side of transfers).
+    Agent(agent_cmd::AgentArgs),
+    /// Delta-transfer an image to a host's repository: plan, push.
+    Transfer(transfer_cmd::TransferArgs),
 }
 
 impl Global {
@@ -160,6 +166,8 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Db(args) => db_cmd::run(g, args).await,
         Command::Demo(args) => demo_cmd::run(g, args).await,
         Command::Bench(args) => bench_cmd::run(g, args).await,
+        Command::Agent(args) => agent_cmd::run(g, args).await,
+        Command::Transfer(args) => transfer_cmd::run(g, args).await,
     }
 }
 

@@ -1,0 +1,227 @@
+//! `certo transfer plan|push`: delta transfer of an image file to a host's repository.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use certo_transfer::client::ClientError;
+use certo_transfer::{Chunking, Client, PushOptions, RetryPolicy, Token};
+use clap::{Args, Subcommand, ValueEnum};
+
+use super::{EXIT_FAILURE, EXIT_INVALID, Global, print_json};
+
+#[derive(Debug, Args)]
+pub struct TransferArgs {
+    #[command(subcommand)]
+    pub command: TransferCommand,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum ChunkingArg {
+    /// Fixed-size blocks (ext4 images).
+    Fixed,
+    /// Content-defined chunks (tar-like artefacts).
+    Cdc,
+}
+
+#[derive(Debug, Args)]
+pub struct Target {
+    /// The host's agent, e.g. http://host:7310.
+    #[arg(long, value_name = "URL")]
+    pub to: String,
+    /// The host's token.
+    #[arg(long, env = "CERTO_TOKEN", hide_env_values = true, value_name = "TOKEN")]
+    pub token: String,
+    /// How to cut the image into blocks.
+    #[arg(long, value_enum, default_value = "fixed")]
+    pub chunking: ChunkingArg,
+    /// Block size (fixed) or average chunk size (cdc), in bytes.
+    #[arg(long, value_name = "BYTES")]
+    pub block_size: Option<u32>,
+    /// Attempts per request before giving up.
+    #[arg(long, default_value_t = 8, value_name = "N")]
+    pub retries: u32,
+    /// Print the result as JSON on stdout.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum TransferCommand {
+    /// Say how many blocks and bytes a push would send, sending nothing.
+    Plan {
+        /// The image file.
+        file: PathBuf,
+        #[command(flatten)]
+        target: Target,
+    },
+    /// Send the blocks the host lacks, then mark the image complete there.
+    Push {
+        /// The image file.
+        file: PathBuf,
+        #[command(flatten)]
+        target: Target,
+        /// Name of the image on the host (default: the file name).
+        #[arg(long)]
+        name: Option<String>,
+        /// Concurrent connections for blocks.
+        #[arg(long, default_value_t = 4)]
+        connections: usize,
+        /// zstd level for block batches (1-19).
+        #[arg(long, default_value_t = 12, value_parser = clap::value_parser!(i32).range(1..=19))]
+        zstd_level: i32,
+        /// Uncompressed bytes per batch.
+        #[arg(long, default_value_t = 4 << 20)]
+        batch_bytes: usize,
+        /// Leave the image as blocks on the host (do not write NAME.img).
+        #[arg(long)]
+        no_assemble: bool,
+    },
+}
+
+impl Target {
+    fn client(&self) -> anyhow::Result<(Client, Chunking)> {
+        let token = Token::new(&self.token).map_err(|why| anyhow::anyhow!("--token: {why}"))?;
+        let retry = RetryPolicy {
+            attempts: self.retries.max(1),
+            ..RetryPolicy::default()
+        };
+        let chunking = match self.chunking {
+            ChunkingArg::Fixed => Chunking::Fixed {
+                block_size: self.block_size.unwrap_or(certo_transfer::DEFAULT_BLOCK_SIZE),
+            },
+            ChunkingArg::Cdc => Chunking::ContentDefined {
+                avg: self.block_size.unwrap_or(16384),
+            },
+        }
+        .validate()?;
+        Ok((Client::new(&self.to, token, retry)?, chunking))
+    }
+}
+
+fn default_name(file: &Path) -> anyhow::Result<String> {
+    let name = file
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    certo_transfer::wire::validate_name(&name)
+        .map(str::to_string)
+        .with_context(|| format!("the file name of {} cannot be an image name; pass --name", file.display()))
+}
+
+fn exit_for(e: &ClientError) -> ExitCode {
+    match e {
+        ClientError::Wire(_) | ClientError::File { .. } | ClientError::Index { .. } => {
+            ExitCode::from(EXIT_INVALID)
+        }
+        ClientError::Refused { status, .. } if status.is_client_error() => {
+            ExitCode::from(EXIT_INVALID)
+        }
+        _ => ExitCode::from(EXIT_FAILURE),
+    }
+}
+
+pub async fn run(_g: &Global, args: TransferArgs) -> anyhow::Result<ExitCode> {
+    match args.command {
+        TransferCommand::Plan { file, target } => {
+            let (client, chunking) = target.client()?;
+            match client.plan(&file, chunking).await {
+                Ok(plan) => {
+                    if target.json {
+                        print_json(&plan)?;
+                    } else {
+                        println!(
+                            "{}: {} blocks ({} zero, {} distinct); the host has {} ({} bytes); \
+                             would send {} blocks, {} bytes before compression, plus a {}-byte index",
+                            file.display(),
+                            plan.blocks_total,
+                            plan.blocks_zero,
+                            plan.blocks_distinct,
+                            plan.blocks_reused,
+                            plan.bytes_reused,
+                            plan.blocks_to_send,
+                            plan.bytes_to_send,
+                            plan.index_bytes
+                        );
+                    }
+                    Ok(ExitCode::SUCCESS)
+                }
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    Ok(exit_for(&e))
+                }
+            }
+        }
+        TransferCommand::Push {
+            file,
+            target,
+            name,
+            connections,
+            zstd_level,
+            batch_bytes,
+            no_assemble,
+        } => {
+            let (client, chunking) = target.client()?;
+            let name = match name {
+                Some(n) => n,
+                None => default_name(&file)?,
+            };
+            let len = std::fs::metadata(&file)
+                .with_context(|| format!("reading {}", file.display()))?
+                .len();
+            let bar = bytes_progress(len, &name);
+            let mut opts = PushOptions::new(name);
+            opts.chunking = chunking;
+            opts.connections = connections.max(1);
+            opts.zstd_level = zstd_level;
+            opts.batch_bytes = batch_bytes.max(4096);
+            opts.assemble = !no_assemble;
+            let progress_bar = bar.clone();
+            opts.progress = Some(Arc::new(move |n| progress_bar.inc(n)));
+            let result = client.push(&file, opts).await;
+            bar.finish_and_clear();
+            match result {
+                Ok(summary) => {
+                    if target.json {
+                        print_json(&summary)?;
+                    } else {
+                        println!(
+                            "{}: {} of {} bytes sent ({} blocks sent, {} reused, {} zero) in {:.2} s",
+                            summary.name,
+                            summary.bytes_sent,
+                            summary.bytes_total,
+                            summary.blocks_sent,
+                            summary.blocks_reused,
+                            summary.blocks_zero,
+                            summary.seconds
+                        );
+                    }
+                    Ok(ExitCode::SUCCESS)
+                }
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    Ok(exit_for(&e))
+                }
+            }
+        }
+    }
+}
+
+/// A byte progress bar on stderr when it is a terminal.
+fn bytes_progress(len: u64, what: &str) -> indicatif::ProgressBar {
+    use std::io::IsTerminal;
+    if !std::io::stderr().is_terminal() {
+        return indicatif::ProgressBar::hidden();
+    }
+    let bar = indicatif::ProgressBar::new(len);
+    if let Ok(style) = indicatif::ProgressStyle::with_template(
+        "{msg:>12} [{bar:40}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
+    ) {
+        bar.set_style(style.progress_chars("=> "));
+    }
+    bar.set_message(what.to_string());
+    bar.enable_steady_tick(Duration::from_millis(200));
+    bar
+}

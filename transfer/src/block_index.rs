@@ -56,6 +56,12 @@ pub const MAX_BLOCK_LEN: u32 = 4 << 20;
 pub const MAGIC: &[u8; 7] = b"CRTOIDX";
 /// Encoding format version written by [`BlockIndex::to_bytes`] and read by [`BlockIndex::from_bytes`].
 pub const FORMAT_VERSION: u8 = 2;
+/// Magic bytes opening a compact index (hash prefixes, see [`BlockIndex::to_compact_bytes`]).
+pub const COMPACT_MAGIC: &[u8; 7] = b"CRTOCIX";
+/// Version of the compact form.
+pub const COMPACT_VERSION: u8 = 1;
+/// Bytes of each hash kept in the compact form and in missing queries.
+pub const PREFIX_LEN: usize = 8;
 
 const HEADER_LEN: usize = 61;
 const DIGEST_DOMAIN: &[u8; 8] = b"CRTOIMG2";
@@ -265,8 +271,12 @@ impl BlockEntry {
 struct ZeroHashes(HashMap<u32, [u8; 32]>);
 
 impl ZeroHashes {
+    fn hash(&mut self, len: u32) -> [u8; 32] {
+        *self.0.entry(len).or_insert_with(|| zero_hash(len as usize))
+    }
+
     fn entry(&mut self, hash: [u8; 32], len: u32) -> BlockEntry {
-        let zero_ref = *self.0.entry(len).or_insert_with(|| zero_hash(len as usize));
+        let zero_ref = self.hash(len);
         BlockEntry {
             hash,
             len,
@@ -448,15 +458,59 @@ impl BlockIndex {
     /// inconsistent with the image length, a digest that does not match the blocks, and
     /// trailing bytes.
     pub fn from_bytes(bytes: &[u8]) -> Result<Self, IndexError> {
+        match Self::decode(bytes, Form::Full, |_| None)? {
+            Resolved::Index(index) => Ok(index),
+            // Full hashes never need resolving.
+            Resolved::Unresolved(_) => Err(IndexError::BadMagic {
+                found: String::new(),
+            }),
+        }
+    }
+
+    /// Encodes the index in the compact form: the same header with magic `CRTOCIX` and
+    /// version 1, each hash cut to its first [`PREFIX_LEN`] bytes. A receiver that holds every
+    /// block resolves the prefixes against its store and checks the result against the
+    /// image digest, which stays complete.
+    pub fn to_compact_bytes(&self) -> Vec<u8> {
+        let full = self.to_bytes();
+        let per_block = if matches!(self.chunking, Chunking::Fixed { .. }) { 32 } else { 36 };
+        let mut out = Vec::with_capacity(HEADER_LEN + self.blocks.len() * (per_block - 24));
+        out.extend_from_slice(COMPACT_MAGIC);
+        out.push(COMPACT_VERSION);
+        out.extend_from_slice(&full[8..HEADER_LEN]);
+        for rec in full[HEADER_LEN..].chunks_exact(per_block) {
+            out.extend_from_slice(&rec[..per_block - 32 + PREFIX_LEN]);
+        }
+        out
+    }
+
+    /// Decodes the compact form, resolving each non-zero hash prefix with `resolve`. Returns
+    /// the number of prefixes `resolve` did not know when there are any.
+    pub fn from_compact_bytes(
+        bytes: &[u8],
+        resolve: impl FnMut(&[u8; PREFIX_LEN]) -> Option<[u8; 32]>,
+    ) -> Result<Resolved, IndexError> {
+        Self::decode(bytes, Form::Compact, resolve)
+    }
+
+    fn decode(
+        bytes: &[u8],
+        form: Form,
+        mut resolve: impl FnMut(&[u8; PREFIX_LEN]) -> Option<[u8; 32]>,
+    ) -> Result<Resolved, IndexError> {
+        let (magic_ref, version_ref, width): (&[u8; 7], u8, usize) = match form {
+            Form::Full => (MAGIC, FORMAT_VERSION, 32),
+            Form::Compact => (COMPACT_MAGIC, COMPACT_VERSION, PREFIX_LEN),
+        };
         let mut cur = Cursor { bytes, offset: 0 };
         let magic = cur.take("magic", MAGIC.len())?;
-        if magic != MAGIC {
+        if magic != magic_ref {
             return Err(IndexError::BadMagic {
                 found: magic.escape_ascii().to_string(),
             });
         }
         let version = cur.array::<1>("version")?[0];
-        if version != FORMAT_VERSION {
+        if version != version_ref {
             return Err(IndexError::UnsupportedVersion { version });
         }
         let kind = cur.array::<1>("chunking")?[0];
@@ -476,6 +530,24 @@ impl BlockIndex {
         let image_digest = cur.array::<32>("image digest")?;
         let count = u64::from_be_bytes(cur.array("block count")?);
         let mut zeros = ZeroHashes::default();
+        let mut unresolved = 0usize;
+        let mut hash_of = |raw: &[u8], len: u32, zeros: &mut ZeroHashes| -> [u8; 32] {
+            let mut hash = [0u8; 32];
+            if raw.len() == 32 {
+                hash.copy_from_slice(raw);
+                return hash;
+            }
+            let zero = zeros.hash(len);
+            if raw == &zero[..PREFIX_LEN] {
+                return zero;
+            }
+            let mut prefix = [0u8; PREFIX_LEN];
+            prefix.copy_from_slice(raw);
+            resolve(&prefix).unwrap_or_else(|| {
+                unresolved += 1;
+                hash
+            })
+        };
         let blocks = match chunking {
             Chunking::Fixed { block_size } => {
                 let expected = image_len.div_ceil(u64::from(block_size));
@@ -488,40 +560,40 @@ impl BlockIndex {
                     });
                 }
                 // count <= 2^64 / 512, so count * 32 cannot overflow.
-                let hashes = cur.take_u64("block hashes", count * 32)?;
+                let hashes = cur.take_u64("block hashes", count * width as u64)?;
                 let last_len = match image_len % u64::from(block_size) {
                     0 => block_size,
                     short => short as u32,
                 };
-                let n = hashes.len() / 32;
+                let n = hashes.len() / width;
                 hashes
-                    .chunks_exact(32)
+                    .chunks_exact(width)
                     .enumerate()
-                    .map(|(i, chunk)| {
-                        let mut hash = [0u8; 32];
-                        hash.copy_from_slice(chunk);
-                        zeros.entry(hash, if i + 1 == n { last_len } else { block_size })
+                    .map(|(i, raw)| {
+                        let len = if i + 1 == n { last_len } else { block_size };
+                        let hash = hash_of(raw, len, &mut zeros);
+                        zeros.entry(hash, len)
                     })
                     .collect::<Vec<_>>()
             }
             Chunking::ContentDefined { avg } => {
-                let needed = count.checked_mul(36).unwrap_or(u64::MAX);
+                let rec_len = 4 + width;
+                let needed = count.checked_mul(rec_len as u64).unwrap_or(u64::MAX);
                 let body = cur.take_u64("blocks", needed)?;
                 let max = ChunkParams::new(avg).max as u32;
                 let mut total = 0u64;
                 let mut blocks = Vec::with_capacity(count as usize);
-                for (i, rec) in body.chunks_exact(36).enumerate() {
+                for (i, rec) in body.chunks_exact(rec_len).enumerate() {
                     let len = u32::from_be_bytes([rec[0], rec[1], rec[2], rec[3]]);
                     if len == 0 || len > max {
                         return Err(IndexError::BadBlockLength {
                             block: i as u64,
-                            offset: HEADER_LEN + 36 * i,
+                            offset: HEADER_LEN + rec_len * i,
                             problem: format!("length {len} is not within 1..={max}"),
                         });
                     }
                     total += u64::from(len);
-                    let mut hash = [0u8; 32];
-                    hash.copy_from_slice(&rec[4..]);
+                    let hash = hash_of(&rec[4..], len, &mut zeros);
                     blocks.push(zeros.entry(hash, len));
                 }
                 if total != image_len {
@@ -542,6 +614,9 @@ impl BlockIndex {
                 extra: bytes.len() - cur.offset,
             });
         }
+        if unresolved > 0 {
+            return Ok(Resolved::Unresolved(unresolved));
+        }
         let computed = compute_digest(image_len, &blocks);
         if computed != image_digest {
             return Err(IndexError::DigestMismatch {
@@ -549,13 +624,28 @@ impl BlockIndex {
                 computed: hex::encode(computed),
             });
         }
-        Ok(Self {
+        Ok(Resolved::Index(Self {
             chunking,
             image_len,
             image_digest,
             blocks,
-        })
+        }))
     }
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Form {
+    Full,
+    Compact,
+}
+
+/// Outcome of decoding a compact index.
+#[derive(Debug)]
+pub enum Resolved {
+    /// Every prefix was resolved and the digest matches.
+    Index(BlockIndex),
+    /// This many prefixes are unknown to the resolver.
+    Unresolved(usize),
 }
 
 fn compute_digest(image_len: u64, blocks: &[BlockEntry]) -> [u8; 32] {

@@ -29,7 +29,7 @@ use serde::Serialize;
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 
-use crate::block_index::{BlockEntry, BlockIndex, Chunking, IndexError, sha256};
+use crate::block_index::{BlockEntry, BlockIndex, Chunking, IndexError, PREFIX_LEN, sha256};
 use crate::server::Token;
 use crate::wire::{self, WireError};
 
@@ -218,6 +218,8 @@ pub struct PushSummary {
     pub bytes_raw_sent: u64,
     /// Request body bytes sent (queries, compressed batches, index, retries included).
     pub bytes_sent: u64,
+    /// Compressed batch bytes of those (first attempts and retries).
+    pub bytes_batches: u64,
     /// Batches sent.
     pub batches: u64,
     /// Requests retried.
@@ -282,6 +284,7 @@ struct Want {
 #[derive(Debug, Default)]
 struct Counters {
     bytes_sent: AtomicU64,
+    bytes_batches: AtomicU64,
     retries: AtomicU64,
     batches: AtomicU64,
     blocks_sent: AtomicU64,
@@ -425,10 +428,11 @@ impl Client {
     async fn query_missing(
         &self,
         hashes: &[[u8; 32]],
+        width: usize,
         counters: &Counters,
     ) -> Result<Vec<bool>, ClientError> {
-        let body: Vec<u8> = hashes.concat();
-        let url = self.url("/v1/blocks/missing");
+        let body: Vec<u8> = hashes.iter().flat_map(|h| &h[..width]).copied().collect();
+        let url = self.url(&format!("/v1/blocks/missing?width={width}"));
         let body = axum::body::Bytes::from(body);
         loop {
             let answer = self
@@ -476,7 +480,7 @@ impl Client {
         let (mut to_send, mut bytes_to_send, mut reused, mut bytes_reused) = (0, 0u64, 0, 0u64);
         for chunk in unique.chunks(QUERY_CHUNK) {
             let hashes: Vec<[u8; 32]> = chunk.iter().map(|(_, b)| *b.hash()).collect();
-            let bits = self.query_missing(&hashes, &counters).await?;
+            let bits = self.query_missing(&hashes, PREFIX_LEN, &counters).await?;
             for ((_, b), missing) in chunk.iter().zip(bits) {
                 if missing {
                     to_send += 1;
@@ -519,9 +523,17 @@ impl Client {
             let index = self
                 .run_pipeline(path, &file, source, &opts, &counters)
                 .await?;
-            let index_bytes = index.to_bytes();
+            // First round: the compact index (hash prefixes, zstd), which the host resolves
+            // against its store; a repair round sends the full index.
+            let (form, index_bytes) = if rounds == 1 {
+                let compact = wire::compress(&index.to_compact_bytes(), 3)
+                    .map_err(|e| ClientError::Internal(format!("zstd compression failed: {e}")))?;
+                ("compact", compact)
+            } else {
+                ("full", index.to_bytes())
+            };
             let url = self.url(&format!(
-                "/v1/images/{}?assemble={}",
+                "/v1/images/{}?assemble={}&form={form}",
                 opts.name, opts.assemble
             ));
             let body = axum::body::Bytes::from(index_bytes);
@@ -550,6 +562,7 @@ impl Client {
                         blocks_sent: c.blocks_sent.load(Ordering::Relaxed) as usize,
                         bytes_raw_sent: c.bytes_raw_sent.load(Ordering::Relaxed),
                         bytes_sent: c.bytes_sent.load(Ordering::Relaxed),
+                        bytes_batches: c.bytes_batches.load(Ordering::Relaxed),
                         batches: c.batches.load(Ordering::Relaxed),
                         retries: c.retries.load(Ordering::Relaxed),
                         rounds,
@@ -572,7 +585,12 @@ impl Client {
                     );
                     return Ok(summary);
                 }
-                Err(e) if e.status() == Some(StatusCode::CONFLICT) && rounds < 4 => {
+                Err(e)
+                    if rounds < 4
+                        && (e.status() == Some(StatusCode::CONFLICT)
+                            || (rounds == 1
+                                && e.status() == Some(StatusCode::UNPROCESSABLE_ENTITY))) =>
+                {
                     tracing::warn!(round = rounds, error = %e, "host still lacks blocks; sending them");
                     source = Source::Index(Arc::new(index));
                 }
@@ -672,7 +690,10 @@ impl Client {
                     let bits = if hashes.is_empty() {
                         Vec::new()
                     } else {
-                        client.query_missing(&hashes, &counters).await?
+                        // First round: prefixes (a quarter of the bytes); a repair round
+                        // asks with full hashes.
+                        let width = if replaying { 32 } else { PREFIX_LEN };
+                        client.query_missing(&hashes, width, &counters).await?
                     };
                     let mut wants = Vec::new();
                     for (w, missing) in ask.into_iter().zip(bits) {
@@ -750,6 +771,9 @@ impl Client {
                         .await?;
                     counters.note_send(start, Instant::now());
                     counters.batches.fetch_add(1, Ordering::Relaxed);
+                    counters
+                        .bytes_batches
+                        .fetch_add(body.len() as u64, Ordering::Relaxed);
                     counters
                         .blocks_sent
                         .fetch_add(blocks as u64, Ordering::Relaxed);

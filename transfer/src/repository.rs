@@ -35,7 +35,7 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 
-use crate::block_index::{BlockIndex, IndexError, MAX_BLOCK_LEN, sha256};
+use crate::block_index::{BlockIndex, IndexError, MAX_BLOCK_LEN, PREFIX_LEN, Resolved, sha256};
 use crate::wire::{WireError, validate_name};
 
 const PACK_MAGIC: &[u8; 8] = b"CRTOPAK1";
@@ -232,6 +232,8 @@ struct Writer {
 #[derive(Debug)]
 struct State {
     blocks: HashMap<[u8; 32], Loc>,
+    /// First bytes of each stored hash → the hash, or `None` when two stored hashes share them.
+    prefixes: HashMap<[u8; PREFIX_LEN], Option<[u8; 32]>>,
     packs: Vec<Arc<File>>,
     writer: Writer,
     unsynced: BTreeSet<u32>,
@@ -350,6 +352,10 @@ impl Repository {
             packs.push(read);
             w
         };
+        let mut prefixes = HashMap::with_capacity(blocks.len());
+        for hash in blocks.keys() {
+            note_prefix(&mut prefixes, hash);
+        }
         report.packs = packs.len();
         report.blocks = blocks.len();
         report.block_bytes = block_bytes;
@@ -357,6 +363,7 @@ impl Repository {
             root,
             state: Mutex::new(State {
                 blocks,
+                prefixes,
                 packs,
                 writer,
                 unsynced: BTreeSet::new(),
@@ -418,6 +425,29 @@ impl Repository {
     pub fn missing(&self, hashes: &[[u8; 32]]) -> Vec<bool> {
         let s = self.lock_state();
         hashes.iter().map(|h| !s.blocks.contains_key(h)).collect()
+    }
+
+    /// For each hash prefix, true when no stored block's hash starts with it.
+    pub fn missing_prefixes(&self, prefixes: &[[u8; PREFIX_LEN]]) -> Vec<bool> {
+        let s = self.lock_state();
+        prefixes.iter().map(|p| !s.prefixes.contains_key(p)).collect()
+    }
+
+    /// Like [`commit`](Self::commit) with a compact index (hash prefixes), resolved against
+    /// the store; the resolved index must match the image digest the compact form carries.
+    pub fn commit_compact(&self, name: &str, compact: &[u8]) -> Result<Manifest, RepoError> {
+        validate_name(name)?;
+        let resolved = {
+            let s = self.lock_state();
+            BlockIndex::from_compact_bytes(compact, |p| s.prefixes.get(p).copied().flatten())?
+        };
+        match resolved {
+            Resolved::Index(index) => self.commit(name, &index.to_bytes()),
+            Resolved::Unresolved(missing) => Err(RepoError::Incomplete {
+                name: name.to_string(),
+                missing,
+            }),
+        }
     }
 
     /// Verifies and stores blocks; blocks already present are skipped. Either every new
@@ -485,6 +515,7 @@ impl Repository {
         s.unsynced.insert(pack);
         for (hash, offset, len) in new {
             s.blocks.insert(hash, Loc { pack, offset, len });
+            note_prefix(&mut s.prefixes, &hash);
             s.block_bytes += u64::from(len);
             out.stored += 1;
         }
@@ -749,6 +780,19 @@ impl Repository {
         }
         Ok(report)
     }
+}
+
+fn note_prefix(prefixes: &mut HashMap<[u8; PREFIX_LEN], Option<[u8; 32]>>, hash: &[u8; 32]) {
+    let mut p = [0u8; PREFIX_LEN];
+    p.copy_from_slice(&hash[..PREFIX_LEN]);
+    prefixes
+        .entry(p)
+        .and_modify(|known| {
+            if *known != Some(*hash) {
+                *known = None;
+            }
+        })
+        .or_insert(Some(*hash));
 }
 
 fn new_pack(root: &Path, n: u32) -> Result<(Writer, Arc<File>), RepoError> {

@@ -3,9 +3,9 @@
 //! | method and path                   | auth | body → answer                                          |
 //! |-----------------------------------|------|--------------------------------------------------------|
 //! | `GET /v1/health`                  | no   | → `{"service":"certo-agent","protocol":1}`            |
-//! | `POST /v1/blocks/missing`         | yes  | 32-byte hashes → bitmap, bit set = the host lacks it   |
+//! | `POST /v1/blocks/missing?width=`  | yes  | hashes (32) or prefixes (8) → bitmap, set = lacking    |
 //! | `POST /v1/blocks`                 | yes  | zstd batch (see [`crate::wire`]) → `{stored, present}` |
-//! | `PUT /v1/images/{name}?assemble=` | yes  | encoded index → manifest (409 if blocks are missing)   |
+//! | `PUT /v1/images/{name}?assemble=&form=` | yes | index (full, or compact+zstd) → manifest; 409 if blocks are missing |
 //! | `GET /v1/images`                  | yes  | → manifests of complete images                         |
 //! | `GET /v1/images/{name}`           | yes  | → one manifest                                         |
 //!
@@ -28,6 +28,7 @@ use axum::routing::{get, post, put};
 use serde::Deserialize;
 use serde_json::json;
 
+use crate::block_index::PREFIX_LEN;
 use crate::repository::{RepoError, Repository};
 use crate::wire::{self, Batch, MAX_BATCH_BODY, MAX_INDEX_BODY, MAX_QUERY_HASHES, WireError};
 
@@ -196,14 +197,40 @@ async fn health() -> impl IntoResponse {
     axum::Json(json!({ "service": "certo-agent", "protocol": PROTOCOL_VERSION }))
 }
 
-async fn missing(State(state): State<AppState>, body: Bytes) -> Result<Vec<u8>, ApiError> {
-    let hashes = wire::decode_query(&body)?;
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct MissingQuery {
+    #[serde(default = "full_width")]
+    width: usize,
+}
+
+fn full_width() -> usize {
+    32
+}
+
+async fn missing(
+    State(state): State<AppState>,
+    Query(query): Query<MissingQuery>,
+    body: Bytes,
+) -> Result<Vec<u8>, ApiError> {
     let repo = state.repo.clone();
-    blocking(move || {
-        let bits = repo.missing(&hashes);
-        Ok(wire::encode_bitmap(&bits))
-    })
-    .await
+    let bits = match query.width {
+        32 => {
+            let hashes = wire::decode_query::<32>(&body)?;
+            blocking(move || Ok(repo.missing(&hashes))).await?
+        }
+        PREFIX_LEN => {
+            let prefixes = wire::decode_query::<PREFIX_LEN>(&body)?;
+            blocking(move || Ok(repo.missing_prefixes(&prefixes))).await?
+        }
+        other => {
+            return Err(ApiError::new(
+                StatusCode::BAD_REQUEST,
+                format!("width={other} is not supported (32 or {PREFIX_LEN})"),
+            ));
+        }
+    };
+    Ok(wire::encode_bitmap(&bits))
 }
 
 async fn store_blocks(
@@ -235,6 +262,16 @@ async fn store_blocks(
 struct CommitQuery {
     #[serde(default)]
     assemble: bool,
+    #[serde(default)]
+    form: CommitForm,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+enum CommitForm {
+    #[default]
+    Full,
+    Compact,
 }
 
 async fn commit_image(
@@ -246,7 +283,13 @@ async fn commit_image(
     wire::validate_name(&name)?;
     let repo = state.repo.clone();
     blocking(move || {
-        let manifest = repo.commit(&name, &body)?;
+        let manifest = match query.form {
+            CommitForm::Full => repo.commit(&name, &body)?,
+            CommitForm::Compact => {
+                let raw = wire::decompress_limited(&body, MAX_INDEX_BODY)?;
+                repo.commit_compact(&name, &raw)?
+            }
+        };
         let assembled = if query.assemble {
             Some(repo.assemble(&name)?)
         } else {

@@ -2,8 +2,12 @@
 //!
 //! * **Image names** (`[A-Za-z0-9._-]{1,128}`, not starting with `.`): they become file names
 //!   in the repository, so nothing else is accepted.
-//! * **Missing query**: the body is a list of 32-byte SHA-256 hashes; the answer is a bitmap,
-//!   one bit per hash in order (bit `i % 8` of byte `i / 8`), set when the host lacks it.
+//! * **Missing query**: the body is a list of 32-byte SHA-256 hashes, or (`?width=8`) of their
+//!   first 8 bytes; the answer is a bitmap, one bit per entry in order (bit `i % 8` of byte
+//!   `i / 8`), set when the host lacks it (for a prefix: holds no block starting with it).
+//! * **Commit**: the encoded index (`?form=full`), or the compact index
+//!   ([`BlockIndex::to_compact_bytes`](crate::BlockIndex::to_compact_bytes)) compressed with
+//!   zstd (`?form=compact`), which the host resolves against its store.
 //! * **Block batch**: one zstd frame (with its content checksum) of
 //!   `"CRTOBAT1" ‖ count (u32 BE) ‖ count × (hash 32 ‖ length (u32 BE) ‖ bytes)`.
 //!   The receiver bounds the decompressed size and verifies every block against its hash.
@@ -86,28 +90,53 @@ pub fn validate_name(name: &str) -> Result<&str, WireError> {
     Ok(name)
 }
 
-/// Splits a missing-query body into hashes.
-pub fn decode_query(body: &[u8]) -> Result<Vec<[u8; 32]>, WireError> {
-    if body.len() % 32 != 0 {
+/// Splits a missing-query body into hashes (`N` = 32) or hash prefixes (`N` = 8).
+pub fn decode_query<const N: usize>(body: &[u8]) -> Result<Vec<[u8; N]>, WireError> {
+    if body.len() % N != 0 {
         return Err(WireError::BadQuery {
             len: body.len(),
-            why: "not a whole number of 32-byte hashes".into(),
+            why: format!("not a whole number of {N}-byte hashes"),
         });
     }
-    if body.len() / 32 > MAX_QUERY_HASHES {
+    if body.len() / N > MAX_QUERY_HASHES {
         return Err(WireError::BadQuery {
             len: body.len(),
             why: format!("more than {MAX_QUERY_HASHES} hashes"),
         });
     }
     Ok(body
-        .chunks_exact(32)
+        .chunks_exact(N)
         .map(|c| {
-            let mut h = [0u8; 32];
+            let mut h = [0u8; N];
             h.copy_from_slice(c);
             h
         })
         .collect())
+}
+
+/// Decompresses a zstd body of at most `limit` bytes.
+pub fn decompress_limited(body: &[u8], limit: usize) -> Result<Vec<u8>, WireError> {
+    let mut dec = zstd::stream::Decoder::new(body)
+        .map_err(|e| WireError::BadBatch(format!("not a zstd frame: {e}")))?
+        .single_frame();
+    let mut raw = Vec::new();
+    (&mut dec)
+        .take(limit as u64 + 1)
+        .read_to_end(&mut raw)
+        .map_err(|e| WireError::BadBatch(format!("zstd decompression failed: {e}")))?;
+    if raw.len() > limit {
+        return Err(WireError::BatchTooLarge);
+    }
+    Ok(raw)
+}
+
+/// Compresses a body with zstd (with its content checksum).
+pub fn compress(raw: &[u8], level: i32) -> std::io::Result<Vec<u8>> {
+    let mut enc = zstd::stream::Encoder::new(Vec::with_capacity(raw.len() / 2), level)?;
+    enc.include_checksum(true)?;
+    enc.set_pledged_src_size(Some(raw.len() as u64))?;
+    std::io::Write::write_all(&mut enc, raw)?;
+    enc.finish()
 }
 
 /// Packs booleans into the answer bitmap.
@@ -137,11 +166,7 @@ pub fn encode_batch<'a>(
         raw.extend_from_slice(&(data.len() as u32).to_be_bytes());
         raw.extend_from_slice(data);
     }
-    let mut enc = zstd::stream::Encoder::new(Vec::with_capacity(raw.len() / 2), level)?;
-    enc.include_checksum(true)?;
-    enc.set_pledged_src_size(Some(raw.len() as u64))?;
-    std::io::Write::write_all(&mut enc, &raw)?;
-    enc.finish()
+    compress(&raw, level)
 }
 
 /// A decoded, verified batch: the decompressed bytes and where each block lies in them.
@@ -154,17 +179,7 @@ pub struct Batch {
 impl Batch {
     /// Decompresses (at most [`MAX_BATCH_RAW`] bytes), parses and verifies every block.
     pub fn decode(body: &[u8]) -> Result<Self, WireError> {
-        let mut dec = zstd::stream::Decoder::new(body)
-            .map_err(|e| WireError::BadBatch(format!("not a zstd frame: {e}")))?
-            .single_frame();
-        let mut raw = Vec::new();
-        (&mut dec)
-            .take(MAX_BATCH_RAW as u64 + 1)
-            .read_to_end(&mut raw)
-            .map_err(|e| WireError::BadBatch(format!("zstd decompression failed: {e}")))?;
-        if raw.len() > MAX_BATCH_RAW {
-            return Err(WireError::BatchTooLarge);
-        }
+        let raw = decompress_limited(body, MAX_BATCH_RAW)?;
         let mut at = 0usize;
         let mut take = |n: usize, what: &str| -> Result<std::ops::Range<usize>, WireError> {
             if raw.len() - at < n {

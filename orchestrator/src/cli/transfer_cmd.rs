@@ -50,6 +50,23 @@ pub struct Target {
 
 #[derive(Debug, Subcommand)]
 pub enum TransferCommand {
+    /// Index an image locally and report the index's size and the indexing speed.
+    Index {
+        /// The image file.
+        file: PathBuf,
+        /// How to cut the image into blocks.
+        #[arg(long, value_enum, default_value = "fixed")]
+        chunking: ChunkingArg,
+        /// Block size (fixed) or average chunk size (cdc), in bytes.
+        #[arg(long, value_name = "BYTES")]
+        block_size: Option<u32>,
+        /// Write the encoded index to this file.
+        #[arg(long, value_name = "FILE")]
+        output: Option<PathBuf>,
+        /// Print the result as JSON on stdout.
+        #[arg(long)]
+        json: bool,
+    },
     /// Say how many blocks and bytes a push would send, sending nothing.
     Plan {
         /// The image file.
@@ -81,6 +98,18 @@ pub enum TransferCommand {
     },
 }
 
+fn chunking(kind: ChunkingArg, size: Option<u32>) -> anyhow::Result<Chunking> {
+    Ok(match kind {
+        ChunkingArg::Fixed => Chunking::Fixed {
+            block_size: size.unwrap_or(certo_transfer::DEFAULT_BLOCK_SIZE),
+        },
+        ChunkingArg::Cdc => Chunking::ContentDefined {
+            avg: size.unwrap_or(16384),
+        },
+    }
+    .validate()?)
+}
+
 impl Target {
     fn client(&self) -> anyhow::Result<(Client, Chunking)> {
         let token = Token::new(&self.token).map_err(|why| anyhow::anyhow!("--token: {why}"))?;
@@ -88,15 +117,7 @@ impl Target {
             attempts: self.retries.max(1),
             ..RetryPolicy::default()
         };
-        let chunking = match self.chunking {
-            ChunkingArg::Fixed => Chunking::Fixed {
-                block_size: self.block_size.unwrap_or(certo_transfer::DEFAULT_BLOCK_SIZE),
-            },
-            ChunkingArg::Cdc => Chunking::ContentDefined {
-                avg: self.block_size.unwrap_or(16384),
-            },
-        }
-        .validate()?;
+        let chunking = chunking(self.chunking, self.block_size)?;
         Ok((Client::new(&self.to, token, retry)?, chunking))
     }
 }
@@ -125,6 +146,58 @@ fn exit_for(e: &ClientError) -> ExitCode {
 
 pub async fn run(_g: &Global, args: TransferArgs) -> anyhow::Result<ExitCode> {
     match args.command {
+        TransferCommand::Index {
+            file,
+            chunking: kind,
+            block_size,
+            output,
+            json,
+        } => {
+            let chunking = chunking(kind, block_size)?;
+            let started = std::time::Instant::now();
+            let index = match certo_transfer::client::index_file(&file, chunking).await {
+                Ok(i) => i,
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    return Ok(exit_for(&e));
+                }
+            };
+            let seconds = started.elapsed().as_secs_f64();
+            if let Some(out) = &output {
+                std::fs::write(out, index.to_bytes())
+                    .with_context(|| format!("writing {}", out.display()))?;
+            }
+            let len = index.image_len();
+            let report = serde_json::json!({
+                "file": file,
+                "chunking": index.chunking().label(),
+                "digest": hex::encode(index.image_digest()),
+                "bytes_total": len,
+                "blocks_total": index.blocks().len(),
+                "blocks_zero": index.zero_blocks(),
+                "blocks_distinct": index.distinct_blocks(),
+                "index_bytes": index.encoded_len(),
+                "index_share": index.encoded_len() as f64 / len.max(1) as f64,
+                "seconds": seconds,
+                "gb_per_second": len as f64 / seconds / 1e9,
+            });
+            if json {
+                print_json(&report)?;
+            } else {
+                println!(
+                    "{}: {} bytes, {} blocks ({} zero, {} distinct), index {} bytes ({:.2} % of the image), {:.2} GB/s",
+                    file.display(),
+                    len,
+                    index.blocks().len(),
+                    index.zero_blocks(),
+                    index.distinct_blocks(),
+                    index.encoded_len(),
+                    100.0 * index.encoded_len() as f64 / len.max(1) as f64,
+                    len as f64 / seconds / 1e9
+                );
+            }
+            Ok(ExitCode::SUCCESS)
+        }
         TransferCommand::Plan { file, target } => {
             let (client, chunking) = target.client()?;
             match client.plan(&file, chunking).await {

@@ -60,8 +60,13 @@ pub async fn run(_g: &Global, args: AgentArgs) -> anyhow::Result<ExitCode> {
     // The first line on stdout tells scripts and tests where to connect.
     println!("listening on http://{addr}");
     let router = certo_transfer::router(Arc::new(repo), token);
-    let shutdown = async {
-        let _ = tokio::signal::ctrl_c().await;
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .context("installing the SIGTERM handler")?;
+    let shutdown = async move {
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
         tracing::info!("agent stopping");
     };
     certo_transfer::server::serve(listener, router, shutdown)

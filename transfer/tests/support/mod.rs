@@ -92,6 +92,13 @@ impl Agent {
         if let Some(task) = self.task.take() {
             let _ = task.await;
         }
+        // Connection tasks may still hold the router state for a moment.
+        for _ in 0..100 {
+            if Arc::strong_count(&self.repo) == 1 {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
         self.repo.clone()
     }
 }

@@ -20,7 +20,7 @@ use std::fs::File;
 use std::io::{self, Read};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -153,8 +153,12 @@ pub struct PushOptions {
     pub chunking: Chunking,
     /// Concurrent block uploads (connections).
     pub connections: usize,
-    /// zstd level of block batches.
+    /// zstd level of block batches: the fixed level, or the lowest when adapting.
     pub zstd_level: i32,
+    /// Adapt the level between `zstd_level` and `max_level` to keep the link busy.
+    pub adaptive: bool,
+    /// Highest level when adapting.
+    pub max_level: i32,
     /// Uncompressed bytes per batch.
     pub batch_bytes: usize,
     /// Ask the host to assemble the image file after the commit.
@@ -170,6 +174,8 @@ impl std::fmt::Debug for PushOptions {
             .field("chunking", &self.chunking)
             .field("connections", &self.connections)
             .field("zstd_level", &self.zstd_level)
+            .field("adaptive", &self.adaptive)
+            .field("max_level", &self.max_level)
             .field("batch_bytes", &self.batch_bytes)
             .field("assemble", &self.assemble)
             .finish_non_exhaustive()
@@ -177,13 +183,16 @@ impl std::fmt::Debug for PushOptions {
 }
 
 impl PushOptions {
-    /// Defaults: fixed 4 KiB blocks, 4 connections, zstd level 12, 4 MiB batches, assemble.
+    /// Defaults: fixed 4 KiB blocks, 4 connections, zstd adapting between levels 3 and
+    /// 16, 4 MiB batches, assemble.
     pub fn new(name: impl Into<String>) -> Self {
         Self {
             name: name.into(),
             chunking: Chunking::default(),
             connections: 4,
-            zstd_level: 12,
+            zstd_level: 3,
+            adaptive: true,
+            max_level: 16,
             batch_bytes: 4 << 20,
             assemble: true,
             progress: None,
@@ -220,6 +229,8 @@ pub struct PushSummary {
     pub bytes_sent: u64,
     /// Compressed batch bytes of those (first attempts and retries).
     pub bytes_batches: u64,
+    /// Mean zstd level of the batches.
+    pub mean_zstd_level: f64,
     /// Batches sent.
     pub batches: u64,
     /// Requests retried.
@@ -281,8 +292,17 @@ struct Want {
     hash: [u8; 32],
 }
 
+/// A compressed batch waiting for a connection.
+struct Ready {
+    body: axum::body::Bytes,
+    blocks: usize,
+    raw: u64,
+    level: i32,
+}
+
 #[derive(Debug, Default)]
 struct Counters {
+    level_sum: AtomicU64,
     bytes_sent: AtomicU64,
     bytes_batches: AtomicU64,
     retries: AtomicU64,
@@ -563,6 +583,8 @@ impl Client {
                         bytes_raw_sent: c.bytes_raw_sent.load(Ordering::Relaxed),
                         bytes_sent: c.bytes_sent.load(Ordering::Relaxed),
                         bytes_batches: c.bytes_batches.load(Ordering::Relaxed),
+                        mean_zstd_level: c.level_sum.load(Ordering::Relaxed) as f64
+                            / c.batches.load(Ordering::Relaxed).max(1) as f64,
                         batches: c.batches.load(Ordering::Relaxed),
                         retries: c.retries.load(Ordering::Relaxed),
                         rounds,
@@ -741,28 +763,86 @@ impl Client {
                 Ok(())
             });
         }
-        // Stage 4: block dispatch, one task per connection.
-        for _ in 0..opts.connections.max(1) {
-            let client = self.clone();
-            let counters = counters.clone();
+        // Stage 4: block dispatch. Compressors (one per core) read, verify and compress
+        // batches; senders (one per connection) post them. Between them a bounded queue
+        // steers the zstd level when it adapts: a full queue means the link is the
+        // bottleneck (compress harder), an empty one that compression is (compress faster).
+        let (ready_tx, ready_rx) = mpsc::channel::<Ready>(1);
+        let ready_rx = Arc::new(tokio::sync::Mutex::new(ready_rx));
+        let level = Arc::new(AtomicI32::new(opts.zstd_level));
+        let compressors = std::thread::available_parallelism()
+            .map_or(2, |n| n.get())
+            .min(opts.connections.max(1));
+        for _ in 0..compressors {
             let batch_rx = batch_rx.clone();
+            let ready_tx = ready_tx.clone();
             let file = file.clone();
             let path = path.to_path_buf();
-            let level = opts.zstd_level;
-            let progress = opts.progress.clone();
+            let level = level.clone();
+            let adapt = opts.adaptive.then_some(opts.max_level);
             tasks.spawn(async move {
-                let url = client.url("/v1/blocks");
                 loop {
                     let Some(batch) = batch_rx.lock().await.recv().await else {
                         return Ok(());
                     };
                     let raw: u64 = batch.iter().map(|w| u64::from(w.len)).sum();
                     let (file, path) = (file.clone(), path.clone());
-                    let body = tokio::task::spawn_blocking(move || encode(&file, &path, &batch, level))
-                        .await
-                        .map_err(|e| ClientError::Internal(e.to_string()))??;
-                    let blocks = body.1;
-                    let body = axum::body::Bytes::from(body.0);
+                    let lvl = level.load(Ordering::Relaxed);
+                    let (body, blocks) =
+                        tokio::task::spawn_blocking(move || encode(&file, &path, &batch, lvl))
+                            .await
+                            .map_err(|e| ClientError::Internal(e.to_string()))??;
+                    if let Some(max) = adapt
+                        && ready_tx.capacity() == 0
+                    {
+                        let _ = level.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |l| {
+                            Some((l + 2).min(max))
+                        });
+                    }
+                    let ready = Ready {
+                        body: axum::body::Bytes::from(body),
+                        blocks,
+                        raw,
+                        level: lvl,
+                    };
+                    if ready_tx.send(ready).await.is_err() {
+                        return Ok(());
+                    }
+                }
+            });
+        }
+        drop(ready_tx);
+        for _ in 0..opts.connections.max(1) {
+            let client = self.clone();
+            let counters = counters.clone();
+            let ready_rx = ready_rx.clone();
+            let progress = opts.progress.clone();
+            let level = level.clone();
+            let (adaptive, min_level) = (opts.adaptive, opts.zstd_level);
+            tasks.spawn(async move {
+                let url = client.url("/v1/blocks");
+                loop {
+                    let next = {
+                        let mut rx = ready_rx.lock().await;
+                        match rx.try_recv() {
+                            Ok(r) => Some(r),
+                            Err(mpsc::error::TryRecvError::Disconnected) => None,
+                            Err(mpsc::error::TryRecvError::Empty) => {
+                                if adaptive && counters.batches.load(Ordering::Relaxed) > 0 {
+                                    let _ = level.fetch_update(
+                                        Ordering::Relaxed,
+                                        Ordering::Relaxed,
+                                        |l| Some((l - 1).max(min_level)),
+                                    );
+                                }
+                                rx.recv().await
+                            }
+                        }
+                    };
+                    let Some(ready) = next else {
+                        return Ok(());
+                    };
+                    let body = ready.body;
                     let start = Instant::now();
                     client
                         .request("sending blocks", &url, body.len(), &counters, || {
@@ -776,10 +856,13 @@ impl Client {
                         .fetch_add(body.len() as u64, Ordering::Relaxed);
                     counters
                         .blocks_sent
-                        .fetch_add(blocks as u64, Ordering::Relaxed);
-                    counters.bytes_raw_sent.fetch_add(raw, Ordering::Relaxed);
+                        .fetch_add(ready.blocks as u64, Ordering::Relaxed);
+                    counters.bytes_raw_sent.fetch_add(ready.raw, Ordering::Relaxed);
+                    counters
+                        .level_sum
+                        .fetch_add(ready.level as u64, Ordering::Relaxed);
                     if let Some(p) = &progress {
-                        p(raw);
+                        p(ready.raw);
                     }
                 }
             });

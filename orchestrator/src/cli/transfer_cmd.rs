@@ -86,9 +86,10 @@ pub enum TransferCommand {
         /// Concurrent connections for blocks.
         #[arg(long, default_value_t = 4)]
         connections: usize,
-        /// zstd level for block batches (1-19).
-        #[arg(long, default_value_t = 12, value_parser = clap::value_parser!(i32).range(1..=19))]
-        zstd_level: i32,
+        /// A fixed zstd level for block batches (1-19). Default: adapt between 3 and 16 so
+        /// that compression keeps pace with the link.
+        #[arg(long, value_parser = clap::value_parser!(i32).range(1..=19))]
+        zstd_level: Option<i32>,
         /// Uncompressed bytes per batch.
         #[arg(long, default_value_t = 4 << 20)]
         batch_bytes: usize,
@@ -248,7 +249,10 @@ pub async fn run(_g: &Global, args: TransferArgs) -> anyhow::Result<ExitCode> {
             let mut opts = PushOptions::new(name);
             opts.chunking = chunking;
             opts.connections = connections.max(1);
-            opts.zstd_level = zstd_level;
+            if let Some(level) = zstd_level {
+                opts.zstd_level = level;
+                opts.adaptive = false;
+            }
             opts.batch_bytes = batch_bytes.max(4096);
             opts.assemble = !no_assemble;
             let progress_bar = bar.clone();

@@ -326,12 +326,11 @@ impl BlockIndex {
                 let bs = block_size as usize;
                 let mut buf = vec![0u8; READ_BUFFER.max(bs)];
                 loop {
-                    let filled = fill(&mut reader, &mut buf).map_err(|(done, source)| {
-                        IndexError::Read {
+                    let filled =
+                        fill(&mut reader, &mut buf).map_err(|(done, source)| IndexError::Read {
                             offset: image_len + done as u64,
                             source,
-                        }
-                    })?;
+                        })?;
                     for block in buf[..filled].chunks(bs) {
                         emit(sha256(block), block.len(), &mut image_len);
                     }
@@ -473,7 +472,11 @@ impl BlockIndex {
     /// image digest, which stays complete.
     pub fn to_compact_bytes(&self) -> Vec<u8> {
         let full = self.to_bytes();
-        let per_block = if matches!(self.chunking, Chunking::Fixed { .. }) { 32 } else { 36 };
+        let per_block = if matches!(self.chunking, Chunking::Fixed { .. }) {
+            32
+        } else {
+            36
+        };
         let mut out = Vec::with_capacity(HEADER_LEN + self.blocks.len() * (per_block - 24));
         out.extend_from_slice(COMPACT_MAGIC);
         out.push(COMPACT_VERSION);
@@ -523,7 +526,11 @@ impl BlockIndex {
         if chunking.validate().is_err() {
             return Err(IndexError::EncodedBlockSize {
                 size,
-                chunking: if kind == 0 { "fixed" } else { "content-defined" },
+                chunking: if kind == 0 {
+                    "fixed"
+                } else {
+                    "content-defined"
+                },
             });
         }
         let image_len = u64::from_be_bytes(cur.array("image length")?);
@@ -578,7 +585,7 @@ impl BlockIndex {
             }
             Chunking::ContentDefined { avg } => {
                 let rec_len = 4 + width;
-                let needed = count.checked_mul(rec_len as u64).unwrap_or(u64::MAX);
+                let needed = count.saturating_mul(rec_len as u64);
                 let body = cur.take_u64("blocks", needed)?;
                 let max = ChunkParams::new(avg).max as u32;
                 let mut total = 0u64;
@@ -778,7 +785,10 @@ mod tests {
         assert_eq!(idx.image_len(), 0);
         assert!(idx.blocks().is_empty());
         assert_eq!(idx.to_bytes().len(), HEADER_LEN);
-        assert_eq!(BlockIndex::from_bytes(&idx.to_bytes()).expect("decodes"), idx);
+        assert_eq!(
+            BlockIndex::from_bytes(&idx.to_bytes()).expect("decodes"),
+            idx
+        );
     }
 
     #[test]
@@ -981,7 +991,10 @@ mod tests {
         let mut bytes = idx.to_bytes();
         bytes[HEADER_LEN..HEADER_LEN + 4].copy_from_slice(&0u32.to_be_bytes());
         let err = decode_err(&bytes);
-        assert!(err.to_string().contains("block 0 at offset 61: length 0"), "{err}");
+        assert!(
+            err.to_string().contains("block 0 at offset 61: length 0"),
+            "{err}"
+        );
         let mut bytes = idx.to_bytes();
         let first = u32::from_be_bytes([bytes[61], bytes[62], bytes[63], bytes[64]]);
         bytes[HEADER_LEN..HEADER_LEN + 4].copy_from_slice(&(first - 1).to_be_bytes());

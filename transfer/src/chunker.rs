@@ -154,7 +154,9 @@ mod tests {
         let mut s = seed;
         (0..n)
             .map(|_| {
-                s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                s = s
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
                 (s >> 56) as u8
             })
             .collect()
@@ -178,6 +180,10 @@ mod tests {
         let before: std::collections::HashSet<Vec<u8>> = chunks(&data, 8192).into_iter().collect();
         let after = chunks(&edited, 8192);
         let shared = after.iter().filter(|c| before.contains(*c)).count();
-        assert!(shared + 3 >= after.len(), "{shared} of {} chunks kept", after.len());
+        assert!(
+            shared + 3 >= after.len(),
+            "{shared} of {} chunks kept",
+            after.len()
+        );
     }
 }

@@ -456,16 +456,24 @@ impl Client {
         let body = axum::body::Bytes::from(body);
         loop {
             let answer = self
-                .request("asking which blocks are missing", &url, body.len(), counters, || {
-                    self.http.post(&url).body(body.clone())
-                })
+                .request(
+                    "asking which blocks are missing",
+                    &url,
+                    body.len(),
+                    counters,
+                    || self.http.post(&url).body(body.clone()),
+                )
                 .await?;
             if answer.len() == hashes.len().div_ceil(8) {
                 return Ok((0..hashes.len()).map(|i| wire::bit(&answer, i)).collect());
             }
             // A damaged answer: ask again (counts as a retry, bounded like the others).
             counters.retries.fetch_add(1, Ordering::Relaxed);
-            tracing::warn!(expected = hashes.len().div_ceil(8), got = answer.len(), "missing-block answer has the wrong length; asking again");
+            tracing::warn!(
+                expected = hashes.len().div_ceil(8),
+                got = answer.len(),
+                "missing-block answer has the wrong length; asking again"
+            );
             if counters.retries.load(Ordering::Relaxed) > u64::from(self.retry.attempts) * 64 {
                 return Err(ClientError::Internal(
                     "the host keeps answering missing-block queries with the wrong length".into(),
@@ -620,10 +628,12 @@ impl Client {
                     status: StatusCode::CONFLICT,
                     message,
                     ..
-                }) => return Err(ClientError::StillMissing {
-                    missing: message,
-                    rounds,
-                }),
+                }) => {
+                    return Err(ClientError::StillMissing {
+                        missing: message,
+                        rounds,
+                    });
+                }
                 Err(e) => return Err(e),
             }
         }
@@ -857,7 +867,9 @@ impl Client {
                     counters
                         .blocks_sent
                         .fetch_add(ready.blocks as u64, Ordering::Relaxed);
-                    counters.bytes_raw_sent.fetch_add(ready.raw, Ordering::Relaxed);
+                    counters
+                        .bytes_raw_sent
+                        .fetch_add(ready.raw, Ordering::Relaxed);
                     counters
                         .level_sum
                         .fetch_add(ready.level as u64, Ordering::Relaxed);

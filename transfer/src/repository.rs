@@ -86,7 +86,9 @@ pub enum RepoError {
         len: usize,
     },
     /// A commit of an image whose blocks are not all in the repository.
-    #[error("image {name} cannot be marked complete: {missing} of its blocks are not in the repository")]
+    #[error(
+        "image {name} cannot be marked complete: {missing} of its blocks are not in the repository"
+    )]
     Incomplete {
         /// The image.
         name: String,
@@ -303,7 +305,10 @@ impl Repository {
         // Pack numbers must be 0..n; a gap means a pack was removed by hand: stop there.
         for (expected, &n) in numbers.iter().enumerate() {
             if n as usize != expected {
-                tracing::warn!(pack = n, "pack numbering has a gap; later packs are ignored");
+                tracing::warn!(
+                    pack = n,
+                    "pack numbering has a gap; later packs are ignored"
+                );
                 break;
             }
             let path = pack_path(&root, n);
@@ -313,7 +318,17 @@ impl Repository {
                 .open(&path)
                 .map_err(RepoError::io("opening pack", &path))?;
             let scan = scan_pack(&file, &path, |hash, offset, len| {
-                if blocks.insert(hash, Loc { pack: n, offset, len }).is_none() {
+                if blocks
+                    .insert(
+                        hash,
+                        Loc {
+                            pack: n,
+                            offset,
+                            len,
+                        },
+                    )
+                    .is_none()
+                {
                     block_bytes += u64::from(len);
                 }
             })?;
@@ -327,7 +342,8 @@ impl Repository {
                 );
                 file.set_len(scan.valid_len)
                     .map_err(RepoError::io("truncating pack", &path))?;
-                file.sync_all().map_err(RepoError::io("syncing pack", &path))?;
+                file.sync_all()
+                    .map_err(RepoError::io("syncing pack", &path))?;
                 report.truncated_bytes += scan.file_len - scan.valid_len;
             }
             packs.push(Arc::new(file));
@@ -430,7 +446,10 @@ impl Repository {
     /// For each hash prefix, true when no stored block's hash starts with it.
     pub fn missing_prefixes(&self, prefixes: &[[u8; PREFIX_LEN]]) -> Vec<bool> {
         let s = self.lock_state();
-        prefixes.iter().map(|p| !s.prefixes.contains_key(p)).collect()
+        prefixes
+            .iter()
+            .map(|p| !s.prefixes.contains_key(p))
+            .collect()
     }
 
     /// Like [`commit`](Self::commit) with a compact index (hash prefixes), resolved against
@@ -581,10 +600,11 @@ impl Repository {
                 .duration_since(UNIX_EPOCH)
                 .map_or(0, |d| d.as_secs()),
         };
-        let json = serde_json::to_vec_pretty(&manifest).map_err(|e| RepoError::CorruptManifest {
-            path: self.manifest_path(name),
-            why: e.to_string(),
-        })?;
+        let json =
+            serde_json::to_vec_pretty(&manifest).map_err(|e| RepoError::CorruptManifest {
+                path: self.manifest_path(name),
+                why: e.to_string(),
+            })?;
         // An older manifest of this name goes first, so no moment shows it with the new index.
         let manifest_path = self.manifest_path(name);
         match fs::remove_file(&manifest_path) {
@@ -691,10 +711,13 @@ impl Repository {
                 if b.is_zero() {
                     continue;
                 }
-                let loc = *s.blocks.get(b.hash()).ok_or_else(|| RepoError::Incomplete {
-                    name: name.to_string(),
-                    missing: 1,
-                })?;
+                let loc = *s
+                    .blocks
+                    .get(b.hash())
+                    .ok_or_else(|| RepoError::Incomplete {
+                        name: name.to_string(),
+                        missing: 1,
+                    })?;
                 plan.push((offset, *b.hash(), loc));
             }
             s.packs.clone()
@@ -734,7 +757,12 @@ impl Repository {
             bytes_written: res?,
             seconds: started.elapsed().as_secs_f64(),
         };
-        tracing::info!(image = name, bytes = report.bytes_written, seconds = report.seconds, "image assembled");
+        tracing::info!(
+            image = name,
+            bytes = report.bytes_written,
+            seconds = report.seconds,
+            "image assembled"
+        );
         Ok(report)
     }
 

@@ -135,7 +135,9 @@ impl From<RepoError> for ApiError {
     fn from(e: RepoError) -> Self {
         match &e {
             RepoError::Name(_) => Self::new(StatusCode::BAD_REQUEST, e.to_string()),
-            RepoError::Index(_) | RepoError::HashMismatch { .. } | RepoError::BlockTooLong { .. } => {
+            RepoError::Index(_)
+            | RepoError::HashMismatch { .. }
+            | RepoError::BlockTooLong { .. } => {
                 Self::new(StatusCode::UNPROCESSABLE_ENTITY, e.to_string())
             }
             RepoError::Incomplete { .. } => Self::new(StatusCode::CONFLICT, e.to_string()),

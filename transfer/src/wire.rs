@@ -92,7 +92,7 @@ pub fn validate_name(name: &str) -> Result<&str, WireError> {
 
 /// Splits a missing-query body into hashes (`N` = 32) or hash prefixes (`N` = 8).
 pub fn decode_query<const N: usize>(body: &[u8]) -> Result<Vec<[u8; N]>, WireError> {
-    if body.len() % N != 0 {
+    if !body.len().is_multiple_of(N) {
         return Err(WireError::BadQuery {
             len: body.len(),
             why: format!("not a whole number of {N}-byte hashes"),
@@ -193,7 +193,9 @@ impl Batch {
         };
         let magic = take(8, "magic")?;
         if &raw[magic] != BATCH_MAGIC {
-            return Err(WireError::BadBatch("wrong magic (expected CRTOBAT1)".into()));
+            return Err(WireError::BadBatch(
+                "wrong magic (expected CRTOBAT1)".into(),
+            ));
         }
         let count = take(4, "block count")?;
         let count = u32::from_be_bytes(raw[count].try_into().unwrap_or_default()) as usize;
@@ -242,7 +244,10 @@ impl Batch {
 pub fn token_matches(presented: &[u8], expected: &[u8]) -> bool {
     let a: [u8; 32] = Sha256::digest(presented).into();
     let b: [u8; 32] = Sha256::digest(expected).into();
-    a.iter().zip(b.iter()).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+    a.iter()
+        .zip(b.iter())
+        .fold(0u8, |acc, (x, y)| acc | (x ^ y))
+        == 0
 }
 
 #[cfg(test)]
@@ -254,7 +259,18 @@ mod tests {
         for good in ["a", "minbase-bookworm_1.2", &"x".repeat(128)] {
             assert_eq!(validate_name(good), Ok(good));
         }
-        for bad in ["", ".", "..", ".hidden", "a/b", "../x", "a b", "é", "a\0", &"x".repeat(129)] {
+        for bad in [
+            "",
+            ".",
+            "..",
+            ".hidden",
+            "a/b",
+            "../x",
+            "a b",
+            "é",
+            "a\0",
+            &"x".repeat(129),
+        ] {
             assert!(validate_name(bad).is_err(), "{bad:?} accepted");
         }
         let err = validate_name("../etc/passwd").expect_err("refused");

@@ -28,7 +28,10 @@ async fn damaged_truncated_and_refused_requests_are_retried_and_never_stored() {
     let c = client_with(&proxy.url(), support::TOKEN, fast_retry(10));
     let mut opts = PushOptions::new("x");
     opts.batch_bytes = 256 << 10; // many requests, so every fault kind hits batches
-    let summary = c.push(&img, opts).await.expect("push completes despite faults");
+    let summary = c
+        .push(&img, opts)
+        .await
+        .expect("push completes despite faults");
     let st = &proxy.stats;
     assert!(st.corrupted.load(Ordering::SeqCst) >= 3, "{st:?}");
     assert!(st.truncated.load(Ordering::SeqCst) >= 3, "{st:?}");
@@ -73,11 +76,20 @@ async fn two_concurrent_pushes_of_images_sharing_blocks() {
     }
     let report = repo.verify().expect("verify");
     assert_eq!(report.bad_records, 0);
-    assert_eq!(report.records, report.distinct, "each shared block is stored once");
+    assert_eq!(
+        report.records, report.distinct,
+        "each shared block is stored once"
+    );
     let mut union = std::collections::HashSet::new();
     for data in [&x, &y] {
         let index = certo_transfer::BlockIndex::from_reader(&data[..], 4096).expect("index");
-        union.extend(index.blocks().iter().filter(|b| !b.is_zero()).map(|b| *b.hash()));
+        union.extend(
+            index
+                .blocks()
+                .iter()
+                .filter(|b| !b.is_zero())
+                .map(|b| *b.hash()),
+        );
     }
     assert_eq!(report.distinct, union.len());
     assert!(sx.blocks_sent + sy.blocks_sent >= union.len());
@@ -89,9 +101,12 @@ async fn an_interrupted_push_resumes_sending_only_what_is_missing() {
     let repo_dir = work.path().join("repo");
     let agent = Agent::start(&repo_dir).await;
     // The connection is cut at the 6th request on: the first push fails part-way.
-    let proxy = FaultProxy::start(agent.addr, |n, _, _| {
-        if n >= 6 { Fault::Cut } else { Fault::Pass }
-    })
+    let proxy = FaultProxy::start(
+        agent.addr,
+        |n, _, _| {
+            if n >= 6 { Fault::Cut } else { Fault::Pass }
+        },
+    )
     .await;
     let data = Lcg(44).bytes(8 << 20);
     let img = write_image(work.path(), "x.img", &data);
@@ -115,7 +130,11 @@ async fn an_interrupted_push_resumes_sending_only_what_is_missing() {
         .await
         .expect("resumed push");
     assert_eq!(summary.blocks_reused, kept, "{summary:?}");
-    assert_eq!(summary.blocks_sent, 2048 - kept, "only what is missing is sent");
+    assert_eq!(
+        summary.blocks_sent,
+        2048 - kept,
+        "only what is missing is sent"
+    );
     let repo = agent.stop().await;
     assert_eq!(
         std::fs::read(repo.image_path("x").expect("name")).expect("assembled"),
@@ -154,10 +173,18 @@ async fn a_full_disk_gives_a_clear_error_and_leaves_the_repository_consistent() 
     drop(repo);
     // Reopened, the repository verifies, holds the small image and no trace of the big one.
     let (repo, opened) = Repository::open(&repo_dir).expect("reopens");
-    assert_eq!(opened.truncated_bytes, 0, "failed appends were cut back at once");
+    assert_eq!(
+        opened.truncated_bytes, 0,
+        "failed appends were cut back at once"
+    );
     let report = repo.verify().expect("verify");
     assert_eq!((report.bad_records, report.images_missing_blocks), (0, 0));
-    let names: Vec<String> = repo.images().expect("list").into_iter().map(|m| m.name).collect();
+    let names: Vec<String> = repo
+        .images()
+        .expect("list")
+        .into_iter()
+        .map(|m| m.name)
+        .collect();
     assert_eq!(names, vec!["small".to_string()]);
     assert!(repo.manifest("big").is_err());
     assert_eq!(

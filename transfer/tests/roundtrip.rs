@@ -38,7 +38,10 @@ async fn random_images_round_trip_and_the_second_sends_only_new_blocks() {
     assert_eq!(first.bytes_total, a.len() as u64);
     assert_eq!(first.blocks_sent, plan.blocks_to_send);
     assert_eq!(first.bytes_raw_sent, plan.bytes_to_send);
-    assert!(first.bytes_sent < a.len() as u64, "zero blocks are never sent");
+    assert!(
+        first.bytes_sent < a.len() as u64,
+        "zero blocks are never sent"
+    );
     assert_eq!(assembled(&agent.repo, "a"), a);
 
     // The plan for B names exactly the blocks that differ from A (A is the seed).
@@ -51,14 +54,20 @@ async fn random_images_round_trip_and_the_second_sends_only_new_blocks() {
     assert_eq!(assembled(&agent.repo, "b"), b);
 
     // Pushing B again sends no block at all.
-    let again = c.push(&pb, PushOptions::new("b2")).await.expect("push B again");
+    let again = c
+        .push(&pb, PushOptions::new("b2"))
+        .await
+        .expect("push B again");
     assert_eq!((again.blocks_sent, again.batches), (0, 0));
     assert_eq!(assembled(&agent.repo, "b2"), b);
 
     let repo = agent.stop().await;
     let report = repo.verify().expect("verify");
     assert_eq!(report.bad_records, 0);
-    assert_eq!(report.records, report.distinct, "each distinct block is stored once");
+    assert_eq!(
+        report.records, report.distinct,
+        "each distinct block is stored once"
+    );
     assert_eq!((report.images, report.images_missing_blocks), (3, 0));
 }
 
@@ -84,7 +93,10 @@ async fn content_defined_chunks_survive_an_insertion() {
         "an insertion costs a few chunks, not the rest of the file: {plan:?}"
     );
     let fixed = c.plan(&pb, Chunking::default()).await.expect("fixed plan");
-    assert!(fixed.bytes_to_send > 1 << 20, "fixed blocks all shift: {fixed:?}");
+    assert!(
+        fixed.bytes_to_send > 1 << 20,
+        "fixed blocks all shift: {fixed:?}"
+    );
     opts.name = "b".into();
     c.push(&pb, opts).await.expect("push B");
     assert_eq!(assembled(&agent.repo, "b"), b);
@@ -97,8 +109,11 @@ async fn a_real_ext4_image_round_trips() {
     std::fs::create_dir_all(tree.join("etc")).expect("mkdir");
     let mut rng = Lcg(3);
     for i in 0..40 {
-        std::fs::write(tree.join(format!("etc/file{i}")), rng.image_like(20_000 + i * 3000))
-            .expect("write file");
+        std::fs::write(
+            tree.join(format!("etc/file{i}")),
+            rng.image_like(20_000 + i * 3000),
+        )
+        .expect("write file");
     }
     let img = work.path().join("root.img");
     let status = Command::new("mkfs.ext4")
@@ -114,7 +129,10 @@ async fn a_real_ext4_image_round_trips() {
         .push(&img, PushOptions::new("root"))
         .await
         .expect("push");
-    assert!(summary.blocks_zero > summary.blocks_total / 2, "{summary:?}");
+    assert!(
+        summary.blocks_zero > summary.blocks_total / 2,
+        "{summary:?}"
+    );
     assert_eq!(
         assembled(&agent.repo, "root"),
         std::fs::read(&img).expect("read image")
@@ -139,7 +157,11 @@ async fn wrong_tokens_bad_names_and_paths_are_refused_and_change_nothing() {
         .push(&img, PushOptions::new("x"))
         .await
         .expect_err("wrong token refused");
-    assert_eq!(err.status(), Some(reqwest::StatusCode::UNAUTHORIZED), "{err}");
+    assert_eq!(
+        err.status(),
+        Some(reqwest::StatusCode::UNAUTHORIZED),
+        "{err}"
+    );
     assert!(err.to_string().contains("wrong token"), "{err}");
 
     let c = client(&agent.url());
@@ -152,7 +174,11 @@ async fn wrong_tokens_bad_names_and_paths_are_refused_and_change_nothing() {
     }
     // Names that reach the agent by other spellings are refused there.
     let http = reqwest::Client::new();
-    for path in ["/v1/images/..%2F..%2Fetc", "/v1/images/%2e%2e", "/v1/images/a%00b"] {
+    for path in [
+        "/v1/images/..%2F..%2Fetc",
+        "/v1/images/%2e%2e",
+        "/v1/images/a%00b",
+    ] {
         let resp = http
             .put(format!("{}{path}", agent.url()))
             .bearer_auth(support::TOKEN)
@@ -193,5 +219,9 @@ async fn wrong_tokens_bad_names_and_paths_are_refused_and_change_nothing() {
         .expect("list")
         .map(|e| e.expect("entry").file_name())
         .collect();
-    assert_eq!(entries.len(), 2, "nothing escaped the repository: {entries:?}");
+    assert_eq!(
+        entries.len(),
+        2,
+        "nothing escaped the repository: {entries:?}"
+    );
 }

@@ -30,9 +30,8 @@ pub async fn run(_g: &Global, args: AgentArgs) -> anyhow::Result<ExitCode> {
             let text = std::fs::read_to_string(path)
                 .with_context(|| format!("reading the token file {}", path.display()))?;
             let line = text.lines().next().unwrap_or("");
-            Token::new(line).map_err(|why| {
-                anyhow::anyhow!("token file {}: {why}", path.display())
-            })?
+            Token::new(line)
+                .map_err(|why| anyhow::anyhow!("token file {}: {why}", path.display()))?
         }
         None => match std::env::var("CERTO_TOKEN") {
             Ok(t) => Token::new(&t).map_err(|why| anyhow::anyhow!("CERTO_TOKEN: {why}"))?,

@@ -32,7 +32,12 @@ pub struct Target {
     #[arg(long, value_name = "URL")]
     pub to: String,
     /// The host's token.
-    #[arg(long, env = "CERTO_TOKEN", hide_env_values = true, value_name = "TOKEN")]
+    #[arg(
+        long,
+        env = "CERTO_TOKEN",
+        hide_env_values = true,
+        value_name = "TOKEN"
+    )]
     pub token: String,
     /// How to cut the image into blocks.
     #[arg(long, value_enum, default_value = "fixed")]
@@ -130,7 +135,12 @@ fn default_name(file: &Path) -> anyhow::Result<String> {
         .unwrap_or_default();
     certo_transfer::wire::validate_name(&name)
         .map(str::to_string)
-        .with_context(|| format!("the file name of {} cannot be an image name; pass --name", file.display()))
+        .with_context(|| {
+            format!(
+                "the file name of {} cannot be an image name; pass --name",
+                file.display()
+            )
+        })
 }
 
 fn exit_for(e: &ClientError) -> ExitCode {

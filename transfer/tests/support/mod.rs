@@ -66,8 +66,7 @@ impl Agent {
         let repo = Arc::new(repo);
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("local addr");
-        let router =
-            certo_transfer::router(repo.clone(), Token::new(TOKEN).expect("valid token"));
+        let router = certo_transfer::router(repo.clone(), Token::new(TOKEN).expect("valid token"));
         let (stop, stopped) = oneshot::channel();
         let task = tokio::spawn(certo_transfer::server::serve(listener, router, async {
             let _ = stopped.await;

@@ -316,7 +316,10 @@ fn plan_then_push_then_plan_again_on_loopback() {
     for key in ["bytes_total", "bytes_sent", "blocks_reused", "seconds"] {
         assert!(push.get(key).is_some(), "summary lacks {key}: {push}");
     }
-    assert_eq!(push["name"], "base.img");
+    assert_eq!(
+        push["name"], "base",
+        "the default name is the file name less .img"
+    );
     assert!(
         push["bytes_sent"].as_u64().expect("number") < 3 << 20,
         "compressed"
@@ -327,7 +330,7 @@ fn plan_then_push_then_plan_again_on_loopback() {
     .arg(&img)));
     assert_eq!(plan["bytes_to_send"], 0);
     assert_eq!(
-        std::fs::read(repo.join("images/base.img.img")).expect("assembled"),
+        std::fs::read(repo.join("images/base.img")).expect("assembled"),
         std::fs::read(&img).expect("image")
     );
 
@@ -425,7 +428,7 @@ fn five_percent_packet_loss_completes_bit_exact() {
         .args(["transfer", "push", "--json", "--to", &agent.url])
         .arg(&img)));
     assert_eq!(done["bytes_total"].as_u64(), Some(12 << 20));
-    assert!(std::fs::read(repo.join("images/lossy.img.img")).expect("assembled") == data);
+    assert!(std::fs::read(repo.join("images/lossy.img")).expect("assembled") == data);
     assert!(net.lost() > 50, "packets were really lost: {}", net.lost());
 }
 
@@ -451,5 +454,5 @@ fn a_throttled_link_completes_bit_exact_at_the_link_rate() {
         rate > 0.8 * 20e6 && rate < 1.05 * 20e6,
         "{rate} bit/s: {done}"
     );
-    assert!(std::fs::read(repo.join("images/slow.img.img")).expect("assembled") == data);
+    assert!(std::fs::read(repo.join("images/slow.img")).expect("assembled") == data);
 }

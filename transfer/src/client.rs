@@ -584,8 +584,10 @@ impl Client {
                         blocks_total: index.blocks().len(),
                         blocks_zero: index.zero_blocks(),
                         blocks_distinct: index.distinct_blocks(),
-                        blocks_reused: index.distinct_blocks()
-                            - c.blocks_sent.load(Ordering::Relaxed) as usize,
+                        // A block sent twice (a repair round) counts once against the reused.
+                        blocks_reused: index
+                            .distinct_blocks()
+                            .saturating_sub(c.blocks_sent.load(Ordering::Relaxed) as usize),
                         bytes_reused: c.bytes_reused.load(Ordering::Relaxed),
                         blocks_sent: c.blocks_sent.load(Ordering::Relaxed) as usize,
                         bytes_raw_sent: c.bytes_raw_sent.load(Ordering::Relaxed),
@@ -678,7 +680,7 @@ impl Client {
                     }
                     Source::File(file, chunking) => {
                         let reader = Cancellable {
-                            inner: io::BufReader::with_capacity(0, &*file),
+                            inner: &*file,
                             cancel: cancel.clone(),
                         };
                         let index = BlockIndex::build(reader, chunking, |offset, b| {

@@ -85,7 +85,7 @@ pub enum TransferCommand {
         file: PathBuf,
         #[command(flatten)]
         target: Target,
-        /// Name of the image on the host (default: the file name).
+        /// Name of the image on the host (default: the file name without a final `.img`).
         #[arg(long)]
         name: Option<String>,
         /// Concurrent connections for blocks.
@@ -133,6 +133,7 @@ fn default_name(file: &Path) -> anyhow::Result<String> {
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
+    let name = name.strip_suffix(".img").unwrap_or(&name).to_string();
     certo_transfer::wire::validate_name(&name)
         .map(str::to_string)
         .with_context(|| {

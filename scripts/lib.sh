@@ -19,6 +19,8 @@ CERTO_NEEDS=(
   "casync casync"
   "ip iproute2"
   "tc iproute2"
+  "nft nftables"
+  "ethtool ethtool"
 )
 
 certo_install_missing() {

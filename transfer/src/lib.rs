@@ -1,17 +1,28 @@
-//! Certo's image transfer layer: moving image files between the image builder and the
-//! hosts' image repositories while sending only the blocks a host lacks.
+//! Certo's image transfer layer: moving image files from the image builder to the hosts'
+//! image repositories while sending only the blocks a host lacks.
 //!
-//! This crate is responsible for describing image files as content (fixed-size block
-//! indexes, their digests and their binary encoding) and, later, for the delta transfer
-//! built on them.
+//! * [`block_index`]: an image as a list of SHA-256 block hashes (fixed 4 KiB blocks, or
+//!   content-defined chunks from [`chunker`]), and the index's binary encoding.
+//! * [`repository`]: the host's content-addressed store of blocks and complete images.
+//! * [`wire`]: what travels between sender and host, and the checks on it.
+//! * [`server`]: the host's HTTP routes (axum), served by `certo agent`.
+//! * [`client`]: the sender (reqwest): `plan` and the pipelined, resumable `push`.
 //!
 //! It must never know about patches, releases, workflows or libvirt: it sees opaque image
 //! files and block hashes, nothing else. Deciding which image goes to which host belongs
 //! to the orchestrator.
 
 pub mod block_index;
+pub mod chunker;
+pub mod client;
+pub mod repository;
+pub mod server;
+pub mod wire;
 
 pub use block_index::{
-    BlockEntry, BlockIndex, DEFAULT_BLOCK_SIZE, FORMAT_VERSION, IndexError, MAGIC, MAX_BLOCK_SIZE,
-    MIN_BLOCK_SIZE,
+    BlockEntry, BlockIndex, Chunking, DEFAULT_BLOCK_SIZE, FORMAT_VERSION, IndexError, MAGIC,
+    MAX_BLOCK_SIZE, MIN_BLOCK_SIZE,
 };
+pub use client::{Client, ClientError, PlanSummary, PushOptions, PushSummary, RetryPolicy};
+pub use repository::{Manifest, RepoError, Repository};
+pub use server::{Token, router};

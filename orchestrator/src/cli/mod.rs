@@ -1,6 +1,7 @@
 //! The `certo` command line: argument definitions and one module per command.
 //! Each command is a few lines over the library.
 
+mod agent_cmd;
 mod bench_cmd;
 mod bench_image;
 mod catalogue_cmd;
@@ -8,6 +9,7 @@ mod db_cmd;
 mod demo_cmd;
 pub mod image_cmd;
 mod patch_cmd;
+mod transfer_cmd;
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -85,6 +87,10 @@ pub enum Command {
     Bench(bench_cmd::BenchArgs),
     /// Build, list and clean up VM images (layered, cached by a digest of their inputs).
     Image(image_cmd::ImageArgs),
+    /// Serve a host's image repository (the host side of transfers).
+    Agent(agent_cmd::AgentArgs),
+    /// Delta-transfer an image to a host's repository: plan, push.
+    Transfer(transfer_cmd::TransferArgs),
 }
 
 impl Global {
@@ -169,6 +175,8 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Demo(args) => demo_cmd::run(g, args).await,
         Command::Bench(args) => bench_cmd::run(g, args).await,
         Command::Image(args) => image_cmd::run(g, args).await,
+        Command::Agent(args) => agent_cmd::run(g, args).await,
+        Command::Transfer(args) => transfer_cmd::run(g, args).await,
     }
 }
 

@@ -1,0 +1,326 @@
+//! What travels between the sender and a host's agent, and the checks on it.
+//!
+//! * **Image names** (`[A-Za-z0-9._-]{1,128}`, not starting with `.`): they become file names
+//!   in the repository, so nothing else is accepted.
+//! * **Missing query**: the body is a list of 32-byte SHA-256 hashes, or (`?width=8`) of their
+//!   first 8 bytes; the answer is a bitmap, one bit per entry in order (bit `i % 8` of byte
+//!   `i / 8`), set when the host lacks it (for a prefix: holds no block starting with it).
+//! * **Commit**: the encoded index (`?form=full`), or the compact index
+//!   ([`BlockIndex::to_compact_bytes`](crate::BlockIndex::to_compact_bytes)) compressed with
+//!   zstd (`?form=compact`), which the host resolves against its store.
+//! * **Block batch**: one zstd frame (with its content checksum) of
+//!   `"CRTOBAT1" ‖ count (u32 BE) ‖ count × (hash 32 ‖ length (u32 BE) ‖ bytes)`.
+//!   The receiver bounds the decompressed size and verifies every block against its hash.
+
+use std::io::Read;
+
+use sha2::{Digest, Sha256};
+
+use crate::block_index::{MAX_BLOCK_LEN, sha256};
+
+/// Magic opening a decompressed batch.
+pub const BATCH_MAGIC: &[u8; 8] = b"CRTOBAT1";
+/// Largest decompressed batch a receiver accepts (64 MiB).
+pub const MAX_BATCH_RAW: usize = 64 << 20;
+/// Largest compressed batch body a receiver accepts.
+pub const MAX_BATCH_BODY: usize = MAX_BATCH_RAW + (1 << 20);
+/// Most hashes in one missing query (256 MiB of image at 4 KiB per block is 65536).
+pub const MAX_QUERY_HASHES: usize = 1 << 20;
+/// Largest encoded index a receiver accepts (a 1 TiB image at 4 KiB blocks is 8 GiB of
+/// hashes: far above; 512 MiB covers 64 GiB at 4 KiB).
+pub const MAX_INDEX_BODY: usize = 512 << 20;
+
+/// Why something from the wire was refused.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum WireError {
+    /// An image name outside the accepted alphabet or length.
+    #[error(
+        "image name {name:?} is invalid: {why} (allowed: 1 to 128 of A-Z a-z 0-9 . _ -, not starting with '.')"
+    )]
+    BadName {
+        /// The refused name, shortened.
+        name: String,
+        /// What is wrong.
+        why: &'static str,
+    },
+    /// A missing query whose length is not a multiple of 32 or too long.
+    #[error("missing query of {len} bytes: {why}")]
+    BadQuery {
+        /// Body length.
+        len: usize,
+        /// What is wrong.
+        why: String,
+    },
+    /// A batch that cannot be decoded.
+    #[error("block batch refused: {0}")]
+    BadBatch(String),
+    /// A block whose bytes do not match its hash.
+    #[error("block batch refused: block {position} (hash {hash}) does not match its {len} bytes")]
+    HashMismatch {
+        /// Position in the batch.
+        position: usize,
+        /// Announced hash, hex.
+        hash: String,
+        /// Block length.
+        len: usize,
+    },
+    /// A batch whose decompressed size exceeds [`MAX_BATCH_RAW`].
+    #[error("block batch refused: it decompresses to more than {MAX_BATCH_RAW} bytes")]
+    BatchTooLarge,
+}
+
+/// Checks an image name from outside.
+pub fn validate_name(name: &str) -> Result<&str, WireError> {
+    let bad = |why| WireError::BadName {
+        name: name.chars().take(140).collect(),
+        why,
+    };
+    if name.is_empty() || name.len() > 128 {
+        return Err(bad("length must be 1 to 128"));
+    }
+    if !name
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+    {
+        return Err(bad("it contains a character outside the allowed set"));
+    }
+    if name.starts_with('.') {
+        return Err(bad("it starts with '.'"));
+    }
+    Ok(name)
+}
+
+/// Splits a missing-query body into hashes (`N` = 32) or hash prefixes (`N` = 8).
+pub fn decode_query<const N: usize>(body: &[u8]) -> Result<Vec<[u8; N]>, WireError> {
+    if !body.len().is_multiple_of(N) {
+        return Err(WireError::BadQuery {
+            len: body.len(),
+            why: format!("not a whole number of {N}-byte hashes"),
+        });
+    }
+    if body.len() / N > MAX_QUERY_HASHES {
+        return Err(WireError::BadQuery {
+            len: body.len(),
+            why: format!("more than {MAX_QUERY_HASHES} hashes"),
+        });
+    }
+    Ok(body
+        .chunks_exact(N)
+        .map(|c| {
+            let mut h = [0u8; N];
+            h.copy_from_slice(c);
+            h
+        })
+        .collect())
+}
+
+/// Decompresses a zstd body of at most `limit` bytes.
+pub fn decompress_limited(body: &[u8], limit: usize) -> Result<Vec<u8>, WireError> {
+    let mut dec = zstd::stream::Decoder::new(body)
+        .map_err(|e| WireError::BadBatch(format!("not a zstd frame: {e}")))?
+        .single_frame();
+    let mut raw = Vec::new();
+    (&mut dec)
+        .take(limit as u64 + 1)
+        .read_to_end(&mut raw)
+        .map_err(|e| WireError::BadBatch(format!("zstd decompression failed: {e}")))?;
+    if raw.len() > limit {
+        return Err(WireError::BatchTooLarge);
+    }
+    Ok(raw)
+}
+
+/// Compresses a body with zstd (with its content checksum).
+pub fn compress(raw: &[u8], level: i32) -> std::io::Result<Vec<u8>> {
+    let mut enc = zstd::stream::Encoder::new(Vec::with_capacity(raw.len() / 2), level)?;
+    enc.include_checksum(true)?;
+    enc.set_pledged_src_size(Some(raw.len() as u64))?;
+    std::io::Write::write_all(&mut enc, raw)?;
+    enc.finish()
+}
+
+/// Packs booleans into the answer bitmap.
+pub fn encode_bitmap(bits: &[bool]) -> Vec<u8> {
+    let mut out = vec![0u8; bits.len().div_ceil(8)];
+    for (i, _) in bits.iter().enumerate().filter(|(_, b)| **b) {
+        out[i / 8] |= 1 << (i % 8);
+    }
+    out
+}
+
+/// Reads bit `i` of a bitmap.
+pub fn bit(bitmap: &[u8], i: usize) -> bool {
+    bitmap.get(i / 8).is_some_and(|b| b & (1 << (i % 8)) != 0)
+}
+
+/// Builds the decompressed batch for `blocks` and compresses it at `level`.
+pub fn encode_batch<'a>(
+    blocks: impl ExactSizeIterator<Item = (&'a [u8; 32], &'a [u8])>,
+    level: i32,
+) -> std::io::Result<Vec<u8>> {
+    let mut raw = Vec::new();
+    raw.extend_from_slice(BATCH_MAGIC);
+    raw.extend_from_slice(&(blocks.len() as u32).to_be_bytes());
+    for (hash, data) in blocks {
+        raw.extend_from_slice(hash);
+        raw.extend_from_slice(&(data.len() as u32).to_be_bytes());
+        raw.extend_from_slice(data);
+    }
+    compress(&raw, level)
+}
+
+/// A decoded, verified batch: the decompressed bytes and where each block lies in them.
+#[derive(Debug)]
+pub struct Batch {
+    raw: Vec<u8>,
+    blocks: Vec<([u8; 32], std::ops::Range<usize>)>,
+}
+
+impl Batch {
+    /// Decompresses (at most [`MAX_BATCH_RAW`] bytes), parses and verifies every block.
+    pub fn decode(body: &[u8]) -> Result<Self, WireError> {
+        let raw = decompress_limited(body, MAX_BATCH_RAW)?;
+        let mut at = 0usize;
+        let mut take = |n: usize, what: &str| -> Result<std::ops::Range<usize>, WireError> {
+            if raw.len() - at < n {
+                return Err(WireError::BadBatch(format!(
+                    "{what} needs {n} bytes at offset {at} but only {} remain",
+                    raw.len() - at
+                )));
+            }
+            at += n;
+            Ok(at - n..at)
+        };
+        let magic = take(8, "magic")?;
+        if &raw[magic] != BATCH_MAGIC {
+            return Err(WireError::BadBatch(
+                "wrong magic (expected CRTOBAT1)".into(),
+            ));
+        }
+        let count = take(4, "block count")?;
+        let count = u32::from_be_bytes(raw[count].try_into().unwrap_or_default()) as usize;
+        let mut blocks = Vec::with_capacity(count.min(1 << 16));
+        for position in 0..count {
+            let h = take(32, "block hash")?;
+            let mut hash = [0u8; 32];
+            hash.copy_from_slice(&raw[h]);
+            let l = take(4, "block length")?;
+            let len = u32::from_be_bytes(raw[l].try_into().unwrap_or_default());
+            if len == 0 || len > MAX_BLOCK_LEN {
+                return Err(WireError::BadBatch(format!(
+                    "block {position} has length {len}, outside 1..={MAX_BLOCK_LEN}"
+                )));
+            }
+            let data = take(len as usize, "block bytes")?;
+            blocks.push((hash, data));
+        }
+        if at != raw.len() {
+            return Err(WireError::BadBatch(format!(
+                "{} trailing bytes after block {count}",
+                raw.len() - at
+            )));
+        }
+        let batch = Self { raw, blocks };
+        for (position, (hash, data)) in batch.blocks().enumerate() {
+            if sha256(data) != *hash {
+                return Err(WireError::HashMismatch {
+                    position,
+                    hash: hex::encode(hash),
+                    len: data.len(),
+                });
+            }
+        }
+        Ok(batch)
+    }
+
+    /// The blocks: hash and bytes.
+    pub fn blocks(&self) -> impl ExactSizeIterator<Item = (&[u8; 32], &[u8])> + Clone {
+        self.blocks.iter().map(|(h, r)| (h, &self.raw[r.clone()]))
+    }
+}
+
+/// Compares a presented token with the expected one in time independent of where they
+/// differ (both are hashed first, so lengths do not leak either).
+pub fn token_matches(presented: &[u8], expected: &[u8]) -> bool {
+    let a: [u8; 32] = Sha256::digest(presented).into();
+    let b: [u8; 32] = Sha256::digest(expected).into();
+    a.iter()
+        .zip(b.iter())
+        .fold(0u8, |acc, (x, y)| acc | (x ^ y))
+        == 0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names() {
+        for good in ["a", "minbase-bookworm_1.2", &"x".repeat(128)] {
+            assert_eq!(validate_name(good), Ok(good));
+        }
+        for bad in [
+            "",
+            ".",
+            "..",
+            ".hidden",
+            "a/b",
+            "../x",
+            "a b",
+            "é",
+            "a\0",
+            &"x".repeat(129),
+        ] {
+            assert!(validate_name(bad).is_err(), "{bad:?} accepted");
+        }
+        let err = validate_name("../etc/passwd").expect_err("refused");
+        assert!(err.to_string().contains("outside the allowed set"), "{err}");
+    }
+
+    #[test]
+    fn bitmap_round_trip() {
+        let bits = [true, false, false, true, true, false, false, false, true];
+        let map = encode_bitmap(&bits);
+        assert_eq!(map, vec![0b0001_1001, 0b1]);
+        let back: Vec<bool> = (0..bits.len()).map(|i| bit(&map, i)).collect();
+        assert_eq!(back, bits);
+    }
+
+    #[test]
+    fn batches_round_trip_and_refuse_damage() {
+        let a = vec![1u8; 4096];
+        let b = b"hello".to_vec();
+        let (ha, hb) = (sha256(&a), sha256(&b));
+        let blocks = [(&ha, &a[..]), (&hb, &b[..])];
+        let body = encode_batch(blocks.iter().copied(), 3).expect("compresses");
+        let batch = Batch::decode(&body).expect("decodes");
+        let got: Vec<(&[u8; 32], &[u8])> = batch.blocks().collect();
+        assert_eq!(got, blocks);
+
+        for cut in [0, 1, body.len() / 2, body.len() - 1] {
+            assert!(Batch::decode(&body[..cut]).is_err(), "truncated at {cut}");
+        }
+        for i in 0..body.len() {
+            let mut bad = body.clone();
+            bad[i] ^= 0x20;
+            // A damaged body is refused, or (a flag bit nobody reads) decodes to the same blocks.
+            if let Ok(batch) = Batch::decode(&bad) {
+                let got: Vec<(&[u8; 32], &[u8])> = batch.blocks().collect();
+                assert_eq!(got, blocks, "flipped byte {i} changed the blocks");
+            }
+        }
+        let wrong = [(&hb, &a[..])];
+        let body = encode_batch(wrong.iter().copied(), 3).expect("compresses");
+        assert!(matches!(
+            Batch::decode(&body),
+            Err(WireError::HashMismatch { position: 0, .. })
+        ));
+    }
+
+    #[test]
+    fn tokens() {
+        assert!(token_matches(b"secret", b"secret"));
+        assert!(!token_matches(b"secret", b"secreT"));
+        assert!(!token_matches(b"", b"secret"));
+    }
+}

@@ -1,0 +1,194 @@
+//! Faults: damaged, truncated and refused requests injected by a proxy; concurrent pushes
+//! sharing blocks; an interrupted push resumed; a full disk under the repository.
+
+mod support;
+
+use std::sync::atomic::Ordering;
+
+use certo_transfer::{PushOptions, Repository};
+use support::{Agent, Fault, FaultProxy, Lcg, Tmpfs, client, client_with, fast_retry, write_image};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn damaged_truncated_and_refused_requests_are_retried_and_never_stored() {
+    let work = tempfile::tempdir().expect("tempdir");
+    let agent = Agent::start(&work.path().join("repo")).await;
+    // Every request with a body gets a fault in turn: corrupt, pass, truncate, pass, 503,
+    // pass, cut, pass, ... so each kind hits missing queries, batches and the commit.
+    let proxy = FaultProxy::start(agent.addr, |n, _, _| match n % 8 {
+        0 => Fault::Corrupt,
+        2 => Fault::Truncate,
+        4 => Fault::ServerError,
+        6 => Fault::Cut,
+        _ => Fault::Pass,
+    })
+    .await;
+    let mut rng = Lcg(21);
+    let data = rng.image_like(6 << 20);
+    let img = write_image(work.path(), "x.img", &data);
+    let c = client_with(&proxy.url(), support::TOKEN, fast_retry(10));
+    let mut opts = PushOptions::new("x");
+    opts.batch_bytes = 256 << 10; // many requests, so every fault kind hits batches
+    let summary = c
+        .push(&img, opts)
+        .await
+        .expect("push completes despite faults");
+    let st = &proxy.stats;
+    assert!(st.corrupted.load(Ordering::SeqCst) >= 3, "{st:?}");
+    assert!(st.truncated.load(Ordering::SeqCst) >= 3, "{st:?}");
+    assert!(st.server_errors.load(Ordering::SeqCst) >= 3, "{st:?}");
+    assert!(st.cuts.load(Ordering::SeqCst) >= 3, "{st:?}");
+    assert!(summary.retries >= 12, "{summary:?}");
+
+    let repo = agent.stop().await;
+    assert_eq!(
+        std::fs::read(repo.image_path("x").expect("name")).expect("assembled"),
+        data
+    );
+    let report = repo.verify().expect("verify");
+    assert_eq!(report.bad_records, 0, "no damaged block was ever stored");
+    assert_eq!(report.records, report.distinct);
+    assert_eq!(report.distinct, summary.blocks_distinct);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_concurrent_pushes_of_images_sharing_blocks() {
+    let work = tempfile::tempdir().expect("tempdir");
+    let agent = Agent::start(&work.path().join("repo")).await;
+    let mut rng = Lcg(33);
+    let shared = rng.image_like(4 << 20);
+    let x = [shared.clone(), rng.image_like(2 << 20)].concat();
+    let y = [shared, rng.image_like(2 << 20)].concat();
+    let (px, py) = (
+        write_image(work.path(), "x.img", &x),
+        write_image(work.path(), "y.img", &y),
+    );
+    let c = client(&agent.url());
+    let mut ox = PushOptions::new("x");
+    let mut oy = PushOptions::new("y");
+    ox.batch_bytes = 128 << 10;
+    oy.batch_bytes = 128 << 10;
+    let (rx, ry) = tokio::join!(c.push(&px, ox), c.push(&py, oy));
+    let (sx, sy) = (rx.expect("push x"), ry.expect("push y"));
+    let repo = agent.stop().await;
+    for (name, data) in [("x", &x), ("y", &y)] {
+        let got = std::fs::read(repo.image_path(name).expect("name")).expect("assembled");
+        assert!(got == *data, "{name} is bit-exact");
+    }
+    let report = repo.verify().expect("verify");
+    assert_eq!(report.bad_records, 0);
+    assert_eq!(
+        report.records, report.distinct,
+        "each shared block is stored once"
+    );
+    let mut union = std::collections::HashSet::new();
+    for data in [&x, &y] {
+        let index = certo_transfer::BlockIndex::from_reader(&data[..], 4096).expect("index");
+        union.extend(
+            index
+                .blocks()
+                .iter()
+                .filter(|b| !b.is_zero())
+                .map(|b| *b.hash()),
+        );
+    }
+    assert_eq!(report.distinct, union.len());
+    assert!(sx.blocks_sent + sy.blocks_sent >= union.len());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_interrupted_push_resumes_sending_only_what_is_missing() {
+    let work = tempfile::tempdir().expect("tempdir");
+    let repo_dir = work.path().join("repo");
+    let agent = Agent::start(&repo_dir).await;
+    // The connection is cut at the 6th request on: the first push fails part-way.
+    let proxy = FaultProxy::start(
+        agent.addr,
+        |n, _, _| {
+            if n >= 6 { Fault::Cut } else { Fault::Pass }
+        },
+    )
+    .await;
+    let data = Lcg(44).bytes(8 << 20);
+    let img = write_image(work.path(), "x.img", &data);
+    let mut opts = PushOptions::new("x");
+    opts.batch_bytes = 512 << 10;
+    opts.connections = 1;
+    let err = client_with(&proxy.url(), support::TOKEN, fast_retry(2))
+        .push(&img, opts.clone())
+        .await
+        .expect_err("the cut push fails");
+    assert!(err.to_string().contains("after 2 attempts"), "{err}");
+    drop(proxy);
+    // The agent restarts on the same repository, which reopens and re-verifies every block.
+    let repo = agent.stop().await;
+    let (kept, _) = repo.block_stats();
+    drop(repo);
+    assert!(kept > 0, "some blocks arrived before the cut");
+    let agent = Agent::start(&repo_dir).await;
+    let summary = client(&agent.url())
+        .push(&img, opts)
+        .await
+        .expect("resumed push");
+    assert_eq!(summary.blocks_reused, kept, "{summary:?}");
+    assert_eq!(
+        summary.blocks_sent,
+        2048 - kept,
+        "only what is missing is sent"
+    );
+    let repo = agent.stop().await;
+    assert_eq!(
+        std::fs::read(repo.image_path("x").expect("name")).expect("assembled"),
+        data
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_disk_gives_a_clear_error_and_leaves_the_repository_consistent() {
+    let disk = Tmpfs::mount("6m");
+    let work = tempfile::tempdir().expect("tempdir");
+    let repo_dir = disk.path().join("repo");
+    let agent = Agent::start(&repo_dir).await;
+    let small = Lcg(55).bytes(1 << 20);
+    let big = Lcg(56).bytes(12 << 20);
+    let (ps, pb) = (
+        write_image(work.path(), "small.img", &small),
+        write_image(work.path(), "big.img", &big),
+    );
+    let c = client(&agent.url());
+    c.push(&ps, PushOptions::new("small"))
+        .await
+        .expect("a small image fits");
+    let err = c
+        .push(&pb, PushOptions::new("big"))
+        .await
+        .expect_err("the big image does not fit");
+    assert_eq!(
+        err.status(),
+        Some(reqwest::StatusCode::INSUFFICIENT_STORAGE),
+        "{err}"
+    );
+    assert!(err.to_string().contains("out of disk space"), "{err}");
+    drop(c);
+    let repo = agent.stop().await;
+    drop(repo);
+    // Reopened, the repository verifies, holds the small image and no trace of the big one.
+    let (repo, opened) = Repository::open(&repo_dir).expect("reopens");
+    assert_eq!(
+        opened.truncated_bytes, 0,
+        "failed appends were cut back at once"
+    );
+    let report = repo.verify().expect("verify");
+    assert_eq!((report.bad_records, report.images_missing_blocks), (0, 0));
+    let names: Vec<String> = repo
+        .images()
+        .expect("list")
+        .into_iter()
+        .map(|m| m.name)
+        .collect();
+    assert_eq!(names, vec!["small".to_string()]);
+    assert!(repo.manifest("big").is_err());
+    assert_eq!(
+        std::fs::read(repo.image_path("small").expect("name")).expect("assembled"),
+        small
+    );
+}

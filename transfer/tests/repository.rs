@@ -1,0 +1,113 @@
+//! The repository after a crash: torn and corrupt pack tails are cut when it opens, images
+//! that lost blocks are no longer complete, and a second opener is refused.
+
+use std::fs::OpenOptions;
+use std::io::Write;
+
+use certo_transfer::block_index::sha256;
+use certo_transfer::{BlockIndex, RepoError, Repository};
+
+fn blocks(seed: u8, n: usize) -> Vec<Vec<u8>> {
+    (0..n)
+        .map(|i| {
+            (0..4096)
+                .map(|j| (j as u8).wrapping_mul(seed).wrapping_add(i as u8))
+                .collect()
+        })
+        .collect()
+}
+
+fn store(repo: &Repository, data: &[Vec<u8>]) {
+    let hashes: Vec<[u8; 32]> = data.iter().map(|b| sha256(b)).collect();
+    repo.store_blocks(hashes.iter().zip(data.iter().map(Vec::as_slice)))
+        .expect("store");
+}
+
+#[test]
+fn a_torn_append_is_cut_and_everything_before_it_kept() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = blocks(3, 10);
+    let image: Vec<u8> = data.concat();
+    {
+        let (repo, _) = Repository::open(dir.path()).expect("open");
+        store(&repo, &data);
+        let index = BlockIndex::from_reader(&image[..], 4096).expect("index");
+        repo.commit("img", &index.to_bytes()).expect("commit");
+    }
+    // A crash in the middle of an append: a record header and half its bytes.
+    let pack = dir.path().join("blocks/pack-000000.dat");
+    let mut f = OpenOptions::new()
+        .append(true)
+        .open(&pack)
+        .expect("open pack");
+    let extra = vec![9u8; 4096];
+    f.write_all(&sha256(&extra)).expect("write");
+    f.write_all(&4096u32.to_be_bytes()).expect("write");
+    f.write_all(&extra[..1000]).expect("write");
+    drop(f);
+    let (repo, report) = Repository::open(dir.path()).expect("reopen");
+    assert_eq!(report.truncated_bytes, 36 + 1000);
+    assert_eq!((report.blocks, report.images), (10, 1));
+    assert!(!repo.has_block(&sha256(&extra)));
+    let verified = repo.verify().expect("verify");
+    assert_eq!((verified.records, verified.bad_records), (10, 0));
+    repo.assemble("img").expect("assemble");
+    assert_eq!(
+        std::fs::read(repo.image_path("img").expect("name")).expect("read"),
+        image
+    );
+}
+
+#[test]
+fn a_corrupt_block_is_cut_and_the_image_that_needed_it_is_set_aside() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = blocks(5, 8);
+    let image: Vec<u8> = data.concat();
+    {
+        let (repo, _) = Repository::open(dir.path()).expect("open");
+        store(&repo, &data);
+        let index = BlockIndex::from_reader(&image[..], 4096).expect("index");
+        repo.commit("img", &index.to_bytes()).expect("commit");
+    }
+    // One bit of the 6th block's bytes rots on disk.
+    let pack = dir.path().join("blocks/pack-000000.dat");
+    let mut bytes = std::fs::read(&pack).expect("read pack");
+    let sixth = 8 + 5 * (36 + 4096) + 36 + 100;
+    bytes[sixth] ^= 1;
+    std::fs::write(&pack, &bytes).expect("write pack");
+
+    let (repo, report) = Repository::open(dir.path()).expect("reopen");
+    assert_eq!(report.blocks, 5, "blocks before the bad one are kept");
+    assert_eq!(report.demoted_images, vec!["img".to_string()]);
+    assert!(matches!(
+        repo.manifest("img"),
+        Err(RepoError::NotFound { .. })
+    ));
+    assert!(dir.path().join("images/img.json.incomplete").exists());
+    let verified = repo.verify().expect("verify");
+    assert_eq!((verified.bad_records, verified.images), (0, 0));
+}
+
+#[test]
+fn a_second_opener_is_refused_and_bad_names_never_touch_the_disk() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (repo, _) = Repository::open(dir.path()).expect("open");
+    let err = Repository::open(dir.path()).expect_err("locked");
+    assert!(
+        err.to_string().contains("in use by another process"),
+        "{err}"
+    );
+    for name in ["../x", "a/b", ".x"] {
+        assert!(matches!(repo.commit(name, &[]), Err(RepoError::Name(_))));
+        assert!(matches!(repo.assemble(name), Err(RepoError::Name(_))));
+    }
+    // A block whose bytes do not match its hash is refused, with nothing stored.
+    let good = vec![1u8; 4096];
+    let bad = vec![2u8; 4096];
+    let hashes = [sha256(&good), sha256(&good)];
+    let err = repo
+        .store_blocks(hashes.iter().zip([good.as_slice(), bad.as_slice()]))
+        .expect_err("mismatch refused");
+    assert!(matches!(err, RepoError::HashMismatch { .. }), "{err}");
+    assert_eq!(repo.block_stats(), (0, 0));
+}

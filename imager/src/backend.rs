@@ -135,6 +135,10 @@ fn set_mode(path: &Path, mode: u32) -> Result<(), BuildError> {
 
 /// Installs a Debian layer's packages with apt-get inside the merged root.
 pub fn deb_install(plan: &LayerPlan, root: &Path, log: &mut Log) -> Result<(), BuildError> {
+    if plan.install.is_empty() {
+        log.note("nothing to install in this layer");
+        return Ok(());
+    }
     // Local repositories and package files are bind-mounted read-only under /run/certo.
     let run_dir = root.join("run/certo");
     let mut sources = String::new();
@@ -351,6 +355,10 @@ pub fn dnf_install(
     else {
         return Err(BuildError::new(Phase::Prepare, "not an RPM recipe"));
     };
+    if plan.install.is_empty() {
+        log.note("nothing to install in this layer");
+        return Ok(());
+    }
     // Debian's rpm keeps its database under ~/.rpmmacros' _dbpath (~/.rpmdb by default):
     // a private HOME pins it to the image's /var/lib/rpm.
     let home = scratch.join("home");

@@ -362,7 +362,7 @@ fn patch_files(
                 return Err(fail(
                     Phase::Fetch,
                     format!(
-                        "the record names {url} as its source; Certo installs patch packages from repositories it can read (release update repositories or repo: paths), and this one is not reachable from the build host"
+                        "the record names {url} as its source; Certo does not download patch packages by URL: publish the file in the release's update repository or a repo: path"
                     ),
                 ));
             }

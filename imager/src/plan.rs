@@ -70,6 +70,8 @@ pub struct LayerPlan {
 pub fn plan(request: &ImageRequest, world: &Path) -> Result<Vec<LayerPlan>, BuildError> {
     let rel = &request.release;
     let mut layers: Vec<LayerPlan> = Vec::new();
+    // Each repository's state is read once per plan, however many layers use it.
+    let mut states: Vec<(Repo, [u8; 32])> = Vec::new();
     let mut push = |kind: LayerKind,
                     backend: String,
                     repos: Vec<Repo>,
@@ -80,7 +82,15 @@ pub fn plan(request: &ImageRequest, world: &Path) -> Result<Vec<LayerPlan>, Buil
         let parent = layers.last().map(|l| *l.digest.as_bytes());
         let mut repository_state = Vec::new();
         for repo in &repos {
-            repository_state.push((repo.id.clone(), repo.state().map_err(|e| e.in_layer(kind))?));
+            let state = match states.iter().find(|(r, _)| r.location == repo.location) {
+                Some((_, s)) => *s,
+                None => {
+                    let s = repo.state().map_err(|e| e.in_layer(kind))?;
+                    states.push((repo.clone(), s));
+                    s
+                }
+            };
+            repository_state.push((repo.id.clone(), state));
         }
         let packages = install
             .iter()

@@ -7,4 +7,6 @@ pub mod cli;
 pub mod images;
 pub mod ingest;
 pub mod patch;
+pub mod server;
 pub mod store;
+pub mod vmrun;

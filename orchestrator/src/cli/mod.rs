@@ -9,7 +9,9 @@ mod db_cmd;
 mod demo_cmd;
 pub mod image_cmd;
 mod patch_cmd;
+mod serve_cmd;
 mod transfer_cmd;
+mod vm_cmd;
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -87,6 +89,14 @@ pub enum Command {
     Bench(bench_cmd::BenchArgs),
     /// Build, list and clean up VM images (layered, cached by a digest of their inputs).
     Image(image_cmd::ImageArgs),
+    /// Run the orchestrator's HTTP API: host registration, heartbeats, the guest harness, the testbed.
+    Serve(serve_cmd::ServeArgs),
+    /// Manage hosts (hypervisor machines running `certo agent`).
+    Host(serve_cmd::HostArgs),
+    /// The testbed registry: shared services and patch slices, with health.
+    Testbed(serve_cmd::TestbedArgs),
+    /// Boot a VM from an image on a host and run its tests.
+    Vm(vm_cmd::VmArgs),
     /// Serve a host's image repository (the host side of transfers).
     Agent(agent_cmd::AgentArgs),
     /// Delta-transfer an image to a host's repository: plan, push.
@@ -175,6 +185,10 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Demo(args) => demo_cmd::run(g, args).await,
         Command::Bench(args) => bench_cmd::run(g, args).await,
         Command::Image(args) => image_cmd::run(g, args).await,
+        Command::Serve(args) => serve_cmd::serve(g, args).await,
+        Command::Host(args) => serve_cmd::host(g, args).await,
+        Command::Testbed(args) => serve_cmd::testbed(g, args).await,
+        Command::Vm(args) => vm_cmd::run(g, args).await,
         Command::Agent(args) => agent_cmd::run(g, args).await,
         Command::Transfer(args) => transfer_cmd::run(g, args).await,
     }

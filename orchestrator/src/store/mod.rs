@@ -3,6 +3,7 @@
 //! The schema lives in `migrations/` and is applied on every open.
 
 pub mod cluster;
+mod hosts;
 mod images;
 mod patches;
 pub mod scratch;
@@ -15,6 +16,7 @@ use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{ConnectOptions, PgPool};
 
 pub use cluster::{Cluster, ClusterError, ClusterStatus};
+pub use hosts::{HostRow, NewVm, RegisterError, ResultRow, ServiceRow, VmRow};
 pub use images::{ImageRow, LayerRow};
 pub use patches::{PatchEvent, PatchRow, PatchState, SubmitError, SubmitOutcome, SubmitReport};
 

@@ -1,0 +1,222 @@
+//! `certo serve`, `certo host`, `certo testbed`: the orchestrator's API server and the
+//! registries it keeps.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Args, Subcommand};
+
+use super::{EXIT_INVALID, Global, print_json};
+use crate::server::{self, Server};
+
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// Address to listen on (port 0 picks one; the address is printed).
+    #[arg(long, default_value = "127.0.0.1:7300")]
+    pub listen: SocketAddr,
+    /// Seconds between health checks of the shared testbed services.
+    #[arg(long, default_value_t = 10.0)]
+    pub health_interval: f64,
+}
+
+pub async fn serve(g: &Global, a: ServeArgs) -> anyhow::Result<ExitCode> {
+    let store = g.store().await?;
+    let listener = tokio::net::TcpListener::bind(a.listen)
+        .await
+        .with_context(|| format!("listening on {}", a.listen))?;
+    let addr = listener.local_addr()?;
+    println!("listening on http://{addr}");
+    tracing::info!(%addr, "orchestrator API listening");
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let shutdown = async move {
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+    };
+    server::serve(
+        listener,
+        Server { store },
+        Duration::from_secs_f64(a.health_interval.max(0.1)),
+        shutdown,
+    )
+    .await?;
+    Ok(ExitCode::SUCCESS)
+}
+
+#[derive(Debug, Args)]
+pub struct HostArgs {
+    #[command(subcommand)]
+    pub command: HostCommand,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum HostCommand {
+    /// Add a host and make its token (printed once; only its SHA-256 is stored).
+    Add {
+        /// Host name ([A-Za-z0-9][A-Za-z0-9._-]*, at most 63 characters).
+        name: String,
+        /// Write the token to this file (mode 0600) instead of printing it.
+        #[arg(long, value_name = "FILE")]
+        token_file: Option<PathBuf>,
+    },
+    /// List the hosts: registration, capacity, last heartbeat.
+    Ls {
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn valid_host_name(name: &str) -> bool {
+    let mut bytes = name.bytes();
+    matches!(bytes.next(), Some(b) if b.is_ascii_alphanumeric())
+        && name.len() <= 63
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+}
+
+pub async fn host(g: &Global, a: HostArgs) -> anyhow::Result<ExitCode> {
+    match a.command {
+        HostCommand::Add { name, token_file } => {
+            if !valid_host_name(&name) {
+                eprintln!(
+                    "error: host name {name:?}: use letters, digits, '.', '_' and '-', starting with a letter or digit, at most 63 characters"
+                );
+                return Ok(ExitCode::from(EXIT_INVALID));
+            }
+            let store = g.store().await?;
+            let token = server::new_token()?;
+            if !store.add_host(&name, &server::token_digest(&token)).await? {
+                eprintln!("error: host {name} exists already");
+                return Ok(ExitCode::from(EXIT_INVALID));
+            }
+            match token_file {
+                Some(path) => {
+                    use std::io::Write;
+                    use std::os::unix::fs::OpenOptionsExt;
+                    let mut f = std::fs::OpenOptions::new()
+                        .write(true)
+                        .create_new(true)
+                        .mode(0o600)
+                        .open(&path)
+                        .with_context(|| format!("creating {}", path.display()))?;
+                    writeln!(f, "{token}")?;
+                    println!("host {name} added; its token is in {}", path.display());
+                }
+                None => println!("{token}"),
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        HostCommand::Ls { json } => {
+            let store = g.store().await?;
+            let hosts = store.list_hosts().await?;
+            if json {
+                print_json(&hosts)?;
+            } else {
+                for h in hosts {
+                    println!(
+                        "{:<16} {:<28} slots {:>2}  {:>6} MiB  {:>2} vCPU  heartbeat {}",
+                        h.name,
+                        h.agent_url.unwrap_or_else(|| "(not registered)".into()),
+                        h.slots.unwrap_or(0),
+                        h.memory_mib.unwrap_or(0),
+                        h.vcpus.unwrap_or(0),
+                        h.last_heartbeat
+                            .map(|t| t.format("%Y-%m-%d %H:%M:%S").to_string())
+                            .unwrap_or_else(|| "never".into())
+                    );
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+#[derive(Debug, Args)]
+pub struct TestbedArgs {
+    #[command(subcommand)]
+    pub command: TestbedCommand,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum TestbedCommand {
+    /// List the testbed's services: shared ones and each patch slice's, with their health.
+    Ls {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Add a shared long-running service (e.g. the top BDII every patch uses).
+    Add {
+        name: String,
+        #[arg(long)]
+        node_type: String,
+        /// HOST:PORT the service answers on.
+        #[arg(long)]
+        endpoint: String,
+    },
+    /// Run one health-check round now.
+    Check,
+}
+
+pub async fn testbed(g: &Global, a: TestbedArgs) -> anyhow::Result<ExitCode> {
+    let store = g.store().await?;
+    match a.command {
+        TestbedCommand::Ls { json } => {
+            let services = store.services(None).await?;
+            if json {
+                print_json(&services)?;
+            } else {
+                for s in services {
+                    println!(
+                        "{:<20} {:<14} {:<28} {:<14} {}",
+                        s.name,
+                        s.node_type,
+                        s.endpoint,
+                        s.slice.unwrap_or_else(|| "shared".into()),
+                        if s.healthy {
+                            "healthy".to_owned()
+                        } else {
+                            format!("UNHEALTHY ({})", s.health_detail.unwrap_or_default())
+                        }
+                    );
+                }
+            }
+        }
+        TestbedCommand::Add {
+            name,
+            node_type,
+            endpoint,
+        } => {
+            if endpoint.parse::<SocketAddr>().is_err() && !endpoint.contains(':') {
+                eprintln!("error: endpoint {endpoint:?} is not HOST:PORT");
+                return Ok(ExitCode::from(EXIT_INVALID));
+            }
+            match store
+                .register_service(&name, &node_type, &endpoint, None, None)
+                .await
+            {
+                Ok(id) => println!("shared service {name} ({node_type}) at {endpoint}: id {id}"),
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    return Ok(ExitCode::from(EXIT_INVALID));
+                }
+            }
+        }
+        TestbedCommand::Check => {
+            server::check_health(&store).await?;
+            for s in store.services(None).await? {
+                println!(
+                    "{:<20} {:<28} {}",
+                    s.name,
+                    s.endpoint,
+                    if s.healthy { "healthy" } else { "UNHEALTHY" }
+                );
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,188 @@
+//! `certo vm run`: boot one VM from an image on one host, run its harness, print the
+//! results, tear it down — how a certifier tries one target by hand.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Args, Subcommand};
+use serde_json::json;
+
+use super::{EXIT_FAILURE, EXIT_INVALID, Global, print_json};
+use crate::vmrun::{self, VmRequest};
+
+#[derive(Debug, Args)]
+pub struct VmArgs {
+    #[command(subcommand)]
+    pub command: VmCommand,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum VmCommand {
+    /// Boot one VM from an image, run its harness and print the results, then tear it down.
+    Run(RunArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// An ext4 image file, or the digest (or a unique prefix) of an image Certo built.
+    #[arg(long, value_name = "FILE|DIGEST")]
+    pub image: String,
+    /// The host's agent, e.g. http://10.0.0.2:7310.
+    #[arg(long, value_name = "URL")]
+    pub agent: String,
+    /// Which tests the harness runs.
+    #[arg(long, default_value = "basic", value_parser = ["basic", "regression", "all"])]
+    pub suite: String,
+    /// The node type of the image (default: from the image's record when Certo built it).
+    #[arg(long)]
+    pub node_type: Option<String>,
+    /// Seconds before the VM is destroyed if its harness has not finished.
+    #[arg(long, default_value_t = 300.0)]
+    pub timeout: f64,
+    /// Guest memory in MiB.
+    #[arg(long, default_value_t = 384)]
+    pub memory: u32,
+    /// The host's token (default: CERTO_TOKEN).
+    #[arg(long, env = "CERTO_TOKEN", hide_env_values = true)]
+    pub token: String,
+    /// Print JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+pub async fn run(g: &Global, a: VmArgs) -> anyhow::Result<ExitCode> {
+    let VmCommand::Run(a) = a.command;
+    // The image: a file, or an image of the cache by digest.
+    let (path, record) = {
+        let p = PathBuf::from(&a.image);
+        if p.is_file() {
+            (p, None)
+        } else {
+            let cache = certo_imager::Store::open(&g.data_dir().join("imager"))
+                .map_err(|e| anyhow::anyhow!("{e}"))?;
+            let found: Vec<_> = cache
+                .images()
+                .map_err(|e| anyhow::anyhow!("{e}"))?
+                .into_iter()
+                .filter(|i| !a.image.is_empty() && i.digest.starts_with(&a.image))
+                .collect();
+            match found.as_slice() {
+                [one] => match one.ext4() {
+                    Some(art) => (art.path.clone(), Some(one.clone())),
+                    None => anyhow::bail!("image {} has no ext4 artefact", one.digest),
+                },
+                [] => {
+                    eprintln!(
+                        "error: --image {:?} is neither a file nor a built image's digest",
+                        a.image
+                    );
+                    return Ok(ExitCode::from(EXIT_INVALID));
+                }
+                many => {
+                    eprintln!(
+                        "error: --image {:?} matches {} images; give more of the digest",
+                        a.image,
+                        many.len()
+                    );
+                    return Ok(ExitCode::from(EXIT_INVALID));
+                }
+            }
+        }
+    };
+    let node_type = match (a.node_type.clone(), &record) {
+        (Some(n), _) => n,
+        (None, Some(r)) => r.node_type.clone(),
+        (None, None) => {
+            eprintln!("error: --node-type is needed for an image file Certo did not build");
+            return Ok(ExitCode::from(EXIT_INVALID));
+        }
+    };
+    let patch = record
+        .as_ref()
+        .and_then(|r| r.patch)
+        .map(|(id, rev)| (i64::from(id), rev as i32));
+    let store = g.store().await?;
+    let json_out = a.json;
+    let say = move |s: &str| {
+        if !json_out {
+            eprintln!("{s}");
+        }
+        tracing::info!(step = s, "vm run");
+    };
+    let out = vmrun::run(
+        &store,
+        &a.agent,
+        &a.token,
+        &VmRequest {
+            image: &path,
+            node_type: &node_type,
+            patch,
+            suite: &a.suite,
+            timeout: Duration::from_secs_f64(a.timeout.max(1.0)),
+            memory_mib: a.memory,
+        },
+        &say,
+    )
+    .await;
+    let out = match out {
+        Ok(o) => o,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            return Ok(ExitCode::from(EXIT_FAILURE));
+        }
+    };
+    let all_pass = !out.tests.is_empty() && out.tests.iter().all(|t| t.status == "pass");
+    if a.json {
+        print_json(&json!({
+            "vm": out.vm.name,
+            "host": out.vm.host,
+            "state": out.vm.state,
+            "reason": out.vm.reason,
+            "hostname": out.vm.hostname,
+            "seconds_to_joined": out.seconds_to_joined,
+            "seconds_to_done": out.seconds_to_done,
+            "serial_log": out.vm.serial_log,
+            "tests": out.tests.iter().map(|t| json!({
+                "suite": t.suite, "name": t.name, "status": t.status, "seconds": t.seconds,
+                "output": t.output,
+            })).collect::<Vec<_>>(),
+        }))?;
+    } else {
+        println!(
+            "{}: {}{}",
+            out.vm.name,
+            out.vm.state,
+            out.vm
+                .reason
+                .as_ref()
+                .map(|r| format!(" ({r})"))
+                .unwrap_or_default()
+        );
+        for t in &out.tests {
+            println!(
+                "  {:<4} {}/{}  {:.1} s",
+                t.status, t.suite, t.name, t.seconds
+            );
+        }
+        if out.vm.state != "done" && !out.serial_tail.is_empty() {
+            println!("  serial console (last lines):");
+            for l in out
+                .serial_tail
+                .lines()
+                .rev()
+                .take(15)
+                .collect::<Vec<_>>()
+                .into_iter()
+                .rev()
+            {
+                println!("    {l}");
+            }
+        }
+    }
+    Ok(if out.vm.state == "done" && all_pass {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(EXIT_INVALID)
+    })
+}

@@ -1,0 +1,420 @@
+//! One VM through its whole life, from the orchestrator's side: push the image to the
+//! host's repository, boot it through the host's agent with a token made for this VM alone,
+//! wait for the guest harness (join, results, done), the deadline, or the VM's end, record
+//! the outcome with its reason, and always tear the VM down.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use chrono::Utc;
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+
+use crate::server::{self, Server};
+use crate::store::{NewVm, ResultRow, Store, VmRow};
+
+/// What the agent says about a VM.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+pub struct AgentVm {
+    pub name: String,
+    /// `running`, `ended`, `timed_out` or `gone`.
+    pub state: String,
+    #[serde(default)]
+    pub serial_log: Option<String>,
+    #[serde(default)]
+    pub serial_tail: String,
+}
+
+/// A client of one agent's VM API (the host token authenticates).
+#[derive(Debug, Clone)]
+pub struct Agent {
+    http: reqwest::Client,
+    base: String,
+    token: String,
+}
+
+fn agent_err(what: &str, e: impl std::fmt::Display) -> anyhow::Error {
+    anyhow::anyhow!("agent {what}: {e}")
+}
+
+impl Agent {
+    pub fn new(base: &str, token: &str) -> anyhow::Result<Self> {
+        Ok(Self {
+            http: reqwest::Client::builder()
+                .timeout(Duration::from_secs(60))
+                .build()?,
+            base: base.trim_end_matches('/').to_owned(),
+            token: token.to_owned(),
+        })
+    }
+
+    async fn call(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<serde_json::Value>,
+    ) -> anyhow::Result<serde_json::Value> {
+        let mut req = self
+            .http
+            .request(method, format!("{}{path}", self.base))
+            .header("authorization", format!("Bearer {}", self.token));
+        if let Some(b) = body {
+            req = req
+                .header("content-type", "application/json")
+                .body(serde_json::to_vec(&b)?);
+        }
+        let resp = req.send().await.map_err(|e| agent_err(path, e))?;
+        let status = resp.status();
+        let bytes = resp.bytes().await.map_err(|e| agent_err(path, e))?;
+        if !status.is_success() {
+            anyhow::bail!(
+                "agent {path}: {status}: {}",
+                String::from_utf8_lossy(&bytes).trim()
+            );
+        }
+        Ok(serde_json::from_slice(&bytes).unwrap_or(serde_json::Value::Null))
+    }
+
+    /// The agent's name and capacity.
+    pub async fn info(&self) -> anyhow::Result<serde_json::Value> {
+        self.call(reqwest::Method::GET, "/v1/info", None).await
+    }
+
+    /// Boots a VM from a repository image.
+    pub async fn boot(&self, spec: &serde_json::Value) -> anyhow::Result<AgentVm> {
+        let v = self
+            .call(reqwest::Method::POST, "/v1/vms", Some(spec.clone()))
+            .await?;
+        Ok(serde_json::from_value(v)?)
+    }
+
+    /// The VM's state and the tail of its serial console.
+    pub async fn status(&self, name: &str) -> anyhow::Result<AgentVm> {
+        let v = self
+            .call(reqwest::Method::GET, &format!("/v1/vms/{name}"), None)
+            .await?;
+        Ok(serde_json::from_value(v)?)
+    }
+
+    /// Destroys the VM (its serial log stays).
+    pub async fn destroy(&self, name: &str) -> anyhow::Result<AgentVm> {
+        let v = self
+            .call(reqwest::Method::DELETE, &format!("/v1/vms/{name}"), None)
+            .await?;
+        Ok(serde_json::from_value(v)?)
+    }
+}
+
+/// What to run.
+#[derive(Debug, Clone)]
+pub struct VmRequest<'a> {
+    pub image: &'a Path,
+    pub node_type: &'a str,
+    pub patch: Option<(i64, i32)>,
+    pub suite: &'a str,
+    pub timeout: Duration,
+    pub memory_mib: u32,
+}
+
+/// How a VM run ended.
+#[derive(Debug, Clone, Serialize)]
+pub struct VmOutcome {
+    pub vm: VmRow,
+    pub tests: Vec<ResultRow>,
+    pub serial_tail: String,
+    pub seconds_to_joined: Option<f64>,
+    pub seconds_to_done: f64,
+}
+
+/// The address the guest should call back: 10.0.2.2 (QEMU's user network) when the agent
+/// is on this machine's loopback, else this machine's address on the route to the agent.
+pub fn callback_bind(agent_url: &str) -> anyhow::Result<(SocketAddr, String)> {
+    let url = reqwest::Url::parse(agent_url)?;
+    let host = url.host_str().unwrap_or("127.0.0.1").to_owned();
+    let port = url.port_or_known_default().unwrap_or(80);
+    let probe = std::net::UdpSocket::bind("0.0.0.0:0")?;
+    probe.connect((host.as_str(), port))?;
+    let local = probe.local_addr()?.ip();
+    if local.is_loopback() {
+        Ok((SocketAddr::new(local, 0), "10.0.2.2".to_owned()))
+    } else {
+        Ok((SocketAddr::new(local, 0), local.to_string()))
+    }
+}
+
+/// Runs one VM to its end. The orchestrator API is served in-process for the guest.
+pub async fn run(
+    store: &Store,
+    agent_url: &str,
+    token: &str,
+    req: &VmRequest<'_>,
+    say: &(dyn Fn(&str) + Sync),
+) -> anyhow::Result<VmOutcome> {
+    let agent = Agent::new(agent_url, token)?;
+    let info = agent.info().await?;
+    let host = info["name"]
+        .as_str()
+        .ok_or_else(|| anyhow::anyhow!("the agent at {agent_url} did not say its name"))?
+        .to_owned();
+    // The host's credential is the token the agent was started with.
+    match store.host_token(&host).await? {
+        None => {
+            store.add_host(&host, &server::token_digest(token)).await?;
+        }
+        Some(stored) if stored == server::token_digest(token) => {}
+        Some(_) => anyhow::bail!("host {host} is registered with another token"),
+    }
+    // Serve the guest API on the address the guest can reach.
+    let (bind, guest_host) = callback_bind(agent_url)?;
+    let listener = tokio::net::TcpListener::bind(bind).await?;
+    let port = listener.local_addr()?.port();
+    let callback = format!("http://{guest_host}:{port}");
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let srv = tokio::spawn(server::serve(
+        listener,
+        Server {
+            store: store.clone(),
+        },
+        Duration::from_secs(10),
+        async move {
+            let _ = stop_rx.await;
+        },
+    ));
+    let result = run_inner(store, &agent, &host, &callback, req, say).await;
+    let _ = stop_tx.send(());
+    let _ = srv.await;
+    result
+}
+
+async fn run_inner(
+    store: &Store,
+    agent: &Agent,
+    host: &str,
+    callback: &str,
+    req: &VmRequest<'_>,
+    say: &(dyn Fn(&str) + Sync),
+) -> anyhow::Result<VmOutcome> {
+    // 1. The image, into the host's repository (only the blocks it lacks).
+    let image_name = image_name(req.image)?;
+    say(&format!("pushing {} to {host}", req.image.display()));
+    let client = certo_transfer::client::Client::new(
+        agent_url_of(agent),
+        certo_transfer::Token::new(&agent.token).map_err(|e| anyhow::anyhow!("token: {e}"))?,
+        certo_transfer::client::RetryPolicy::default(),
+    )?;
+    let pushed = client
+        .push(
+            req.image,
+            certo_transfer::client::PushOptions::new(image_name.clone()),
+        )
+        .await?;
+    say(&format!(
+        "pushed: {} bytes sent, {} blocks reused",
+        pushed.bytes_sent, pushed.blocks_reused
+    ));
+    // 2. The run, its name and its one-time token.
+    let (next,): (i64,) = sqlx::query_as("SELECT nextval('vm_runs_id_seq')")
+        .fetch_one(store.pool())
+        .await?;
+    let name = vm_name(next, req.node_type, 1);
+    let token = server::new_token()?;
+    let started = Instant::now();
+    let deadline = Utc::now() + chrono::Duration::milliseconds(req.timeout.as_millis() as i64);
+    let vm = store
+        .create_vm(&NewVm {
+            name: &name,
+            host,
+            image: &image_name,
+            node_type: req.node_type,
+            patch: req.patch,
+            attempt: 1,
+            suite: req.suite,
+            token_sha256: &server::token_digest(&token),
+            deadline,
+        })
+        .await?;
+    let spec = json!({
+        "name": name,
+        "image": image_name,
+        "memory_mib": req.memory_mib,
+        "vcpus": 1,
+        "deadline_seconds": req.timeout.as_secs_f64(),
+        "guest": {"url": callback, "vm": name, "token": token},
+    });
+    say(&format!("booting {name} on {host}"));
+    let booted = agent.boot(&spec).await;
+    let booted = match booted {
+        Ok(b) => b,
+        Err(e) => {
+            store
+                .finish_vm(
+                    vm.id,
+                    "failed",
+                    Some(&format!("the host could not boot it: {e}")),
+                    None,
+                )
+                .await?;
+            return outcome(store, &name, String::new(), None, started).await;
+        }
+    };
+    if let Some(log) = &booted.serial_log {
+        store
+            .set_serial_log(vm.id, &format!("{host}:{log}"))
+            .await?;
+    }
+    // 3. Wait for the harness, the VM's end, or the deadline.
+    let mut joined_at = None;
+    let mut serial_tail = String::new();
+    loop {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        let row = store
+            .vm(&name)
+            .await?
+            .ok_or_else(|| anyhow::anyhow!("VM {name} vanished from the store"))?;
+        if joined_at.is_none() && row.joined_at.is_some() {
+            joined_at = Some(started.elapsed().as_secs_f64());
+            say(&format!(
+                "{name} joined as {}",
+                row.hostname.clone().unwrap_or_default()
+            ));
+        }
+        if !matches!(row.state.as_str(), "booting" | "joined") {
+            break;
+        }
+        let status = agent.status(&name).await.ok();
+        if let Some(s) = &status {
+            serial_tail = s.serial_tail.clone();
+        }
+        let ended = status.as_ref().is_some_and(|s| s.state != "running");
+        if ended {
+            // The guest is gone without saying done: explain from its console.
+            let (state, reason) = explain_end(&row, &serial_tail);
+            store.finish_vm(vm.id, state, Some(&reason), None).await?;
+            break;
+        }
+        if Utc::now() > deadline {
+            let _ = agent.destroy(&name).await;
+            let reason = format!(
+                "no result by the deadline ({:.0} s): destroyed{}",
+                req.timeout.as_secs_f64(),
+                if row.state == "joined" {
+                    " after it joined"
+                } else {
+                    " before it joined"
+                }
+            );
+            store
+                .finish_vm(vm.id, "timed_out", Some(&reason), None)
+                .await?;
+            break;
+        }
+    }
+    // 4. Teardown, always.
+    match agent.destroy(&name).await {
+        Ok(s) => {
+            if !s.serial_tail.is_empty() {
+                serial_tail = s.serial_tail;
+            }
+        }
+        Err(e) => tracing::warn!(vm = %name, error = %e, "teardown request failed"),
+    }
+    outcome(store, &name, serial_tail, joined_at, started).await
+}
+
+/// Why a VM ended without its harness saying done.
+pub fn explain_end(row: &VmRow, serial: &str) -> (&'static str, String) {
+    if serial.contains("Kernel panic") {
+        let line = serial
+            .lines()
+            .find(|l| l.contains("Kernel panic"))
+            .unwrap_or("Kernel panic")
+            .trim();
+        ("crashed", format!("the guest kernel panicked: {line}"))
+    } else if row.state == "joined" {
+        (
+            "crashed",
+            "the harness stopped without reporting done (the VM powered off after joining)"
+                .to_owned(),
+        )
+    } else {
+        (
+            "crashed",
+            "the VM ended before its harness joined the testbed".to_owned(),
+        )
+    }
+}
+
+async fn outcome(
+    store: &Store,
+    name: &str,
+    serial_tail: String,
+    joined: Option<f64>,
+    started: Instant,
+) -> anyhow::Result<VmOutcome> {
+    let vm = store
+        .vm(name)
+        .await?
+        .ok_or_else(|| anyhow::anyhow!("VM {name} vanished from the store"))?;
+    let tests = store.vm_results(vm.id).await?;
+    Ok(VmOutcome {
+        vm,
+        tests,
+        serial_tail,
+        seconds_to_joined: joined,
+        seconds_to_done: started.elapsed().as_secs_f64(),
+    })
+}
+
+fn agent_url_of(agent: &Agent) -> &str {
+    &agent.base
+}
+
+/// A repository image name from a file name: `[A-Za-z0-9._-]`, at most 128 characters.
+fn image_name(path: &Path) -> anyhow::Result<String> {
+    let stem = path
+        .file_name()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let parent = path
+        .parent()
+        .and_then(|p| p.file_name())
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    // Imager artefacts are images/<id>/rootfs.ext4: name them by the id.
+    let raw = if stem == "rootfs.ext4" && parent.len() == 64 {
+        format!("img-{}", &parent[..32])
+    } else {
+        stem.trim_end_matches(".img").to_owned()
+    };
+    let name: String = raw
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-') {
+                c
+            } else {
+                '-'
+            }
+        })
+        .take(128)
+        .collect();
+    let name = name.trim_start_matches('.').to_owned();
+    anyhow::ensure!(
+        !name.is_empty(),
+        "cannot name an image after {}",
+        path.display()
+    );
+    Ok(name)
+}
+
+/// `certo-r<RUN>-<target>-a<ATTEMPT>`: unique per run and attempt, so a retry never
+/// collides and a restarted agent recognises its own domains.
+pub fn vm_name(run: i64, node_type: &str, attempt: u32) -> String {
+    let slug: String = node_type
+        .to_ascii_lowercase()
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() { c } else { '-' })
+        .take(24)
+        .collect();
+    format!("certo-r{run}-{slug}-a{attempt}")
+}

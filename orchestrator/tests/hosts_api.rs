@@ -1,0 +1,396 @@
+//! The orchestrator's host and guest API over real HTTP against a real PostgreSQL:
+//! per-host and per-VM authentication, the guest protocol, the testbed registry and its
+//! health checks.
+
+mod common;
+
+use std::time::Duration;
+
+use certo::server::{self, Server};
+use certo::store::NewVm;
+
+struct Api {
+    base: String,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+}
+
+impl Drop for Api {
+    fn drop(&mut self) {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+    }
+}
+
+async fn api(store: &certo::store::Store, health: Duration) -> Api {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let base = format!("http://{}", listener.local_addr().expect("addr"));
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(server::serve(
+        listener,
+        Server {
+            store: store.clone(),
+        },
+        health,
+        async move {
+            let _ = rx.await;
+        },
+    ));
+    Api {
+        base,
+        stop: Some(tx),
+    }
+}
+
+async fn post(
+    url: &str,
+    token: Option<&str>,
+    headers: &[(&str, &str)],
+    body: &str,
+) -> (u16, String) {
+    let mut req = reqwest::Client::new().post(url).body(body.to_owned());
+    if let Some(t) = token {
+        req = req.header("authorization", format!("Bearer {t}"));
+    }
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    let resp = req.send().await.expect("request");
+    let status = resp.status().as_u16();
+    (status, resp.text().await.unwrap_or_default())
+}
+
+async fn new_vm(
+    store: &certo::store::Store,
+    name: &str,
+    node_type: &str,
+    patch: Option<(i64, i32)>,
+) -> (i64, String) {
+    store
+        .add_host("h1", &server::token_digest("host-one-token"))
+        .await
+        .expect("host");
+    let token = server::new_token().expect("token");
+    let vm = store
+        .create_vm(&NewVm {
+            name,
+            host: "h1",
+            image: "img",
+            node_type,
+            patch,
+            attempt: 1,
+            suite: "all",
+            token_sha256: &server::token_digest(&token),
+            deadline: chrono::Utc::now() + chrono::Duration::minutes(5),
+        })
+        .await
+        .expect("vm");
+    (vm.id, token)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn hosts_act_only_for_themselves() {
+    let db = common::scratch().await;
+    let api = api(&db.store, Duration::from_secs(60)).await;
+    db.store
+        .add_host("alpha", &server::token_digest("alpha-secret"))
+        .await
+        .expect("add");
+    db.store
+        .add_host("beta", &server::token_digest("beta-secret"))
+        .await
+        .expect("add");
+    let reg = r#"{"agent_url":"http://10.0.0.2:7310","libvirt_uri":"qemu:///system","slots":2,"memory_mib":4096,"vcpus":2}"#;
+    let url = |h: &str, what: &str| format!("{}/api/v1/hosts/{h}/{what}", api.base);
+    assert_eq!(post(&url("alpha", "register"), None, &[], reg).await.0, 401);
+    assert_eq!(
+        post(&url("alpha", "register"), Some("beta-secret"), &[], reg)
+            .await
+            .0,
+        403
+    );
+    assert_eq!(
+        post(&url("beta", "heartbeat"), Some("alpha-secret"), &[], "")
+            .await
+            .0,
+        403
+    );
+    let (status, body) = post(&url("alpha", "register"), Some("alpha-secret"), &[], reg).await;
+    assert_eq!(status, 200, "{body}");
+    let (status, body) = post(
+        &url("alpha", "register"),
+        Some("alpha-secret"),
+        &[],
+        "{\"slots\": -1}",
+    )
+    .await;
+    assert_eq!(status, 400, "{body}");
+    let (status, body) = post(&url("alpha", "heartbeat"), Some("alpha-secret"), &[], "").await;
+    assert_eq!(status, 200);
+    assert_eq!(body, r#"{"live_vms":[]}"#);
+    let hosts = db.store.list_hosts().await.expect("hosts");
+    let alpha = hosts.iter().find(|h| h.name == "alpha").expect("alpha");
+    assert_eq!(alpha.slots, Some(2));
+    assert!(alpha.last_heartbeat.is_some());
+    assert!(
+        hosts
+            .iter()
+            .find(|h| h.name == "beta")
+            .expect("beta")
+            .registered_at
+            .is_none()
+    );
+    drop(api);
+    db.drop_db().await.expect("drop");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_guest_protocol_records_a_run_and_its_token_is_good_once_and_for_one_vm() {
+    let db = common::scratch().await;
+    let api = api(&db.store, Duration::from_secs(60)).await;
+    let (id, token) = new_vm(
+        &db.store,
+        "certo-r1-glite-wn-a1",
+        "glite-WN",
+        Some((3456, 2)),
+    )
+    .await;
+    let (_, other) = new_vm(&db.store, "certo-r2-glite-ui-a1", "glite-UI", None).await;
+    let u = |what: &str| format!("{}/api/v1/guest/{what}", api.base);
+
+    // No token, an unknown one, or one presented with another VM's name: refused.
+    assert_eq!(post(&u("join"), None, &[], "").await.0, 401);
+    assert_eq!(post(&u("join"), Some("not-a-token"), &[], "").await.0, 401);
+    let (status, body) = post(
+        &u("join"),
+        Some(&token),
+        &[("x-certo-vm", "certo-r2-glite-ui-a1")],
+        "",
+    )
+    .await;
+    assert_eq!(status, 403, "{body}");
+
+    // Join: a hostname and the test plan.
+    let (status, plan) = post(
+        &u("join"),
+        Some(&token),
+        &[("x-certo-vm", "certo-r1-glite-wn-a1")],
+        "",
+    )
+    .await;
+    assert_eq!(status, 200, "{plan}");
+    assert!(
+        plan.starts_with(&format!("hostname wn-{id}.certo\nnode_type glite-WN\n")),
+        "{plan}"
+    );
+    assert!(
+        plan.contains("test basic /usr/share/glite-tests/glite-WN/basic/*.sh\n"),
+        "{plan}"
+    );
+    assert!(
+        plan.contains("test regression /usr/share/glite-tests/glite-WN/regression/*.sh\n"),
+        "{plan}"
+    );
+    // A second join with the same token (a replayed boot) is refused.
+    assert_eq!(post(&u("join"), Some(&token), &[], "").await.0, 409);
+
+    // Services join the patch's slice.
+    let (status, body) = post(&u("service"), Some(&token), &[], "glite-wn-info 2811 up").await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(
+        post(&u("service"), Some(&token), &[], "x notaport up")
+            .await
+            .0,
+        400
+    );
+    assert_eq!(
+        post(&u("service"), Some(&token), &[], "../etc 1 up")
+            .await
+            .0,
+        400
+    );
+
+    // Results: validated first line, output kept.
+    let (status, body) = post(
+        &u("result"),
+        Some(&token),
+        &[],
+        "basic 10-yaim-check pass 0.4\nall fine\n",
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    post(
+        &u("result"),
+        Some(&token),
+        &[],
+        "regression bug45678 fail 1.5\nWN_LIST empty\n",
+    )
+    .await;
+    assert_eq!(
+        post(&u("result"), Some(&token), &[], "basic x maybe 1\n")
+            .await
+            .0,
+        400
+    );
+    assert_eq!(
+        post(&u("result"), Some(&token), &[], "basic ../x pass 1\n")
+            .await
+            .0,
+        400
+    );
+
+    let services = db
+        .store
+        .services(Some("patch-3456"))
+        .await
+        .expect("services");
+    assert_eq!(services.len(), 1);
+    assert_eq!(services[0].endpoint, format!("wn-{id}.certo:2811"));
+
+    // Done: the run is recorded, the slice's services leave the testbed, the token is used up.
+    let (status, _) = post(&u("done"), Some(&token), &[], "ok").await;
+    assert_eq!(status, 200);
+    let vm = db
+        .store
+        .vm("certo-r1-glite-wn-a1")
+        .await
+        .expect("vm")
+        .expect("row");
+    assert_eq!(vm.state, "done");
+    assert!(vm.finished_at.is_some());
+    let results = db.store.vm_results(vm.id).await.expect("results");
+    let got: Vec<(&str, &str, &str)> = results
+        .iter()
+        .map(|r| (r.suite.as_str(), r.name.as_str(), r.status.as_str()))
+        .collect();
+    assert_eq!(
+        got,
+        [
+            ("basic", "10-yaim-check", "pass"),
+            ("regression", "bug45678", "fail")
+        ]
+    );
+    assert_eq!(results[0].output, "all fine\n");
+    assert!(
+        db.store
+            .services(Some("patch-3456"))
+            .await
+            .expect("s")
+            .is_empty()
+    );
+    let (status, body) = post(&u("result"), Some(&token), &[], "basic late pass 1\n").await;
+    assert_eq!(status, 401, "{body}");
+    assert!(body.contains("used up"), "{body}");
+
+    // The other VM's token still works for that VM alone.
+    let (status, _) = post(
+        &u("join"),
+        Some(&other),
+        &[("x-certo-vm", "certo-r2-glite-ui-a1")],
+        "",
+    )
+    .await;
+    assert_eq!(status, 200);
+    let (status, _) = post(
+        &u("done"),
+        Some(&other),
+        &[],
+        "error the services did not start",
+    )
+    .await;
+    assert_eq!(status, 200);
+    let vm = db
+        .store
+        .vm("certo-r2-glite-ui-a1")
+        .await
+        .expect("vm")
+        .expect("row");
+    assert_eq!(vm.state, "failed");
+    assert_eq!(
+        vm.reason.as_deref(),
+        Some("the harness reported: the services did not start")
+    );
+    drop(api);
+    db.drop_db().await.expect("drop");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_slice_cannot_replace_a_shared_service_and_dead_services_turn_unhealthy() {
+    let db = common::scratch().await;
+    // A shared top BDII, really listening.
+    let bdii = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let endpoint = bdii.local_addr().expect("addr").to_string();
+    let data = std::env::temp_dir().join(format!("certo-testbed-{}", std::process::id()));
+    let out = common::certo(
+        &db.url,
+        &[
+            "--data-dir",
+            data.to_str().expect("utf-8"),
+            "testbed",
+            "add",
+            "top-bdii",
+            "--node-type",
+            "glite-BDII",
+            "--endpoint",
+            &endpoint,
+        ],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let api = api(&db.store, Duration::from_millis(200)).await;
+    let (_, token) = new_vm(
+        &db.store,
+        "certo-r9-glite-bdii-a1",
+        "glite-BDII",
+        Some((3506, 1)),
+    )
+    .await;
+    let u = |what: &str| format!("{}/api/v1/guest/{what}", api.base);
+    assert_eq!(post(&u("join"), Some(&token), &[], "").await.0, 200);
+    // Patch 3506's service claims the shared service's name: refused, the shared one stays.
+    let (status, body) = post(&u("service"), Some(&token), &[], "top-bdii 2170 up").await;
+    assert_eq!(status, 409, "{body}");
+    assert!(
+        body.contains("cannot take over a service other patches use"),
+        "{body}"
+    );
+    let shared = db.store.services(None).await.expect("services");
+    assert_eq!(shared.len(), 1);
+    assert_eq!(shared[0].endpoint, endpoint);
+
+    // The health checker sees it answer, then stop answering.
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert!(db.store.services(None).await.expect("s")[0].healthy);
+    drop(bdii);
+    let mut unhealthy = false;
+    for _ in 0..40 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let s = &db.store.services(None).await.expect("s")[0];
+        if !s.healthy {
+            unhealthy = true;
+            assert!(
+                s.health_detail.as_deref().unwrap_or("").contains("connect"),
+                "{s:?}"
+            );
+            break;
+        }
+    }
+    assert!(
+        unhealthy,
+        "a dead shared service was never marked unhealthy"
+    );
+    let out = common::certo(
+        &db.url,
+        &["--data-dir", data.to_str().expect("utf-8"), "testbed", "ls"],
+    );
+    let listing = String::from_utf8_lossy(&out.stdout);
+    assert!(listing.contains("UNHEALTHY"), "{listing}");
+    drop(api);
+    let _ = std::fs::remove_dir_all(&data);
+    db.drop_db().await.expect("drop");
+}

@@ -268,8 +268,7 @@ fn initramfs_cpio(
 /// `bin/sh`, `sbin/ip`, ... from `busybox --list-full`; refuses a dynamically linked busybox.
 fn applets(busybox: &Path) -> Result<Vec<String>, BootError> {
     let elf = std::fs::read(busybox).map_err(|e| BootError::io(busybox, e))?;
-    // A dynamic executable has a PT_INTERP program header naming its loader.
-    if elf.windows(b"ld-linux".len()).any(|w| w == b"ld-linux") {
+    if has_interpreter(&elf) {
         return Err(BootError::Busybox {
             path: busybox.to_owned(),
             message: "dynamically linked; install busybox-static".into(),
@@ -300,6 +299,27 @@ fn applets(busybox: &Path) -> Result<Vec<String>, BootError> {
         }
     }
     Ok(list)
+}
+
+/// Whether a 64-bit little-endian ELF executable has a `PT_INTERP` program header (names a
+/// dynamic loader). Anything that is not such an ELF file counts as dynamic.
+fn has_interpreter(elf: &[u8]) -> bool {
+    const PT_INTERP: u32 = 3;
+    if elf.len() < 64 || !elf.starts_with(b"\x7fELF\x02\x01") {
+        return true;
+    }
+    let u16_at = |o: usize| u16::from_le_bytes([elf[o], elf[o + 1]]) as usize;
+    let mut phoff = [0u8; 8];
+    phoff.copy_from_slice(&elf[0x20..0x28]);
+    let phoff = u64::from_le_bytes(phoff) as usize;
+    let (size, count) = (u16_at(0x36), u16_at(0x38));
+    (0..count).any(|i| {
+        let at = phoff.saturating_add(i * size);
+        match elf.get(at..at + 4) {
+            Some(t) => u32::from_le_bytes([t[0], t[1], t[2], t[3]]) == PT_INTERP,
+            None => true,
+        }
+    })
 }
 
 /// Runs `tool args` with `input` on stdin and returns its stdout.

@@ -1,7 +1,7 @@
 # Shared by scripts/demo and scripts/test: installs the Debian packages Certo
 # needs when they are missing (as root, or through sudo).
 
-# command-or-file → Debian package that provides it.
+# command-or-file (an absolute path that must exist) → Debian package that provides it.
 CERTO_NEEDS=(
   "/usr/lib/postgresql/15/bin/initdb postgresql-15"
   "cc gcc"
@@ -21,6 +21,14 @@ CERTO_NEEDS=(
   "tc iproute2"
   "nft nftables"
   "ethtool ethtool"
+  "xz xz-utils"
+  "libvirtd libvirt-daemon-system"
+  "/usr/lib/x86_64-linux-gnu/libvirt/connection-driver/libvirt_driver_qemu.so libvirt-daemon-driver-qemu"
+  "virsh libvirt-clients"
+  "virt-xml-validate libvirt-clients"
+  "/usr/include/libvirt/libvirt.h libvirt-dev"
+  "qemu-system-x86_64 qemu-system-x86"
+  "/lib/modules linux-image-amd64"
 )
 
 certo_install_missing() {
@@ -29,7 +37,7 @@ certo_install_missing() {
     what=${entry% *}
     pkg=${entry#* }
     if [[ $what == /* ]]; then
-      [ -x "$what" ] && continue
+      [ -e "$what" ] && continue
     else
       command -v "$what" >/dev/null && continue
     fi
@@ -42,4 +50,20 @@ certo_install_missing() {
     $sudo apt-get update -qq
     DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${need[@]}" >&2
   fi
+}
+
+# Starts virtlogd and libvirtd (no systemd here) unless they already run; waits until
+# libvirtd answers on qemu:///system. Idempotent.
+certo_start_libvirtd() {
+  local sudo=""
+  [ "$(id -u)" = 0 ] || sudo="sudo"
+  pgrep -x virtlogd >/dev/null || $sudo virtlogd -d
+  pgrep -x libvirtd >/dev/null || $sudo libvirtd -d
+  local i
+  for i in $(seq 1 50); do
+    $sudo virsh -c qemu:///system version >/dev/null 2>&1 && return 0
+    sleep 0.2
+  done
+  echo "libvirtd does not answer on qemu:///system" >&2
+  return 1
 }

@@ -1,0 +1,75 @@
+//! What the guest is told on its kernel command line. The guest harness (`/init` in the
+//! initramfs, see [`crate::boot`]) reads these `certo.*` parameters from `/proc/cmdline`.
+
+use crate::hypervisor::HypervisorKind;
+
+/// The guest's side of the testbed connection.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GuestConfig {
+    /// The base URL the harness talks to, as the guest sees it (e.g. `http://10.0.2.2:8080`
+    /// under user networking). No spaces.
+    pub url: String,
+    /// The VM's name (the domain name), sent back as `certo.vm`.
+    pub vm: String,
+    /// The bearer token for the guest API. Visible to anything that reads the guest's
+    /// `/proc/cmdline` or the domain XML: scope it to this VM.
+    pub token: String,
+    /// The guest's address with prefix length, e.g. `10.0.2.15/24`.
+    pub ip: String,
+    /// The default gateway, e.g. `10.0.2.2`.
+    pub gateway: String,
+    /// Fault injection for tests: the harness sleeps forever instead of joining.
+    pub hang: bool,
+    /// Fault injection for tests: the guest panics its kernel (`echo c > /proc/sysrq-trigger`).
+    pub panic: bool,
+}
+
+impl GuestConfig {
+    /// A configuration for QEMU user networking (guest 10.0.2.15/24, host 10.0.2.2).
+    pub fn user_network(url: &str, vm: &str, token: &str) -> Self {
+        Self {
+            url: url.to_owned(),
+            vm: vm.to_owned(),
+            token: token.to_owned(),
+            ip: "10.0.2.15/24".into(),
+            gateway: "10.0.2.2".into(),
+            hang: false,
+            panic: false,
+        }
+    }
+
+    /// The kernel command line: console on the hypervisor's serial device, `panic=-1` (a
+    /// panic reboots at once, and `on_reboot=destroy` ends the domain), quiet boot, and the
+    /// `certo.*` parameters. Spaces in values are not allowed (the kernel splits on them).
+    pub fn cmdline(&self, kind: HypervisorKind) -> Result<String, String> {
+        for (key, value) in [
+            ("url", &self.url),
+            ("vm", &self.vm),
+            ("token", &self.token),
+            ("ip", &self.ip),
+            ("gw", &self.gateway),
+        ] {
+            if value.is_empty() || value.chars().any(|c| c.is_whitespace() || c == '"' || c.is_control()) {
+                return Err(format!("certo.{key} must be non-empty without spaces or quotes"));
+            }
+        }
+        let mut s = format!(
+            "console={} panic=-1 loglevel=4 quiet i8042.noaux i8042.nokbd i8042.nopnp tsc=reliable \
+             mitigations=off random.trust_cpu=on \
+             certo.url={} certo.vm={} certo.token={} certo.ip={} certo.gw={}",
+            kind.console(),
+            self.url,
+            self.vm,
+            self.token,
+            self.ip,
+            self.gateway
+        );
+        if self.hang {
+            s.push_str(" certo.hang=1");
+        }
+        if self.panic {
+            s.push_str(" certo.panic=1");
+        }
+        Ok(s)
+    }
+}

@@ -1,0 +1,141 @@
+#!/bin/sh
+# Certo guest harness (busybox sh, run by /init with the image mounted at /root).
+# Protocol (plain HTTP, busybox wget, every request with "Authorization: Bearer TOKEN"):
+#   POST URL/api/v1/guest/join     (empty)            -> "hostname N", "node_type T", "test SUITE GLOB"...
+#   POST URL/api/v1/guest/service  "SVC PORT up|failed"
+#   POST URL/api/v1/guest/result   "SUITE NAME pass|fail|error SECONDS" + output (last 16 KiB)
+#   POST URL/api/v1/guest/done     "ok" | "error MESSAGE"
+TEST_TIMEOUT=120
+HTTP_TIMEOUT=60
+W=/tmp/certo
+mkdir -p $W
+
+say() { echo "certo-harness: $*"; }
+indent() { sed 's/^/certo-harness: | /'; }
+
+for w in $(cat /proc/cmdline); do
+  case $w in
+    certo.url=*) URL=${w#certo.url=} ;;
+    certo.vm=*) VM=${w#certo.vm=} ;;
+    certo.token=*) TOKEN=${w#certo.token=} ;;
+    certo.hang=1) HANG=1 ;;
+  esac
+done
+
+if [ -z "${URL:-}" ] || [ -z "${TOKEN:-}" ]; then
+  say "error: certo.url or certo.token missing from the kernel command line"
+  exit 2
+fi
+
+if [ "${HANG:-}" = 1 ]; then
+  say "hanging on purpose (certo.hang=1)"
+  while :; do sleep 3600; done
+fi
+
+ERRORS=
+# post ENDPOINT BODYFILE: POST, response in $W/resp; non-zero on failure (error on the console).
+post() {
+  rm -f $W/resp
+  if timeout $HTTP_TIMEOUT wget -q -O $W/resp --header "Authorization: Bearer $TOKEN" \
+      --post-file="$2" "$URL/api/v1/guest/$1" < /dev/null > $W/wget.err 2>&1; then
+    return 0
+  fi
+  say "error: POST /api/v1/guest/$1 failed: $(tr '\n' ' ' < $W/wget.err)"
+  return 1
+}
+# report ENDPOINT TEXT
+report() {
+  printf '%s\n' "$2" > $W/body
+  post "$1" $W/body || ERRORS="$ERRORS $1"
+}
+ports() {
+  netstat -ltn 2>/dev/null | awk 'NR > 2 { n = split($4, a, ":"); print a[n] }' | sort -un
+}
+uptime_s() { read -r u _ < /proc/uptime; echo "$u"; }
+
+: > $W/empty
+say "joining $URL as ${VM:-?}"
+if ! post join $W/empty; then
+  say "error: join refused; powering off"
+  exit 1
+fi
+NAME= NT=
+: > $W/tests
+while read -r key a b; do
+  case $key in
+    hostname) NAME=$a ;;
+    node_type) NT=$a ;;
+    test) echo "$a $b" >> $W/tests ;;
+  esac
+done < $W/resp
+say "joined: hostname ${NAME:-?} node_type ${NT:-?} suites $(wc -l < $W/tests) (uptime $(uptime_s)s)"
+
+if [ -n "$NAME" ]; then
+  hostname "$NAME"
+  echo "$NAME" > /root/etc/hostname
+fi
+
+# The node type's services: every init script that runs something of /usr/libexec/glite/.
+# RPM images also ship S60SVC copies (for busybox rcS): each service is started once.
+for f in /root/etc/init.d/*; do
+  [ -f "$f" ] || continue
+  svc=${f##*/}
+  grep -q /usr/libexec/glite/ "$f" || continue
+  case $svc in
+    S[0-9][0-9]*) [ -e "/root/etc/init.d/${svc#S[0-9][0-9]}" ] && continue ;;
+  esac
+  ports > $W/before
+  if chroot /root /etc/init.d/$svc start < /dev/null > $W/svc.out 2>&1; then state=up; else state=failed; fi
+  indent < $W/svc.out
+  port=0
+  if [ $state = up ]; then
+    for i in $(seq 1 20); do
+      ports > $W/after
+      port=$(grep -vxF -f $W/before $W/after | head -n 1)
+      [ -n "$port" ] && break
+      port=0
+      sleep 0.1
+    done
+  fi
+  say "service $svc $port $state"
+  report service "$svc $port $state"
+done
+
+# The test suites: GLOB is a path inside the image; scripts run in the image, sorted.
+while read -r suite glob; do
+  found=0
+  for t in /root$glob; do
+    [ -f "$t" ] || continue
+    found=1
+    rel=${t#/root}
+    name=${rel##*/}
+    name=${name%.sh}
+    t0=$(uptime_s)
+    timeout $TEST_TIMEOUT chroot /root /bin/sh "$rel" < /dev/null > $W/out 2>&1
+    rc=$?
+    t1=$(uptime_s)
+    secs=$(awk -v a="$t0" -v b="$t1" 'BEGIN { printf "%.2f", b - a }')
+    if [ $rc = 0 ]; then
+      result=pass
+    elif awk -v s="$secs" -v l=$TEST_TIMEOUT 'BEGIN { exit !(s >= l) }'; then
+      result=error
+      echo "certo-harness: timed out after ${TEST_TIMEOUT}s" >> $W/out
+    elif [ $rc = 126 ] || [ $rc = 127 ]; then
+      result=error
+    else
+      result=fail
+    fi
+    indent < $W/out
+    say "result $suite $name $result $secs"
+    { echo "$suite $name $result $secs"; tail -c 16384 $W/out; } > $W/body
+    post result $W/body || ERRORS="$ERRORS result:$name"
+  done
+  [ $found = 1 ] || say "suite $suite: no test matches $glob"
+done < $W/tests
+
+if [ -z "$ERRORS" ]; then
+  report done ok
+else
+  report done "error cannot report:$ERRORS"
+fi
+say "done (uptime $(uptime_s)s)"

@@ -48,7 +48,16 @@ certo_install_missing() {
     [ "$(id -u)" = 0 ] || sudo="sudo"
     echo "== installing missing Debian packages: ${need[*]}" >&2
     $sudo apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${need[@]}" >&2
+    local extra=()
+    if [[ " ${need[*]} " == *" qemu-system-x86 "* ]]; then
+      # qemu-system-x86 needs the qemu-utils of its own version; a newer qemu-utils from
+      # elsewhere (seen on these machines) must step back to it.
+      local v
+      v=$(apt-cache policy qemu-system-x86 | awk '/Candidate:/ {print $2}')
+      [ -n "$v" ] && extra+=(--allow-downgrades "qemu-utils=$v" "qemu-system-common=$v")
+    fi
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends \
+      "${extra[@]}" "${need[@]}" >&2
   fi
 }
 

@@ -2,6 +2,7 @@
 //! builds, ships and boots. This crate is the orchestrator: the patch model and
 //! its validation, the store, and the command line.
 
+pub mod agent_vms;
 pub mod catalogue;
 pub mod cli;
 pub mod images;

@@ -115,6 +115,11 @@ pub struct VmRequest<'a> {
     pub suite: &'a str,
     pub timeout: Duration,
     pub memory_mib: u32,
+    /// An orchestrator already serving the guest API (`certo serve`); else one is served
+    /// in-process for this run.
+    pub orchestrator: Option<&'a str>,
+    /// Fault injection for tests: `hang` or `panic`.
+    pub fault: Option<&'a str>,
 }
 
 /// How a VM run ended.
@@ -164,6 +169,20 @@ pub async fn run(
         }
         Some(stored) if stored == server::token_digest(token) => {}
         Some(_) => anyhow::bail!("host {host} is registered with another token"),
+    }
+    if let Some(orch) = req.orchestrator {
+        // The guest calls the given orchestrator; loopback means the agent's machine, which
+        // QEMU's user network shows the guest as 10.0.2.2.
+        let mut url = reqwest::Url::parse(orch)?;
+        if url.host_str().is_some_and(|h| {
+            h == "localhost"
+                || h.parse::<std::net::IpAddr>()
+                    .is_ok_and(|ip| ip.is_loopback())
+        }) {
+            url.set_host(Some("10.0.2.2"))?;
+        }
+        let callback = url.as_str().trim_end_matches('/').to_owned();
+        return run_inner(store, &agent, &host, &callback, req, say).await;
     }
     // Serve the guest API on the address the guest can reach.
     let (bind, guest_host) = callback_bind(agent_url)?;
@@ -239,8 +258,12 @@ async fn run_inner(
         "image": image_name,
         "memory_mib": req.memory_mib,
         "vcpus": 1,
-        "deadline_seconds": req.timeout.as_secs_f64(),
-        "guest": {"url": callback, "vm": name, "token": token},
+        // The host's own deadline is a backstop a little after the orchestrator's.
+        "deadline_seconds": req.timeout.as_secs_f64() + 5.0,
+        "guest": {
+            "url": callback, "vm": name, "token": token,
+            "hang": req.fault == Some("hang"), "panic": req.fault == Some("panic"),
+        },
     });
     say(&format!("booting {name} on {host}"));
     let booted = agent.boot(&spec).await;
@@ -287,13 +310,14 @@ async fn run_inner(
             serial_tail = s.serial_tail.clone();
         }
         let ended = status.as_ref().is_some_and(|s| s.state != "running");
-        if ended {
+        let agent_timed_out = status.as_ref().is_some_and(|s| s.state == "timed_out");
+        if ended && !agent_timed_out {
             // The guest is gone without saying done: explain from its console.
             let (state, reason) = explain_end(&row, &serial_tail);
             store.finish_vm(vm.id, state, Some(&reason), None).await?;
             break;
         }
-        if Utc::now() > deadline {
+        if Utc::now() > deadline || agent_timed_out {
             let _ = agent.destroy(&name).await;
             let reason = format!(
                 "no result by the deadline ({:.0} s): destroyed{}",
@@ -409,12 +433,6 @@ fn image_name(path: &Path) -> anyhow::Result<String> {
 
 /// `certo-r<RUN>-<target>-a<ATTEMPT>`: unique per run and attempt, so a retry never
 /// collides and a restarted agent recognises its own domains.
-pub fn vm_name(run: i64, node_type: &str, attempt: u32) -> String {
-    let slug: String = node_type
-        .to_ascii_lowercase()
-        .chars()
-        .map(|c| if c.is_ascii_alphanumeric() { c } else { '-' })
-        .take(24)
-        .collect();
-    format!("certo-r{run}-{slug}-a{attempt}")
+pub fn vm_name(run: i64, target: &str, attempt: u32) -> String {
+    certo_hosts::domain_name::DomainName::new(run.max(0) as u64, target, attempt).to_string()
 }

@@ -46,6 +46,13 @@ pub struct RunArgs {
     /// The host's token (default: CERTO_TOKEN).
     #[arg(long, env = "CERTO_TOKEN", hide_env_values = true)]
     pub token: String,
+    /// An orchestrator (`certo serve`) the guest reports to; default: one served by this
+    /// command for the run.
+    #[arg(long, value_name = "URL")]
+    pub orchestrator: Option<String>,
+    /// Fault injection (tests): the guest hangs, or its kernel panics.
+    #[arg(long, value_parser = ["hang", "panic"], hide = true)]
+    pub fault: Option<String>,
     /// Print JSON.
     #[arg(long)]
     pub json: bool,
@@ -121,6 +128,8 @@ pub async fn run(g: &Global, a: VmArgs) -> anyhow::Result<ExitCode> {
             suite: &a.suite,
             timeout: Duration::from_secs_f64(a.timeout.max(1.0)),
             memory_mib: a.memory,
+            orchestrator: a.orchestrator.as_deref(),
+            fault: a.fault.as_deref(),
         },
         &say,
     )

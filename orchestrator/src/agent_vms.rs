@@ -1,0 +1,554 @@
+//! The agent's VM side: boot a VM from a repository image on the orchestrator's request,
+//! watch it until it ends or its deadline passes, tear it down, and reap domains that no
+//! live run owns. Routes (all behind the host's token):
+//!
+//! - `GET /v1/info`: the host's name, hypervisor and capacity
+//! - `POST /v1/vms`: boot (JSON: name, image, memory_mib, vcpus, deadline_seconds, guest{url,vm,token})
+//! - `GET /v1/vms/{name}`: state (`running`, `ended`, `timed_out`, `gone`) and serial tail
+//! - `DELETE /v1/vms/{name}`: destroy (the serial log stays)
+
+use std::collections::{HashMap, HashSet};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use axum::Router;
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use certo_hosts::boot::{BootAssets, BootInputs};
+use certo_hosts::domain_name::{self, DomainName};
+use certo_hosts::guest::GuestConfig;
+use certo_hosts::hypervisor::{DomainSpec, Hypervisor, HypervisorKind, Network, Persistence};
+use certo_transfer::Repository;
+use serde::Deserialize;
+use serde_json::json;
+
+/// What the agent knows of one VM it booted.
+#[derive(Debug, Clone)]
+struct Entry {
+    serial_log: PathBuf,
+    overlay: PathBuf,
+    deadline: Instant,
+    /// `running`, `ended`, `timed_out`.
+    state: String,
+}
+
+/// The VM manager of one agent.
+#[derive(Debug)]
+pub struct Vms {
+    pub name: String,
+    pub slots: usize,
+    pub memory_mib: u64,
+    pub vcpus: u32,
+    hv: Arc<dyn Hypervisor>,
+    repo: Arc<Repository>,
+    dir: PathBuf,
+    assets_dir: PathBuf,
+    assets: Mutex<Option<BootAssets>>,
+    vms: Mutex<HashMap<String, Entry>>,
+    token: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct BootRequest {
+    name: String,
+    image: String,
+    #[serde(default = "default_memory")]
+    memory_mib: u64,
+    #[serde(default = "one")]
+    vcpus: u32,
+    deadline_seconds: f64,
+    guest: GuestRequest,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct GuestRequest {
+    url: String,
+    vm: String,
+    token: String,
+    #[serde(default)]
+    hang: bool,
+    #[serde(default)]
+    panic: bool,
+}
+
+fn default_memory() -> u64 {
+    384
+}
+fn one() -> u32 {
+    1
+}
+
+fn text(status: StatusCode, body: impl Into<String>) -> Response {
+    (status, body.into()).into_response()
+}
+
+fn tail(path: &std::path::Path, max: usize) -> String {
+    match std::fs::read(path) {
+        Ok(bytes) => {
+            let start = bytes.len().saturating_sub(max);
+            String::from_utf8_lossy(&bytes[start..]).into_owned()
+        }
+        Err(_) => String::new(),
+    }
+}
+
+impl Vms {
+    /// A manager over `hv`, booting images of `repo`; VM files live under `dir`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        name: String,
+        hv: Arc<dyn Hypervisor>,
+        repo: Arc<Repository>,
+        dir: PathBuf,
+        assets_dir: PathBuf,
+        slots: usize,
+        memory_mib: u64,
+        vcpus: u32,
+        token: String,
+    ) -> Self {
+        Self {
+            name,
+            slots,
+            memory_mib,
+            vcpus,
+            hv,
+            repo,
+            dir,
+            assets_dir,
+            assets: Mutex::new(None),
+            vms: Mutex::new(HashMap::new()),
+            token,
+        }
+    }
+
+    /// The hypervisor.
+    pub fn hypervisor(&self) -> &Arc<dyn Hypervisor> {
+        &self.hv
+    }
+
+    fn boot_assets(&self) -> anyhow::Result<(PathBuf, PathBuf)> {
+        if self.hv.kind() == HypervisorKind::Test {
+            // libvirt's test driver boots nothing: it needs names, not a kernel.
+            return Ok((
+                self.dir.join("test-vmlinux"),
+                self.dir.join("test-initramfs"),
+            ));
+        }
+        let mut cached = self
+            .assets
+            .lock()
+            .map_err(|_| anyhow::anyhow!("boot assets lock poisoned"))?;
+        if cached.is_none() {
+            let inputs = BootInputs::host()?;
+            *cached = Some(BootAssets::prepare(&self.assets_dir, &inputs)?);
+        }
+        let a = cached
+            .as_ref()
+            .ok_or_else(|| anyhow::anyhow!("no boot assets"))?;
+        Ok((a.vmlinux.clone(), a.initramfs.clone()))
+    }
+
+    fn boot(&self, req: BootRequest) -> Result<serde_json::Value, (StatusCode, String)> {
+        let bad = |m: String| (StatusCode::BAD_REQUEST, m);
+        let parsed = DomainName::parse(&req.name)
+            .ok_or_else(|| bad(format!("{:?} is not a Certo domain name", req.name)))?;
+        if req.guest.vm != req.name {
+            return Err(bad("guest.vm must be the domain name".into()));
+        }
+        if !(1.0..=86_400.0).contains(&req.deadline_seconds) {
+            return Err(bad("deadline_seconds must be between 1 and 86400".into()));
+        }
+        if req.memory_mib < 64
+            || req.memory_mib > self.memory_mib.max(64)
+            || req.vcpus == 0
+            || req.vcpus > self.vcpus.max(1)
+        {
+            return Err(bad(format!(
+                "{} MiB and {} vCPUs do not fit this host ({} MiB, {} vCPUs)",
+                req.memory_mib, req.vcpus, self.memory_mib, self.vcpus
+            )));
+        }
+        {
+            let vms = self
+                .vms
+                .lock()
+                .map_err(|_| (StatusCode::INTERNAL_SERVER_ERROR, "lock".to_owned()))?;
+            let running = vms.values().filter(|e| e.state == "running").count();
+            if vms.get(&req.name).is_some_and(|e| e.state == "running") {
+                return Err((StatusCode::CONFLICT, format!("{} runs already", req.name)));
+            }
+            if running >= self.slots {
+                return Err((
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    format!("all {} VM slots of {} are in use", self.slots, self.name),
+                ));
+            }
+        }
+        // The repository copy stays pristine: the VM writes to a qcow2 overlay of it.
+        let image = self
+            .repo
+            .image_path(&req.image)
+            .map_err(|e| bad(format!("image {:?}: {e}", req.image)))?;
+        if !image.is_file() {
+            self.repo.assemble(&req.image).map_err(|e| {
+                (
+                    StatusCode::NOT_FOUND,
+                    format!("image {:?} is not in this repository: {e}", req.image),
+                )
+            })?;
+        }
+        let vm_dir = self.dir.join(&req.name);
+        std::fs::create_dir_all(&vm_dir)
+            .map_err(|e| (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+        let overlay = vm_dir.join("disk.qcow2");
+        let serial = vm_dir.join("serial.log");
+        let _ = std::fs::remove_file(&overlay);
+        certo_hosts::overlay::create_overlay(&image, &overlay)
+            .map_err(|e| (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+        let (kernel, initramfs) = self.boot_assets().map_err(|e| {
+            (
+                StatusCode::INTERNAL_SERVER_ERROR,
+                format!("boot assets: {e:#}"),
+            )
+        })?;
+        let mut guest = GuestConfig::user_network(&req.guest.url, &req.guest.vm, &req.guest.token);
+        guest.hang = req.guest.hang;
+        guest.panic = req.guest.panic;
+        let cmdline = guest.cmdline(self.hv.kind()).map_err(bad)?;
+        let spec = DomainSpec {
+            name: req.name.clone(),
+            memory_mib: req.memory_mib,
+            vcpus: req.vcpus,
+            kernel,
+            initramfs,
+            cmdline,
+            root_disk: overlay.clone(),
+            serial_log: serial.clone(),
+            network: if self.hv.kind() == HypervisorKind::Xen {
+                Network::None
+            } else {
+                Network::User
+            },
+        };
+        self.hv
+            .start(&spec, Persistence::Transient)
+            .map_err(|e| (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+        tracing::info!(vm = %req.name, run = parsed.run, image = %req.image, "VM started");
+        let entry = Entry {
+            serial_log: serial.clone(),
+            overlay,
+            deadline: Instant::now() + Duration::from_secs_f64(req.deadline_seconds),
+            state: "running".into(),
+        };
+        if let Ok(mut vms) = self.vms.lock() {
+            vms.insert(req.name.clone(), entry);
+        }
+        if self.hv.kind() == HypervisorKind::Test {
+            // The test driver runs no guest: a simulated harness speaks the guest protocol.
+            let hv = self.hv.clone();
+            let (name, serial2) = (req.name.clone(), serial.clone());
+            std::thread::spawn(move || simulated_guest(hv, &name, &req.guest, &serial2));
+        }
+        Ok(json!({"name": req.name, "state": "running", "serial_log": serial, "serial_tail": ""}))
+    }
+
+    /// One watch round: ended domains are marked, overdue ones destroyed.
+    pub fn watch_once(&self) {
+        let names: Vec<(String, Instant)> = match self.vms.lock() {
+            Ok(vms) => vms
+                .iter()
+                .filter(|(_, e)| e.state == "running")
+                .map(|(n, e)| (n.clone(), e.deadline))
+                .collect(),
+            Err(_) => return,
+        };
+        for (name, deadline) in names {
+            let state = self.hv.state(&name);
+            let new_state = match state {
+                Ok(None) => Some("ended"),
+                Ok(Some(s)) if s.is_ended() => Some("ended"),
+                Ok(Some(_)) if Instant::now() >= deadline => {
+                    let _ = self.hv.destroy(&name);
+                    tracing::warn!(vm = %name, "deadline passed: VM destroyed, serial log kept");
+                    Some("timed_out")
+                }
+                _ => None,
+            };
+            if let Some(s) = new_state
+                && let Ok(mut vms) = self.vms.lock()
+                && let Some(e) = vms.get_mut(&name)
+            {
+                e.state = s.to_owned();
+                let _ = std::fs::remove_file(&e.overlay);
+            }
+        }
+    }
+
+    fn status(&self, name: &str) -> serde_json::Value {
+        let entry = self.vms.lock().ok().and_then(|v| v.get(name).cloned());
+        match entry {
+            Some(e) => json!({
+                "name": name, "state": e.state, "serial_log": e.serial_log,
+                "serial_tail": tail(&e.serial_log, 8192),
+            }),
+            None => json!({"name": name, "state": "gone", "serial_tail": ""}),
+        }
+    }
+
+    fn destroy(&self, name: &str) -> Result<serde_json::Value, (StatusCode, String)> {
+        let destroyed = self
+            .hv
+            .destroy(name)
+            .map_err(|e| (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+        if let Ok(mut vms) = self.vms.lock()
+            && let Some(e) = vms.get_mut(name)
+        {
+            if e.state == "running" {
+                e.state = "ended".into();
+            }
+            let _ = std::fs::remove_file(&e.overlay);
+        }
+        tracing::info!(vm = name, destroyed, "VM torn down");
+        let mut v = self.status(name);
+        v["destroyed"] = json!(destroyed);
+        Ok(v)
+    }
+
+    /// Destroys every Certo domain whose run is not live (names from the orchestrator).
+    pub fn reap(&self, live: &[String]) -> Vec<String> {
+        let runs: HashSet<u64> = live
+            .iter()
+            .filter_map(|n| DomainName::parse(n).map(|d| d.run))
+            .collect();
+        match domain_name::reap(self.hv.as_ref(), &runs) {
+            Ok(gone) => {
+                if let Ok(mut vms) = self.vms.lock() {
+                    for n in &gone {
+                        if let Some(e) = vms.get_mut(n) {
+                            e.state = "ended".into();
+                        }
+                    }
+                }
+                gone
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "reaping failed");
+                Vec::new()
+            }
+        }
+    }
+
+    /// Adopts the running Certo domains after a restart (so their status can be asked).
+    pub fn adopt_running(&self) {
+        let Ok(list) = self.hv.list() else { return };
+        for d in list {
+            let serial = self
+                .hv
+                .serial_log(&d.name)
+                .ok()
+                .flatten()
+                .unwrap_or_else(|| self.dir.join(&d.name).join("serial.log"));
+            if let Ok(mut vms) = self.vms.lock() {
+                vms.entry(d.name.clone()).or_insert(Entry {
+                    serial_log: serial,
+                    overlay: self.dir.join(&d.name).join("disk.qcow2"),
+                    deadline: Instant::now() + Duration::from_secs(3600),
+                    state: if d.state.is_ended() {
+                        "ended".into()
+                    } else {
+                        "running".into()
+                    },
+                });
+            }
+        }
+    }
+}
+
+fn authorized(vms: &Vms, headers: &HeaderMap) -> bool {
+    let got = headers
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or("");
+    got.len() == vms.token.len()
+        && got
+            .bytes()
+            .zip(vms.token.bytes())
+            .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+            == 0
+}
+
+/// The VM routes, to merge with the repository's.
+pub fn router(vms: Arc<Vms>) -> Router {
+    Router::new()
+        .route("/v1/info", get(info))
+        .route("/v1/vms", axum::routing::post(boot))
+        .route("/v1/vms/{name}", get(status).delete(destroy))
+        .with_state(vms)
+}
+
+async fn info(State(v): State<Arc<Vms>>, headers: HeaderMap) -> Response {
+    if !authorized(&v, &headers) {
+        return text(StatusCode::UNAUTHORIZED, "a valid host token is required\n");
+    }
+    axum::Json(json!({
+        "name": v.name, "hypervisor": v.hv.kind().as_str(), "slots": v.slots,
+        "memory_mib": v.memory_mib, "vcpus": v.vcpus,
+    }))
+    .into_response()
+}
+
+async fn boot(State(v): State<Arc<Vms>>, headers: HeaderMap, body: axum::body::Bytes) -> Response {
+    if !authorized(&v, &headers) {
+        return text(StatusCode::UNAUTHORIZED, "a valid host token is required\n");
+    }
+    let req: BootRequest = match serde_json::from_slice(&body) {
+        Ok(r) => r,
+        Err(e) => return text(StatusCode::BAD_REQUEST, format!("boot request: {e}\n")),
+    };
+    let v2 = v.clone();
+    match tokio::task::spawn_blocking(move || v2.boot(req)).await {
+        Ok(Ok(j)) => (StatusCode::CREATED, axum::Json(j)).into_response(),
+        Ok(Err((s, m))) => text(s, format!("{m}\n")),
+        Err(e) => text(StatusCode::INTERNAL_SERVER_ERROR, format!("{e}\n")),
+    }
+}
+
+async fn status(
+    State(v): State<Arc<Vms>>,
+    Path(name): Path<String>,
+    headers: HeaderMap,
+) -> Response {
+    if !authorized(&v, &headers) {
+        return text(StatusCode::UNAUTHORIZED, "a valid host token is required\n");
+    }
+    let v2 = v.clone();
+    let _ = tokio::task::spawn_blocking(move || v2.watch_once()).await;
+    axum::Json(v.status(&name)).into_response()
+}
+
+async fn destroy(
+    State(v): State<Arc<Vms>>,
+    Path(name): Path<String>,
+    headers: HeaderMap,
+) -> Response {
+    if !authorized(&v, &headers) {
+        return text(StatusCode::UNAUTHORIZED, "a valid host token is required\n");
+    }
+    if DomainName::parse(&name).is_none() {
+        return text(
+            StatusCode::BAD_REQUEST,
+            format!("{name:?} is not a Certo domain name\n"),
+        );
+    }
+    let v2 = v.clone();
+    match tokio::task::spawn_blocking(move || v2.destroy(&name)).await {
+        Ok(Ok(j)) => axum::Json(j).into_response(),
+        Ok(Err((s, m))) => text(s, format!("{m}\n")),
+        Err(e) => text(StatusCode::INTERNAL_SERVER_ERROR, format!("{e}\n")),
+    }
+}
+
+/// A stand-in for the guest harness under libvirt's test driver (which boots nothing): it
+/// speaks the same plain-text protocol, passes every planned test, and "powers off". The
+/// `hang` and `panic` faults behave as in a real guest: no contact, or a panic on the console.
+fn simulated_guest(
+    hv: Arc<dyn Hypervisor>,
+    name: &str,
+    guest: &GuestRequest,
+    serial: &std::path::Path,
+) {
+    use std::io::Write;
+    let mut console = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(serial)
+        .ok();
+    let mut say = |line: &str| {
+        if let Some(c) = console.as_mut() {
+            let _ = writeln!(c, "{line}");
+        }
+    };
+    say("certo-harness: simulated guest (libvirt test driver)");
+    if guest.hang {
+        say("certo-harness: hanging (fault injection)");
+        return;
+    }
+    if guest.panic {
+        say("Kernel panic - not syncing: sysrq triggered crash");
+        let _ = hv.destroy(name);
+        return;
+    }
+    let url = guest.url.replace("//10.0.2.2:", "//127.0.0.1:");
+    let call =
+        |path: &str, body: &str| http_post(&format!("{url}{path}"), &guest.token, name, body);
+    let plan = match call("/api/v1/guest/join", "") {
+        Ok((200, plan)) => plan,
+        Ok((status, body)) => {
+            say(&format!(
+                "certo-harness: join refused: {status} {}",
+                body.trim()
+            ));
+            let _ = hv.destroy(name);
+            return;
+        }
+        Err(e) => {
+            say(&format!(
+                "certo-harness: cannot reach the orchestrator: {e}"
+            ));
+            let _ = hv.destroy(name);
+            return;
+        }
+    };
+    say("certo-harness: joined");
+    for line in plan.lines() {
+        if let Some(rest) = line.strip_prefix("test ") {
+            let suite = rest.split_whitespace().next().unwrap_or("basic");
+            let _ = call(
+                "/api/v1/guest/result",
+                &format!(
+                    "{suite} simulated pass 0.0\nsimulated by the agent under libvirt's test driver\n"
+                ),
+            );
+        }
+    }
+    let _ = call("/api/v1/guest/done", "ok");
+    say("certo-harness: done");
+    let _ = hv.destroy(name);
+}
+
+/// A minimal blocking HTTP/1.1 POST (the simulated guest's wget).
+fn http_post(url: &str, token: &str, vm: &str, body: &str) -> std::io::Result<(u16, String)> {
+    use std::io::{Read, Write};
+    let rest = url
+        .strip_prefix("http://")
+        .ok_or_else(|| std::io::Error::other("only http:// URLs"))?;
+    let (hostport, path) = rest
+        .split_once('/')
+        .map(|(h, p)| (h, format!("/{p}")))
+        .unwrap_or((rest, "/".into()));
+    let mut stream = std::net::TcpStream::connect(hostport)?;
+    stream.set_read_timeout(Some(Duration::from_secs(30)))?;
+    write!(
+        stream,
+        "POST {path} HTTP/1.1\r\nHost: {hostport}\r\nAuthorization: Bearer {token}\r\nX-Certo-VM: {vm}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response)?;
+    let status = response
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let body = response
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
+    Ok((status, body))
+}

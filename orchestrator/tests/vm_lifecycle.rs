@@ -1,0 +1,207 @@
+//! A VM's whole life through real processes — `certo agent` over libvirt's test driver
+//! (`test:///default`, which boots nothing: the agent's simulated guest speaks the harness
+//! protocol) and `certo vm run` with PostgreSQL: push, boot, join, results, done, teardown;
+//! a hung guest destroyed at its deadline; a kernel panic; bad requests refused.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+
+use serde_json::Value;
+
+struct Agent {
+    child: Child,
+    url: String,
+    dir: PathBuf,
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+const TOKEN: &str = "lifecycle-host-token-0123456789";
+
+fn agent(name: &str) -> Agent {
+    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
+        .join(format!("vm-life-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("dir");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_certo"))
+        .args([
+            "agent",
+            "--listen",
+            "127.0.0.1:0",
+            "--libvirt",
+            "test:///default",
+            "--name",
+            name,
+            "--repo",
+        ])
+        .arg(dir.join("repo"))
+        .env("CERTO_TOKEN", TOKEN)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn agent");
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().expect("stdout"))
+        .read_line(&mut line)
+        .expect("read");
+    let url = line
+        .trim()
+        .strip_prefix("listening on ")
+        .expect("address line")
+        .to_owned();
+    Agent { child, url, dir }
+}
+
+fn image(dir: &Path) -> PathBuf {
+    let path = dir.join("small.img");
+    let mut data = vec![0u8; 4 << 20];
+    for (i, b) in data.iter_mut().enumerate().take(1 << 20) {
+        *b = (i * 7 % 251) as u8;
+    }
+    std::fs::write(&path, data).expect("image");
+    path
+}
+
+fn vm_run(db: &str, agent: &Agent, extra: &[&str]) -> (i32, Value) {
+    let img = image(&agent.dir);
+    let out = Command::new(env!("CARGO_BIN_EXE_certo"))
+        .args(["--data-dir"])
+        .arg(&agent.dir)
+        .args([
+            "vm",
+            "run",
+            "--json",
+            "--node-type",
+            "glite-WN",
+            "--agent",
+            &agent.url,
+            "--image",
+        ])
+        .arg(&img)
+        .args(extra)
+        .env("DATABASE_URL", db)
+        .env("CERTO_TOKEN", TOKEN)
+        .output()
+        .expect("vm run");
+    let v = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "not JSON ({e}): {}\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
+    });
+    (out.status.code().unwrap_or(-1), v)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_vm_runs_from_boot_to_results_and_is_torn_down() {
+    let db = common::scratch().await;
+    let a = agent("life1");
+    let (code, v) = vm_run(&db.url, &a, &["--suite", "all", "--timeout", "60"]);
+    assert_eq!(code, 0, "{v}");
+    assert_eq!(v["state"], "done", "{v}");
+    let tests: Vec<(String, String)> = v["tests"]
+        .as_array()
+        .expect("tests")
+        .iter()
+        .map(|t| {
+            (
+                format!(
+                    "{}/{}",
+                    t["suite"].as_str().unwrap_or(""),
+                    t["name"].as_str().unwrap_or("")
+                ),
+                t["status"].as_str().unwrap_or("").to_owned(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        tests,
+        [
+            ("basic/simulated".to_owned(), "pass".to_owned()),
+            ("regression/simulated".to_owned(), "pass".to_owned())
+        ]
+    );
+    let name = v["vm"].as_str().expect("vm");
+    let row = db.store.vm(name).await.expect("vm").expect("row");
+    assert_eq!(row.state, "done");
+    assert!(row.joined_at.is_some() && row.finished_at.is_some());
+    assert!(row.token_used_up);
+    assert_eq!(db.store.vm_results(row.id).await.expect("results").len(), 2);
+    // The agent tore it down.
+    let body = reqwest::Client::new()
+        .get(format!("{}/v1/vms/{name}", a.url))
+        .header("authorization", format!("Bearer {TOKEN}"))
+        .send()
+        .await
+        .expect("status")
+        .bytes()
+        .await
+        .expect("body");
+    let status: Value = serde_json::from_slice(&body).expect("json");
+    assert_ne!(status["state"], "running", "{status}");
+    db.drop_db().await.expect("drop");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_hung_guest_is_destroyed_at_its_deadline_and_a_panic_is_explained() {
+    let db = common::scratch().await;
+    let a = agent("life2");
+    let (code, v) = vm_run(&db.url, &a, &["--timeout", "3", "--fault", "hang"]);
+    assert_eq!(code, 1, "{v}");
+    assert_eq!(v["state"], "timed_out", "{v}");
+    assert!(
+        v["reason"].as_str().expect("reason").contains("deadline"),
+        "{v}"
+    );
+    // The serial log is kept.
+    let log = v["serial_log"].as_str().expect("serial log");
+    let path = log.split_once(':').map(|(_, p)| p).expect("host:path");
+    let text = std::fs::read_to_string(path).expect("serial log kept");
+    assert!(text.contains("hanging"), "{text}");
+
+    let (code, v) = vm_run(&db.url, &a, &["--timeout", "30", "--fault", "panic"]);
+    assert_eq!(code, 1, "{v}");
+    assert_eq!(v["state"], "crashed", "{v}");
+    assert!(
+        v["reason"].as_str().expect("reason").contains("panicked"),
+        "{v}"
+    );
+    db.drop_db().await.expect("drop");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_agent_refuses_what_it_should() {
+    let a = agent("life3");
+    let http = reqwest::Client::new();
+    let boot = |body: &'static str, token: &'static str| {
+        http.post(format!("{}/v1/vms", a.url))
+            .header("authorization", format!("Bearer {token}"))
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+    };
+    let ok_body = r#"{"name":"certo-r1-x-a1","image":"nope","deadline_seconds":10,"guest":{"url":"http://10.0.2.2:1","vm":"certo-r1-x-a1","token":"t"}}"#;
+    assert_eq!(boot(ok_body, "wrong-token").await.expect("r").status(), 401);
+    assert_eq!(boot(ok_body, TOKEN).await.expect("r").status(), 404);
+    let bad_name = r#"{"name":"../../etc","image":"nope","deadline_seconds":10,"guest":{"url":"u","vm":"../../etc","token":"t"}}"#;
+    assert_eq!(boot(bad_name, TOKEN).await.expect("r").status(), 400);
+    let bad_image = r#"{"name":"certo-r1-x-a1","image":"../x","deadline_seconds":10,"guest":{"url":"u","vm":"certo-r1-x-a1","token":"t"}}"#;
+    assert_eq!(boot(bad_image, TOKEN).await.expect("r").status(), 400);
+    let r = http
+        .delete(format!("{}/v1/vms/..%2Fetc", a.url))
+        .header("authorization", format!("Bearer {TOKEN}"))
+        .send()
+        .await
+        .expect("r");
+    assert_eq!(r.status(), 400);
+}

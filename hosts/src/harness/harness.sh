@@ -90,10 +90,10 @@ for f in /root/etc/init.d/*; do
   port=0
   if [ $state = up ]; then
     for i in $(seq 1 20); do
-      ports > $W/after
-      port=$(grep -vxF -f $W/before $W/after | head -n 1)
-      [ -n "$port" ] && break
-      port=0
+      for p in $(ports); do
+        grep -qx "$p" $W/before || { port=$p; break; }
+      done
+      [ "$port" != 0 ] && break
       sleep 0.1
     done
   fi

@@ -36,12 +36,15 @@ fn start_list_reap_destroy_on_the_test_driver() {
     assert!(hv.list().expect("list").is_empty());
 
     let finished_run = DomainName::new(7001, "3.2/sl5_x86_64/glite-WN", 1).to_string();
-    let finished_run_persistent = DomainName::new(7002, "3.2/deb12_x86_64/glite-BDII", 2).to_string();
+    let finished_run_persistent =
+        DomainName::new(7002, "3.2/deb12_x86_64/glite-BDII", 2).to_string();
     let live_run = DomainName::new(7003, "3.1/sl4_i386/glite-UI", 1).to_string();
-    hv.start(&spec(&finished_run), Persistence::Transient).expect("start transient");
+    hv.start(&spec(&finished_run), Persistence::Transient)
+        .expect("start transient");
     hv.start(&spec(&finished_run_persistent), Persistence::Persistent)
         .expect("start persistent");
-    hv.start(&spec(&live_run), Persistence::Transient).expect("start live");
+    hv.start(&spec(&live_run), Persistence::Transient)
+        .expect("start live");
     // Starting the same name twice fails (libvirt refuses a duplicate).
     assert!(hv.start(&spec(&live_run), Persistence::Transient).is_err());
 
@@ -54,7 +57,10 @@ fn start_list_reap_destroy_on_the_test_driver() {
         [false, true, false]
     );
     let parsed = DomainName::parse(&finished_run_persistent).expect("parses");
-    assert_eq!((parsed.run, parsed.target.as_str(), parsed.attempt), (7002, "3-2-deb12-x86-64-glite-bdii", 2));
+    assert_eq!(
+        (parsed.run, parsed.target.as_str(), parsed.attempt),
+        (7002, "3-2-deb12-x86-64-glite-bdii", 2)
+    );
     assert_eq!(
         hv.serial_log(&live_run).expect("serial log"),
         Some(spec(&live_run).serial_log)
@@ -62,8 +68,16 @@ fn start_list_reap_destroy_on_the_test_driver() {
 
     // An agent restarts knowing only that run 7003 is live.
     let reaped = reap(&hv, &HashSet::from([7003])).expect("reap");
-    assert_eq!(reaped, [finished_run.clone(), finished_run_persistent.clone()]);
-    let left: Vec<String> = hv.list().expect("list").into_iter().map(|d| d.name).collect();
+    assert_eq!(
+        reaped,
+        [finished_run.clone(), finished_run_persistent.clone()]
+    );
+    let left: Vec<String> = hv
+        .list()
+        .expect("list")
+        .into_iter()
+        .map(|d| d.name)
+        .collect();
     assert_eq!(left, [live_run.clone()]);
     // The persistent one is undefined too, not just stopped.
     assert_eq!(hv.state(&finished_run_persistent).expect("state"), None);
@@ -73,7 +87,10 @@ fn start_list_reap_destroy_on_the_test_driver() {
     let outcome = hv
         .wait_until(&live_run, Instant::now() + Duration::from_millis(300))
         .expect("wait");
-    assert!(matches!(outcome, WaitOutcome::Destroyed { .. }), "{outcome:?}");
+    assert!(
+        matches!(outcome, WaitOutcome::Destroyed { .. }),
+        "{outcome:?}"
+    );
     assert!(t.elapsed() < Duration::from_secs(2));
     assert_eq!(hv.state(&live_run).expect("state"), None);
     // Destroying what is gone is not an error.
@@ -85,7 +102,10 @@ fn start_list_reap_destroy_on_the_test_driver() {
 fn a_domain_that_is_already_gone_ends_the_wait_at_once() {
     let hv = LibvirtHypervisor::connect("test:///default").expect("connect");
     let outcome = hv
-        .wait_until("certo-r1-never-started-a1", Instant::now() + Duration::from_secs(5))
+        .wait_until(
+            "certo-r1-never-started-a1",
+            Instant::now() + Duration::from_secs(5),
+        )
         .expect("wait");
     assert!(matches!(outcome, WaitOutcome::Ended { waited } if waited < Duration::from_secs(1)));
 }
@@ -118,9 +138,10 @@ fn every_template_validates_against_the_libvirt_schema() {
     validate(HypervisorKind::Test, &s);
     let mut xen = s.clone();
     xen.network = Network::Bridge("xenbr0".into());
-    xen.cmdline = certo_hosts::guest::GuestConfig::user_network("http://10.0.0.1:8080", &xen.name, "t")
-        .cmdline(HypervisorKind::Xen)
-        .expect("cmdline");
+    xen.cmdline =
+        certo_hosts::guest::GuestConfig::user_network("http://10.0.0.1:8080", &xen.name, "t")
+            .cmdline(HypervisorKind::Xen)
+            .expect("cmdline");
     assert!(xen.cmdline.starts_with("console=hvc0 panic=-1"));
     validate(HypervisorKind::Xen, &xen);
     let mut none = s;

@@ -18,7 +18,7 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use certo_hosts::boot::{BootAssets, BootInputs};
-use certo_hosts::domain_name::{self, DomainName};
+use certo_hosts::domain_name::DomainName;
 use certo_hosts::guest::GuestConfig;
 use certo_hosts::hypervisor::{DomainSpec, Hypervisor, HypervisorKind, Network, Persistence};
 use certo_transfer::Repository;
@@ -301,10 +301,12 @@ impl Vms {
     }
 
     fn destroy(&self, name: &str) -> Result<serde_json::Value, (StatusCode, String)> {
-        let destroyed = self
-            .hv
-            .destroy(name)
-            .map_err(|e| (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+        let destroyed = match self.hv.destroy(name) {
+            Ok(d) => d,
+            // It ended between the lookup and the destroy: nothing left to tear down.
+            Err(_) if matches!(self.hv.state(name), Ok(None)) => false,
+            Err(e) => return Err((StatusCode::INTERNAL_SERVER_ERROR, e.to_string())),
+        };
         if let Ok(mut vms) = self.vms.lock()
             && let Some(e) = vms.get_mut(name)
         {
@@ -319,34 +321,56 @@ impl Vms {
         Ok(v)
     }
 
-    /// Destroys every Certo domain whose run is not live (names from the orchestrator).
+    /// Whether a domain is this agent's: it booted it (and so made its directory). Several
+    /// agents may share one hypervisor; each reaps only its own domains.
+    fn owns(&self, name: &str) -> bool {
+        DomainName::parse(name).is_some() && self.dir.join(name).is_dir()
+    }
+
+    /// Destroys every domain of this agent whose run is not live (names from the orchestrator).
     pub fn reap(&self, live: &[String]) -> Vec<String> {
         let runs: HashSet<u64> = live
             .iter()
             .filter_map(|n| DomainName::parse(n).map(|d| d.run))
             .collect();
-        match domain_name::reap(self.hv.as_ref(), &runs) {
-            Ok(gone) => {
-                if let Ok(mut vms) = self.vms.lock() {
-                    for n in &gone {
-                        if let Some(e) = vms.get_mut(n) {
-                            e.state = "ended".into();
-                        }
-                    }
-                }
-                gone
-            }
+        let list = match self.hv.list() {
+            Ok(l) => l,
             Err(e) => {
-                tracing::warn!(error = %e, "reaping failed");
-                Vec::new()
+                tracing::warn!(error = %e, "listing domains to reap failed");
+                return Vec::new();
+            }
+        };
+        let mut gone = Vec::new();
+        for d in list {
+            let Some(parsed) = DomainName::parse(&d.name) else {
+                continue;
+            };
+            if !self.owns(&d.name) || runs.contains(&parsed.run) {
+                continue;
+            }
+            match self.hv.destroy(&d.name) {
+                Ok(true) => {
+                    tracing::info!(vm = %d.name, run = parsed.run, "reaped a domain no live run owns");
+                    gone.push(d.name.clone());
+                }
+                Ok(false) => {}
+                Err(e) => tracing::warn!(vm = %d.name, error = %e, "reaping failed"),
             }
         }
+        if let Ok(mut vms) = self.vms.lock() {
+            for n in &gone {
+                if let Some(e) = vms.get_mut(n) {
+                    e.state = "ended".into();
+                }
+            }
+        }
+        gone
     }
 
     /// Adopts the running Certo domains after a restart (so their status can be asked).
     pub fn adopt_running(&self) {
         let Ok(list) = self.hv.list() else { return };
-        for d in list {
+        for d in list.into_iter().filter(|d| self.owns(&d.name)) {
             let serial = self
                 .hv
                 .serial_log(&d.name)

@@ -14,6 +14,9 @@ use serde_json::json;
 use crate::server::{self, Server};
 use crate::store::{NewVm, ResultRow, Store, VmRow};
 
+/// How long the agent may stay silent before a run is declared lost.
+pub const AGENT_SILENCE: Duration = Duration::from_secs(8);
+
 /// What the agent says about a VM.
 #[derive(Debug, Clone, Deserialize, Serialize)]
 pub struct AgentVm {
@@ -289,6 +292,7 @@ async fn run_inner(
     // 3. Wait for the harness, the VM's end, or the deadline.
     let mut joined_at = None;
     let mut serial_tail = String::new();
+    let mut agent_silent_since: Option<Instant> = None;
     loop {
         tokio::time::sleep(Duration::from_millis(250)).await;
         let row = store
@@ -308,6 +312,24 @@ async fn run_inner(
         let status = agent.status(&name).await.ok();
         if let Some(s) = &status {
             serial_tail = s.serial_tail.clone();
+            agent_silent_since = None;
+        } else {
+            let since = *agent_silent_since.get_or_insert_with(Instant::now);
+            if since.elapsed() > AGENT_SILENCE {
+                // The host's agent is gone: the run is lost; a restarted agent reaps the
+                // domain, since no live run owns it any more.
+                let reason = format!(
+                    "the host's agent stopped answering for {:.0} s{}",
+                    AGENT_SILENCE.as_secs_f64(),
+                    if row.state == "joined" {
+                        " after the guest joined"
+                    } else {
+                        ""
+                    }
+                );
+                store.finish_vm(vm.id, "lost", Some(&reason), None).await?;
+                break;
+            }
         }
         let ended = status.as_ref().is_some_and(|s| s.state != "running");
         let agent_timed_out = status.as_ref().is_some_and(|s| s.state == "timed_out");

@@ -64,7 +64,13 @@ pub async fn run(g: &Global, a: VmArgs) -> anyhow::Result<ExitCode> {
     let (path, record) = {
         let p = PathBuf::from(&a.image);
         if p.is_file() {
-            (p, None)
+            // An artefact of Certo's image cache carries its record beside it.
+            let record = p
+                .parent()
+                .map(|d| d.join("image.json"))
+                .and_then(|j| std::fs::read(j).ok())
+                .and_then(|b| serde_json::from_slice::<certo_imager::ImageRecord>(&b).ok());
+            (p, record)
         } else {
             let cache = certo_imager::Store::open(&g.data_dir().join("imager"))
                 .map_err(|e| anyhow::anyhow!("{e}"))?;

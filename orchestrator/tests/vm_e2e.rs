@@ -1,0 +1,592 @@
+//! End to end on real QEMU (TCG) through libvirtd: images built by the imager, pushed by the
+//! transfer engine into an agent's repository, booted; the guest harness joins, runs the
+//! node type's tests and reports them into PostgreSQL. Two agents in two network namespaces
+//! serve one orchestrator; faults: a hung guest, a kernel panic, a crashed harness, an agent
+//! killed mid-run and restarted (its orphaned domain reaped). Root only (scripts/test).
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+fn tmp() -> PathBuf {
+    PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
+}
+
+fn ensure_libvirtd() {
+    static STARTED: OnceLock<()> = OnceLock::new();
+    STARTED.get_or_init(|| {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+        let ok = Command::new("bash")
+            .arg("-c")
+            .arg(". scripts/lib.sh && certo_start_libvirtd")
+            .current_dir(&root)
+            .status()
+            .expect("bash");
+        assert!(ok.success(), "libvirtd could not be started");
+    });
+}
+
+fn world() -> PathBuf {
+    static WORLD: OnceLock<PathBuf> = OnceLock::new();
+    WORLD
+        .get_or_init(|| {
+            let dir = tmp().join("imager-world");
+            certo::images::build_world(&dir).expect("the fixture world builds");
+            dir
+        })
+        .clone()
+}
+
+/// Data directory shared with the imager tests (their cached layers are reused).
+fn data() -> PathBuf {
+    tmp().join("imager-shared")
+}
+
+fn certo(db: &str, args: &[&str]) -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_certo"));
+    c.arg("--data-dir")
+        .arg(data())
+        .arg("--repos")
+        .arg(world())
+        .args(args)
+        .env("DATABASE_URL", db)
+        .env_remove("CERTO_CATALOGUE")
+        .env_remove("CERTO_TOKEN");
+    c
+}
+
+fn json_of(out: &Output) -> Value {
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "not JSON ({e}): {}\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
+    })
+}
+
+fn image(db: &str, platform: &str, node_type: &str) -> String {
+    let out = certo(
+        db,
+        &[
+            "image",
+            "build",
+            "--json",
+            "--release",
+            "3.2",
+            "--platform",
+            platform,
+            "--node-type",
+            node_type,
+        ],
+    )
+    .output()
+    .expect("image build");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    json_of(&out)["path"].as_str().expect("path").to_owned()
+}
+
+/// A `certo agent` process over qemu:///system; killed (SIGKILL) when dropped.
+struct Agent {
+    child: Child,
+    url: String,
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn spawn_agent(
+    netns: Option<&str>,
+    listen: &str,
+    name: &str,
+    token: &str,
+    repo: &Path,
+    orchestrator: Option<&str>,
+) -> Agent {
+    let mut cmd = match netns {
+        Some(ns) => {
+            let mut c = Command::new("ip");
+            c.args(["netns", "exec", ns, env!("CARGO_BIN_EXE_certo")]);
+            c
+        }
+        None => Command::new(env!("CARGO_BIN_EXE_certo")),
+    };
+    cmd.args([
+        "agent",
+        "--listen",
+        listen,
+        "--name",
+        name,
+        "--libvirt",
+        "qemu:///system",
+        "--heartbeat",
+        "1",
+        "--repo",
+    ])
+    .arg(repo)
+    .env("CERTO_TOKEN", token)
+    .stdout(Stdio::piped())
+    .stderr(Stdio::null());
+    if let Some(o) = orchestrator {
+        cmd.args(["--orchestrator", o]);
+    }
+    let mut child = cmd.spawn().expect("spawn agent");
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().expect("stdout"))
+        .read_line(&mut line)
+        .expect("read");
+    let url = line
+        .trim()
+        .strip_prefix("listening on ")
+        .unwrap_or_else(|| panic!("agent said {line:?}"))
+        .to_owned();
+    Agent { child, url }
+}
+
+fn vm_run(db: &str, agent: &str, token: &str, image: &str, extra: &[&str]) -> Value {
+    let mut args = vec!["vm", "run", "--json", "--agent", agent, "--image", image];
+    args.extend_from_slice(extra);
+    let out = certo(db, &args)
+        .env("CERTO_TOKEN", token)
+        .output()
+        .expect("vm run");
+    json_of(&out)
+}
+
+fn domains() -> String {
+    let out = Command::new("virsh")
+        .args(["-c", "qemu:///system", "list", "--name"])
+        .output()
+        .expect("virsh");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn statuses(v: &Value) -> Vec<(String, String)> {
+    v["tests"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .map(|t| {
+                    (
+                        format!(
+                            "{}/{}",
+                            t["suite"].as_str().unwrap_or(""),
+                            t["name"].as_str().unwrap_or("")
+                        ),
+                        t["status"].as_str().unwrap_or("").to_owned(),
+                    )
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn debian_and_rpm_images_boot_join_and_report_their_tests() {
+    ensure_libvirtd();
+    let db = common::scratch().await;
+    distinct_run_ids(&db, 1).await;
+    let deb = image(&db.url, "deb12_x86_64", "glite-WN");
+    let rpm = image(&db.url, "sl5_x86_64", "glite-BDII");
+    let repo = tmp().join(format!("e2e-repo-{}", std::process::id()));
+    let token = "e2e-host-token-aaaaaaaaaaaaaaaa";
+    let agent = spawn_agent(None, "127.0.0.1:0", "e2e-local", token, &repo, None);
+    let base_sha = sha256(Path::new(&deb));
+
+    let v = vm_run(&db.url, &agent.url, token, &deb, &["--timeout", "180"]);
+    assert_eq!(v["state"], "done", "{v}");
+    let tests = statuses(&v);
+    assert!(tests.len() >= 3, "{v}");
+    assert!(tests.iter().all(|(_, s)| s == "pass"), "{tests:?}");
+    assert!(
+        tests.iter().any(|(n, _)| n == "basic/40-grid-env"),
+        "{tests:?}"
+    );
+    // The repository's copy of the image stays pristine: the VM wrote to an overlay.
+    assert_eq!(sha256(Path::new(&deb)), base_sha);
+
+    let r = vm_run(&db.url, &agent.url, token, &rpm, &["--timeout", "180"]);
+    assert_eq!(r["state"], "done", "{r}");
+    assert!(statuses(&r).iter().all(|(_, s)| s == "pass"), "{r}");
+
+    // PostgreSQL holds both runs and their results; no domain is left.
+    for name in [v["vm"].as_str().expect("vm"), r["vm"].as_str().expect("vm")] {
+        let row = db.store.vm(name).await.expect("vm").expect("row");
+        assert_eq!(row.state, "done");
+        assert!(
+            !db.store
+                .vm_results(row.id)
+                .await
+                .expect("results")
+                .is_empty()
+        );
+        assert!(!domains().contains(name), "{name} leaked");
+    }
+    drop(agent);
+    let _ = std::fs::remove_dir_all(&repo);
+    db.drop_db().await.expect("drop");
+}
+
+/// Tests share one libvirtd but not one database: give each database its own run ids so
+/// domain names (certo-r<RUN>-...) never collide.
+async fn distinct_run_ids(db: &certo::store::scratch::ScratchDb, slot: i64) {
+    let start = (std::process::id() as i64 % 100_000) * 100 + slot * 10_000_000 + 1;
+    sqlx::query(sqlx::AssertSqlSafe(format!(
+        "ALTER SEQUENCE vm_runs_id_seq RESTART WITH {start}"
+    )))
+    .execute(db.store.pool())
+    .await
+    .expect("sequence");
+}
+
+fn sha256(path: &Path) -> String {
+    let out = Command::new("sha256sum")
+        .arg(path)
+        .output()
+        .expect("sha256sum");
+    String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .next()
+        .unwrap_or("")
+        .to_owned()
+}
+
+/// Two network namespaces joined to this one by veth pairs; removed when dropped.
+struct Namespaces(Vec<String>);
+
+impl Namespaces {
+    fn new(tag: u32) -> (Self, Vec<(String, String, String)>) {
+        let mut made = Vec::new();
+        let mut nets = Vec::new();
+        for i in 1..=2u32 {
+            let ns = format!("certo-e2e-{tag}-{i}");
+            let host_if = format!("ce{tag}h{i}");
+            let ns_if = format!("ce{tag}n{i}");
+            let subnet = 100 + (tag % 50) * 2 + i;
+            let host_ip = format!("10.{subnet}.0.1");
+            let ns_ip = format!("10.{subnet}.0.2");
+            for args in [
+                vec!["netns", "add", &ns],
+                vec![
+                    "link", "add", &host_if, "type", "veth", "peer", "name", &ns_if,
+                ],
+                vec!["link", "set", &ns_if, "netns", &ns],
+                vec!["addr", "add", &format!("{host_ip}/24"), "dev", &host_if],
+                vec!["link", "set", &host_if, "up"],
+            ] {
+                run_ip(None, &args);
+            }
+            run_ip(
+                Some(&ns),
+                &["addr", "add", &format!("{ns_ip}/24"), "dev", &ns_if],
+            );
+            run_ip(Some(&ns), &["link", "set", &ns_if, "up"]);
+            run_ip(Some(&ns), &["link", "set", "lo", "up"]);
+            made.push(ns.clone());
+            nets.push((ns, host_ip, ns_ip));
+        }
+        (Namespaces(made), nets)
+    }
+}
+
+fn run_ip(ns: Option<&str>, args: &[&str]) {
+    let mut c = Command::new("ip");
+    if let Some(ns) = ns {
+        c.args(["-n", ns]);
+    }
+    let out = c.args(args).output().expect("ip");
+    assert!(
+        out.status.success(),
+        "ip {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+impl Drop for Namespaces {
+    fn drop(&mut self) {
+        for ns in &self.0 {
+            let _ = Command::new("ip").args(["netns", "del", ns]).status();
+        }
+    }
+}
+
+/// `certo serve` on all addresses of this namespace; killed when dropped.
+struct Serve(Child, u16);
+
+impl Drop for Serve {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn serve(db: &str) -> Serve {
+    let mut child = certo(
+        db,
+        &["serve", "--listen", "0.0.0.0:0", "--health-interval", "2"],
+    )
+    .stdout(Stdio::piped())
+    .stderr(Stdio::null())
+    .spawn()
+    .expect("serve");
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().expect("stdout"))
+        .read_line(&mut line)
+        .expect("read");
+    let port = line
+        .trim()
+        .rsplit(':')
+        .next()
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("serve said {line:?}"));
+    Serve(child, port)
+}
+
+fn add_host(db: &str, name: &str) -> String {
+    let out = certo(db, &["host", "add", name])
+        .output()
+        .expect("host add");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn two_agents_in_two_network_namespaces_serve_one_orchestrator() {
+    ensure_libvirtd();
+    let db = common::scratch().await;
+    distinct_run_ids(&db, 2).await;
+    let rpm = image(&db.url, "sl5_x86_64", "glite-WN");
+    let (_ns, nets) = Namespaces::new(std::process::id() % 1000);
+    let orch = serve(&db.url);
+    let mut agents = Vec::new();
+    for (i, (ns, host_ip, ns_ip)) in nets.iter().enumerate() {
+        let name = format!("nshost{}", i + 1);
+        let token = add_host(&db.url, &name);
+        let repo = tmp().join(format!("e2e-ns-repo-{}-{i}", std::process::id()));
+        let agent = spawn_agent(
+            Some(ns),
+            &format!("{ns_ip}:7310"),
+            &name,
+            &token,
+            &repo,
+            Some(&format!("http://{host_ip}:{}", orch.1)),
+        );
+        agents.push((agent, token, repo, host_ip.clone(), name));
+    }
+    // Both register and send heartbeats.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let hosts = db.store.list_hosts().await.expect("hosts");
+        if hosts
+            .iter()
+            .filter(|h| h.last_heartbeat.is_some() && h.agent_url.is_some())
+            .count()
+            == 2
+        {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "agents did not register: {hosts:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // One VM on each, at the same time, reporting to the one orchestrator.
+    let mut runs = Vec::new();
+    for (agent, token, _, host_ip, _) in &agents {
+        let mut c = certo(
+            &db.url,
+            &[
+                "vm",
+                "run",
+                "--json",
+                "--timeout",
+                "180",
+                "--agent",
+                &agent.url,
+                "--image",
+                &rpm,
+                "--orchestrator",
+                &format!("http://{host_ip}:{}", orch.1),
+            ],
+        );
+        c.env("CERTO_TOKEN", token);
+        runs.push(std::thread::spawn(move || c.output().expect("vm run")));
+    }
+    let outs: Vec<Value> = runs
+        .into_iter()
+        .map(|h| json_of(&h.join().expect("join")))
+        .collect();
+    for (v, (_, _, _, _, name)) in outs.iter().zip(&agents) {
+        assert_eq!(v["state"], "done", "{v}");
+        assert_eq!(v["host"], name.as_str(), "{v}");
+        assert!(statuses(v).iter().all(|(_, s)| s == "pass"), "{v}");
+    }
+    for (_, _, repo, _, _) in &agents {
+        let _ = std::fs::remove_dir_all(repo);
+    }
+    drop(agents);
+    drop(orch);
+    db.drop_db().await.expect("drop");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn faults_end_in_explained_states_and_leak_no_domain() {
+    ensure_libvirtd();
+    let db = common::scratch().await;
+    distinct_run_ids(&db, 3).await;
+    let rpm = image(&db.url, "sl5_x86_64", "glite-UI");
+    let orch = serve(&db.url);
+    let orch_url = format!("http://127.0.0.1:{}", orch.1);
+    let token = add_host(&db.url, "faulty");
+    let repo = tmp().join(format!("e2e-fault-repo-{}", std::process::id()));
+
+    // A hung guest is destroyed at its deadline; its serial log is kept.
+    let agent = spawn_agent(
+        None,
+        "127.0.0.1:0",
+        "faulty",
+        &token,
+        &repo,
+        Some(&orch_url),
+    );
+    let v = vm_run(
+        &db.url,
+        &agent.url,
+        &token,
+        &rpm,
+        &[
+            "--timeout",
+            "15",
+            "--fault",
+            "hang",
+            "--orchestrator",
+            &orch_url,
+        ],
+    );
+    assert_eq!(v["state"], "timed_out", "{v}");
+    let log = v["serial_log"].as_str().expect("serial log");
+    let text = std::fs::read_to_string(log.split_once(':').map(|(_, p)| p).expect("path"))
+        .expect("log kept");
+    assert!(text.contains("certo-harness"), "{text}");
+
+    // A guest kernel panic ends the domain; the run says so.
+    let v = vm_run(
+        &db.url,
+        &agent.url,
+        &token,
+        &rpm,
+        &[
+            "--timeout",
+            "120",
+            "--fault",
+            "panic",
+            "--orchestrator",
+            &orch_url,
+        ],
+    );
+    assert_eq!(v["state"], "crashed", "{v}");
+    assert!(
+        v["reason"].as_str().expect("reason").contains("panicked"),
+        "{v}"
+    );
+
+    // The agent is killed while its guest hangs; the run is lost; the restarted agent
+    // reaps the orphaned domain.
+    let mut c = certo(
+        &db.url,
+        &[
+            "vm",
+            "run",
+            "--json",
+            "--timeout",
+            "300",
+            "--fault",
+            "hang",
+            "--agent",
+            &agent.url,
+            "--image",
+            &rpm,
+            "--orchestrator",
+            &orch_url,
+        ],
+    );
+    c.env("CERTO_TOKEN", &token);
+    let run = std::thread::spawn(move || c.output().expect("vm run"));
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let name = loop {
+        let live = db.store.live_vms("faulty").await.expect("live");
+        if let Some(n) = live.first()
+            && domains().contains(n.as_str())
+        {
+            break n.clone();
+        }
+        assert!(Instant::now() < deadline, "the VM never started");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    // Let the agent answer the boot request before it dies.
+    let booted = Instant::now() + Duration::from_secs(30);
+    while db
+        .store
+        .vm(&name)
+        .await
+        .expect("vm")
+        .and_then(|r| r.serial_log)
+        .is_none()
+    {
+        assert!(Instant::now() < booted, "the boot was never acknowledged");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    drop(agent);
+    let v = json_of(&run.join().expect("join"));
+    assert_eq!(v["state"], "lost", "{v}");
+    assert!(
+        v["reason"]
+            .as_str()
+            .expect("reason")
+            .contains("stopped answering"),
+        "{v}"
+    );
+    assert!(
+        domains().contains(&name),
+        "the orphan should still run until an agent reaps it"
+    );
+    let agent = spawn_agent(
+        None,
+        "127.0.0.1:0",
+        "faulty",
+        &token,
+        &repo,
+        Some(&orch_url),
+    );
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while domains().contains(&name) {
+        assert!(
+            Instant::now() < deadline,
+            "the restarted agent did not reap {name}"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    drop(agent);
+    let _ = std::fs::remove_dir_all(&repo);
+    drop(orch);
+    db.drop_db().await.expect("drop");
+}

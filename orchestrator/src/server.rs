@@ -91,6 +91,7 @@ pub fn router(server: Server) -> Router {
         .route("/api/v1/guest/service", post(guest_service))
         .route("/api/v1/guest/result", post(guest_result))
         .route("/api/v1/guest/done", post(guest_done))
+        .route("/api/v1/guest/testbed", get(guest_testbed))
         .route("/api/v1/testbed", get(testbed))
         .route("/api/v1/vms/{name}", get(vm_status))
         .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY))
@@ -465,6 +466,36 @@ async fn guest_done(
         Ok(_) => {
             tracing::info!(vm = %vm.name, state, "guest finished");
             text(StatusCode::OK, "bye\n")
+        }
+        Err(e) => internal(e),
+    }
+}
+
+/// What a guest sees of the testbed: the shared services and its own slice's, one per line:
+/// `NAME NODE_TYPE ENDPOINT shared|slice healthy|unhealthy`.
+async fn guest_testbed(State(s): State<Arc<Server>>, headers: HeaderMap) -> Response {
+    let vm = match guest(&s, &headers).await {
+        Ok(vm) => vm,
+        Err(r) => return r,
+    };
+    match s.store.services(Some(&slice_of(&vm))).await {
+        Ok(services) => {
+            let mut out = String::new();
+            for svc in services {
+                out.push_str(&format!(
+                    "{} {} {} {} {}\n",
+                    svc.name,
+                    svc.node_type,
+                    svc.endpoint,
+                    if svc.slice.is_some() {
+                        "slice"
+                    } else {
+                        "shared"
+                    },
+                    if svc.healthy { "healthy" } else { "unhealthy" }
+                ));
+            }
+            text(StatusCode::OK, out)
         }
         Err(e) => internal(e),
     }

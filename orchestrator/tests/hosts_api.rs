@@ -363,6 +363,41 @@ async fn a_slice_cannot_replace_a_shared_service_and_dead_services_turn_unhealth
     assert_eq!(shared.len(), 1);
     assert_eq!(shared[0].endpoint, endpoint);
 
+    // A slice sees the shared services and its own, not another patch's.
+    let (_, other) = new_vm(
+        &db.store,
+        "certo-r10-glite-wn-a1",
+        "glite-WN",
+        Some((3456, 2)),
+    )
+    .await;
+    assert_eq!(post(&u("join"), Some(&other), &[], "").await.0, 200);
+    assert_eq!(
+        post(&u("service"), Some(&other), &[], "wn-info 2811 up")
+            .await
+            .0,
+        200
+    );
+    let (status, own) = post(&u("service"), Some(&token), &[], "bdii-top 2171 up").await;
+    assert_eq!(status, 200, "{own}");
+    let seen = reqwest::Client::new()
+        .get(u("testbed"))
+        .header("authorization", format!("Bearer {token}"))
+        .send()
+        .await
+        .expect("testbed")
+        .text()
+        .await
+        .expect("text");
+    let names: Vec<&str> = seen.lines().filter_map(|l| l.split(' ').next()).collect();
+    assert_eq!(names, ["top-bdii", "bdii-top"], "{seen}");
+    assert!(
+        seen.lines()
+            .next()
+            .is_some_and(|l| l.ends_with(" shared healthy")),
+        "{seen}"
+    );
+
     // The health checker sees it answer, then stop answering.
     tokio::time::sleep(Duration::from_millis(600)).await;
     assert!(db.store.services(None).await.expect("s")[0].healthy);

@@ -39,6 +39,8 @@ pub enum BenchCommand {
     },
     /// Image builds: cached target, overlay staging, patch layer vs full build, rebuild identity.
     Image(super::bench_image::ImageBenchArgs),
+    /// VM boots: boot requested → joined → tests done, one at a time and N at once.
+    Vm(super::bench_vm::VmBenchArgs),
 }
 
 /// A deterministic generator of small numbers (no need for a random crate).
@@ -128,6 +130,7 @@ pub async fn run(g: &Global, args: BenchArgs) -> anyhow::Result<ExitCode> {
             json,
         } => (records, batch, runs, json),
         BenchCommand::Image(a) => return super::bench_image::run(g, a).await,
+        BenchCommand::Vm(a) => return super::bench_vm::run(g, a).await,
     };
     if records == 0 || batch == 0 || runs == 0 {
         bail!("--records, --batch and --runs must be positive");

@@ -4,6 +4,7 @@
 mod agent_cmd;
 mod bench_cmd;
 mod bench_image;
+mod bench_vm;
 mod catalogue_cmd;
 mod db_cmd;
 mod demo_cmd;

@@ -31,6 +31,7 @@ fn certify(run: u64, target: &str, base: &std::path::Path, plan: JoinPlan) -> Ce
     let server = GuestServer::start();
     let name = DomainName::new(run, target, 1).to_string();
     let token = format!("tok-{run}");
+    let hostname = plan.hostname.clone();
     server.expect_vm(&token, plan);
     let before = common::sha256_file(base);
     let vm = Vm::new(&name, base, common::cmdline(&server, &name, &token));
@@ -65,6 +66,11 @@ fn certify(run: u64, target: &str, base: &std::path::Path, plan: JoinPlan) -> Ce
     assert!(serial.contains("certo-harness: joined"), "{serial}");
     assert!(serial.contains("certo-harness: done"), "{serial}");
     assert_eq!(common::sha256_file(base), before, "the base image changed");
+    // ... while the guest's writes are in the overlay.
+    assert_eq!(
+        common::file_in_overlay(&vm.spec.root_disk, "/etc/hostname").trim(),
+        hostname
+    );
     eprintln!(
         "{name}: joined after {:.1} s, done after {:.1} s",
         to_joined.as_secs_f64(),

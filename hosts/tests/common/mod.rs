@@ -148,6 +148,26 @@ pub fn sha256_file(path: &Path) -> String {
     hex::encode(h.finalize())
 }
 
+/// A file's content in the filesystem of a qcow2 overlay (converted to raw, read with debugfs).
+pub fn file_in_overlay(overlay: &Path, path: &str) -> String {
+    let dir = tempfile::tempdir_in(tmp()).expect("tempdir");
+    let raw = dir.path().join("flat.raw");
+    let out = Command::new("qemu-img")
+        .args(["convert", "-O", "raw"])
+        .arg(overlay)
+        .arg(&raw)
+        .output()
+        .expect("run qemu-img");
+    assert!(out.status.success(), "qemu-img convert: {}", String::from_utf8_lossy(&out.stderr));
+    let out = Command::new("debugfs")
+        .arg("-R")
+        .arg(format!("cat {path}"))
+        .arg(&raw)
+        .output()
+        .expect("run debugfs");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
 /// A directory QEMU (which runs as libvirt-qemu) can traverse; removed on drop.
 pub fn vm_dir(name: &str) -> tempfile::TempDir {
     std::fs::create_dir_all(tmp()).expect("tmp");

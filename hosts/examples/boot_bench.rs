@@ -68,8 +68,14 @@ fn boot_together(
             vm.serial()
         );
         let ev = server.events(token);
-        let joined = common::joined_at(&ev).expect("joined") - started[i];
-        let done = common::done_at(&ev).expect("done") - started[i];
+        let (Some(joined), Some(done)) = (common::joined_at(&ev), common::done_at(&ev)) else {
+            panic!(
+                "{} did not join and finish: {ev:?}\nserial log:\n{}",
+                vm.spec.name,
+                vm.serial()
+            );
+        };
+        let (joined, done) = (joined - started[i], done - started[i]);
         out.push((joined.as_secs_f64(), done.as_secs_f64()));
     }
     drop(guards);

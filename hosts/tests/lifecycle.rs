@@ -23,6 +23,7 @@ fn spec(name: &str) -> DomainSpec {
             .cmdline(HypervisorKind::Qemu)
             .expect("cmdline"),
         root_disk: PathBuf::from(format!("/var/lib/certo/vms/{name}/root.qcow2")),
+        base_image: Some(PathBuf::from("/var/lib/certo/repo/images/abc/rootfs.ext4")),
         serial_log: PathBuf::from(format!("/var/lib/certo/vms/{name}/serial.log")),
         network: Network::User,
     }

@@ -34,6 +34,7 @@ fn certify(run: u64, target: &str, base: &std::path::Path, plan: JoinPlan) -> Ce
     let hostname = plan.hostname.clone();
     server.expect_vm(&token, plan);
     let before = common::sha256_file(base);
+    let owner_before = common::owner(base);
     let vm = Vm::new(&name, base, common::cmdline(&server, &name, &token));
 
     let started = Instant::now();
@@ -66,6 +67,7 @@ fn certify(run: u64, target: &str, base: &std::path::Path, plan: JoinPlan) -> Ce
     assert!(serial.contains("certo-harness: joined"), "{serial}");
     assert!(serial.contains("certo-harness: done"), "{serial}");
     assert_eq!(common::sha256_file(base), before, "the base image changed");
+    assert_eq!(common::owner(base), owner_before, "libvirt relabelled the base image");
     // ... while the guest's writes are in the overlay.
     assert_eq!(
         common::file_in_overlay(&vm.spec.root_disk, "/etc/hostname").trim(),

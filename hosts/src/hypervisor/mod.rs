@@ -86,6 +86,11 @@ pub struct DomainSpec {
     pub cmdline: String,
     /// The root disk, a qcow2 overlay (absolute path; see [`crate::overlay`]).
     pub root_disk: PathBuf,
+    /// The overlay's raw backing file (the repository image), if any. Rendered as a read-only
+    /// `backingStore` that libvirt must not relabel: with dynamic ownership libvirt would chown
+    /// the shared repository image to the QEMU user and, the image being read-only, never give
+    /// it back. QEMU only needs to read it (mode 0644 and searchable directories).
+    pub base_image: Option<PathBuf>,
     /// Where the serial console is written (absolute path); kept after the domain ends.
     pub serial_log: PathBuf,
     /// The NIC.

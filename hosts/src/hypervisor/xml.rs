@@ -54,6 +54,7 @@ struct Context {
     initramfs: String,
     cmdline: String,
     root_disk: String,
+    base_image: String,
     serial_log: String,
     /// `none`, `user` or `bridge`.
     network: &'static str,
@@ -130,6 +131,10 @@ pub fn render(kind: HypervisorKind, spec: &DomainSpec) -> Result<String, Hypervi
         initramfs: path(spec, "initramfs", &spec.initramfs)?,
         cmdline: escape(&spec.cmdline),
         root_disk: path(spec, "root disk", &spec.root_disk)?,
+        base_image: match &spec.base_image {
+            Some(b) => path(spec, "base image", b)?,
+            None => String::new(),
+        },
         serial_log: path(spec, "serial log", &spec.serial_log)?,
         network,
         bridge,
@@ -193,6 +198,7 @@ mod tests {
             initramfs: PathBuf::from("/k/initramfs.img"),
             cmdline: "console=ttyS0 panic=-1 certo.url=http://10.0.2.2:8080/a?b=1&c=2".into(),
             root_disk: PathBuf::from("/v/root's.qcow2"),
+            base_image: Some(PathBuf::from("/repo/images/abc/rootfs.ext4")),
             serial_log: PathBuf::from("/v/serial.log"),
             network: Network::User,
         }
@@ -207,6 +213,7 @@ mod tests {
             assert!(xml.contains("/v/root&apos;s.qcow2"), "{xml}");
             assert!(xml.contains("<on_crash>destroy</on_crash>"), "{xml}");
             assert!(xml.contains("<interface type='user'>"), "{xml}");
+            assert!(xml.contains("<source file='/repo/images/abc/rootfs.ext4'>\n          <seclabel model='dac' relabel='no'/>"), "{xml}");
             assert_eq!(serial_log_of(&xml).as_deref(), Some("/v/serial.log"));
         }
     }

@@ -148,6 +148,13 @@ pub fn sha256_file(path: &Path) -> String {
     hex::encode(h.finalize())
 }
 
+/// (uid, gid, mode) of a file.
+pub fn owner(path: &Path) -> (u32, u32, u32) {
+    use std::os::unix::fs::MetadataExt;
+    let m = std::fs::metadata(path).expect("stat");
+    (m.uid(), m.gid(), m.mode())
+}
+
 /// A file's content in the filesystem of a qcow2 overlay (converted to raw, read with debugfs).
 pub fn file_in_overlay(overlay: &Path, path: &str) -> String {
     let dir = tempfile::tempdir_in(tmp()).expect("tempdir");
@@ -213,6 +220,7 @@ impl Vm {
             initramfs: a.initramfs,
             cmdline,
             root_disk: overlay,
+            base_image: Some(base.canonicalize().expect("base path")),
             serial_log: dir.path().join("serial.log"),
             network: Network::User,
         };

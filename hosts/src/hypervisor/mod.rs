@@ -95,6 +95,10 @@ pub struct DomainSpec {
     pub serial_log: PathBuf,
     /// The NIC.
     pub network: Network,
+    /// Who started it (the agent's host name), kept in the domain's `<metadata>` so that
+    /// several agents sharing one libvirt daemon each reap only their own domains
+    /// ([`crate::domain_name::reap_owned`]). ASCII letters, digits, `.`, `_`, `-`.
+    pub owner: Option<String>,
 }
 
 /// A domain's run state as Certo cares about it.
@@ -130,6 +134,8 @@ pub struct DomainStatus {
     pub state: DomainState,
     /// Whether it stays defined after it stops.
     pub persistent: bool,
+    /// The owner recorded in its metadata ([`DomainSpec::owner`]), if any.
+    pub owner: Option<String>,
 }
 
 /// How [`Hypervisor::wait_until`] ended.
@@ -233,6 +239,9 @@ pub trait Hypervisor: Send + Sync + std::fmt::Debug {
         }
     }
 }
+
+/// The XML namespace of Certo's domain metadata.
+pub const METADATA_NS: &str = "https://certo.invalid/xmlns/domain/1";
 
 /// Whether a domain name is one of Certo's.
 pub fn is_certo_domain(name: &str) -> bool {

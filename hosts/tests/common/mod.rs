@@ -223,6 +223,7 @@ impl Vm {
             base_image: Some(base.canonicalize().expect("base path")),
             serial_log: dir.path().join("serial.log"),
             network: Network::User,
+            owner: Some(format!("hosts-tests-{}", std::process::id())),
         };
         Self { dir, spec }
     }

@@ -90,7 +90,12 @@ fn main() {
     while let Some(a) = args.next() {
         match a.as_str() {
             "--runs" => runs = args.next().and_then(|v| v.parse().ok()).expect("--runs N"),
-            "--max-vms" => max_vms = args.next().and_then(|v| v.parse().ok()).expect("--max-vms N"),
+            "--max-vms" => {
+                max_vms = args
+                    .next()
+                    .and_then(|v| v.parse().ok())
+                    .expect("--max-vms N")
+            }
             "--image" => deb = args.next().as_deref() == Some("deb"),
             other => panic!("unknown argument {other}; see the example's docs"),
         }
@@ -101,7 +106,10 @@ fn main() {
             JoinPlan {
                 hostname: "wn.bench.certo".into(),
                 node_type: "glite-WN".into(),
-                tests: vec![("basic".into(), "/usr/share/glite-tests/glite-WN/basic/*.sh".into())],
+                tests: vec![(
+                    "basic".into(),
+                    "/usr/share/glite-tests/glite-WN/basic/*.sh".into(),
+                )],
             },
         )
     } else {
@@ -134,7 +142,12 @@ fn main() {
     let mut done = Vec::new();
     for r in 0..runs {
         let t = boot_together(&hv, &server, &base, &plan, run0 + r as u64, 1);
-        println!("single VM run {}: joined {:.2} s, done {:.2} s", r + 1, t[0].0, t[0].1);
+        println!(
+            "single VM run {}: joined {:.2} s, done {:.2} s",
+            r + 1,
+            t[0].0,
+            t[0].1
+        );
         joined.push(t[0].0);
         done.push(t[0].1);
     }
@@ -144,7 +157,10 @@ fn main() {
         median(done)
     );
 
-    println!("concurrent VMs (256 MiB, 1 vCPU each; host has {} CPUs):", std::thread::available_parallelism().map_or(0, |n| n.get()));
+    println!(
+        "concurrent VMs (256 MiB, 1 vCPU each; host has {} CPUs):",
+        std::thread::available_parallelism().map_or(0, |n| n.get())
+    );
     println!("  N   median joined   median done   slowest done");
     for n in 1..=max_vms {
         let t = boot_together(&hv, &server, &base, &plan, run0 + 50 + n as u64, n);

@@ -53,11 +53,7 @@ impl DomainName {
 
 impl fmt::Display for DomainName {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "{PREFIX}r{}-{}-a{}",
-            self.run, self.target, self.attempt
-        )
+        write!(f, "{PREFIX}r{}-{}-a{}", self.run, self.target, self.attempt)
     }
 }
 

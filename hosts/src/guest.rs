@@ -49,8 +49,14 @@ impl GuestConfig {
             ("ip", &self.ip),
             ("gw", &self.gateway),
         ] {
-            if value.is_empty() || value.chars().any(|c| c.is_whitespace() || c == '"' || c.is_control()) {
-                return Err(format!("certo.{key} must be non-empty without spaces or quotes"));
+            if value.is_empty()
+                || value
+                    .chars()
+                    .any(|c| c.is_whitespace() || c == '"' || c.is_control())
+            {
+                return Err(format!(
+                    "certo.{key} must be non-empty without spaces or quotes"
+                ));
             }
         }
         let mut s = format!(

@@ -44,12 +44,15 @@ fn start_list_reap_destroy_on_the_test_driver() {
     assert!(hv.list().expect("list").is_empty());
 
     let finished_run = DomainName::new(7001, "3.2/sl5_x86_64/glite-WN", 1).to_string();
-    let finished_run_persistent = DomainName::new(7002, "3.2/deb12_x86_64/glite-BDII", 2).to_string();
+    let finished_run_persistent =
+        DomainName::new(7002, "3.2/deb12_x86_64/glite-BDII", 2).to_string();
     let live_run = DomainName::new(7003, "3.1/sl4_i386/glite-UI", 1).to_string();
-    hv.start(&spec(&finished_run), Persistence::Transient).expect("start transient");
+    hv.start(&spec(&finished_run), Persistence::Transient)
+        .expect("start transient");
     hv.start(&spec(&finished_run_persistent), Persistence::Persistent)
         .expect("start persistent");
-    hv.start(&spec(&live_run), Persistence::Transient).expect("start live");
+    hv.start(&spec(&live_run), Persistence::Transient)
+        .expect("start live");
     // Starting the same name twice fails (libvirt refuses a duplicate).
     assert!(hv.start(&spec(&live_run), Persistence::Transient).is_err());
 
@@ -62,7 +65,10 @@ fn start_list_reap_destroy_on_the_test_driver() {
         [false, true, false]
     );
     let parsed = DomainName::parse(&finished_run_persistent).expect("parses");
-    assert_eq!((parsed.run, parsed.target.as_str(), parsed.attempt), (7002, "3-2-deb12-x86-64-glite-bdii", 2));
+    assert_eq!(
+        (parsed.run, parsed.target.as_str(), parsed.attempt),
+        (7002, "3-2-deb12-x86-64-glite-bdii", 2)
+    );
     assert_eq!(
         hv.serial_log(&live_run).expect("serial log"),
         Some(spec(&live_run).serial_log)
@@ -70,9 +76,17 @@ fn start_list_reap_destroy_on_the_test_driver() {
 
     // An agent restarts knowing only that run 7003 is live.
     let reaped = reap(&hv, &HashSet::from([7003])).expect("reap");
-    assert_eq!(reaped, [finished_run.clone(), finished_run_persistent.clone()]);
-    let left: Vec<String> = hv.list().expect("list").into_iter().map(|d| d.name).collect();
-    assert_eq!(left, [live_run.clone()]);
+    assert_eq!(
+        reaped,
+        [finished_run.clone(), finished_run_persistent.clone()]
+    );
+    let left: Vec<String> = hv
+        .list()
+        .expect("list")
+        .into_iter()
+        .map(|d| d.name)
+        .collect();
+    assert_eq!(left, std::slice::from_ref(&live_run));
     // The persistent one is undefined too, not just stopped.
     assert_eq!(hv.state(&finished_run_persistent).expect("state"), None);
 
@@ -81,7 +95,10 @@ fn start_list_reap_destroy_on_the_test_driver() {
     let outcome = hv
         .wait_until(&live_run, Instant::now() + Duration::from_millis(300))
         .expect("wait");
-    assert!(matches!(outcome, WaitOutcome::Destroyed { .. }), "{outcome:?}");
+    assert!(
+        matches!(outcome, WaitOutcome::Destroyed { .. }),
+        "{outcome:?}"
+    );
     assert!(t.elapsed() < Duration::from_secs(2));
     assert_eq!(hv.state(&live_run).expect("state"), None);
     // Destroying what is gone is not an error.
@@ -96,7 +113,8 @@ fn an_agent_reaps_only_its_own_domains() {
     let mine = DomainName::new(8001, "wn", 1).to_string();
     let theirs = DomainName::new(8002, "wn", 1).to_string();
     let nobodys = DomainName::new(8003, "wn", 1).to_string();
-    hv.start(&spec(&mine), Persistence::Transient).expect("start");
+    hv.start(&spec(&mine), Persistence::Transient)
+        .expect("start");
     let mut other = spec(&theirs);
     other.owner = Some("nshost2".into());
     hv.start(&other, Persistence::Transient).expect("start");
@@ -119,9 +137,18 @@ fn an_agent_reaps_only_its_own_domains() {
         ]
     );
     // No run is live for nshost1: only its domain goes.
-    assert_eq!(reap_owned(&hv, "nshost1", &HashSet::new()).expect("reap"), [mine.clone()]);
-    assert_eq!(hv.state(&theirs).expect("state"), Some(DomainState::Running));
-    assert_eq!(hv.state(&nobodys).expect("state"), Some(DomainState::Running));
+    assert_eq!(
+        reap_owned(&hv, "nshost1", &HashSet::new()).expect("reap"),
+        std::slice::from_ref(&mine)
+    );
+    assert_eq!(
+        hv.state(&theirs).expect("state"),
+        Some(DomainState::Running)
+    );
+    assert_eq!(
+        hv.state(&nobodys).expect("state"),
+        Some(DomainState::Running)
+    );
     for n in [&theirs, &nobodys] {
         assert!(hv.destroy(n).expect("destroy"));
     }
@@ -131,7 +158,10 @@ fn an_agent_reaps_only_its_own_domains() {
 fn a_domain_that_is_already_gone_ends_the_wait_at_once() {
     let hv = LibvirtHypervisor::connect("test:///default").expect("connect");
     let outcome = hv
-        .wait_until("certo-r1-never-started-a1", Instant::now() + Duration::from_secs(5))
+        .wait_until(
+            "certo-r1-never-started-a1",
+            Instant::now() + Duration::from_secs(5),
+        )
         .expect("wait");
     assert!(matches!(outcome, WaitOutcome::Ended { waited } if waited < Duration::from_secs(1)));
 }
@@ -164,9 +194,10 @@ fn every_template_validates_against_the_libvirt_schema() {
     validate(HypervisorKind::Test, &s);
     let mut xen = s.clone();
     xen.network = Network::Bridge("xenbr0".into());
-    xen.cmdline = certo_hosts::guest::GuestConfig::user_network("http://10.0.0.1:8080", &xen.name, "t")
-        .cmdline(HypervisorKind::Xen)
-        .expect("cmdline");
+    xen.cmdline =
+        certo_hosts::guest::GuestConfig::user_network("http://10.0.0.1:8080", &xen.name, "t")
+            .cmdline(HypervisorKind::Xen)
+            .expect("cmdline");
     assert!(xen.cmdline.starts_with("console=hvc0 panic=-1"));
     validate(HypervisorKind::Xen, &xen);
     let mut none = s;

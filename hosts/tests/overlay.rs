@@ -19,14 +19,26 @@ fn an_overlay_is_qcow2_backed_by_the_raw_base() {
         .expect("qemu-img info");
     let info = String::from_utf8_lossy(&info.stdout);
     assert!(info.contains("\"format\": \"qcow2\""), "{info}");
-    assert!(info.contains("\"backing-filename-format\": \"raw\""), "{info}");
-    assert!(info.contains(&format!("\"backing-filename\": \"{}\"", base.display())), "{info}");
+    assert!(
+        info.contains("\"backing-filename-format\": \"raw\""),
+        "{info}"
+    );
+    assert!(
+        info.contains(&format!("\"backing-filename\": \"{}\"", base.display())),
+        "{info}"
+    );
     assert!(info.contains("\"virtual-size\": 1048576"), "{info}");
 
     // Each VM gets a fresh overlay: an existing one is refused, not reused.
-    assert!(matches!(create_overlay(&base, &overlay), Err(OverlayError::Exists(_))));
     assert!(matches!(
-        create_overlay(&dir.path().join("missing.ext4"), &dir.path().join("x.qcow2")),
+        create_overlay(&base, &overlay),
+        Err(OverlayError::Exists(_))
+    ));
+    assert!(matches!(
+        create_overlay(
+            &dir.path().join("missing.ext4"),
+            &dir.path().join("x.qcow2")
+        ),
         Err(OverlayError::Base { .. })
     ));
     assert!(matches!(

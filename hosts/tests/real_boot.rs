@@ -39,7 +39,10 @@ fn certify(run: u64, target: &str, base: &std::path::Path, plan: JoinPlan) -> Ce
 
     let started = Instant::now();
     let _guard = vm.start(&hv);
-    assert_eq!(hv.serial_log(&name).expect("serial log"), Some(vm.spec.serial_log.clone()));
+    assert_eq!(
+        hv.serial_log(&name).expect("serial log"),
+        Some(vm.spec.serial_log.clone())
+    );
     let outcome = hv
         .wait_until(&name, Instant::now() + Duration::from_secs(150))
         .expect("wait");
@@ -67,7 +70,11 @@ fn certify(run: u64, target: &str, base: &std::path::Path, plan: JoinPlan) -> Ce
     assert!(serial.contains("certo-harness: joined"), "{serial}");
     assert!(serial.contains("certo-harness: done"), "{serial}");
     assert_eq!(common::sha256_file(base), before, "the base image changed");
-    assert_eq!(common::owner(base), owner_before, "libvirt relabelled the base image");
+    assert_eq!(
+        common::owner(base),
+        owner_before,
+        "libvirt relabelled the base image"
+    );
     // ... while the guest's writes are in the overlay.
     assert_eq!(
         common::file_in_overlay(&vm.spec.root_disk, "/etc/hostname").trim(),
@@ -137,7 +144,12 @@ fn rpm_bdii_boots_starts_its_service_and_passes_its_basic_tests() {
     let r = results(&c.events);
     assert!(r.len() >= 3, "{r:?}");
     for (suite, name, outcome) in &r {
-        assert_eq!((suite.as_str(), outcome.as_str()), ("basic", "pass"), "{name}: {:?}", c.events);
+        assert_eq!(
+            (suite.as_str(), outcome.as_str()),
+            ("basic", "pass"),
+            "{name}: {:?}",
+            c.events
+        );
     }
     // Sorted by name, as the glob expands.
     let names: Vec<&str> = r.iter().map(|(_, n, _)| n.as_str()).collect();
@@ -146,9 +158,16 @@ fn rpm_bdii_boots_starts_its_service_and_passes_its_basic_tests() {
     assert_eq!(names, sorted);
     assert!(names.contains(&"30-bdii"), "{names:?}");
     // The output came along.
-    assert!(c.events.iter().any(|e| matches!(e, GuestEvent::Result { name, output, .. }
-        if name == "30-bdii" && output.contains("PASS: bdii answers on port 2170"))));
-    assert!(c.serial.contains("certo-harness: joined: hostname bdii-under-test.certo"));
+    assert!(
+        c.events
+            .iter()
+            .any(|e| matches!(e, GuestEvent::Result { name, output, .. }
+        if name == "30-bdii" && output.contains("PASS: bdii answers on port 2170")))
+    );
+    assert!(
+        c.serial
+            .contains("certo-harness: joined: hostname bdii-under-test.certo")
+    );
     assert!(c.to_joined < c.to_done);
 }
 
@@ -163,7 +182,10 @@ fn debian_wn_boots_has_no_services_and_reports_a_failing_regression_test() {
             hostname: "wn-under-test.certo".into(),
             node_type: "glite-WN".into(),
             tests: vec![
-                ("basic".into(), "/usr/share/glite-tests/glite-WN/basic/*.sh".into()),
+                (
+                    "basic".into(),
+                    "/usr/share/glite-tests/glite-WN/basic/*.sh".into(),
+                ),
                 (
                     "regression".into(),
                     "/usr/share/glite-tests/glite-WN/regression/*.sh".into(),
@@ -174,7 +196,10 @@ fn debian_wn_boots_has_no_services_and_reports_a_failing_regression_test() {
     assert_eq!(services(&c.events), [], "a WN runs no service");
     let r = results(&c.events);
     let basic: Vec<_> = r.iter().filter(|(s, _, _)| s == "basic").collect();
-    assert!(!basic.is_empty() && basic.iter().all(|(_, _, o)| o == "pass"), "{r:?}");
+    assert!(
+        !basic.is_empty() && basic.iter().all(|(_, _, o)| o == "pass"),
+        "{r:?}"
+    );
     // The baseline glite-wn-env 3.2.3-1 has bug 61001: its regression test fails.
     assert!(
         r.contains(&("regression".into(), "bug61001".into(), "fail".into())),
@@ -202,15 +227,25 @@ fn a_hung_guest_is_destroyed_at_the_deadline_and_its_log_kept() {
     let _guard = vm.start(&hv);
     let t = Instant::now();
     while !vm.serial().contains("hanging on purpose") {
-        assert!(t.elapsed() < Duration::from_secs(90), "no hang marker:\n{}", vm.serial());
+        assert!(
+            t.elapsed() < Duration::from_secs(90),
+            "no hang marker:\n{}",
+            vm.serial()
+        );
         std::thread::sleep(Duration::from_millis(200));
     }
     let outcome = hv
         .wait_until(&name, Instant::now() + Duration::from_secs(2))
         .expect("wait");
-    assert!(matches!(outcome, WaitOutcome::Destroyed { .. }), "{outcome:?}");
+    assert!(
+        matches!(outcome, WaitOutcome::Destroyed { .. }),
+        "{outcome:?}"
+    );
     assert_eq!(hv.state(&name).expect("state"), None);
-    assert!(vm.serial().contains("certo-harness: hanging on purpose (certo.hang=1)"));
+    assert!(
+        vm.serial()
+            .contains("certo-harness: hanging on purpose (certo.hang=1)")
+    );
     assert!(server.events("tok-hang").is_empty());
 }
 
@@ -236,7 +271,10 @@ fn a_kernel_panic_ends_the_domain() {
         .wait_until(&name, Instant::now() + Duration::from_secs(90))
         .expect("wait");
     let serial = vm.serial();
-    assert!(matches!(outcome, WaitOutcome::Ended { .. }), "{outcome:?}\n{serial}");
+    assert!(
+        matches!(outcome, WaitOutcome::Ended { .. }),
+        "{outcome:?}\n{serial}"
+    );
     assert!(serial.contains("Kernel panic"), "{serial}");
     assert_eq!(hv.state(&name).expect("state"), None);
 }
@@ -255,7 +293,10 @@ fn a_refused_join_powers_the_guest_off_without_done() {
         .wait_until(&name, Instant::now() + Duration::from_secs(90))
         .expect("wait");
     let serial = vm.serial();
-    assert!(matches!(outcome, WaitOutcome::Ended { .. }), "{outcome:?}\n{serial}");
+    assert!(
+        matches!(outcome, WaitOutcome::Ended { .. }),
+        "{outcome:?}\n{serial}"
+    );
     assert_eq!(
         server
             .events("tok-unknown")
@@ -264,7 +305,10 @@ fn a_refused_join_powers_the_guest_off_without_done() {
             .collect::<Vec<_>>(),
         [GuestEvent::Refused(401, "/api/v1/guest/join".into())]
     );
-    assert!(serial.contains("error: POST /api/v1/guest/join failed"), "{serial}");
+    assert!(
+        serial.contains("error: POST /api/v1/guest/join failed"),
+        "{serial}"
+    );
     assert!(serial.contains("401"), "{serial}");
     assert!(!serial.contains("certo-harness: done"), "{serial}");
 }

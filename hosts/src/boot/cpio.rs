@@ -25,10 +25,10 @@ impl Cpio {
         let fields = [
             self.ino,
             mode,
-            0,                                      // uid
-            0,                                      // gid
+            0,                                       // uid
+            0,                                       // gid
             if mode & S_IFDIR != 0 { 2 } else { 1 }, // nlink
-            0,                                      // mtime
+            0,                                       // mtime
             data.len() as u32,
             0, // devmajor
             0, // devminor

@@ -101,9 +101,7 @@ pub fn xz_decompress(data: &[u8]) -> Result<Vec<u8>, String> {
         // xz stops reading at the end of the stream: a broken pipe is expected.
         let _ = stdin.write_all(&input);
     });
-    let out = child
-        .wait_with_output()
-        .map_err(|e| format!("xz: {e}"))?;
+    let out = child.wait_with_output().map_err(|e| format!("xz: {e}"))?;
     let _ = feeder.join();
     if !out.status.success() {
         return Err(format!(

@@ -42,7 +42,9 @@ pub enum BootError {
         source: std::io::Error,
     },
     /// No kernel with modules was found.
-    #[error("no vmlinuz-* in {boot_dir} with modules under {modules_root} (install linux-image-amd64)")]
+    #[error(
+        "no vmlinuz-* in {boot_dir} with modules under {modules_root} (install linux-image-amd64)"
+    )]
     NoKernel {
         /// Where kernels were looked for.
         boot_dir: PathBuf,
@@ -240,8 +242,20 @@ fn initramfs_cpio(
     let applets = applets(busybox_path)?;
     let mut c = cpio::Cpio::new();
     for d in [
-        "bin", "sbin", "usr", "usr/bin", "usr/sbin", "dev", "proc", "sys", "root", "tmp", "run",
-        "etc", "lib", "lib/modules",
+        "bin",
+        "sbin",
+        "usr",
+        "usr/bin",
+        "usr/sbin",
+        "dev",
+        "proc",
+        "sys",
+        "root",
+        "tmp",
+        "run",
+        "etc",
+        "lib",
+        "lib/modules",
     ] {
         c.dir(d, if d == "tmp" { 0o1777 } else { 0o755 });
     }
@@ -290,7 +304,14 @@ fn applets(busybox: &Path) -> Result<Vec<String>, BootError> {
         .filter(|l| !l.is_empty() && !l.contains(".."))
         .map(str::to_owned)
         .collect();
-    for needed in ["bin/sh", "sbin/insmod", "bin/mount", "sbin/ip", "usr/bin/wget", "sbin/poweroff"] {
+    for needed in [
+        "bin/sh",
+        "sbin/insmod",
+        "bin/mount",
+        "sbin/ip",
+        "usr/bin/wget",
+        "sbin/poweroff",
+    ] {
         if !list.iter().any(|a| a == needed) {
             return Err(BootError::Busybox {
                 path: busybox.to_owned(),
@@ -334,7 +355,9 @@ pub(crate) fn filter(tool: &str, args: &[&str], input: &[u8]) -> Result<Vec<u8>,
     let mut stdin = child.stdin.take().ok_or("no stdin")?;
     let input = input.to_vec();
     let feeder = std::thread::spawn(move || stdin.write_all(&input));
-    let out = child.wait_with_output().map_err(|e| format!("{tool}: {e}"))?;
+    let out = child
+        .wait_with_output()
+        .map_err(|e| format!("{tool}: {e}"))?;
     let fed = feeder.join();
     if !out.status.success() {
         return Err(format!(

@@ -130,10 +130,12 @@ pub fn module_object(m: &Module) -> Result<Vec<u8>, BootError> {
     };
     let object = match tool {
         None => data,
-        Some((tool, args)) => super::filter(tool, args, &data).map_err(|message| BootError::Module {
-            module: m.name.clone(),
-            message,
-        })?,
+        Some((tool, args)) => {
+            super::filter(tool, args, &data).map_err(|message| BootError::Module {
+                module: m.name.clone(),
+                message,
+            })?
+        }
     };
     if !object.starts_with(b"\x7fELF") {
         return Err(BootError::Module {
@@ -158,12 +160,25 @@ mod tests {
              kernel/drivers/virtio/virtio-pci.ko: kernel/drivers/virtio/virtio.ko\nkernel/drivers/virtio/virtio.ko:\n",
         )
         .expect("write");
-        std::fs::write(dir.path().join("modules.builtin"), "kernel/crypto/crc32c_generic.ko\n")
-            .expect("write");
-        let got = resolve(dir.path(), &["ext4", "crc32c-generic", "virtio_pci", "crc16"]).expect("resolves");
+        std::fs::write(
+            dir.path().join("modules.builtin"),
+            "kernel/crypto/crc32c_generic.ko\n",
+        )
+        .expect("write");
+        let got = resolve(
+            dir.path(),
+            &["ext4", "crc32c-generic", "virtio_pci", "crc16"],
+        )
+        .expect("resolves");
         let names: Vec<&str> = got.iter().map(|m| m.name.as_str()).collect();
-        assert_eq!(names, ["crc16", "mbcache", "jbd2", "ext4", "virtio", "virtio_pci"]);
+        assert_eq!(
+            names,
+            ["crc16", "mbcache", "jbd2", "ext4", "virtio", "virtio_pci"]
+        );
         assert!(got[3].path.ends_with("kernel/fs/ext4/ext4.ko.xz"));
-        assert!(matches!(resolve(dir.path(), &["nosuch"]), Err(BootError::Module { .. })));
+        assert!(matches!(
+            resolve(dir.path(), &["nosuch"]),
+            Err(BootError::Module { .. })
+        ));
     }
 }

@@ -114,11 +114,14 @@ impl Hypervisor for LibvirtHypervisor {
         let xml = xml::render(self.kind, spec)?;
         match persistence {
             Persistence::Transient => {
-                self.conn.create_domain_xml(&xml, sys::VIR_DOMAIN_NONE)
+                self.conn
+                    .create_domain_xml(&xml, sys::VIR_DOMAIN_NONE)
                     .map_err(|e| lv("create domain", &spec.name, e))?;
             }
             Persistence::Persistent => {
-                let d = self.conn.define_domain_xml(&xml)
+                let d = self
+                    .conn
+                    .define_domain_xml(&xml)
                     .map_err(|e| lv("define domain", &spec.name, e))?;
                 if let Err(e) = d.create() {
                     let err = lv("start domain", &spec.name, e);
@@ -143,7 +146,11 @@ impl Hypervisor for LibvirtHypervisor {
                 Ok(()) => {}
                 // It ended between the lookup and the destroy.
                 Err(e) if no_domain(&e) => {}
-                Err(e) if matches!(e.code(), virt::enumutil::Enum::Known(ErrorNumber::OperationInvalid)) => {}
+                Err(e)
+                    if matches!(
+                        e.code(),
+                        virt::enumutil::Enum::Known(ErrorNumber::OperationInvalid)
+                    ) => {}
                 Err(e) => return Err(lv("destroy domain", name, e)),
             }
         }

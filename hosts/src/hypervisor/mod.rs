@@ -230,7 +230,11 @@ pub trait Hypervisor: Send + Sync + std::fmt::Debug {
             let now = Instant::now();
             if now >= deadline {
                 self.destroy(name)?;
-                tracing::warn!(vm = name, waited_ms = started.elapsed().as_millis() as u64, "deadline passed; domain destroyed");
+                tracing::warn!(
+                    vm = name,
+                    waited_ms = started.elapsed().as_millis() as u64,
+                    "deadline passed; domain destroyed"
+                );
                 return Ok(WaitOutcome::Destroyed {
                     waited: started.elapsed(),
                 });

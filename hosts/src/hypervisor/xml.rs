@@ -79,7 +79,9 @@ pub fn escape(s: &str) -> String {
 }
 
 fn path(spec: &DomainSpec, what: &str, p: &Path) -> Result<String, HypervisorError> {
-    let s = p.to_str().ok_or_else(|| spec_error(spec, format!("{what} path {p:?} is not UTF-8")))?;
+    let s = p
+        .to_str()
+        .ok_or_else(|| spec_error(spec, format!("{what} path {p:?} is not UTF-8")))?;
     if !p.is_absolute() {
         return Err(spec_error(spec, format!("{what} path {s} is not absolute")));
     }
@@ -108,10 +110,16 @@ pub fn render(kind: HypervisorKind, spec: &DomainSpec) -> Result<String, Hypervi
         ));
     }
     if spec.memory_mib < 32 || spec.vcpus == 0 {
-        return Err(spec_error(spec, "needs at least 32 MiB and one vCPU".into()));
+        return Err(spec_error(
+            spec,
+            "needs at least 32 MiB and one vCPU".into(),
+        ));
     }
     if spec.cmdline.contains('\0') || spec.cmdline.contains('\n') {
-        return Err(spec_error(spec, "the kernel command line has a NUL or a newline".into()));
+        return Err(spec_error(
+            spec,
+            "the kernel command line has a NUL or a newline".into(),
+        ));
     }
     let (network, bridge) = match &spec.network {
         Network::None => ("none", String::new()),
@@ -129,7 +137,8 @@ pub fn render(kind: HypervisorKind, spec: &DomainSpec) -> Result<String, Hypervi
         Some(o)
             if !o.is_empty()
                 && o.len() <= 64
-                && o.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.')) =>
+                && o.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.')) =>
         {
             o.clone()
         }
@@ -182,7 +191,10 @@ pub fn serial_log_of(xml: &str) -> Option<String> {
         let end = rest.find(quote)?;
         Some(unescape(&rest[..end]))
     };
-    if let Some(at) = xml.find("<serial type='file'").or_else(|| xml.find("<serial type=\"file\"")) {
+    if let Some(at) = xml
+        .find("<serial type='file'")
+        .or_else(|| xml.find("<serial type=\"file\""))
+    {
         let end = xml[at..].find("</serial>").map_or(xml.len(), |e| at + e);
         if let Some(p) = attr(&xml[at..end], "<source path=") {
             return Some(p);
@@ -199,7 +211,10 @@ pub fn owner_of(xml: &str) -> Option<String> {
     let rest = &xml[at..];
     let end = rest.find("</metadata>").unwrap_or(rest.len());
     let rest = &rest[..end];
-    let open = rest.find(":owner>").map(|i| i + ":owner>".len()).or_else(|| rest.find("<owner>").map(|i| i + "<owner>".len()))?;
+    let open = rest
+        .find(":owner>")
+        .map(|i| i + ":owner>".len())
+        .or_else(|| rest.find("<owner>").map(|i| i + "<owner>".len()))?;
     let value = &rest[open..];
     let close = value.find('<')?;
     let v = unescape(value[..close].trim());
@@ -238,9 +253,16 @@ mod tests {
 
     #[test]
     fn values_are_escaped_and_the_log_is_found_again() {
-        for kind in [HypervisorKind::Qemu, HypervisorKind::Kvm, HypervisorKind::Test] {
+        for kind in [
+            HypervisorKind::Qemu,
+            HypervisorKind::Kvm,
+            HypervisorKind::Test,
+        ] {
             let xml = render(kind, &spec()).expect("renders");
-            assert!(xml.contains(&format!("<domain type='{}'>", kind.as_str())), "{xml}");
+            assert!(
+                xml.contains(&format!("<domain type='{}'>", kind.as_str())),
+                "{xml}"
+            );
             assert!(xml.contains("b=1&amp;c=2"), "{xml}");
             assert!(xml.contains("/v/root&apos;s.qcow2"), "{xml}");
             assert!(xml.contains("<on_crash>destroy</on_crash>"), "{xml}");
@@ -264,7 +286,10 @@ mod tests {
         let mut s = spec();
         s.network = Network::Bridge("xenbr0".into());
         let xml = render(HypervisorKind::Xen, &s).expect("renders");
-        assert!(xml.contains("<type arch='x86_64' machine='xenpv'>linux</type>"), "{xml}");
+        assert!(
+            xml.contains("<type arch='x86_64' machine='xenpv'>linux</type>"),
+            "{xml}"
+        );
         assert!(xml.contains("<source bridge='xenbr0'/>"), "{xml}");
         assert_eq!(serial_log_of(&xml).as_deref(), Some("/v/serial.log"));
     }

@@ -165,7 +165,11 @@ pub fn file_in_overlay(overlay: &Path, path: &str) -> String {
         .arg(&raw)
         .output()
         .expect("run qemu-img");
-    assert!(out.status.success(), "qemu-img convert: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "qemu-img convert: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let out = Command::new("debugfs")
         .arg("-R")
         .arg(format!("cat {path}"))

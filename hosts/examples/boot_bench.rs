@@ -1,12 +1,13 @@
 //! Boot timings of real VMs under qemu:///system (not part of the test suite).
 //!
 //! ```sh
-//! cargo run -p certo-hosts --example boot_bench -- [--runs 3] [--max-vms 4] [--image rpm|deb]
+//! cargo run -p certo-hosts --example boot_bench -- [--runs 3] [--max-vms 4] [--rounds 2] [--image rpm|deb]
 //! ```
 //!
 //! 1. One VM at a time, `--runs` times: time from the start request to the guest's join and
 //!    to its `done` (both seen by the in-process guest-protocol server); medians.
-//! 2. N = 1..=`--max-vms` VMs started together: the median time to `done` over the N VMs.
+//! 2. N = 1..=`--max-vms` VMs started together, `--rounds` times: the median time to `done`
+//!    over all N × rounds VMs, and the slowest.
 //!
 //! The guest is the fixture image 3.2 sl5_x86_64 glite-BDII (RPM family, busybox userland; one
 //! service, three basic tests) or, with `--image deb`, 3.2 deb12_x86_64 glite-WN.
@@ -85,6 +86,7 @@ fn boot_together(
 fn main() {
     let mut runs = 3usize;
     let mut max_vms = 4usize;
+    let mut rounds = 2usize;
     let mut deb = false;
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
@@ -95,6 +97,12 @@ fn main() {
                     .next()
                     .and_then(|v| v.parse().ok())
                     .expect("--max-vms N")
+            }
+            "--rounds" => {
+                rounds = args
+                    .next()
+                    .and_then(|v| v.parse().ok())
+                    .expect("--rounds N")
             }
             "--image" => deb = args.next().as_deref() == Some("deb"),
             other => panic!("unknown argument {other}; see the example's docs"),
@@ -161,9 +169,19 @@ fn main() {
         "concurrent VMs (256 MiB, 1 vCPU each; host has {} CPUs):",
         std::thread::available_parallelism().map_or(0, |n| n.get())
     );
-    println!("  N   median joined   median done   slowest done");
+    println!("  N   median joined   median done   slowest done   ({rounds} rounds)");
     for n in 1..=max_vms {
-        let t = boot_together(&hv, &server, &base, &plan, run0 + 50 + n as u64, n);
+        let mut t = Vec::new();
+        for r in 0..rounds {
+            t.extend(boot_together(
+                &hv,
+                &server,
+                &base,
+                &plan,
+                run0 + 10 * (n as u64 + 1) + r as u64,
+                n,
+            ));
+        }
         let slowest = t.iter().map(|x| x.1).fold(0.0, f64::max);
         println!(
             "  {n}   {:>10.2} s   {:>9.2} s   {:>10.2} s",

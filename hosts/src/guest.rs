@@ -100,7 +100,11 @@ mod tests {
         }
         assert!(!s.contains("certo.hang") && !s.contains("certo.panic"));
         c.hang = true;
-        assert!(c.cmdline(HypervisorKind::Xen).expect("cmdline").contains("console=hvc0"));
+        assert!(
+            c.cmdline(HypervisorKind::Xen)
+                .expect("cmdline")
+                .contains("console=hvc0")
+        );
         c.token = "two words".into();
         assert!(c.cmdline(HypervisorKind::Qemu).is_err());
         c.token = String::new();

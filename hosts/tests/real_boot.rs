@@ -312,3 +312,42 @@ fn a_refused_join_powers_the_guest_off_without_done() {
     assert!(serial.contains("401"), "{serial}");
     assert!(!serial.contains("certo-harness: done"), "{serial}");
 }
+
+#[test]
+fn a_root_disk_that_does_not_mount_is_reported_as_done_with_an_error() {
+    common::init_tracing();
+    let hv = common::qemu();
+    let server = GuestServer::start();
+    let name = DomainName::new(run_id(6), "no-fs", 1).to_string();
+    let token = "tok-no-fs";
+    server.expect_vm(
+        token,
+        JoinPlan {
+            hostname: "never".into(),
+            node_type: "glite-WN".into(),
+            tests: vec![],
+        },
+    );
+    // A disk without a filesystem.
+    let blank_dir = common::vm_dir("blank");
+    let blank = blank_dir.path().join("blank.raw");
+    std::fs::write(&blank, vec![0u8; 8 << 20]).expect("write blank disk");
+    let vm = Vm::new(&name, &blank, common::cmdline(&server, &name, token));
+    let _guard = vm.start(&hv);
+    let outcome = hv
+        .wait_until(&name, Instant::now() + Duration::from_secs(90))
+        .expect("wait");
+    let serial = vm.serial();
+    assert!(
+        matches!(outcome, WaitOutcome::Ended { .. }),
+        "{outcome:?}\n{serial}"
+    );
+    let events: Vec<GuestEvent> = server.events(token).into_iter().map(|(_, e)| e).collect();
+    assert_eq!(
+        events,
+        [GuestEvent::Done(
+            "error cannot mount /dev/vda (ext4) on /root".into()
+        )],
+        "{serial}"
+    );
+}

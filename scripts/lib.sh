@@ -49,15 +49,17 @@ certo_install_missing() {
     echo "== installing missing Debian packages: ${need[*]}" >&2
     $sudo apt-get update -qq
     local extra=()
+    # qemu-system-x86 must match qemu-utils (one source package): a newer qemu-utils from
+    # elsewhere (e.g. backports) blocks it, so pin qemu-utils to qemu-system-x86's version.
     if [[ " ${need[*]} " == *" qemu-system-x86 "* ]]; then
-      # qemu-system-x86 needs the qemu-utils of its own version; a newer qemu-utils from
-      # elsewhere (seen on these machines) must step back to it.
-      local v
-      v=$(apt-cache policy qemu-system-x86 | awk '/Candidate:/ {print $2}')
-      [ -n "$v" ] && extra+=(--allow-downgrades "qemu-utils=$v" "qemu-system-common=$v")
+      local want have
+      want=$(apt-cache policy qemu-system-x86 | awk '/Candidate:/ {print $2}')
+      have=$(dpkg-query -W -f '${Version}' qemu-utils 2>/dev/null || true)
+      if [ -n "$want" ] && [ -n "$have" ] && [ "$want" != "$have" ]; then
+        extra=(--allow-downgrades "qemu-utils=$want")
+      fi
     fi
-    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends \
-      "${extra[@]}" "${need[@]}" >&2
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${extra[@]}" "${need[@]}" >&2
   fi
 }
 

@@ -6,7 +6,7 @@ use std::fmt;
 
 use sha2::{Digest, Sha256};
 
-use crate::hypervisor::{Hypervisor, HypervisorError};
+use crate::hypervisor::{DomainStatus, Hypervisor, HypervisorError};
 
 /// Every domain Certo starts has a name with this prefix.
 pub const PREFIX: &str = "certo-";
@@ -101,15 +101,37 @@ pub fn slug(target: &str) -> String {
     out
 }
 
-/// Destroys every Certo domain whose run is not in `live_runs`; returns the names destroyed.
-/// Domains whose name has the `certo-` prefix but does not parse are left alone (with a warning):
-/// nothing says which run they belong to.
+/// Destroys every Certo domain whose run is not in `live_runs`, whoever started it; returns
+/// the names destroyed. Domains whose name has the `certo-` prefix but does not parse are left
+/// alone (with a warning): nothing says which run they belong to.
+///
+/// On a libvirt daemon shared by several agents (or by test suites), use [`reap_owned`]: this
+/// one destroys the other agents' domains too.
 pub fn reap(
     hypervisor: &dyn Hypervisor,
     live_runs: &HashSet<u64>,
 ) -> Result<Vec<String>, HypervisorError> {
+    reap_where(hypervisor, live_runs, |_| true)
+}
+
+/// [`reap`] limited to the domains whose metadata names `owner` ([`DomainSpec::owner`]).
+///
+/// [`DomainSpec::owner`]: crate::hypervisor::DomainSpec::owner
+pub fn reap_owned(
+    hypervisor: &dyn Hypervisor,
+    owner: &str,
+    live_runs: &HashSet<u64>,
+) -> Result<Vec<String>, HypervisorError> {
+    reap_where(hypervisor, live_runs, |d| d.owner.as_deref() == Some(owner))
+}
+
+fn reap_where(
+    hypervisor: &dyn Hypervisor,
+    live_runs: &HashSet<u64>,
+    mine: impl Fn(&DomainStatus) -> bool,
+) -> Result<Vec<String>, HypervisorError> {
     let mut destroyed = Vec::new();
-    for domain in hypervisor.list()? {
+    for domain in hypervisor.list()?.into_iter().filter(|d| mine(d)) {
         let Some(parsed) = DomainName::parse(&domain.name) else {
             tracing::warn!(vm = %domain.name, "a certo- domain with a name Certo does not make; left alone");
             continue;

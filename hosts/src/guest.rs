@@ -79,3 +79,35 @@ impl GuestConfig {
         Ok(s)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_cmdline_carries_panic_and_the_certo_parameters() {
+        let mut c = GuestConfig::user_network("http://10.0.2.2:8080", "certo-r1-x-a1", "s3cret");
+        let s = c.cmdline(HypervisorKind::Qemu).expect("cmdline");
+        assert!(s.starts_with("console=ttyS0 panic=-1 "), "{s}");
+        for part in [
+            "certo.url=http://10.0.2.2:8080",
+            "certo.vm=certo-r1-x-a1",
+            "certo.token=s3cret",
+            "certo.ip=10.0.2.15/24",
+            "certo.gw=10.0.2.2",
+        ] {
+            assert!(s.split(' ').any(|w| w == part), "{part} in {s}");
+        }
+        assert!(!s.contains("certo.hang") && !s.contains("certo.panic"));
+        c.hang = true;
+        assert!(
+            c.cmdline(HypervisorKind::Xen)
+                .expect("cmdline")
+                .contains("console=hvc0")
+        );
+        c.token = "two words".into();
+        assert!(c.cmdline(HypervisorKind::Qemu).is_err());
+        c.token = String::new();
+        assert!(c.cmdline(HypervisorKind::Qemu).is_err());
+    }
+}

@@ -4,13 +4,18 @@
 use std::collections::HashSet;
 use std::path::PathBuf;
 use std::process::Command;
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use certo_hosts::domain_name::{DomainName, reap};
+use certo_hosts::domain_name::{DomainName, reap, reap_owned};
 use certo_hosts::hypervisor::{
     DomainSpec, DomainState, Hypervisor, HypervisorKind, LibvirtHypervisor, Network, Persistence,
     WaitOutcome, xml,
 };
+
+/// `test:///default` is one state per process, shared by every connection: tests that start
+/// domains take turns.
+static DRIVER: Mutex<()> = Mutex::new(());
 
 fn spec(name: &str) -> DomainSpec {
     DomainSpec {
@@ -23,13 +28,16 @@ fn spec(name: &str) -> DomainSpec {
             .cmdline(HypervisorKind::Qemu)
             .expect("cmdline"),
         root_disk: PathBuf::from(format!("/var/lib/certo/vms/{name}/root.qcow2")),
+        base_image: Some(PathBuf::from("/var/lib/certo/repo/images/abc/rootfs.ext4")),
         serial_log: PathBuf::from(format!("/var/lib/certo/vms/{name}/serial.log")),
         network: Network::User,
+        owner: Some("nshost1".into()),
     }
 }
 
 #[test]
 fn start_list_reap_destroy_on_the_test_driver() {
+    let _turn = DRIVER.lock().unwrap_or_else(|p| p.into_inner());
     let hv = LibvirtHypervisor::connect("test:///default").expect("connect");
     assert_eq!(hv.kind(), HypervisorKind::Test);
     // The test driver's own sample domain is not Certo's.
@@ -78,7 +86,7 @@ fn start_list_reap_destroy_on_the_test_driver() {
         .into_iter()
         .map(|d| d.name)
         .collect();
-    assert_eq!(left, [live_run.clone()]);
+    assert_eq!(left, std::slice::from_ref(&live_run));
     // The persistent one is undefined too, not just stopped.
     assert_eq!(hv.state(&finished_run_persistent).expect("state"), None);
 
@@ -96,6 +104,54 @@ fn start_list_reap_destroy_on_the_test_driver() {
     // Destroying what is gone is not an error.
     assert!(!hv.destroy(&live_run).expect("destroy"));
     assert!(hv.list().expect("list").is_empty(), "no leaked domains");
+}
+
+#[test]
+fn an_agent_reaps_only_its_own_domains() {
+    let _turn = DRIVER.lock().unwrap_or_else(|p| p.into_inner());
+    let hv = LibvirtHypervisor::connect("test:///default").expect("connect");
+    let mine = DomainName::new(8001, "wn", 1).to_string();
+    let theirs = DomainName::new(8002, "wn", 1).to_string();
+    let nobodys = DomainName::new(8003, "wn", 1).to_string();
+    hv.start(&spec(&mine), Persistence::Transient)
+        .expect("start");
+    let mut other = spec(&theirs);
+    other.owner = Some("nshost2".into());
+    hv.start(&other, Persistence::Transient).expect("start");
+    let mut unowned = spec(&nobodys);
+    unowned.owner = None;
+    hv.start(&unowned, Persistence::Transient).expect("start");
+    let owners: Vec<(String, Option<String>)> = hv
+        .list()
+        .expect("list")
+        .into_iter()
+        .filter(|d| d.name.starts_with("certo-r800"))
+        .map(|d| (d.name, d.owner))
+        .collect();
+    assert_eq!(
+        owners,
+        [
+            (mine.clone(), Some("nshost1".to_owned())),
+            (theirs.clone(), Some("nshost2".to_owned())),
+            (nobodys.clone(), None)
+        ]
+    );
+    // No run is live for nshost1: only its domain goes.
+    assert_eq!(
+        reap_owned(&hv, "nshost1", &HashSet::new()).expect("reap"),
+        std::slice::from_ref(&mine)
+    );
+    assert_eq!(
+        hv.state(&theirs).expect("state"),
+        Some(DomainState::Running)
+    );
+    assert_eq!(
+        hv.state(&nobodys).expect("state"),
+        Some(DomainState::Running)
+    );
+    for n in [&theirs, &nobodys] {
+        assert!(hv.destroy(n).expect("destroy"));
+    }
 }
 
 #[test]

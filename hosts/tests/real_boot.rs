@@ -31,8 +31,10 @@ fn certify(run: u64, target: &str, base: &std::path::Path, plan: JoinPlan) -> Ce
     let server = GuestServer::start();
     let name = DomainName::new(run, target, 1).to_string();
     let token = format!("tok-{run}");
+    let hostname = plan.hostname.clone();
     server.expect_vm(&token, plan);
     let before = common::sha256_file(base);
+    let owner_before = common::owner(base);
     let vm = Vm::new(&name, base, common::cmdline(&server, &name, &token));
 
     let started = Instant::now();
@@ -68,6 +70,16 @@ fn certify(run: u64, target: &str, base: &std::path::Path, plan: JoinPlan) -> Ce
     assert!(serial.contains("certo-harness: joined"), "{serial}");
     assert!(serial.contains("certo-harness: done"), "{serial}");
     assert_eq!(common::sha256_file(base), before, "the base image changed");
+    assert_eq!(
+        common::owner(base),
+        owner_before,
+        "libvirt relabelled the base image"
+    );
+    // ... while the guest's writes are in the overlay.
+    assert_eq!(
+        common::file_in_overlay(&vm.spec.root_disk, "/etc/hostname").trim(),
+        hostname
+    );
     eprintln!(
         "{name}: joined after {:.1} s, done after {:.1} s",
         to_joined.as_secs_f64(),
@@ -299,4 +311,43 @@ fn a_refused_join_powers_the_guest_off_without_done() {
     );
     assert!(serial.contains("401"), "{serial}");
     assert!(!serial.contains("certo-harness: done"), "{serial}");
+}
+
+#[test]
+fn a_root_disk_that_does_not_mount_is_reported_as_done_with_an_error() {
+    common::init_tracing();
+    let hv = common::qemu();
+    let server = GuestServer::start();
+    let name = DomainName::new(run_id(6), "no-fs", 1).to_string();
+    let token = "tok-no-fs";
+    server.expect_vm(
+        token,
+        JoinPlan {
+            hostname: "never".into(),
+            node_type: "glite-WN".into(),
+            tests: vec![],
+        },
+    );
+    // A disk without a filesystem.
+    let blank_dir = common::vm_dir("blank");
+    let blank = blank_dir.path().join("blank.raw");
+    std::fs::write(&blank, vec![0u8; 8 << 20]).expect("write blank disk");
+    let vm = Vm::new(&name, &blank, common::cmdline(&server, &name, token));
+    let _guard = vm.start(&hv);
+    let outcome = hv
+        .wait_until(&name, Instant::now() + Duration::from_secs(90))
+        .expect("wait");
+    let serial = vm.serial();
+    assert!(
+        matches!(outcome, WaitOutcome::Ended { .. }),
+        "{outcome:?}\n{serial}"
+    );
+    let events: Vec<GuestEvent> = server.events(token).into_iter().map(|(_, e)| e).collect();
+    assert_eq!(
+        events,
+        [GuestEvent::Done(
+            "error cannot mount /dev/vda (ext4) on /root".into()
+        )],
+        "{serial}"
+    );
 }

@@ -54,6 +54,10 @@ ports() {
 uptime_s() { read -r u _ < /proc/uptime; echo "$u"; }
 
 : > $W/empty
+if [ -n "${CERTO_FATAL:-}" ]; then
+  report done "error $CERTO_FATAL"
+  exit 1
+fi
 say "joining $URL as ${VM:-?}"
 if ! post join $W/empty; then
   say "error: join refused; powering off"

@@ -44,26 +44,6 @@ while read -r m; do
   insmod "/lib/modules/$m.ko" || say "error: insmod $m failed"
 done < /etc/certo-modules
 
-ROOTDEV=
-for i in $(seq 1 100); do
-  for d in /dev/vda /dev/xvda; do
-    [ -b "$d" ] && ROOTDEV=$d && break 2
-  done
-  sleep 0.1
-done
-if [ -z "$ROOTDEV" ]; then
-  say "error: no root disk (/dev/vda, /dev/xvda)"
-  off
-fi
-if ! mount -t ext4 -o rw "$ROOTDEV" /root; then
-  say "error: cannot mount $ROOTDEV on /root"
-  off
-fi
-mkdir -p /root/proc /root/sys /root/dev /root/tmp
-mount -t proc proc /root/proc
-mount -t sysfs sysfs /root/sys
-mount -o bind /dev /root/dev
-
 ip link set lo up
 if [ -n "${IP:-}" ]; then
   for i in $(seq 1 50); do
@@ -73,6 +53,28 @@ if [ -n "${IP:-}" ]; then
   ip link set eth0 up && ip addr add "$IP" dev eth0 && { [ -z "${GW:-}" ] || ip route add default via "$GW"; } \
     || say "error: cannot configure eth0 with $IP via ${GW:-none}"
 fi
+
+# A failure before the harness can run is still reported: the harness posts "done error ...".
+fatal() {
+  say "error: $*"
+  CERTO_FATAL="$*" /bin/certo-harness
+  off
+}
+
+ROOTDEV=
+for i in $(seq 1 100); do
+  for d in /dev/vda /dev/xvda; do
+    [ -b "$d" ] && ROOTDEV=$d && break 2
+  done
+  sleep 0.1
+done
+[ -n "$ROOTDEV" ] || fatal "no root disk (/dev/vda, /dev/xvda)"
+mount -t ext4 -o rw "$ROOTDEV" /root || fatal "cannot mount $ROOTDEV (ext4) on /root"
+mkdir -p /root/proc /root/sys /root/dev /root/tmp
+mount -t proc proc /root/proc
+mount -t sysfs sysfs /root/sys
+mount -o bind /dev /root/dev
+
 read -r up _ < /proc/uptime
 say "root $ROOTDEV mounted, network ${IP:-none} (uptime ${up}s)"
 

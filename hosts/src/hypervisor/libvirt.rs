@@ -190,10 +190,17 @@ impl Hypervisor for LibvirtHypervisor {
                 Err(e) => return Err(e),
             };
             let persistent = d.is_persistent().unwrap_or(false);
+            // Gone since the listing: no owner to read, and nothing to report either.
+            let owner = match d.xml_desc(0) {
+                Ok(desc) => xml::owner_of(&desc),
+                Err(e) if no_domain(&e) => continue,
+                Err(e) => return Err(lv("get domain XML", &name, e)),
+            };
             out.push(DomainStatus {
                 name,
                 state,
                 persistent,
+                owner,
             });
         }
         out.sort_by(|a, b| a.name.cmp(&b.name));

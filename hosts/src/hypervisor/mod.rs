@@ -86,10 +86,19 @@ pub struct DomainSpec {
     pub cmdline: String,
     /// The root disk, a qcow2 overlay (absolute path; see [`crate::overlay`]).
     pub root_disk: PathBuf,
+    /// The overlay's raw backing file (the repository image), if any. Rendered as a read-only
+    /// `backingStore` that libvirt must not relabel: with dynamic ownership libvirt would chown
+    /// the shared repository image to the QEMU user and, the image being read-only, never give
+    /// it back. QEMU only needs to read it (mode 0644 and searchable directories).
+    pub base_image: Option<PathBuf>,
     /// Where the serial console is written (absolute path); kept after the domain ends.
     pub serial_log: PathBuf,
     /// The NIC.
     pub network: Network,
+    /// Who started it (the agent's host name), kept in the domain's `<metadata>` so that
+    /// several agents sharing one libvirt daemon each reap only their own domains
+    /// ([`crate::domain_name::reap_owned`]). ASCII letters, digits, `.`, `_`, `-`.
+    pub owner: Option<String>,
 }
 
 /// A domain's run state as Certo cares about it.
@@ -125,6 +134,8 @@ pub struct DomainStatus {
     pub state: DomainState,
     /// Whether it stays defined after it stops.
     pub persistent: bool,
+    /// The owner recorded in its metadata ([`DomainSpec::owner`]), if any.
+    pub owner: Option<String>,
 }
 
 /// How [`Hypervisor::wait_until`] ended.
@@ -232,6 +243,9 @@ pub trait Hypervisor: Send + Sync + std::fmt::Debug {
         }
     }
 }
+
+/// The XML namespace of Certo's domain metadata.
+pub const METADATA_NS: &str = "https://certo.invalid/xmlns/domain/1";
 
 /// Whether a domain name is one of Certo's.
 pub fn is_certo_domain(name: &str) -> bool {

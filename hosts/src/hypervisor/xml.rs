@@ -54,10 +54,12 @@ struct Context {
     initramfs: String,
     cmdline: String,
     root_disk: String,
+    base_image: String,
     serial_log: String,
     /// `none`, `user` or `bridge`.
     network: &'static str,
     bridge: String,
+    owner: String,
 }
 
 /// Escapes text for XML attribute values and element content.
@@ -130,6 +132,23 @@ pub fn render(kind: HypervisorKind, spec: &DomainSpec) -> Result<String, Hypervi
         Network::User => ("user", String::new()),
         Network::Bridge(b) => ("bridge", escape(b)),
     };
+    let owner = match &spec.owner {
+        None => String::new(),
+        Some(o)
+            if !o.is_empty()
+                && o.len() <= 64
+                && o.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.')) =>
+        {
+            o.clone()
+        }
+        Some(o) => {
+            return Err(spec_error(
+                spec,
+                format!("owner {o:?}: 1-64 ASCII letters, digits, '-', '_' or '.'"),
+            ));
+        }
+    };
     let ctx = Context {
         name: spec.name.clone(),
         memory_mib: spec.memory_mib,
@@ -138,9 +157,14 @@ pub fn render(kind: HypervisorKind, spec: &DomainSpec) -> Result<String, Hypervi
         initramfs: path(spec, "initramfs", &spec.initramfs)?,
         cmdline: escape(&spec.cmdline),
         root_disk: path(spec, "root disk", &spec.root_disk)?,
+        base_image: match &spec.base_image {
+            Some(b) => path(spec, "base image", b)?,
+            None => String::new(),
+        },
         serial_log: path(spec, "serial log", &spec.serial_log)?,
         network,
         bridge,
+        owner,
     };
     let ctx = tera::Context::from_serialize(&ctx).map_err(|e| HypervisorError::Template {
         kind: kind.as_str(),
@@ -181,6 +205,22 @@ pub fn serial_log_of(xml: &str) -> Option<String> {
     attr(&xml[at..end], "<log file=")
 }
 
+/// The owner in Certo's metadata of a domain's XML (whatever prefix libvirt gives the namespace).
+pub fn owner_of(xml: &str) -> Option<String> {
+    let at = xml.find(super::METADATA_NS)?;
+    let rest = &xml[at..];
+    let end = rest.find("</metadata>").unwrap_or(rest.len());
+    let rest = &rest[..end];
+    let open = rest
+        .find(":owner>")
+        .map(|i| i + ":owner>".len())
+        .or_else(|| rest.find("<owner>").map(|i| i + "<owner>".len()))?;
+    let value = &rest[open..];
+    let close = value.find('<')?;
+    let v = unescape(value[..close].trim());
+    (!v.is_empty()).then_some(v)
+}
+
 fn unescape(s: &str) -> String {
     s.replace("&lt;", "<")
         .replace("&gt;", ">")
@@ -204,8 +244,10 @@ mod tests {
             initramfs: PathBuf::from("/k/initramfs.img"),
             cmdline: "console=ttyS0 panic=-1 certo.url=http://10.0.2.2:8080/a?b=1&c=2".into(),
             root_disk: PathBuf::from("/v/root's.qcow2"),
+            base_image: Some(PathBuf::from("/repo/images/abc/rootfs.ext4")),
             serial_log: PathBuf::from("/v/serial.log"),
             network: Network::User,
+            owner: Some("nshost1".into()),
         }
     }
 
@@ -225,8 +267,14 @@ mod tests {
             assert!(xml.contains("/v/root&apos;s.qcow2"), "{xml}");
             assert!(xml.contains("<on_crash>destroy</on_crash>"), "{xml}");
             assert!(xml.contains("<interface type='user'>"), "{xml}");
+            assert!(xml.contains("<source file='/repo/images/abc/rootfs.ext4'>\n          <seclabel model='dac' relabel='no'/>"), "{xml}");
             assert_eq!(serial_log_of(&xml).as_deref(), Some("/v/serial.log"));
+            assert_eq!(owner_of(&xml).as_deref(), Some("nshost1"));
         }
+        // As libvirt may write it back, with another prefix.
+        let back = "<metadata>\n    <c:domain xmlns:c=\"https://certo.invalid/xmlns/domain/1\">\n      <c:owner>h2</c:owner>\n    </c:domain>\n  </metadata>";
+        assert_eq!(owner_of(back).as_deref(), Some("h2"));
+        assert_eq!(owner_of("<domain/>"), None);
     }
 
     #[test]
@@ -256,6 +304,9 @@ mod tests {
         assert!(render(HypervisorKind::Qemu, &s).is_err());
         let mut s = spec();
         s.cmdline.push('\n');
+        assert!(render(HypervisorKind::Qemu, &s).is_err());
+        let mut s = spec();
+        s.owner = Some("a b".into());
         assert!(render(HypervisorKind::Qemu, &s).is_err());
     }
 }

@@ -148,6 +148,37 @@ pub fn sha256_file(path: &Path) -> String {
     hex::encode(h.finalize())
 }
 
+/// (uid, gid, mode) of a file.
+pub fn owner(path: &Path) -> (u32, u32, u32) {
+    use std::os::unix::fs::MetadataExt;
+    let m = std::fs::metadata(path).expect("stat");
+    (m.uid(), m.gid(), m.mode())
+}
+
+/// A file's content in the filesystem of a qcow2 overlay (converted to raw, read with debugfs).
+pub fn file_in_overlay(overlay: &Path, path: &str) -> String {
+    let dir = tempfile::tempdir_in(tmp()).expect("tempdir");
+    let raw = dir.path().join("flat.raw");
+    let out = Command::new("qemu-img")
+        .args(["convert", "-O", "raw"])
+        .arg(overlay)
+        .arg(&raw)
+        .output()
+        .expect("run qemu-img");
+    assert!(
+        out.status.success(),
+        "qemu-img convert: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = Command::new("debugfs")
+        .arg("-R")
+        .arg(format!("cat {path}"))
+        .arg(&raw)
+        .output()
+        .expect("run debugfs");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
 /// A directory QEMU (which runs as libvirt-qemu) can traverse; removed on drop.
 pub fn vm_dir(name: &str) -> tempfile::TempDir {
     std::fs::create_dir_all(tmp()).expect("tmp");
@@ -193,8 +224,10 @@ impl Vm {
             initramfs: a.initramfs,
             cmdline,
             root_disk: overlay,
+            base_image: Some(base.canonicalize().expect("base path")),
             serial_log: dir.path().join("serial.log"),
             network: Network::User,
+            owner: Some(format!("hosts-tests-{}", std::process::id())),
         };
         Self { dir, spec }
     }

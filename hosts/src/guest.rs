@@ -22,6 +22,8 @@ pub struct GuestConfig {
     pub hang: bool,
     /// Fault injection for tests: the guest panics its kernel (`echo c > /proc/sysrq-trigger`).
     pub panic: bool,
+    /// Fault injection for tests: the harness exits right after joining, without `done`.
+    pub crash: bool,
 }
 
 impl GuestConfig {
@@ -35,6 +37,7 @@ impl GuestConfig {
             gateway: "10.0.2.2".into(),
             hang: false,
             panic: false,
+            crash: false,
         }
     }
 
@@ -70,6 +73,9 @@ impl GuestConfig {
             self.ip,
             self.gateway
         );
+        if self.crash {
+            s.push_str(" certo.crash=1");
+        }
         if self.hang {
             s.push_str(" certo.hang=1");
         }

@@ -74,6 +74,8 @@ struct GuestRequest {
     hang: bool,
     #[serde(default)]
     panic: bool,
+    #[serde(default)]
+    crash: bool,
 }
 
 fn default_memory() -> u64 {
@@ -219,6 +221,7 @@ impl Vms {
         let mut guest = GuestConfig::user_network(&req.guest.url, &req.guest.vm, &req.guest.token);
         guest.hang = req.guest.hang;
         guest.panic = req.guest.panic;
+        guest.crash = req.guest.crash;
         let cmdline = guest.cmdline(self.hv.kind()).map_err(bad)?;
         let spec = DomainSpec {
             name: req.name.clone(),
@@ -228,6 +231,8 @@ impl Vms {
             initramfs,
             cmdline,
             root_disk: overlay.clone(),
+            base_image: Some(image.clone()),
+            owner: Some(self.name.clone()),
             serial_log: serial.clone(),
             network: if self.hv.kind() == HypervisorKind::Xen {
                 Network::None
@@ -323,8 +328,8 @@ impl Vms {
 
     /// Whether a domain is this agent's: it booted it (and so made its directory). Several
     /// agents may share one hypervisor; each reaps only its own domains.
-    fn owns(&self, name: &str) -> bool {
-        DomainName::parse(name).is_some() && self.dir.join(name).is_dir()
+    fn owns(&self, d: &certo_hosts::hypervisor::DomainStatus) -> bool {
+        DomainName::parse(&d.name).is_some() && d.owner.as_deref() == Some(self.name.as_str())
     }
 
     /// Destroys every domain of this agent whose run is not live (names from the orchestrator).
@@ -345,7 +350,7 @@ impl Vms {
             let Some(parsed) = DomainName::parse(&d.name) else {
                 continue;
             };
-            if !self.owns(&d.name) || runs.contains(&parsed.run) {
+            if !self.owns(&d) || runs.contains(&parsed.run) {
                 continue;
             }
             match self.hv.destroy(&d.name) {
@@ -370,7 +375,7 @@ impl Vms {
     /// Adopts the running Certo domains after a restart (so their status can be asked).
     pub fn adopt_running(&self) {
         let Ok(list) = self.hv.list() else { return };
-        for d in list.into_iter().filter(|d| self.owns(&d.name)) {
+        for d in list.into_iter().filter(|d| self.owns(d)) {
             let serial = self
                 .hv
                 .serial_log(&d.name)
@@ -508,6 +513,7 @@ fn simulated_guest(
         let _ = hv.destroy(name);
         return;
     }
+    let crash = guest.crash;
     let url = guest.url.replace("//10.0.2.2:", "//127.0.0.1:");
     let call =
         |path: &str, body: &str| http_post(&format!("{url}{path}"), &guest.token, name, body);
@@ -530,6 +536,11 @@ fn simulated_guest(
         }
     };
     say("certo-harness: joined");
+    if crash {
+        say("certo-harness: crashing on purpose after joining (certo.crash=1)");
+        let _ = hv.destroy(name);
+        return;
+    }
     for line in plan.lines() {
         if let Some(rest) = line.strip_prefix("test ") {
             let suite = rest.split_whitespace().next().unwrap_or("basic");

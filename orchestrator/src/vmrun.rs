@@ -266,6 +266,7 @@ async fn run_inner(
         "guest": {
             "url": callback, "vm": name, "token": token,
             "hang": req.fault == Some("hang"), "panic": req.fault == Some("panic"),
+            "crash": req.fault == Some("crash"),
         },
     });
     say(&format!("booting {name} on {host}"));

@@ -509,6 +509,36 @@ async fn faults_end_in_explained_states_and_leak_no_domain() {
         "{v}"
     );
 
+    // A harness that crashes after joining: the VM powers off without `done`.
+    let v = vm_run(
+        &db.url,
+        &agent.url,
+        &token,
+        &rpm,
+        &[
+            "--timeout",
+            "120",
+            "--fault",
+            "crash",
+            "--orchestrator",
+            &orch_url,
+        ],
+    );
+    assert_eq!(v["state"], "crashed", "{v}");
+    assert!(
+        v["reason"]
+            .as_str()
+            .expect("reason")
+            .contains("without reporting done"),
+        "{v}"
+    );
+    assert!(v["hostname"].is_string(), "it had joined: {v}");
+    assert!(
+        !domains().contains("certo-r"),
+        "a domain leaked: {}",
+        domains()
+    );
+
     // The agent is killed while its guest hangs; the run is lost; the restarted agent
     // reaps the orphaned domain.
     let mut c = certo(

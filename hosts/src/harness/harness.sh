@@ -1,6 +1,7 @@
 #!/bin/sh
 # Certo guest harness (busybox sh, run by /init with the image mounted at /root).
 # Protocol (plain HTTP, busybox wget, every request with "Authorization: Bearer TOKEN"):
+# and "X-Certo-VM: NAME" (the server refuses a token presented with another VM's name):
 #   POST URL/api/v1/guest/join     (empty)            -> "hostname N", "node_type T", "test SUITE GLOB"...
 #   POST URL/api/v1/guest/service  "SVC PORT up|failed"
 #   POST URL/api/v1/guest/result   "SUITE NAME pass|fail|error SECONDS" + output (last 16 KiB)
@@ -19,6 +20,7 @@ for w in $(cat /proc/cmdline); do
     certo.vm=*) VM=${w#certo.vm=} ;;
     certo.token=*) TOKEN=${w#certo.token=} ;;
     certo.hang=1) HANG=1 ;;
+    certo.crash=1) CRASH=1 ;;
   esac
 done
 
@@ -37,6 +39,7 @@ ERRORS=
 post() {
   rm -f $W/resp
   if timeout $HTTP_TIMEOUT wget -q -O $W/resp --header "Authorization: Bearer $TOKEN" \
+      --header "X-Certo-VM: ${VM:-}" \
       --post-file="$2" "$URL/api/v1/guest/$1" < /dev/null > $W/wget.err 2>&1; then
     return 0
   fi
@@ -73,6 +76,11 @@ while read -r key a b; do
   esac
 done < $W/resp
 say "joined: hostname ${NAME:-?} node_type ${NT:-?} suites $(wc -l < $W/tests) (uptime $(uptime_s)s)"
+
+if [ "${CRASH:-}" = 1 ]; then
+  say "crashing on purpose after joining (certo.crash=1)"
+  exit 70
+fi
 
 if [ -n "$NAME" ]; then
   hostname "$NAME"

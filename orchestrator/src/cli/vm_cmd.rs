@@ -50,8 +50,8 @@ pub struct RunArgs {
     /// command for the run.
     #[arg(long, value_name = "URL")]
     pub orchestrator: Option<String>,
-    /// Fault injection (tests): the guest hangs, or its kernel panics.
-    #[arg(long, value_parser = ["hang", "panic"], hide = true)]
+    /// Fault injection (tests): the guest hangs, its kernel panics, or its harness crashes.
+    #[arg(long, value_parser = ["hang", "panic", "crash"], hide = true)]
     pub fault: Option<String>,
     /// Print JSON.
     #[arg(long)]

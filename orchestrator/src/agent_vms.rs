@@ -552,6 +552,7 @@ fn simulated_guest(
             );
         }
     }
+    let _ = call("/api/v1/guest/log", "joined\nall suites run (simulated)\n");
     let _ = call("/api/v1/guest/done", "ok");
     say("certo-harness: done");
     let _ = hv.destroy(name);

@@ -91,6 +91,7 @@ pub fn router(server: Server) -> Router {
         .route("/api/v1/guest/service", post(guest_service))
         .route("/api/v1/guest/result", post(guest_result))
         .route("/api/v1/guest/done", post(guest_done))
+        .route("/api/v1/guest/log", post(guest_log))
         .route("/api/v1/guest/testbed", get(guest_testbed))
         .route("/api/v1/testbed", get(testbed))
         .route("/api/v1/vms/{name}", get(vm_status))
@@ -432,6 +433,22 @@ async fn guest_result(
             tracing::info!(vm = %vm.name, suite, test = name, status, "test result");
             text(StatusCode::OK, "recorded\n")
         }
+        Err(e) => internal(e),
+    }
+}
+
+async fn guest_log(
+    State(s): State<Arc<Server>>,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> Response {
+    let vm = match guest(&s, &headers).await {
+        Ok(vm) => vm,
+        Err(r) => return r,
+    };
+    let chunk = String::from_utf8_lossy(&body);
+    match s.store.add_log(vm.id, &chunk).await {
+        Ok(()) => text(StatusCode::OK, "logged\n"),
         Err(e) => internal(e),
     }
 }

@@ -130,6 +130,8 @@ pub struct VmRequest<'a> {
 pub struct VmOutcome {
     pub vm: VmRow,
     pub tests: Vec<ResultRow>,
+    /// The harness's own log, as it streamed it.
+    pub log: String,
     pub serial_tail: String,
     pub seconds_to_joined: Option<f64>,
     pub seconds_to_done: f64,
@@ -404,9 +406,11 @@ async fn outcome(
         .await?
         .ok_or_else(|| anyhow::anyhow!("VM {name} vanished from the store"))?;
     let tests = store.vm_results(vm.id).await?;
+    let log = store.vm_log(vm.id).await?;
     Ok(VmOutcome {
         vm,
         tests,
+        log,
         serial_tail,
         seconds_to_joined: joined,
         seconds_to_done: started.elapsed().as_secs_f64(),

@@ -137,6 +137,10 @@ async fn a_vm_runs_from_boot_to_results_and_is_torn_down() {
     assert!(row.joined_at.is_some() && row.finished_at.is_some());
     assert!(row.token_used_up);
     assert_eq!(db.store.vm_results(row.id).await.expect("results").len(), 2);
+    assert!(
+        v["log"].as_str().expect("log").contains("all suites run"),
+        "{v}"
+    );
     // The agent tore it down.
     let body = reqwest::Client::new()
         .get(format!("{}/v1/vms/{name}", a.url))

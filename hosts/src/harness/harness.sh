@@ -5,13 +5,14 @@
 #   POST URL/api/v1/guest/join     (empty)            -> "hostname N", "node_type T", "test SUITE GLOB"...
 #   POST URL/api/v1/guest/service  "SVC PORT up|failed"
 #   POST URL/api/v1/guest/result   "SUITE NAME pass|fail|error SECONDS" + output (last 16 KiB)
+#   POST URL/api/v1/guest/log      the harness's log lines since the last post
 #   POST URL/api/v1/guest/done     "ok" | "error MESSAGE"
 TEST_TIMEOUT=120
 HTTP_TIMEOUT=60
 W=/tmp/certo
 mkdir -p $W
 
-say() { echo "certo-harness: $*"; }
+say() { echo "certo-harness: $*"; echo "$*" >> $W/harness.log; }
 indent() { sed 's/^/certo-harness: | /'; }
 
 for w in $(cat /proc/cmdline); do
@@ -55,6 +56,14 @@ ports() {
   netstat -ltn 2>/dev/null | awk 'NR > 2 { n = split($4, a, ":"); print a[n] }' | sort -un
 }
 uptime_s() { read -r u _ < /proc/uptime; echo "$u"; }
+# stream_log: POST the log lines written since the last call.
+SENT=0
+stream_log() {
+  total=$(wc -l < $W/harness.log)
+  [ "$total" -gt "$SENT" ] || return 0
+  tail -n +$((SENT + 1)) $W/harness.log | head -n $((total - SENT)) > $W/logchunk
+  post log $W/logchunk && SENT=$total
+}
 
 : > $W/empty
 if [ -n "${CERTO_FATAL:-}" ]; then
@@ -141,10 +150,13 @@ while read -r suite glob; do
     say "result $suite $name $result $secs"
     { echo "$suite $name $result $secs"; tail -c 16384 $W/out; } > $W/body
     post result $W/body || ERRORS="$ERRORS result:$name"
+    stream_log
   done
   [ $found = 1 ] || say "suite $suite: no test matches $glob"
 done < $W/tests
 
+say "all suites run"
+stream_log
 if [ -z "$ERRORS" ]; then
   report done ok
 else

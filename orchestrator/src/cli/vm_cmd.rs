@@ -158,6 +158,7 @@ pub async fn run(g: &Global, a: VmArgs) -> anyhow::Result<ExitCode> {
             "seconds_to_joined": out.seconds_to_joined,
             "seconds_to_done": out.seconds_to_done,
             "serial_log": out.vm.serial_log,
+            "log": out.log,
             "tests": out.tests.iter().map(|t| json!({
                 "suite": t.suite, "name": t.name, "status": t.status, "seconds": t.seconds,
                 "output": t.output,

@@ -327,6 +327,26 @@ impl Store {
         Ok(())
     }
 
+    /// Appends a chunk of a guest's log.
+    pub async fn add_log(&self, id: i64, chunk: &str) -> Result<(), StoreError> {
+        sqlx::query("INSERT INTO vm_logs (vm_id, chunk) VALUES ($1, $2)")
+            .bind(id)
+            .bind(chunk)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    /// A guest's log, in the order received.
+    pub async fn vm_log(&self, id: i64) -> Result<String, StoreError> {
+        let rows: Vec<(String,)> =
+            sqlx::query_as("SELECT chunk FROM vm_logs WHERE vm_id = $1 ORDER BY seq")
+                .bind(id)
+                .fetch_all(&self.pool)
+                .await?;
+        Ok(rows.into_iter().map(|r| r.0).collect())
+    }
+
     /// A VM's results in the order reported.
     pub async fn vm_results(&self, id: i64) -> Result<Vec<ResultRow>, StoreError> {
         let rows: Vec<(String, String, String, f64, String)> = sqlx::query_as(

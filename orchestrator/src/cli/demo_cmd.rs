@@ -17,9 +17,15 @@ pub struct DemoArgs {
     /// The fixture folder (holds patches/valid and patches/invalid).
     #[arg(long, env = "CERTO_FIXTURES", value_name = "DIR", default_value_os_t = default_fixtures_dir())]
     pub fixtures: PathBuf,
-    /// Skip building the images the fixture patches need.
+    /// Skip building the images the fixture patches need (and booting them).
     #[arg(long)]
     pub no_images: bool,
+    /// Build the images but boot no VM.
+    #[arg(long)]
+    pub no_vms: bool,
+    /// The libvirt connection the demo's host agent boots VMs through.
+    #[arg(long, default_value = "qemu:///system")]
+    pub libvirt: String,
 }
 
 pub async fn run(g: &Global, args: DemoArgs) -> anyhow::Result<ExitCode> {
@@ -95,7 +101,139 @@ pub async fn run(g: &Global, args: DemoArgs) -> anyhow::Result<ExitCode> {
     if args.no_images {
         return Ok(listed);
     }
-    build_images(g, &store, &catalogue, &loaded.records).await
+    let ready = build_images(g, &store, &catalogue, &loaded.records).await?;
+    if args.no_vms || ready.is_empty() {
+        return Ok(ExitCode::SUCCESS);
+    }
+    boot_images(g, &store, &ready, &args.libvirt).await
+}
+
+/// Boots every ready image on a host agent of this machine (two at a time), runs its
+/// harness with all suites, and prints the results.
+async fn boot_images(
+    g: &Global,
+    store: &crate::store::Store,
+    ready: &[(String, certo_imager::ImageRecord)],
+    libvirt: &str,
+) -> anyhow::Result<ExitCode> {
+    use std::io::BufRead;
+    println!("== Booting the images under QEMU through a host agent on this machine ({libvirt})");
+    let dir = g.data_dir().join("demo-host");
+    std::fs::create_dir_all(&dir)?;
+    let token = crate::server::new_token()?;
+    let exe = std::env::current_exe()?;
+    let mut agent = std::process::Command::new(&exe)
+        .arg("--data-dir")
+        .arg(g.data_dir())
+        .args([
+            "agent",
+            "--listen",
+            "127.0.0.1:0",
+            "--name",
+            "demo-host",
+            "--slots",
+            "2",
+            "--libvirt",
+            libvirt,
+            "--repo",
+        ])
+        .arg(dir.join("repo"))
+        .env("CERTO_TOKEN", &token)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .context("starting the demo's host agent")?;
+    let mut line = String::new();
+    if let Some(out) = agent.stdout.take() {
+        std::io::BufReader::new(out).read_line(&mut line)?;
+    }
+    let Some(url) = line.trim().strip_prefix("listening on ").map(str::to_owned) else {
+        let _ = agent.kill();
+        anyhow::bail!("the demo's host agent did not start: {line:?}");
+    };
+    // A host token of its own: the demo's host is registered under it.
+    store
+        .set_host_token("demo-host", &crate::server::token_digest(&token))
+        .await?;
+    let started = std::time::Instant::now();
+    let (mut done, mut other) = (0, 0);
+    for pair in ready.chunks(2) {
+        let mut tasks = Vec::new();
+        for (label, image) in pair {
+            let Some(path) = image.ext4().map(|a| a.path.clone()) else {
+                continue;
+            };
+            let (store, url, token, label, node_type) = (
+                store.clone(),
+                url.clone(),
+                token.clone(),
+                label.clone(),
+                image.node_type.clone(),
+            );
+            let patch = image.patch.map(|(id, rev)| (i64::from(id), rev as i32));
+            tasks.push(tokio::spawn(async move {
+                let out = crate::vmrun::run(
+                    &store,
+                    &url,
+                    &token,
+                    &crate::vmrun::VmRequest {
+                        image: &path,
+                        node_type: &node_type,
+                        patch,
+                        suite: "all",
+                        timeout: std::time::Duration::from_secs(240),
+                        memory_mib: 384,
+                        orchestrator: None,
+                        fault: None,
+                    },
+                    &|_| {},
+                )
+                .await;
+                (label, out)
+            }));
+        }
+        for t in tasks {
+            let (label, out) = t.await?;
+            match out {
+                Ok(o) => {
+                    if o.vm.state == "done" {
+                        done += 1;
+                    } else {
+                        other += 1;
+                    }
+                    let passed = o.tests.iter().filter(|t| t.status == "pass").count();
+                    let failed: Vec<String> = o
+                        .tests
+                        .iter()
+                        .filter(|t| t.status != "pass")
+                        .map(|t| format!("{}/{} {}", t.suite, t.name, t.status))
+                        .collect();
+                    println!(
+                        "   {label:<40} {:<9} {passed}/{} tests pass{}{}",
+                        o.vm.state,
+                        o.tests.len(),
+                        if failed.is_empty() {
+                            String::new()
+                        } else {
+                            format!("; {}", failed.join(", "))
+                        },
+                        o.vm.reason.map(|r| format!(" ({r})")).unwrap_or_default()
+                    );
+                }
+                Err(e) => {
+                    other += 1;
+                    println!("   {label:<40} ERROR {e:#}");
+                }
+            }
+        }
+    }
+    let _ = agent.kill();
+    let _ = agent.wait();
+    println!(
+        "   {done} VMs ran their suites to the end, {other} did not; {:.0} s. Results: certo's vm_results table; `certo testbed ls`, `certo host ls`.",
+        started.elapsed().as_secs_f64()
+    );
+    Ok(ExitCode::SUCCESS)
 }
 
 /// Builds the image of every (platform, node type) of the newest revision of each patch.
@@ -104,7 +242,7 @@ async fn build_images(
     store: &crate::store::Store,
     catalogue: &crate::catalogue::Catalogue,
     records: &[crate::patch::LoadedRecord],
-) -> anyhow::Result<ExitCode> {
+) -> anyhow::Result<Vec<(String, certo_imager::ImageRecord)>> {
     use std::collections::BTreeMap;
     let mut newest: BTreeMap<u64, &crate::patch::PatchRecord> = BTreeMap::new();
     for r in records {
@@ -124,6 +262,7 @@ async fn build_images(
         imager.world().display()
     );
     let (mut ready, mut refused, mut skipped) = (0, 0, 0);
+    let mut images_ready = Vec::new();
     let started = std::time::Instant::now();
     for record in newest.values() {
         for (platform, node_type) in crate::images::patch_targets(record) {
@@ -145,6 +284,7 @@ async fn build_images(
             match super::image_cmd::build_one(g, store, &imager, &req, &[], true).await? {
                 Ok(built) => {
                     ready += 1;
+                    images_ready.push((label.clone(), built.image.clone()));
                     let how: Vec<&str> = built
                         .layers
                         .iter()
@@ -173,5 +313,5 @@ async fn build_images(
         "   {ready} images ready, {refused} refused at image-build time, {skipped} combinations not offered; {layers} layers and {images} images in the cache; {:.0} s",
         started.elapsed().as_secs_f64()
     );
-    Ok(ExitCode::SUCCESS)
+    Ok(images_ready)
 }

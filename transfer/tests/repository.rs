@@ -111,3 +111,37 @@ fn a_second_opener_is_refused_and_bad_names_never_touch_the_disk() {
     assert!(matches!(err, RepoError::HashMismatch { .. }), "{err}");
     assert_eq!(repo.block_stats(), (0, 0));
 }
+
+#[test]
+fn concurrent_commits_and_assemblies_of_one_image_never_lose_it() {
+    // Several senders pushing the same image at once (parallel VM runs of one target) commit
+    // the same content under one name: none may see the image vanish.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = blocks(5, 64);
+    let image: Vec<u8> = data.concat();
+    let (repo, _) = Repository::open(dir.path()).expect("open");
+    store(&repo, &data);
+    let index = BlockIndex::from_reader(&image[..], 4096)
+        .expect("index")
+        .to_bytes();
+    let repo = std::sync::Arc::new(repo);
+    let workers: Vec<_> = (0..6)
+        .map(|_| {
+            let (repo, index) = (repo.clone(), index.clone());
+            std::thread::spawn(move || {
+                for _ in 0..20 {
+                    repo.commit("same", &index).expect("commit");
+                    repo.assemble("same")
+                        .expect("assemble right after a commit");
+                }
+            })
+        })
+        .collect();
+    for w in workers {
+        w.join().expect("worker");
+    }
+    assert_eq!(
+        std::fs::read(repo.image_path("same").expect("name")).expect("read"),
+        image
+    );
+}

@@ -404,12 +404,7 @@ fn authorized(vms: &Vms, headers: &HeaderMap) -> bool {
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
         .unwrap_or("");
-    got.len() == vms.token.len()
-        && got
-            .bytes()
-            .zip(vms.token.bytes())
-            .fold(0u8, |acc, (a, b)| acc | (a ^ b))
-            == 0
+    crate::server::same(got, &vms.token)
 }
 
 /// The VM routes, to merge with the repository's.

@@ -41,8 +41,8 @@ pub fn token_digest(token: &str) -> String {
     hex::encode(Sha256::digest(token.as_bytes()))
 }
 
-/// Equal in time independent of where the strings differ.
-fn same(a: &str, b: &str) -> bool {
+/// Equal in time independent of where the strings differ (secrets).
+pub(crate) fn same(a: &str, b: &str) -> bool {
     a.len() == b.len()
         && a.bytes()
             .zip(b.bytes())

@@ -116,7 +116,8 @@ pub fn generate_text_records(catalogue: &Catalogue, count: usize, first_id: u64)
         .collect()
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
+/// The median of a set of measurements (the upper one of an even count).
+pub(crate) fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
     if v.is_empty() { 0.0 } else { v[v.len() / 2] }
 }

@@ -12,6 +12,7 @@ use anyhow::Context;
 use certo_imager::{Imager, LayerKind, mounts};
 use serde_json::json;
 
+use super::bench_cmd::median;
 use super::{Global, print_json};
 
 /// Arguments of `certo bench image`.
@@ -35,11 +36,6 @@ pub struct ImageBenchArgs {
     /// Print JSON.
     #[arg(long)]
     pub json: bool,
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    if v.is_empty() { 0.0 } else { v[v.len() / 2] }
 }
 
 pub async fn run(g: &Global, a: ImageBenchArgs) -> anyhow::Result<ExitCode> {

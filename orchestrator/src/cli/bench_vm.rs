@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use serde_json::json;
 
+use super::bench_cmd::median;
 use super::{Global, print_json};
 use crate::vmrun::{self, VmRequest};
 
@@ -33,11 +34,6 @@ pub struct VmBenchArgs {
     pub token: String,
     #[arg(long)]
     pub json: bool,
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    if v.is_empty() { 0.0 } else { v[v.len() / 2] }
 }
 
 pub async fn run(g: &Global, a: VmBenchArgs) -> anyhow::Result<ExitCode> {

@@ -24,6 +24,9 @@ pub struct GuestConfig {
     pub panic: bool,
     /// Fault injection for tests: the harness exits right after joining, without `done`.
     pub crash: bool,
+    /// The token travels in QEMU's fw_cfg (`opt/certo/token`), not on the command line:
+    /// the command line then says `certo.token=fwcfg`.
+    pub token_in_fwcfg: bool,
 }
 
 impl GuestConfig {
@@ -38,6 +41,7 @@ impl GuestConfig {
             hang: false,
             panic: false,
             crash: false,
+            token_in_fwcfg: false,
         }
     }
 
@@ -69,7 +73,11 @@ impl GuestConfig {
             kind.console(),
             self.url,
             self.vm,
-            self.token,
+            if self.token_in_fwcfg {
+                "fwcfg"
+            } else {
+                self.token.as_str()
+            },
             self.ip,
             self.gateway
         );

@@ -32,6 +32,7 @@ fn spec(name: &str) -> DomainSpec {
         serial_log: PathBuf::from(format!("/var/lib/certo/vms/{name}/serial.log")),
         network: Network::User,
         owner: Some("nshost1".into()),
+        secret_file: None,
     }
 }
 

@@ -219,6 +219,20 @@ impl Vms {
             )
         })?;
         let mut guest = GuestConfig::user_network(&req.guest.url, &req.guest.vm, &req.guest.token);
+        // QEMU gets the token as a fw_cfg file, so it is on no command line and in no log.
+        let secret_file = if matches!(self.hv.kind(), HypervisorKind::Qemu | HypervisorKind::Kvm) {
+            let f = vm_dir.join("token");
+            write_secret(&f, &req.guest.token).map_err(|e| {
+                (
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    format!("writing the VM's token: {e}"),
+                )
+            })?;
+            guest.token_in_fwcfg = true;
+            Some(f)
+        } else {
+            None
+        };
         guest.hang = req.guest.hang;
         guest.panic = req.guest.panic;
         guest.crash = req.guest.crash;
@@ -233,6 +247,7 @@ impl Vms {
             root_disk: overlay.clone(),
             base_image: Some(image.clone()),
             owner: Some(self.name.clone()),
+            secret_file,
             serial_log: serial.clone(),
             network: if self.hv.kind() == HypervisorKind::Xen {
                 Network::None
@@ -290,6 +305,9 @@ impl Vms {
             {
                 e.state = s.to_owned();
                 let _ = std::fs::remove_file(&e.overlay);
+                if let Some(dir) = e.overlay.parent() {
+                    let _ = std::fs::remove_file(dir.join("token"));
+                }
             }
         }
     }
@@ -319,6 +337,9 @@ impl Vms {
                 e.state = "ended".into();
             }
             let _ = std::fs::remove_file(&e.overlay);
+            if let Some(dir) = e.overlay.parent() {
+                let _ = std::fs::remove_file(dir.join("token"));
+            }
         }
         tracing::info!(vm = name, destroyed, "VM torn down");
         let mut v = self.status(name);
@@ -476,6 +497,34 @@ async fn destroy(
         Ok(Err((s, m))) => text(s, format!("{m}\n")),
         Err(e) => text(StatusCode::INTERNAL_SERVER_ERROR, format!("{e}\n")),
     }
+}
+
+/// Writes a VM's token readable by QEMU alone (mode 0400, owned by libvirt's QEMU user when
+/// the host has one).
+fn write_secret(path: &std::path::Path, token: &str) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let _ = std::fs::remove_file(path);
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o400)
+        .open(path)?;
+    f.write_all(token.as_bytes())?;
+    if let Some((uid, gid)) = qemu_user() {
+        std::os::unix::fs::chown(path, Some(uid), Some(gid))?;
+    }
+    Ok(())
+}
+
+/// The uid and gid of libvirt's QEMU user (Debian: libvirt-qemu), from /etc/passwd.
+fn qemu_user() -> Option<(u32, u32)> {
+    let passwd = std::fs::read_to_string("/etc/passwd").ok()?;
+    passwd.lines().find_map(|l| {
+        let f: Vec<&str> = l.split(':').collect();
+        (f.first() == Some(&"libvirt-qemu"))
+            .then(|| Some((f.get(2)?.parse().ok()?, f.get(3)?.parse().ok()?)))?
+    })
 }
 
 /// A stand-in for the guest harness under libvirt's test driver (which boots nothing): it

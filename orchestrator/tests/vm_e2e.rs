@@ -216,6 +216,18 @@ async fn debian_and_rpm_images_boot_join_and_report_their_tests() {
         tests.iter().any(|(n, _)| n == "basic/40-grid-env"),
         "{tests:?}"
     );
+    // The VM's token reached the guest through fw_cfg: libvirt's log of the domain (which
+    // records QEMU's whole command line) has no token in it.
+    let qemu_log = std::fs::read_to_string(format!(
+        "/var/log/libvirt/qemu/{}.log",
+        v["vm"].as_str().expect("vm")
+    ))
+    .expect("libvirt's domain log");
+    assert!(qemu_log.contains("certo.token=fwcfg"), "{qemu_log}");
+    assert_eq!(
+        qemu_log.matches("certo.token=").count(),
+        qemu_log.matches("certo.token=fwcfg").count()
+    );
     // The repository's copy of the image stays pristine: the VM wrote to an overlay.
     assert_eq!(sha256(Path::new(&deb)), base_sha);
 

@@ -8,6 +8,7 @@ use super::BootError;
 /// What the guest needs to reach its disk, its NIC and an ext4 root: virtio (PCI), virtio-blk,
 /// virtio-net and ext4 with its checksum algorithm. Dependencies are added from `modules.dep`.
 pub const GUEST_MODULES: &[&str] = &[
+    "qemu_fw_cfg",
     "virtio_ring",
     "virtio",
     "virtio_pci_legacy_dev",

@@ -25,6 +25,12 @@ for w in $(cat /proc/cmdline); do
   esac
 done
 
+# The token may travel in QEMU's fw_cfg instead of the command line (kept out of logs).
+FWCFG=/sys/firmware/qemu_fw_cfg/by_name/opt/certo/token/raw
+if [ "${TOKEN:-}" = fwcfg ]; then
+  TOKEN=$(cat $FWCFG 2>/dev/null | tr -d '\n')
+fi
+
 if [ -z "${URL:-}" ] || [ -z "${TOKEN:-}" ]; then
   say "error: certo.url or certo.token missing from the kernel command line"
   exit 2

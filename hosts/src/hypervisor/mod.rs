@@ -99,6 +99,10 @@ pub struct DomainSpec {
     /// several agents sharing one libvirt daemon each reap only their own domains
     /// ([`crate::domain_name::reap_owned`]). ASCII letters, digits, `.`, `_`, `-`.
     pub owner: Option<String>,
+    /// A file QEMU hands the guest through fw_cfg as `opt/certo/token` (absolute path): the
+    /// guest's secret stays off the kernel command line, and so out of libvirt's logs.
+    /// Ignored by the Xen and test templates.
+    pub secret_file: Option<PathBuf>,
 }
 
 /// A domain's run state as Certo cares about it.

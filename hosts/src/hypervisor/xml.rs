@@ -60,6 +60,7 @@ struct Context {
     network: &'static str,
     bridge: String,
     owner: String,
+    secret_file: String,
 }
 
 /// Escapes text for XML attribute values and element content.
@@ -132,6 +133,10 @@ pub fn render(kind: HypervisorKind, spec: &DomainSpec) -> Result<String, Hypervi
         Network::User => ("user", String::new()),
         Network::Bridge(b) => ("bridge", escape(b)),
     };
+    let secret_file = match &spec.secret_file {
+        Some(p) => path(spec, "secret file", p)?,
+        None => String::new(),
+    };
     let owner = match &spec.owner {
         None => String::new(),
         Some(o)
@@ -165,6 +170,7 @@ pub fn render(kind: HypervisorKind, spec: &DomainSpec) -> Result<String, Hypervi
         network,
         bridge,
         owner,
+        secret_file,
     };
     let ctx = tera::Context::from_serialize(&ctx).map_err(|e| HypervisorError::Template {
         kind: kind.as_str(),
@@ -248,6 +254,7 @@ mod tests {
             serial_log: PathBuf::from("/v/serial.log"),
             network: Network::User,
             owner: Some("nshost1".into()),
+            secret_file: Some(PathBuf::from("/v/token")),
         }
     }
 

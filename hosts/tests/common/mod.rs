@@ -228,6 +228,7 @@ impl Vm {
             serial_log: dir.path().join("serial.log"),
             network: Network::User,
             owner: Some(format!("hosts-tests-{}", std::process::id())),
+            secret_file: None,
         };
         Self { dir, spec }
     }

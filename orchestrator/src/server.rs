@@ -373,20 +373,7 @@ async fn guest_service(
         .await
     {
         Ok(_) => text(StatusCode::OK, format!("registered {name} at {endpoint}\n")),
-        Err(RegisterError::Shared { .. }) => {
-            let e = s
-                .store
-                .register_service(
-                    name,
-                    &vm.node_type,
-                    &endpoint,
-                    Some(&slice_of(&vm)),
-                    Some(vm.id),
-                )
-                .await
-                .err()
-                .map(|e| e.to_string())
-                .unwrap_or_default();
+        Err(e @ RegisterError::Shared { .. }) => {
             tracing::warn!(vm = %vm.name, service = name, "refused: would replace a shared service");
             text(StatusCode::CONFLICT, format!("{e}\n"))
         }

@@ -6,7 +6,6 @@ mod common;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
-use std::sync::OnceLock;
 
 use serde_json::Value;
 
@@ -14,18 +13,7 @@ fn tmp() -> PathBuf {
     PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
 }
 
-/// The fixture repositories, built once per test run (the build script skips an
-/// up-to-date world).
-fn world() -> PathBuf {
-    static WORLD: OnceLock<PathBuf> = OnceLock::new();
-    WORLD
-        .get_or_init(|| {
-            let dir = tmp().join("imager-world");
-            certo::images::build_world(&dir).expect("the fixture world builds");
-            dir
-        })
-        .clone()
-}
+use common::world;
 
 /// A data directory shared by tests that may reuse each other's cached layers.
 fn shared_data() -> PathBuf {

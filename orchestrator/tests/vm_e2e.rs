@@ -32,16 +32,7 @@ fn ensure_libvirtd() {
     });
 }
 
-fn world() -> PathBuf {
-    static WORLD: OnceLock<PathBuf> = OnceLock::new();
-    WORLD
-        .get_or_init(|| {
-            let dir = tmp().join("imager-world");
-            certo::images::build_world(&dir).expect("the fixture world builds");
-            dir
-        })
-        .clone()
-}
+use common::world;
 
 /// Data directory shared with the imager tests (their cached layers are reused).
 fn data() -> PathBuf {

@@ -66,3 +66,16 @@ pub async fn snapshot(db: &ScratchDb) -> Vec<(String, i64, String)> {
     }
     out
 }
+
+/// The fixture world's package repositories, built once per test binary under the target
+/// directory (the build script skips an up-to-date world and serialises builders).
+pub fn world() -> PathBuf {
+    static WORLD: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    WORLD
+        .get_or_init(|| {
+            let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("imager-world");
+            certo::images::build_world(&dir).expect("the fixture world builds");
+            dir
+        })
+        .clone()
+}

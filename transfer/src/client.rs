@@ -30,6 +30,7 @@ use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 
 use crate::block_index::{BlockEntry, BlockIndex, Chunking, IndexError, PREFIX_LEN, sha256};
+use crate::index_cache::IndexCache;
 use crate::server::Token;
 use crate::wire::{self, WireError};
 
@@ -153,10 +154,12 @@ pub struct PushOptions {
     pub chunking: Chunking,
     /// Concurrent block uploads (connections).
     pub connections: usize,
-    /// zstd level of block batches: the fixed level, or the lowest when adapting.
+    /// zstd level of block batches: the fixed level, or the first when adapting.
     pub zstd_level: i32,
-    /// Adapt the level between `zstd_level` and `max_level` to keep the link busy.
+    /// Adapt the level between `min_level` and `max_level` to keep the link busy.
     pub adaptive: bool,
+    /// Lowest level when adapting.
+    pub min_level: i32,
     /// Highest level when adapting.
     pub max_level: i32,
     /// Uncompressed bytes per batch.
@@ -175,6 +178,7 @@ impl std::fmt::Debug for PushOptions {
             .field("connections", &self.connections)
             .field("zstd_level", &self.zstd_level)
             .field("adaptive", &self.adaptive)
+            .field("min_level", &self.min_level)
             .field("max_level", &self.max_level)
             .field("batch_bytes", &self.batch_bytes)
             .field("assemble", &self.assemble)
@@ -183,8 +187,8 @@ impl std::fmt::Debug for PushOptions {
 }
 
 impl PushOptions {
-    /// Defaults: fixed 4 KiB blocks, 4 connections, zstd adapting between levels 3 and
-    /// 16, 4 MiB batches, assemble.
+    /// Defaults: fixed 4 KiB blocks, 4 connections, zstd starting at level 3 and adapting
+    /// between 1 and 16, 4 MiB batches, assemble.
     pub fn new(name: impl Into<String>) -> Self {
         Self {
             name: name.into(),
@@ -192,6 +196,7 @@ impl PushOptions {
             connections: 4,
             zstd_level: 3,
             adaptive: true,
+            min_level: 1,
             max_level: 16,
             batch_bytes: 4 << 20,
             assemble: true,
@@ -239,6 +244,8 @@ pub struct PushSummary {
     pub rounds: u32,
     /// Size of the encoded index.
     pub index_bytes: usize,
+    /// The index came from the index cache (the file was not hashed again).
+    pub index_cached: bool,
     /// Seconds from the first batch sent to the last one stored.
     pub send_seconds: f64,
     /// Seconds the host spent assembling the image file, if asked.
@@ -272,6 +279,8 @@ pub struct PlanSummary {
     pub bytes_to_send: u64,
     /// Size of the encoded index (sent at the commit).
     pub index_bytes: usize,
+    /// The index came from the index cache (the file was not hashed again).
+    pub index_cached: bool,
     /// Seconds in all.
     pub seconds: f64,
 }
@@ -283,6 +292,7 @@ pub struct Client {
     base: String,
     token: Token,
     retry: RetryPolicy,
+    index_cache: Option<IndexCache>,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -326,8 +336,14 @@ impl Counters {
 
 /// Where the hash-production stage takes its blocks from.
 enum Source {
+    /// Hash the file.
     File(Arc<File>, Chunking),
-    Index(Arc<BlockIndex>),
+    /// An index at hand: from the index cache (`replay` false), or the previous round's
+    /// (`replay` true: a repair round, which asks with whole hashes).
+    Index {
+        index: Arc<BlockIndex>,
+        replay: bool,
+    },
 }
 
 /// Stops a reader when the pipeline is cancelled.
@@ -360,7 +376,55 @@ impl Client {
             base: base.trim_end_matches('/').to_string(),
             token,
             retry,
+            index_cache: None,
         })
+    }
+
+    /// Keeps the indexes of pushed and planned files in `cache`, and takes them from it when
+    /// the file has not changed since (see [`IndexCache`]).
+    pub fn with_index_cache(mut self, cache: IndexCache) -> Self {
+        self.index_cache = Some(cache);
+        self
+    }
+
+    /// The file's index: from the cache when it holds a valid one, else built (and cached).
+    async fn index_of(
+        &self,
+        path: &Path,
+        chunking: Chunking,
+    ) -> Result<(BlockIndex, bool), ClientError> {
+        if let Some(index) = self.cached_index(path, chunking).await {
+            return Ok((index, true));
+        }
+        let key = self.cache_key(path, chunking);
+        let index = index_file(path, chunking).await?;
+        self.cache_index(path, key, &index).await;
+        Ok((index, false))
+    }
+
+    fn cache_key(&self, path: &Path, chunking: Chunking) -> Option<crate::index_cache::Key> {
+        self.index_cache.as_ref()?.key(path, chunking)
+    }
+
+    async fn cached_index(&self, path: &Path, chunking: Chunking) -> Option<BlockIndex> {
+        let cache = self.index_cache.clone()?;
+        let path = path.to_path_buf();
+        tokio::task::spawn_blocking(move || cache.load(&path, chunking))
+            .await
+            .ok()
+            .flatten()
+    }
+
+    async fn cache_index(
+        &self,
+        path: &Path,
+        key: Option<crate::index_cache::Key>,
+        index: &BlockIndex,
+    ) {
+        if let (Some(cache), Some(key)) = (self.index_cache.clone(), key) {
+            let (path, index) = (path.to_path_buf(), index.clone());
+            let _ = tokio::task::spawn_blocking(move || cache.store(&path, &key, &index)).await;
+        }
     }
 
     fn url(&self, path: &str) -> String {
@@ -497,7 +561,8 @@ impl Client {
     /// Indexes `path` and asks the host what it lacks, sending nothing else.
     pub async fn plan(&self, path: &Path, chunking: Chunking) -> Result<PlanSummary, ClientError> {
         let started = Instant::now();
-        let index = Arc::new(index_file(path, chunking).await?);
+        let (index, index_cached) = self.index_of(path, chunking).await?;
+        let index = Arc::new(index);
         let counters = Counters::default();
         let mut seen = HashSet::new();
         let unique: Vec<(u64, BlockEntry)> = index
@@ -531,6 +596,7 @@ impl Client {
             blocks_to_send: to_send,
             bytes_to_send,
             index_bytes: index.encoded_len(),
+            index_cached,
             seconds: started.elapsed().as_secs_f64(),
         })
     }
@@ -544,13 +610,26 @@ impl Client {
             source,
         })?);
         let counters = Arc::new(Counters::default());
-        let mut source = Source::File(file.clone(), opts.chunking);
+        let key = self.cache_key(path, opts.chunking);
+        let cached = self.cached_index(path, opts.chunking).await;
+        let index_cached = cached.is_some();
+        let mut source = match cached {
+            Some(index) => Source::Index {
+                index: Arc::new(index),
+                replay: false,
+            },
+            None => Source::File(file.clone(), opts.chunking),
+        };
         let mut rounds = 0;
         loop {
             rounds += 1;
+            let hashed = matches!(source, Source::File(..));
             let index = self
                 .run_pipeline(path, &file, source, &opts, &counters)
                 .await?;
+            if hashed {
+                self.cache_index(path, key.clone(), &index).await;
+            }
             // First round: the compact index (hash prefixes, zstd), which the host resolves
             // against its store; a repair round sends the full index.
             let (form, index_bytes) = if rounds == 1 {
@@ -599,6 +678,7 @@ impl Client {
                         retries: c.retries.load(Ordering::Relaxed),
                         rounds,
                         index_bytes: body.len(),
+                        index_cached,
                         send_seconds: window.map_or(0.0, |(s, e)| (e - s).as_secs_f64()),
                         assemble_seconds: answer
                             .get("assemble_seconds")
@@ -624,7 +704,10 @@ impl Client {
                                 && e.status() == Some(StatusCode::UNPROCESSABLE_ENTITY))) =>
                 {
                     tracing::warn!(round = rounds, error = %e, "host still lacks blocks; sending them");
-                    source = Source::Index(Arc::new(index));
+                    source = Source::Index {
+                        index: Arc::new(index),
+                        replay: true,
+                    };
                 }
                 Err(ClientError::Refused {
                     status: StatusCode::CONFLICT,
@@ -654,7 +737,7 @@ impl Client {
         let (want_tx, mut want_rx) = mpsc::channel::<Vec<Want>>(8);
         let (batch_tx, batch_rx) = mpsc::channel::<Vec<Want>>(opts.connections.max(1) * 2);
         let batch_rx = Arc::new(tokio::sync::Mutex::new(batch_rx));
-        let replaying = matches!(source, Source::Index(_));
+        let replaying = matches!(source, Source::Index { replay: true, .. });
 
         // Stage 1: hash production.
         let producer = {
@@ -668,7 +751,7 @@ impl Client {
                     }
                 };
                 match source {
-                    Source::Index(index) => {
+                    Source::Index { index, .. } => {
                         for (offset, b) in index.blocks_with_offsets() {
                             pending.push((offset, *b));
                             if pending.len() == QUERY_CHUNK {
@@ -779,7 +862,7 @@ impl Client {
         // batches; senders (one per connection) post them. Between them a bounded queue
         // steers the zstd level when it adapts: a full queue means the link is the
         // bottleneck (compress harder), an empty one that compression is (compress faster).
-        let (ready_tx, ready_rx) = mpsc::channel::<Ready>(1);
+        let (ready_tx, ready_rx) = mpsc::channel::<Ready>(opts.connections.max(1));
         let ready_rx = Arc::new(tokio::sync::Mutex::new(ready_rx));
         let level = Arc::new(AtomicI32::new(opts.zstd_level));
         let compressors = std::thread::available_parallelism()
@@ -830,7 +913,7 @@ impl Client {
             let ready_rx = ready_rx.clone();
             let progress = opts.progress.clone();
             let level = level.clone();
-            let (adaptive, min_level) = (opts.adaptive, opts.zstd_level);
+            let (adaptive, min_level) = (opts.adaptive, opts.min_level);
             tasks.spawn(async move {
                 let url = client.url("/v1/blocks");
                 loop {

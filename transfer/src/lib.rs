@@ -7,6 +7,8 @@
 //! * [`wire`]: what travels between sender and host, and the checks on it.
 //! * [`server`]: the host's HTTP routes (axum), served by `certo agent`.
 //! * [`client`]: the sender (reqwest): `plan` and the pipelined, resumable `push`.
+//! * [`index_cache`]: the sender's cache of indexes, so an image pushed to many hosts is
+//!   hashed once.
 //!
 //! It must never know about patches, releases, workflows or libvirt: it sees opaque image
 //! files and block hashes, nothing else. Deciding which image goes to which host belongs
@@ -15,6 +17,7 @@
 pub mod block_index;
 pub mod chunker;
 pub mod client;
+pub mod index_cache;
 pub mod repository;
 pub mod server;
 pub mod wire;
@@ -24,5 +27,6 @@ pub use block_index::{
     MAX_BLOCK_SIZE, MIN_BLOCK_SIZE,
 };
 pub use client::{Client, ClientError, PlanSummary, PushOptions, PushSummary, RetryPolicy};
+pub use index_cache::IndexCache;
 pub use repository::{Manifest, RepoError, Repository};
 pub use server::{Token, router};

@@ -489,6 +489,22 @@ impl Repository {
                 });
             }
         }
+        self.append_blocks(blocks)
+    }
+
+    /// Stores the blocks of a decoded batch, whose hashes
+    /// [`Batch::decode`](crate::wire::Batch::decode) computed from their bytes (so they are
+    /// not hashed a second time); see [`store_blocks`](Self::store_blocks).
+    pub fn store_batch(&self, batch: &crate::wire::Batch) -> Result<StoreOutcome, RepoError> {
+        // Batch::decode refused empty blocks and blocks longer than MAX_BLOCK_LEN.
+        self.append_blocks(batch.blocks())
+    }
+
+    /// Appends blocks whose hashes are known to match their bytes.
+    fn append_blocks<'a>(
+        &self,
+        blocks: impl Iterator<Item = (&'a [u8; 32], &'a [u8])>,
+    ) -> Result<StoreOutcome, RepoError> {
         let mut s = self.lock_state();
         if s.writer.len >= PACK_LIMIT {
             let next = s.writer.pack + 1;

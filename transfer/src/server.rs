@@ -246,7 +246,7 @@ async fn store_blocks(
         let batch = Batch::decode(&body).inspect_err(|e| {
             tracing::warn!(body_bytes = body_len, error = %e, "refused a block batch");
         })?;
-        let outcome = repo.store_blocks(batch.blocks())?;
+        let outcome = repo.store_batch(&batch)?;
         tracing::debug!(
             body_bytes = body_len,
             stored = outcome.stored,

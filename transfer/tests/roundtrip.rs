@@ -225,3 +225,73 @@ async fn wrong_tokens_bad_names_and_paths_are_refused_and_change_nothing() {
         "nothing escaped the repository: {entries:?}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_index_cache_skips_hashing_an_unchanged_file_and_never_serves_a_changed_one() {
+    let work = tempfile::tempdir().expect("tempdir");
+    let agent = Agent::start(&work.path().join("repo")).await;
+    let mut rng = Lcg(23);
+    let a = rng.image_like(2 << 20);
+    let pa = write_image(work.path(), "a.img", &a);
+    let cache_dir = work.path().join("index-cache");
+    let c = client(&agent.url()).with_index_cache(certo_transfer::IndexCache::new(&cache_dir));
+    let entries = || std::fs::read_dir(&cache_dir).map_or(0, |d| d.count());
+
+    // A file written moments ago is not cached: a second write within the same tick of the
+    // file clock would go unnoticed.
+    let fresh = c.push(&pa, PushOptions::new("a0")).await.expect("push A");
+    assert!(!fresh.index_cached);
+    assert_eq!(entries(), 0, "a file that has not settled is not cached");
+    std::thread::sleep(certo_transfer::index_cache::SETTLE);
+
+    // Once settled, the first push hashes the file and fills the cache; the second takes
+    // its index from it.
+    let first = c.push(&pa, PushOptions::new("a")).await.expect("push A");
+    assert!(!first.index_cached);
+    assert_eq!(entries(), 1, "one entry for one file");
+    let second = c
+        .push(&pa, PushOptions::new("a2"))
+        .await
+        .expect("push A again");
+    assert!(
+        second.index_cached,
+        "the unchanged file is not hashed again"
+    );
+    assert_eq!(second.digest, first.digest);
+    assert_eq!(assembled(&agent.repo, "a2"), a);
+    let plan = c.plan(&pa, Chunking::default()).await.expect("plan");
+    assert!(plan.index_cached);
+    assert_eq!(plan.blocks_to_send, 0);
+
+    // Changing one block in place (same length) must not reuse the old index: the host
+    // gets the new bytes.
+    let mut b = a.clone();
+    b[4096 * 7..4096 * 7 + 6].copy_from_slice(b"edited");
+    std::fs::write(&pa, &b).expect("rewrite");
+    std::thread::sleep(certo_transfer::index_cache::SETTLE);
+    let third = c
+        .push(&pa, PushOptions::new("b"))
+        .await
+        .expect("push edited");
+    assert!(!third.index_cached);
+    assert_eq!(third.blocks_sent, 1);
+    assert_ne!(third.digest, first.digest);
+    assert_eq!(assembled(&agent.repo, "b"), b);
+
+    // A damaged entry is ignored (and removed), and the push is still right.
+    for e in std::fs::read_dir(&cache_dir).expect("cache dir") {
+        let path = e.expect("entry").path();
+        let mut bytes = std::fs::read(&path).expect("read entry");
+        let last = bytes.len() - 1;
+        bytes[last] ^= 0xff;
+        std::fs::write(&path, bytes).expect("damage entry");
+    }
+    let fourth = c
+        .push(&pa, PushOptions::new("b2"))
+        .await
+        .expect("push after damage");
+    assert!(!fourth.index_cached, "a damaged entry is not used");
+    assert_eq!(fourth.digest, third.digest);
+    assert_eq!(assembled(&agent.repo, "b2"), b);
+    agent.stop().await;
+}

@@ -82,8 +82,6 @@ pub async fn run(_g: &Global, args: AgentArgs) -> anyhow::Result<ExitCode> {
         images = report.images,
         "agent listening"
     );
-    // The first line on stdout tells scripts and tests where to connect.
-    println!("listening on http://{addr}");
     let repo = Arc::new(repo);
     let name = match &args.name {
         Some(n) => n.clone(),
@@ -152,6 +150,10 @@ pub async fn run(_g: &Global, args: AgentArgs) -> anyhow::Result<ExitCode> {
         ));
     }
     let router = certo_transfer::router(repo, token).merge(crate::agent_vms::router(vms));
+    // The first line on stdout tells scripts and tests where to connect; it is printed only
+    // once everything the agent needs (repository, libvirt) is ready, so a waiting script
+    // never connects to an agent that is about to exit.
+    println!("listening on http://{addr}");
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .context("installing the SIGTERM handler")?;
     let shutdown = async move {

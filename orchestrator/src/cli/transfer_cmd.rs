@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use certo_transfer::client::ClientError;
-use certo_transfer::{Chunking, Client, PushOptions, RetryPolicy, Token};
+use certo_transfer::{Chunking, Client, IndexCache, PushOptions, RetryPolicy, Token};
 use clap::{Args, Subcommand, ValueEnum};
 
 use super::{EXIT_FAILURE, EXIT_INVALID, Global, print_json};
@@ -48,6 +48,13 @@ pub struct Target {
     /// Attempts per request before giving up.
     #[arg(long, default_value_t = 8, value_name = "N")]
     pub retries: u32,
+    /// Where the indexes of sent files are kept, so that a file pushed again unchanged (to
+    /// this or another host) is not hashed again. Default: DATA_DIR/index-cache.
+    #[arg(long, value_name = "DIR")]
+    pub index_cache: Option<PathBuf>,
+    /// Hash the file without looking at or filling the index cache.
+    #[arg(long, conflicts_with = "index_cache")]
+    pub no_index_cache: bool,
     /// Print the result as JSON on stdout.
     #[arg(long)]
     pub json: bool,
@@ -91,8 +98,8 @@ pub enum TransferCommand {
         /// Concurrent connections for blocks.
         #[arg(long, default_value_t = 4)]
         connections: usize,
-        /// A fixed zstd level for block batches (1-19). Default: adapt between 3 and 16 so
-        /// that compression keeps pace with the link.
+        /// A fixed zstd level for block batches (1-19). Default: start at 3 and adapt between
+        /// 1 and 16 so that compression keeps pace with the link.
         #[arg(long, value_parser = clap::value_parser!(i32).range(1..=19))]
         zstd_level: Option<i32>,
         /// Uncompressed bytes per batch.
@@ -117,14 +124,22 @@ fn chunking(kind: ChunkingArg, size: Option<u32>) -> anyhow::Result<Chunking> {
 }
 
 impl Target {
-    fn client(&self) -> anyhow::Result<(Client, Chunking)> {
+    fn client(&self, g: &Global) -> anyhow::Result<(Client, Chunking)> {
         let token = Token::new(&self.token).map_err(|why| anyhow::anyhow!("--token: {why}"))?;
         let retry = RetryPolicy {
             attempts: self.retries.max(1),
             ..RetryPolicy::default()
         };
         let chunking = chunking(self.chunking, self.block_size)?;
-        Ok((Client::new(&self.to, token, retry)?, chunking))
+        let mut client = Client::new(&self.to, token, retry)?;
+        if !self.no_index_cache {
+            let dir = self
+                .index_cache
+                .clone()
+                .unwrap_or_else(|| g.data_dir().join("index-cache"));
+            client = client.with_index_cache(IndexCache::new(dir));
+        }
+        Ok((client, chunking))
     }
 }
 
@@ -156,7 +171,7 @@ fn exit_for(e: &ClientError) -> ExitCode {
     }
 }
 
-pub async fn run(_g: &Global, args: TransferArgs) -> anyhow::Result<ExitCode> {
+pub async fn run(g: &Global, args: TransferArgs) -> anyhow::Result<ExitCode> {
     match args.command {
         TransferCommand::Index {
             file,
@@ -211,7 +226,7 @@ pub async fn run(_g: &Global, args: TransferArgs) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         TransferCommand::Plan { file, target } => {
-            let (client, chunking) = target.client()?;
+            let (client, chunking) = target.client(g)?;
             match client.plan(&file, chunking).await {
                 Ok(plan) => {
                     if target.json {
@@ -248,7 +263,7 @@ pub async fn run(_g: &Global, args: TransferArgs) -> anyhow::Result<ExitCode> {
             batch_bytes,
             no_assemble,
         } => {
-            let (client, chunking) = target.client()?;
+            let (client, chunking) = target.client(g)?;
             let name = match name {
                 Some(n) => n,
                 None => default_name(&file)?,

@@ -123,6 +123,8 @@ pub struct VmRequest<'a> {
     pub orchestrator: Option<&'a str>,
     /// Fault injection for tests: `hang` or `panic`.
     pub fault: Option<&'a str>,
+    /// The sender's index cache (an image pushed again is not hashed again).
+    pub index_cache: Option<&'a Path>,
 }
 
 /// How a VM run ended.
@@ -222,11 +224,14 @@ async fn run_inner(
     // 1. The image, into the host's repository (only the blocks it lacks).
     let image_name = image_name(req.image)?;
     say(&format!("pushing {} to {host}", req.image.display()));
-    let client = certo_transfer::client::Client::new(
+    let mut client = certo_transfer::client::Client::new(
         agent_url_of(agent),
         certo_transfer::Token::new(&agent.token).map_err(|e| anyhow::anyhow!("token: {e}"))?,
         certo_transfer::client::RetryPolicy::default(),
     )?;
+    if let Some(dir) = req.index_cache {
+        client = client.with_index_cache(certo_transfer::IndexCache::new(dir));
+    }
     let pushed = client
         .push(
             req.image,

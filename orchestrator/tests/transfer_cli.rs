@@ -218,7 +218,8 @@ impl NetnsPair {
     fn exec(&self, ns: &str) -> Command {
         let mut cmd = Command::new("ip");
         cmd.args(["netns", "exec", ns, CERTO])
-            .env("CERTO_TOKEN", TOKEN);
+            .env("CERTO_TOKEN", TOKEN)
+            .env("CERTO_DATA_DIR", test_data_dir());
         cmd
     }
 }
@@ -278,8 +279,15 @@ impl Drop for AgentProc {
 
 fn local(args: &[&str]) -> Command {
     let mut cmd = Command::new(CERTO);
-    cmd.args(args).env("CERTO_TOKEN", TOKEN);
+    cmd.args(args)
+        .env("CERTO_TOKEN", TOKEN)
+        .env("CERTO_DATA_DIR", test_data_dir());
     cmd
+}
+
+/// Where the pushes' index cache goes: under target/, not the machine's data directory.
+fn test_data_dir() -> PathBuf {
+    Path::new(env!("CARGO_TARGET_TMPDIR")).join("transfer-cli-data")
 }
 
 fn json(out: &Output) -> serde_json::Value {
@@ -333,6 +341,20 @@ fn plan_then_push_then_plan_again_on_loopback() {
         std::fs::read(repo.join("images/base.img")).expect("assembled"),
         std::fs::read(&img).expect("image")
     );
+
+    // The index cache: a file left alone for 2 s is hashed by its first push only.
+    let settled = write(work.path(), "settled.img", &image(2, 1 << 20, true));
+    let cache = work.path().join("index-cache");
+    std::thread::sleep(Duration::from_millis(2100));
+    let push_cached = |extra: &[&str]| {
+        let mut args = vec!["transfer", "push", "--json", "--to", &agent.url];
+        args.extend_from_slice(extra);
+        json(&run(local(&args).arg(&settled)))
+    };
+    let cache_arg = ["--index-cache", cache.to_str().expect("utf-8")];
+    assert_eq!(push_cached(&cache_arg)["index_cached"], false);
+    assert_eq!(push_cached(&cache_arg)["index_cached"], true);
+    assert_eq!(push_cached(&["--no-index-cache"])["index_cached"], false);
 
     // Refusals: a wrong token (exit 1, says why), an agent without a token (exit 3).
     let out = run(local(&["transfer", "push", "--to", &agent.url])

@@ -20,7 +20,7 @@ use std::fs::File;
 use std::io::{self, Read};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -32,10 +32,13 @@ use tokio::task::JoinSet;
 use crate::block_index::{BlockEntry, BlockIndex, Chunking, IndexError, PREFIX_LEN, sha256};
 use crate::index_cache::IndexCache;
 use crate::server::Token;
+use crate::steer::Steering;
 use crate::wire::{self, WireError};
 
 /// Hashes per missing query.
 const QUERY_CHUNK: usize = 16384;
+/// A connection that waits this long for a compressed batch lowers the zstd level.
+const STARVED: Duration = Duration::from_millis(10);
 
 /// Why a plan or push failed.
 #[derive(Debug, thiserror::Error)]
@@ -859,22 +862,26 @@ impl Client {
             });
         }
         // Stage 4: block dispatch. Compressors (one per core) read, verify and compress
-        // batches; senders (one per connection) post them. Between them a bounded queue
-        // steers the zstd level when it adapts: a full queue means the link is the
-        // bottleneck (compress harder), an empty one that compression is (compress faster).
+        // batches; senders (one per connection) post them. Between them a bounded queue;
+        // the zstd level is steered (crate::steer) from the queue, the compressors' speed
+        // and the link's rate.
         let (ready_tx, ready_rx) = mpsc::channel::<Ready>(opts.connections.max(1));
         let ready_rx = Arc::new(tokio::sync::Mutex::new(ready_rx));
-        let level = Arc::new(AtomicI32::new(opts.zstd_level));
         let compressors = std::thread::available_parallelism()
             .map_or(2, |n| n.get())
             .min(opts.connections.max(1));
+        let steer = Arc::new(if opts.adaptive {
+            Steering::adaptive(opts.zstd_level, opts.min_level, opts.max_level, compressors)
+        } else {
+            Steering::fixed(opts.zstd_level)
+        });
+        let in_flight = Arc::new(AtomicUsize::new(0));
         for _ in 0..compressors {
             let batch_rx = batch_rx.clone();
             let ready_tx = ready_tx.clone();
             let file = file.clone();
             let path = path.to_path_buf();
-            let level = level.clone();
-            let adapt = opts.adaptive.then_some(opts.max_level);
+            let steer = steer.clone();
             tasks.spawn(async move {
                 loop {
                     let Some(batch) = batch_rx.lock().await.recv().await else {
@@ -882,18 +889,26 @@ impl Client {
                     };
                     let raw: u64 = batch.iter().map(|w| u64::from(w.len)).sum();
                     let (file, path) = (file.clone(), path.clone());
-                    let lvl = level.load(Ordering::Relaxed);
+                    let lvl = steer.level();
+                    let compressing = Instant::now();
                     let (body, blocks) =
                         tokio::task::spawn_blocking(move || encode(&file, &path, &batch, lvl))
                             .await
                             .map_err(|e| ClientError::Internal(e.to_string()))??;
-                    if let Some(max) = adapt
-                        && ready_tx.capacity() == 0
-                    {
-                        let _ = level.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |l| {
-                            Some((l + 2).min(max))
-                        });
-                    }
+                    tracing::debug!(
+                        level = lvl,
+                        raw,
+                        compressed = body.len(),
+                        ms = compressing.elapsed().as_millis() as u64,
+                        queued = ready_tx.max_capacity() - ready_tx.capacity(),
+                        "batch compressed"
+                    );
+                    steer.compressed(
+                        lvl,
+                        body.len(),
+                        compressing.elapsed().as_secs_f64(),
+                        ready_tx.capacity() == 0,
+                    );
                     let ready = Ready {
                         body: axum::body::Bytes::from(body),
                         blocks,
@@ -912,8 +927,8 @@ impl Client {
             let counters = counters.clone();
             let ready_rx = ready_rx.clone();
             let progress = opts.progress.clone();
-            let level = level.clone();
-            let (adaptive, min_level) = (opts.adaptive, opts.min_level);
+            let steer = steer.clone();
+            let in_flight = in_flight.clone();
             tasks.spawn(async move {
                 let url = client.url("/v1/blocks");
                 loop {
@@ -923,14 +938,17 @@ impl Client {
                             Ok(r) => Some(r),
                             Err(mpsc::error::TryRecvError::Disconnected) => None,
                             Err(mpsc::error::TryRecvError::Empty) => {
-                                if adaptive && counters.batches.load(Ordering::Relaxed) > 0 {
-                                    let _ = level.fetch_update(
-                                        Ordering::Relaxed,
-                                        Ordering::Relaxed,
-                                        |l| Some((l - 1).max(min_level)),
-                                    );
+                                let waiting = Instant::now();
+                                let next = rx.recv().await;
+                                // A connection that had to wait for a batch (not just for
+                                // the next one being handed over) means compression is the
+                                // bottleneck: compress faster.
+                                if counters.batches.load(Ordering::Relaxed) > 0
+                                    && waiting.elapsed() >= STARVED
+                                {
+                                    steer.starved();
                                 }
-                                rx.recv().await
+                                next
                             }
                         }
                     };
@@ -939,11 +957,15 @@ impl Client {
                     };
                     let body = ready.body;
                     let start = Instant::now();
-                    client
+                    let sharing = in_flight.fetch_add(1, Ordering::Relaxed) + 1;
+                    let sent = client
                         .request("sending blocks", &url, body.len(), &counters, || {
                             client.http.post(&url).body(body.clone())
                         })
-                        .await?;
+                        .await;
+                    in_flight.fetch_sub(1, Ordering::Relaxed);
+                    sent?;
+                    steer.sent(body.len(), start.elapsed().as_secs_f64(), sharing);
                     counters.note_send(start, Instant::now());
                     counters.batches.fetch_add(1, Ordering::Relaxed);
                     counters

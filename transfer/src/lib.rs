@@ -7,6 +7,8 @@
 //! * [`wire`]: what travels between sender and host, and the checks on it.
 //! * [`server`]: the host's HTTP routes (axum), served by `certo agent`.
 //! * [`client`]: the sender (reqwest): `plan` and the pipelined, resumable `push`.
+//! * [`steer`]: the zstd level of a push, steered between the link's rate and the
+//!   compressors' speed.
 //! * [`index_cache`]: the sender's cache of indexes, so an image pushed to many hosts is
 //!   hashed once.
 //!
@@ -20,6 +22,7 @@ pub mod client;
 pub mod index_cache;
 pub mod repository;
 pub mod server;
+pub mod steer;
 pub mod wire;
 
 pub use block_index::{

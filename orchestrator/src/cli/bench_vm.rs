@@ -54,6 +54,7 @@ pub async fn run(g: &Global, a: VmBenchArgs) -> anyhow::Result<ExitCode> {
                     a.image.clone(),
                     a.node_type.clone(),
                 );
+                let index_cache = g.data_dir().join("index-cache");
                 tasks.push(tokio::spawn(async move {
                     vmrun::run(
                         &store,
@@ -68,6 +69,7 @@ pub async fn run(g: &Global, a: VmBenchArgs) -> anyhow::Result<ExitCode> {
                             memory_mib: 384,
                             orchestrator: None,
                             fault: None,
+                            index_cache: Some(&index_cache),
                         },
                         &|_| {},
                     )

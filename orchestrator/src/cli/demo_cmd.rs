@@ -171,6 +171,7 @@ async fn boot_images(
                 image.node_type.clone(),
             );
             let patch = image.patch.map(|(id, rev)| (i64::from(id), rev as i32));
+            let index_cache = g.data_dir().join("index-cache");
             tasks.push(tokio::spawn(async move {
                 let out = crate::vmrun::run(
                     &store,
@@ -185,6 +186,7 @@ async fn boot_images(
                         memory_mib: 384,
                         orchestrator: None,
                         fault: None,
+                        index_cache: Some(&index_cache),
                     },
                     &|_| {},
                 )

@@ -123,6 +123,7 @@ pub async fn run(g: &Global, a: VmArgs) -> anyhow::Result<ExitCode> {
         }
         tracing::info!(step = s, "vm run");
     };
+    let index_cache = g.data_dir().join("index-cache");
     let out = vmrun::run(
         &store,
         &a.agent,
@@ -136,6 +137,7 @@ pub async fn run(g: &Global, a: VmArgs) -> anyhow::Result<ExitCode> {
             memory_mib: a.memory,
             orchestrator: a.orchestrator.as_deref(),
             fault: a.fault.as_deref(),
+            index_cache: Some(&index_cache),
         },
         &say,
     )

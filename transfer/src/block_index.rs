@@ -62,6 +62,10 @@ pub const COMPACT_MAGIC: &[u8; 7] = b"CRTOCIX";
 pub const COMPACT_VERSION: u8 = 1;
 /// Bytes of each hash kept in the compact form and in missing queries.
 pub const PREFIX_LEN: usize = 8;
+/// Magic bytes opening a session index (see [`BlockIndex::to_session_bytes`]).
+pub const SESSION_MAGIC: &[u8; 7] = b"CRTOSIX";
+/// Version of the session form.
+pub const SESSION_VERSION: u8 = 1;
 
 const HEADER_LEN: usize = 61;
 const DIGEST_DOMAIN: &[u8; 8] = b"CRTOIMG2";
@@ -225,6 +229,14 @@ pub enum IndexError {
         found: String,
         /// The digest computed from the blocks, hex.
         computed: String,
+    },
+    /// A session index that cannot be expanded.
+    #[error("session index at offset {offset}: {problem}")]
+    BadSessionIndex {
+        /// Offset of the faulty field.
+        offset: usize,
+        /// What is wrong.
+        problem: String,
     },
     /// Bytes follow the last block.
     #[error("{extra} trailing bytes after the last block, starting at offset {offset}")]
@@ -435,14 +447,8 @@ impl BlockIndex {
     /// Encodes the index in the format described in the [module documentation](self).
     pub fn to_bytes(&self) -> Vec<u8> {
         let mut out = Vec::with_capacity(self.encoded_len());
-        let (kind, size) = self.chunking.code();
-        out.extend_from_slice(MAGIC);
-        out.push(FORMAT_VERSION);
-        out.push(kind);
-        out.extend_from_slice(&size.to_be_bytes());
-        out.extend_from_slice(&self.image_len.to_be_bytes());
-        out.extend_from_slice(&self.image_digest);
-        out.extend_from_slice(&(self.blocks.len() as u64).to_be_bytes());
+        out.extend_from_slice(&self.to_bytes_header());
+        let (kind, _) = self.chunking.code();
         for block in &self.blocks {
             if kind == 1 {
                 out.extend_from_slice(&block.len.to_be_bytes());
@@ -485,6 +491,159 @@ impl BlockIndex {
             out.extend_from_slice(&rec[..per_block - 32 + PREFIX_LEN]);
         }
         out
+    }
+
+    /// Encodes the index in the session form, for a host that was asked about the image's
+    /// distinct non-zero blocks in order of first appearance (as a push asks): the header
+    /// of [`to_bytes`](Self::to_bytes) with magic `CRTOSIX` and version 1, then per block
+    /// its length (u32, content-defined chunking only) and a LEB128 reference: 0 for a zero
+    /// block, 1 for the next block the host was asked about, `2 + j` for a repeat of the
+    /// `j`-th. Mostly runs of 0 and 1, it compresses to almost nothing, where the compact
+    /// form repeats 8 bytes per distinct block that the questions already carried.
+    pub fn to_session_bytes(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(HEADER_LEN + self.blocks.len() * 2);
+        out.extend_from_slice(SESSION_MAGIC);
+        out.push(SESSION_VERSION);
+        out.extend_from_slice(&self.to_bytes_header()[8..]);
+        let cdc = matches!(self.chunking, Chunking::ContentDefined { .. });
+        let mut first: HashMap<[u8; 32], u64> = HashMap::new();
+        for b in &self.blocks {
+            if cdc {
+                out.extend_from_slice(&b.len.to_be_bytes());
+            }
+            let reference = if b.zero {
+                0
+            } else if let Some(j) = first.get(&b.hash) {
+                2 + j
+            } else {
+                first.insert(b.hash, first.len() as u64);
+                1
+            };
+            leb128(&mut out, reference);
+        }
+        out
+    }
+
+    fn to_bytes_header(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(HEADER_LEN);
+        let (kind, size) = self.chunking.code();
+        out.extend_from_slice(MAGIC);
+        out.push(FORMAT_VERSION);
+        out.push(kind);
+        out.extend_from_slice(&size.to_be_bytes());
+        out.extend_from_slice(&self.image_len.to_be_bytes());
+        out.extend_from_slice(&self.image_digest);
+        out.extend_from_slice(&(self.blocks.len() as u64).to_be_bytes());
+        out
+    }
+
+    /// Expands a session index into the compact form, the `n`-th new block taking the
+    /// `n`-th of `asked` (the prefixes the host was asked about, in order). The result is
+    /// checked like any compact index when it is decoded (lengths, count, digest).
+    pub fn session_to_compact(
+        bytes: &[u8],
+        asked: &[[u8; PREFIX_LEN]],
+    ) -> Result<Vec<u8>, IndexError> {
+        let bad = |offset: usize, problem: String| IndexError::BadSessionIndex { offset, problem };
+        let mut cur = Cursor { bytes, offset: 0 };
+        let magic = cur.take("magic", 7)?;
+        if magic != SESSION_MAGIC {
+            return Err(bad(
+                0,
+                format!(
+                    "expected magic \"CRTOSIX\", found \"{}\"",
+                    magic.escape_ascii()
+                ),
+            ));
+        }
+        let version = cur.array::<1>("version")?[0];
+        if version != SESSION_VERSION {
+            return Err(bad(7, format!("unsupported version {version}")));
+        }
+        let kind = cur.array::<1>("chunking")?[0];
+        let size = u32::from_be_bytes(cur.array("size")?);
+        let image_len = u64::from_be_bytes(cur.array("image length")?);
+        let _digest = cur.array::<32>("image digest")?;
+        let count = u64::from_be_bytes(cur.array("block count")?);
+        let fixed = match kind {
+            0 => {
+                if !valid_block_size(size) {
+                    return Err(IndexError::EncodedBlockSize {
+                        size,
+                        chunking: "fixed",
+                    });
+                }
+                let expected = image_len.div_ceil(u64::from(size));
+                if count != expected {
+                    return Err(IndexError::BlockCountMismatch {
+                        count,
+                        expected,
+                        image_len,
+                        block_size: size,
+                    });
+                }
+                true
+            }
+            1 => false,
+            kind => return Err(IndexError::UnknownChunking { kind }),
+        };
+        let mut out = Vec::with_capacity(HEADER_LEN + asked.len() * PREFIX_LEN);
+        out.extend_from_slice(COMPACT_MAGIC);
+        out.push(COMPACT_VERSION);
+        out.extend_from_slice(&bytes[8..HEADER_LEN]);
+        let mut zeros = ZeroHashes::default();
+        let mut next = 0usize;
+        for i in 0..count {
+            let len = if fixed {
+                if i + 1 == count && image_len % u64::from(size) != 0 {
+                    (image_len % u64::from(size)) as u32
+                } else {
+                    size
+                }
+            } else {
+                let len = u32::from_be_bytes(cur.array("block length")?);
+                out.extend_from_slice(&len.to_be_bytes());
+                len
+            };
+            let at = cur.offset;
+            let reference = read_leb128(&mut cur)?;
+            let prefix: [u8; PREFIX_LEN] = match reference {
+                0 => zeros.hash(len)[..PREFIX_LEN].try_into().unwrap_or_default(),
+                1 => {
+                    let p = asked.get(next).ok_or_else(|| {
+                        bad(
+                            at,
+                            format!(
+                                "block {i} is new block {next}, but the host was asked about {} blocks",
+                                asked.len()
+                            ),
+                        )
+                    })?;
+                    next += 1;
+                    *p
+                }
+                r => {
+                    let j = r - 2;
+                    if j >= next as u64 {
+                        return Err(bad(
+                            at,
+                            format!(
+                                "block {i} repeats new block {j}, of which there are {next} so far"
+                            ),
+                        ));
+                    }
+                    asked[j as usize]
+                }
+            };
+            out.extend_from_slice(&prefix);
+        }
+        if cur.offset < bytes.len() {
+            return Err(IndexError::TrailingBytes {
+                offset: cur.offset,
+                extra: bytes.len() - cur.offset,
+            });
+        }
+        Ok(out)
     }
 
     /// Decodes the compact form, resolving each non-zero hash prefix with `resolve`. Returns
@@ -703,6 +862,34 @@ pub(crate) fn fill(reader: &mut impl Read, buf: &mut [u8]) -> Result<usize, (usi
     Ok(filled)
 }
 
+fn leb128(out: &mut Vec<u8>, mut v: u64) {
+    loop {
+        let byte = (v & 0x7f) as u8;
+        v >>= 7;
+        if v == 0 {
+            out.push(byte);
+            return;
+        }
+        out.push(byte | 0x80);
+    }
+}
+
+fn read_leb128(cur: &mut Cursor<'_>) -> Result<u64, IndexError> {
+    let start = cur.offset;
+    let mut v = 0u64;
+    for shift in (0..64).step_by(7) {
+        let byte = cur.array::<1>("block reference")?[0];
+        v |= u64::from(byte & 0x7f) << shift;
+        if byte & 0x80 == 0 {
+            return Ok(v);
+        }
+    }
+    Err(IndexError::BadSessionIndex {
+        offset: start,
+        problem: "block reference longer than 10 bytes".into(),
+    })
+}
+
 struct Cursor<'a> {
     bytes: &'a [u8],
     offset: usize,
@@ -749,6 +936,66 @@ mod tests {
     fn cdc(data: &[u8], avg: u32) -> BlockIndex {
         BlockIndex::build(data, Chunking::ContentDefined { avg }, |_, _| {})
             .expect("indexing an in-memory image succeeds")
+    }
+
+    /// What a host asked by a push knows: the distinct non-zero prefixes, first seen first.
+    fn asked(index: &BlockIndex) -> Vec<[u8; PREFIX_LEN]> {
+        let mut seen = HashSet::new();
+        index
+            .blocks()
+            .iter()
+            .filter(|b| !b.is_zero() && seen.insert(b.hash))
+            .map(|b| b.hash[..PREFIX_LEN].try_into().expect("8 bytes"))
+            .collect()
+    }
+
+    #[test]
+    fn the_session_form_expands_to_the_compact_form_and_resolves_to_the_index() {
+        let mut data = Vec::new();
+        for i in 0..300u32 {
+            // Repeats, zeros and a short tail.
+            let fill = if i % 7 == 0 { 0 } else { (i % 50) as u8 };
+            data.extend(std::iter::repeat_n(fill, 4096));
+        }
+        data.extend_from_slice(b"tail");
+        for idx in [index(&data, 4096), cdc(&data, 1024)] {
+            let asked = asked(&idx);
+            let session = idx.to_session_bytes();
+            let per_block = match idx.chunking() {
+                Chunking::Fixed { .. } => 2,
+                Chunking::ContentDefined { .. } => 6,
+            };
+            assert!(
+                session.len() <= 61 + idx.blocks().len() * per_block,
+                "{}",
+                session.len()
+            );
+            let compact = BlockIndex::session_to_compact(&session, &asked).expect("expands");
+            assert_eq!(compact, idx.to_compact_bytes());
+            let full: HashMap<[u8; PREFIX_LEN], [u8; 32]> = idx
+                .blocks()
+                .iter()
+                .map(|b| (b.hash[..PREFIX_LEN].try_into().expect("8"), b.hash))
+                .collect();
+            match BlockIndex::from_compact_bytes(&compact, |p| full.get(p).copied()) {
+                Ok(Resolved::Index(back)) => assert_eq!(back, idx),
+                other => panic!("{other:?}"),
+            }
+            // Fewer questions than new blocks, or a damaged reference: refused, with where.
+            let err = BlockIndex::session_to_compact(&session, &asked[..asked.len() - 1])
+                .expect_err("one short");
+            assert!(
+                err.to_string().contains("the host was asked about"),
+                "{err}"
+            );
+            let mut bad = session.clone();
+            bad.truncate(bad.len() - 1);
+            assert!(BlockIndex::session_to_compact(&bad, &asked).is_err());
+            let mut bad = session.clone();
+            bad[0] = b'X';
+            let err = BlockIndex::session_to_compact(&bad, &asked).expect_err("magic");
+            assert!(err.to_string().contains("CRTOSIX"), "{err}");
+        }
     }
 
     fn hashes(idx: &BlockIndex) -> Vec<[u8; 32]> {

@@ -511,15 +511,22 @@ impl Client {
         }
     }
 
-    /// Asks the host which of `hashes` it lacks.
+    /// Asks the host which of `hashes` it lacks. With `session` (its id, and how many
+    /// prefixes it was asked before), the host keeps the prefixes for the commit.
     async fn query_missing(
         &self,
         hashes: &[[u8; 32]],
         width: usize,
+        session: Option<(&str, usize)>,
         counters: &Counters,
     ) -> Result<Vec<bool>, ClientError> {
         let body: Vec<u8> = hashes.iter().flat_map(|h| &h[..width]).copied().collect();
-        let url = self.url(&format!("/v1/blocks/missing?width={width}"));
+        let url = match session {
+            Some((id, start)) => self.url(&format!(
+                "/v1/blocks/missing?width={width}&session={id}&start={start}"
+            )),
+            None => self.url(&format!("/v1/blocks/missing?width={width}")),
+        };
         let body = axum::body::Bytes::from(body);
         loop {
             let answer = self
@@ -576,7 +583,9 @@ impl Client {
         let (mut to_send, mut bytes_to_send, mut reused, mut bytes_reused) = (0, 0u64, 0, 0u64);
         for chunk in unique.chunks(QUERY_CHUNK) {
             let hashes: Vec<[u8; 32]> = chunk.iter().map(|(_, b)| *b.hash()).collect();
-            let bits = self.query_missing(&hashes, PREFIX_LEN, &counters).await?;
+            let bits = self
+                .query_missing(&hashes, PREFIX_LEN, None, &counters)
+                .await?;
             for ((_, b), missing) in chunk.iter().zip(bits) {
                 if missing {
                     to_send += 1;
@@ -613,6 +622,7 @@ impl Client {
             source,
         })?);
         let counters = Arc::new(Counters::default());
+        let session = new_session_id();
         let key = self.cache_key(path, opts.chunking);
         let cached = self.cached_index(path, opts.chunking).await;
         let index_cached = cached.is_some();
@@ -628,31 +638,46 @@ impl Client {
             rounds += 1;
             let hashed = matches!(source, Source::File(..));
             let index = self
-                .run_pipeline(path, &file, source, &opts, &counters)
+                .run_pipeline(path, &file, source, &opts, &session, &counters)
                 .await?;
             if hashed {
                 self.cache_index(path, key.clone(), &index).await;
             }
-            // First round: the compact index (hash prefixes, zstd), which the host resolves
-            // against its store; a repair round sends the full index.
-            let (form, index_bytes) = if rounds == 1 {
-                let compact = wire::compress(&index.to_compact_bytes(), 3)
-                    .map_err(|e| ClientError::Internal(format!("zstd compression failed: {e}")))?;
-                ("compact", compact)
+            // First round: the session index (references to the prefixes the host was asked
+            // about, zstd), or if the host no longer knows the session (it restarted) the
+            // compact index (the prefixes themselves); a repair round sends the full index.
+            let mut forms: &[&str] = if rounds == 1 {
+                &["session", "compact"]
             } else {
-                ("full", index.to_bytes())
+                &["full"]
             };
-            let url = self.url(&format!(
-                "/v1/images/{}?assemble={}&form={form}",
-                opts.name, opts.assemble
-            ));
-            let body = axum::body::Bytes::from(index_bytes);
-            match self
-                .request("committing the image", &url, body.len(), &counters, || {
-                    self.http.put(&url).body(body.clone())
-                })
-                .await
-            {
+            let (committed, body) = loop {
+                let form = forms[0];
+                forms = &forms[1..];
+                let index_bytes = match form {
+                    "session" => wire::compress(&index.to_session_bytes(), 3),
+                    "compact" => wire::compress(&index.to_compact_bytes(), 3),
+                    _ => Ok(index.to_bytes()),
+                }
+                .map_err(|e| ClientError::Internal(format!("zstd compression failed: {e}")))?;
+                let url = self.url(&format!(
+                    "/v1/images/{}?assemble={}&form={form}&session={session}",
+                    opts.name, opts.assemble
+                ));
+                let body = axum::body::Bytes::from(index_bytes);
+                let committed = self
+                    .request("committing the image", &url, body.len(), &counters, || {
+                        self.http.put(&url).body(body.clone())
+                    })
+                    .await;
+                match committed {
+                    Err(e) if e.status() == Some(StatusCode::GONE) && !forms.is_empty() => {
+                        tracing::info!(error = %e, "the host lost the push session; committing the compact index");
+                    }
+                    committed => break (committed, body),
+                }
+            };
+            match committed {
                 Ok(answer) => {
                     let answer: serde_json::Value = serde_json::from_slice(&answer)
                         .map_err(|e| ClientError::Internal(format!("commit answer: {e}")))?;
@@ -733,6 +758,7 @@ impl Client {
         file: &Arc<File>,
         source: Source,
         opts: &PushOptions,
+        session: &str,
         counters: &Arc<Counters>,
     ) -> Result<BlockIndex, ClientError> {
         let cancel = Arc::new(AtomicBool::new(false));
@@ -789,8 +815,11 @@ impl Client {
             let client = self.clone();
             let counters = counters.clone();
             let progress = opts.progress.clone();
+            let session = session.to_owned();
             tasks.spawn(async move {
                 let mut seen = HashSet::new();
+                // Prefixes asked so far: the host numbers them for the session commit.
+                let mut asked = 0usize;
                 while let Some(entries) = hash_rx.recv().await {
                     let mut done = 0u64;
                     let mut ask = Vec::new();
@@ -813,7 +842,11 @@ impl Client {
                         // First round: prefixes (a quarter of the bytes); a repair round
                         // asks with full hashes.
                         let width = if replaying { 32 } else { PREFIX_LEN };
-                        client.query_missing(&hashes, width, &counters).await?
+                        let session = (!replaying).then_some((session.as_str(), asked));
+                        asked += hashes.len();
+                        client
+                            .query_missing(&hashes, width, session, &counters)
+                            .await?
                     };
                     let mut wants = Vec::new();
                     for (w, missing) in ask.into_iter().zip(bits) {
@@ -1045,6 +1078,21 @@ fn encode(
     let body = wire::encode_batch(blocks.iter().copied(), level)
         .map_err(|e| ClientError::Internal(format!("zstd compression failed: {e}")))?;
     Ok((body, batch.len()))
+}
+
+/// A push session's id: unique, not secret (the host's token guards the requests).
+fn new_session_id() -> String {
+    use sha2::Digest;
+    static COUNT: AtomicU64 = AtomicU64::new(0);
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    let digest = sha2::Sha256::new()
+        .chain_update(std::process::id().to_be_bytes())
+        .chain_update(COUNT.fetch_add(1, Ordering::Relaxed).to_be_bytes())
+        .chain_update(now.as_nanos().to_be_bytes())
+        .finalize();
+    hex::encode(&digest[..16])
 }
 
 /// Indexes a file on a blocking thread.

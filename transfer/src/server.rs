@@ -3,9 +3,9 @@
 //! | method and path                   | auth | body → answer                                          |
 //! |-----------------------------------|------|--------------------------------------------------------|
 //! | `GET /v1/health`                  | no   | → `{"service":"certo-agent","protocol":1}`            |
-//! | `POST /v1/blocks/missing?width=`  | yes  | hashes (32) or prefixes (8) → bitmap, set = lacking    |
+//! | `POST /v1/blocks/missing?width=&session=&start=` | yes | hashes (32) or prefixes (8) → bitmap, set = lacking; with a session the prefixes are kept, numbered from `start` |
 //! | `POST /v1/blocks`                 | yes  | zstd batch (see [`crate::wire`]) → `{stored, present}` |
-//! | `PUT /v1/images/{name}?assemble=&form=` | yes | index (full, or compact+zstd) → manifest; 409 if blocks are missing |
+//! | `PUT /v1/images/{name}?assemble=&form=&session=` | yes | index (full, compact+zstd, or session+zstd) → manifest; 409 if blocks are missing, 410 if the session is unknown |
 //! | `GET /v1/images`                  | yes  | → manifests of complete images                         |
 //! | `GET /v1/images/{name}`           | yes  | → one manifest                                         |
 //!
@@ -15,8 +15,9 @@
 //! bytes may have been damaged on the way, so clients retry), 500 (internal, details
 //! only in the agent's log), 507 (the repository's disk is full).
 
-use std::sync::Arc;
-use std::time::Instant;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use axum::Router;
 use axum::body::Bytes;
@@ -28,12 +29,88 @@ use axum::routing::{get, post, put};
 use serde::Deserialize;
 use serde_json::json;
 
-use crate::block_index::PREFIX_LEN;
+use crate::block_index::{BlockIndex, PREFIX_LEN};
 use crate::repository::{RepoError, Repository};
 use crate::wire::{self, Batch, MAX_BATCH_BODY, MAX_INDEX_BODY, MAX_QUERY_HASHES, WireError};
 
-/// Protocol version announced by `/v1/health`.
-pub const PROTOCOL_VERSION: u32 = 1;
+/// Protocol version announced by `/v1/health` (2: batch v2, push sessions).
+pub const PROTOCOL_VERSION: u32 = 2;
+
+/// A push session unused this long is forgotten.
+const SESSION_IDLE: Duration = Duration::from_secs(3600);
+/// Prefixes kept across all sessions (8 bytes each: 64 MiB).
+const SESSION_ENTRIES: usize = 1 << 23;
+
+/// The prefixes each push asked about, in order, so that its commit can refer to them
+/// by number ([`BlockIndex::to_session_bytes`]) instead of sending them again.
+#[derive(Default)]
+struct Sessions(Mutex<HashMap<String, Session>>);
+
+struct Session {
+    asked: Vec<[u8; PREFIX_LEN]>,
+    touched: Instant,
+}
+
+impl Sessions {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Session>> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Keeps `prefixes` as numbers `start..`. A gap (the agent restarted during the push)
+    /// drops the session: its commit then gets 410 and the sender falls back.
+    fn record(&self, id: &str, start: usize, prefixes: &[[u8; PREFIX_LEN]]) {
+        let mut map = self.lock();
+        map.retain(|_, s| s.touched.elapsed() < SESSION_IDLE);
+        let session = map.entry(id.to_owned()).or_insert_with(|| Session {
+            asked: Vec::new(),
+            touched: Instant::now(),
+        });
+        if start > session.asked.len() {
+            tracing::info!(
+                session = id,
+                start,
+                kept = session.asked.len(),
+                "push session has a gap; dropping it"
+            );
+            map.remove(id);
+            return;
+        }
+        session.asked.truncate(start);
+        session.asked.extend_from_slice(prefixes);
+        session.touched = Instant::now();
+        // Bounded memory: the least recently used sessions go first (this one last).
+        while map.values().map(|s| s.asked.len()).sum::<usize>() > SESSION_ENTRIES {
+            let oldest = map
+                .iter()
+                .min_by_key(|(k, s)| (k.as_str() == id, s.touched))
+                .map(|(k, _)| k.clone());
+            match oldest {
+                Some(k) => map.remove(&k),
+                None => break,
+            };
+        }
+    }
+
+    fn get(&self, id: &str) -> Option<Vec<[u8; PREFIX_LEN]>> {
+        self.lock().get(id).map(|s| s.asked.clone())
+    }
+
+    fn remove(&self, id: &str) {
+        self.lock().remove(id);
+    }
+}
+
+/// A session id from outside: 16 to 64 lowercase hex digits.
+fn valid_session(id: &str) -> Result<&str, ApiError> {
+    if (16..=64).contains(&id.len()) && id.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')) {
+        Ok(id)
+    } else {
+        Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "session must be 16 to 64 lowercase hex digits",
+        ))
+    }
+}
 
 /// A secret shared by a host's agent and the orchestrator. Never printed.
 #[derive(Clone)]
@@ -68,11 +145,16 @@ impl std::fmt::Debug for Token {
 struct AppState {
     repo: Arc<Repository>,
     token: Token,
+    sessions: Arc<Sessions>,
 }
 
 /// The agent's HTTP routes over `repo`, every route but `/v1/health` behind `token`.
 pub fn router(repo: Arc<Repository>, token: Token) -> Router {
-    let state = AppState { repo, token };
+    let state = AppState {
+        repo,
+        token,
+        sessions: Arc::default(),
+    };
     let authed = Router::new()
         .route(
             "/v1/blocks/missing",
@@ -204,6 +286,8 @@ async fn health() -> impl IntoResponse {
 struct MissingQuery {
     #[serde(default = "full_width")]
     width: usize,
+    session: Option<String>,
+    start: Option<usize>,
 }
 
 fn full_width() -> usize {
@@ -223,6 +307,12 @@ async fn missing(
         }
         PREFIX_LEN => {
             let prefixes = wire::decode_query::<PREFIX_LEN>(&body)?;
+            if let Some(id) = &query.session {
+                let start = query.start.ok_or_else(|| {
+                    ApiError::new(StatusCode::BAD_REQUEST, "session= needs start=")
+                })?;
+                state.sessions.record(valid_session(id)?, start, &prefixes);
+            }
             blocking(move || Ok(repo.missing_prefixes(&prefixes))).await?
         }
         other => {
@@ -266,6 +356,7 @@ struct CommitQuery {
     assemble: bool,
     #[serde(default)]
     form: CommitForm,
+    session: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -274,6 +365,7 @@ enum CommitForm {
     #[default]
     Full,
     Compact,
+    Session,
 }
 
 async fn commit_image(
@@ -284,6 +376,29 @@ async fn commit_image(
 ) -> Result<axum::Json<serde_json::Value>, ApiError> {
     wire::validate_name(&name)?;
     let repo = state.repo.clone();
+    let session = match &query.session {
+        Some(id) => Some(valid_session(id)?.to_owned()),
+        None => None,
+    };
+    let asked = match (&query.form, &session) {
+        (CommitForm::Session, None) => {
+            return Err(ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "form=session needs session=",
+            ));
+        }
+        (CommitForm::Session, Some(id)) => Some(state.sessions.get(id).ok_or_else(|| {
+            ApiError::new(
+                StatusCode::GONE,
+                format!(
+                    "push session {id} is unknown here (the agent restarted or the session \
+                     expired): commit the compact or full index"
+                ),
+            )
+        })?),
+        _ => None,
+    };
+    let sessions = state.sessions.clone();
     blocking(move || {
         let manifest = match query.form {
             CommitForm::Full => repo.commit(&name, &body)?,
@@ -291,7 +406,24 @@ async fn commit_image(
                 let raw = wire::decompress_limited(&body, MAX_INDEX_BODY)?;
                 repo.commit_compact(&name, &raw)?
             }
+            CommitForm::Session => {
+                let raw = wire::decompress_limited(&body, MAX_INDEX_BODY)?;
+                // Not damage on the way (the zstd frame's checksum held): the session and
+                // the index disagree, and only a repair round (the full index) can help.
+                let compact =
+                    BlockIndex::session_to_compact(&raw, asked.as_deref().unwrap_or_default())
+                        .map_err(|e| {
+                            ApiError::new(
+                                StatusCode::CONFLICT,
+                                format!("the session index does not fit the push session: {e}"),
+                            )
+                        })?;
+                repo.commit_compact(&name, &compact)?
+            }
         };
+        if let Some(id) = &session {
+            sessions.remove(id);
+        }
         let assembled = if query.assemble {
             Some(repo.assemble(&name)?)
         } else {

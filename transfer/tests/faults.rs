@@ -192,3 +192,55 @@ async fn a_full_disk_gives_a_clear_error_and_leaves_the_repository_consistent() 
         small
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_commit_refers_to_the_questions_and_falls_back_when_the_host_forgot_them() {
+    let work = tempfile::tempdir().expect("tempdir");
+    let agent = Agent::start(&work.path().join("repo")).await;
+    let mut rng = Lcg(41);
+    let data = rng.image_like(8 << 20);
+    let img = write_image(work.path(), "x.img", &data);
+
+    // Normally the commit is the session form: a few bytes per thousand blocks, where the
+    // compact form would repeat 8 bytes per distinct block.
+    let c = client(&agent.url());
+    let summary = c.push(&img, PushOptions::new("x")).await.expect("push");
+    let index = certo_transfer::BlockIndex::from_reader(&data[..], 4096).expect("index");
+    let compact = certo_transfer::wire::compress(&index.to_compact_bytes(), 3).expect("zstd");
+    assert!(
+        summary.index_bytes * 20 < compact.len(),
+        "session commit of {} bytes, compact index {} bytes",
+        summary.index_bytes,
+        compact.len()
+    );
+    assert_eq!(summary.rounds, 1);
+
+    // A host that never kept the session (restarted): the session commit gets 410 from the
+    // real agent, and the push commits the compact form instead, in the same round.
+    let proxy = FaultProxy::start(agent.addr, |_, _, path| {
+        if path.starts_with("/v1/blocks/missing") {
+            Fault::StripSession
+        } else {
+            Fault::Pass
+        }
+    })
+    .await;
+    let data2 = [data.clone(), rng.image_like(1 << 20)].concat();
+    let img2 = write_image(work.path(), "y.img", &data2);
+    let c = client(&proxy.url());
+    let summary = c.push(&img2, PushOptions::new("y")).await.expect("push");
+    assert_eq!(summary.rounds, 1);
+    assert!(summary.blocks_sent <= 256, "only the new MiB: {summary:?}");
+    let index2 = certo_transfer::BlockIndex::from_reader(&data2[..], 4096).expect("index");
+    let compact2 = certo_transfer::wire::compress(&index2.to_compact_bytes(), 3).expect("zstd");
+    assert_eq!(
+        summary.index_bytes,
+        compact2.len(),
+        "the commit that took was the compact form"
+    );
+    let repo = agent.stop().await;
+    assert_eq!(
+        std::fs::read(repo.image_path("y").expect("name")).expect("assembled"),
+        data2
+    );
+}

@@ -137,6 +137,9 @@ pub enum Fault {
     ServerError,
     /// Close the connection without answering.
     Cut,
+    /// Forward without the `session=` and `start=` parameters (as if the agent had been
+    /// restarted and forgot the push session).
+    StripSession,
 }
 
 #[derive(Debug, Default)]
@@ -210,7 +213,7 @@ async fn handle(
     };
     let head = String::from_utf8_lossy(&buf[..head_end]).to_string();
     let mut lines = head.split("\r\n");
-    let request_line = lines.next().unwrap_or_default().to_string();
+    let mut request_line = lines.next().unwrap_or_default().to_string();
     let mut parts = request_line.split(' ');
     let method = parts.next().unwrap_or_default().to_string();
     let path = parts.next().unwrap_or_default().to_string();
@@ -262,6 +265,18 @@ async fn handle(
         Fault::Cut => {
             st.cuts.fetch_add(1, Ordering::SeqCst);
             return Ok(());
+        }
+        Fault::StripSession => {
+            if let Some((head, rest)) = request_line.split_once(' ')
+                && let Some((target, version)) = rest.split_once(' ')
+                && let Some((route, query)) = target.split_once('?')
+            {
+                let kept: Vec<&str> = query
+                    .split('&')
+                    .filter(|p| !p.starts_with("session=") && !p.starts_with("start="))
+                    .collect();
+                request_line = format!("{head} {route}?{} {version}", kept.join("&"));
+            }
         }
     }
     let mut up = TcpStream::connect(upstream).await?;

@@ -154,6 +154,9 @@ pub struct OpenReport {
     pub images: usize,
     /// Manifests set aside because their blocks were gone.
     pub demoted_images: Vec<String>,
+    /// Assembled image files removed because the machine went down before they reached the
+    /// disk (they are assembled again when needed).
+    pub unsynced_images_removed: Vec<String>,
     /// Seconds spent.
     pub seconds: f64,
 }
@@ -282,6 +285,8 @@ impl Repository {
             let path = entry.map_err(RepoError::io("listing", &tmp))?.path();
             fs::remove_file(&path).map_err(RepoError::io("removing leftover", &path))?;
         }
+        let mut report = OpenReport::default();
+        settle_assembled(&root.join("images"), &mut report)?;
 
         let mut numbers = Vec::new();
         let blocks_dir = root.join("blocks");
@@ -298,7 +303,6 @@ impl Repository {
             }
         }
         numbers.sort_unstable();
-        let mut report = OpenReport::default();
         let mut blocks = HashMap::new();
         let mut packs = Vec::new();
         let mut block_bytes = 0;
@@ -748,6 +752,23 @@ impl Repository {
             }
             s.packs.clone()
         };
+        // The image file is renamed into place without waiting for its bytes to reach the
+        // disk (that wait was most of a small push); a marker naming this boot, written
+        // first, says so until a background sync is done, and a repository opened after
+        // the machine went down removes the file (see `settle_assembled`). Without a boot
+        // id to compare, the file is synced before the rename.
+        let marker = match boot_id() {
+            Some(boot) => {
+                let n = self.tmp_counter.fetch_add(1, Ordering::Relaxed);
+                let marker = self
+                    .root
+                    .join("images")
+                    .join(format!("{name}{UNSYNCED}{}-{n}", std::process::id()));
+                self.write_atomic(&marker, boot.as_bytes())?;
+                Some(marker)
+            }
+            None => None,
+        };
         let tmp = self.tmp_path();
         let res = (|| {
             let out = File::create(&tmp).map_err(RepoError::io("creating", &tmp))?;
@@ -771,12 +792,29 @@ impl Repository {
                     Ok::<u64, RepoError>(sum + n)
                 })
             })?;
-            out.sync_all().map_err(RepoError::io("syncing", &tmp))?;
+            if marker.is_none() {
+                out.sync_all().map_err(RepoError::io("syncing", &tmp))?;
+            }
             fs::rename(&tmp, &dest).map_err(RepoError::io("renaming into place", &dest))?;
             Ok::<u64, RepoError>(written)
         })();
         if res.is_err() {
             let _ = fs::remove_file(&tmp);
+        }
+        if let Some(marker) = marker {
+            if res.is_err() {
+                let _ = fs::remove_file(&marker);
+            } else {
+                let dest = dest.clone();
+                std::thread::spawn(move || match File::open(&dest).and_then(|f| f.sync_all()) {
+                    Ok(()) => {
+                        let _ = fs::remove_file(&marker);
+                    }
+                    Err(e) => {
+                        tracing::warn!(image = %dest.display(), error = %e, "syncing an assembled image failed; it is checked at the next start")
+                    }
+                });
+            }
         }
         let report = AssembleReport {
             path: dest,
@@ -979,4 +1017,67 @@ impl Read for ReadAt<'_> {
 
 fn read_full(reader: &mut impl Read, buf: &mut [u8]) -> io::Result<usize> {
     crate::block_index::fill(reader, buf).map_err(|(_, e)| e)
+}
+
+/// Marks an assembled image whose bytes may not be on disk yet: `NAME.img` + this + a
+/// unique suffix; the marker holds the boot id it was written under.
+const UNSYNCED: &str = ".img.unsynced.";
+
+/// This boot's id (Linux), to tell a restarted agent from a restarted machine.
+fn boot_id() -> Option<String> {
+    fs::read_to_string("/proc/sys/kernel/random/boot_id")
+        .ok()
+        .map(|s| s.trim().to_owned())
+        .filter(|s| !s.is_empty())
+}
+
+/// Deals with the markers of assembled images left by an agent that stopped before their
+/// background sync was done: under the same boot the bytes are in the page cache, and are
+/// written out now; after a reboot they may never have reached the disk, and the file is
+/// removed (the repository assembles it again when it is needed).
+fn settle_assembled(images: &Path, report: &mut OpenReport) -> Result<(), RepoError> {
+    let boot = boot_id();
+    for entry in fs::read_dir(images).map_err(RepoError::io("listing", images))? {
+        let marker = entry.map_err(RepoError::io("listing", images))?.path();
+        let file_name = marker
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let Some((name, _)) = file_name.rsplit_once(UNSYNCED) else {
+            continue;
+        };
+        let image = images.join(format!("{name}.img"));
+        let written_under = match fs::read_to_string(&marker) {
+            Ok(text) => text,
+            // Its sync finished meanwhile (a repository reopened in the same process).
+            Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(RepoError::io("reading", &marker)(e)),
+        };
+        if boot.is_some() && boot.as_deref() == Some(written_under.trim()) {
+            match File::open(&image) {
+                Ok(f) => f.sync_all().map_err(RepoError::io("syncing", &image))?,
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => return Err(RepoError::io("opening", &image)(e)),
+            }
+        } else {
+            match fs::remove_file(&image) {
+                Ok(()) => {
+                    tracing::warn!(
+                        image = name,
+                        "the machine went down before this assembled image reached the disk; removed (it is assembled again when needed)"
+                    );
+                    report.unsynced_images_removed.push(name.to_owned());
+                }
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => return Err(RepoError::io("removing", &image)(e)),
+            }
+        }
+        match fs::remove_file(&marker) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => {
+                return Err(RepoError::io("removing", &marker)(e));
+            }
+            _ => {}
+        }
+    }
+    Ok(())
 }

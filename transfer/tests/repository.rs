@@ -145,3 +145,43 @@ fn concurrent_commits_and_assemblies_of_one_image_never_lose_it() {
         image
     );
 }
+
+#[test]
+fn an_assembled_image_not_yet_on_disk_when_the_machine_went_down_is_assembled_again() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = blocks(5, 12);
+    let image: Vec<u8> = data.concat();
+    let img = dir.path().join("images/img.img");
+    let marker = dir.path().join("images/img.img.unsynced.1-0");
+    {
+        let (repo, _) = Repository::open(dir.path()).expect("open");
+        store(&repo, &data);
+        let index = BlockIndex::from_reader(&image[..], 4096).expect("index");
+        repo.commit("img", &index.to_bytes()).expect("commit");
+        repo.assemble("img").expect("assemble");
+        assert_eq!(std::fs::read(&img).expect("assembled"), image);
+    }
+    // The agent stopped before the background sync was done, the machine stayed up: the
+    // marker names this boot, the file stays (and is written out).
+    let boot = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").expect("boot id");
+    std::fs::write(&marker, boot.trim()).expect("marker");
+    {
+        let (_repo, report) = Repository::open(dir.path()).expect("reopen");
+        assert!(report.unsynced_images_removed.is_empty(), "{report:?}");
+        assert_eq!(std::fs::read(&img).expect("kept"), image);
+        assert!(
+            !marker.exists(),
+            "the marker is gone once the file is synced"
+        );
+    }
+    // The machine went down (another boot id): the file may hold anything, so it goes, and
+    // the image is assembled again from its blocks.
+    std::fs::write(&img, vec![0u8; image.len()]).expect("torn image file");
+    std::fs::write(&marker, "a-previous-boot").expect("marker");
+    let (repo, report) = Repository::open(dir.path()).expect("reopen");
+    assert_eq!(report.unsynced_images_removed, vec!["img".to_string()]);
+    assert!(!img.exists() && !marker.exists());
+    assert_eq!(report.images, 1, "the image itself is still complete");
+    repo.assemble("img").expect("assemble again");
+    assert_eq!(std::fs::read(&img).expect("assembled"), image);
+}

@@ -105,6 +105,27 @@ fn fetch_digest(url: &str) -> Result<[u8; 32], BuildError> {
     result
 }
 
+/// The one version a repository `listing` (e.g. "DIR has") offers of `package`, none, or an
+/// error when it offers several.
+fn one_version(
+    mut found: Vec<String>,
+    package: &str,
+    listing: &str,
+) -> Result<Option<String>, BuildError> {
+    match found.len() {
+        0 => Ok(None),
+        1 => Ok(found.pop()),
+        _ => Err(BuildError::new(
+            Phase::Resolve,
+            format!(
+                "{listing} {package} in several versions ({}); a baseline repository must pin one",
+                found.join(", ")
+            ),
+        )
+        .package(package)),
+    }
+}
+
 fn tempfile_dir() -> Result<PathBuf, BuildError> {
     let nanos = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -145,19 +166,7 @@ pub fn deb_flat_version(dir: &Path, package: &str) -> Result<Option<String>, Bui
             found.push(v.to_owned());
         }
     }
-    match found.len() {
-        0 => Ok(None),
-        1 => Ok(found.pop()),
-        _ => Err(BuildError::new(
-            Phase::Resolve,
-            format!(
-                "{} lists {package} in several versions ({}); a baseline repository must pin one",
-                path.display(),
-                found.join(", ")
-            ),
-        )
-        .package(package)),
-    }
+    one_version(found, package, &format!("{} lists", path.display()))
 }
 
 /// The `version-release` of `package` in an RPM repository (from its primary metadata).
@@ -230,19 +239,7 @@ pub fn rpm_version(dir: &Path, package: &str) -> Result<Option<String>, BuildErr
             }
         }
     }
-    match found.len() {
-        0 => Ok(None),
-        1 => Ok(found.pop()),
-        _ => Err(BuildError::new(
-            Phase::Resolve,
-            format!(
-                "{} has {package} in several versions ({}); a baseline repository must pin one",
-                dir.display(),
-                found.join(", ")
-            ),
-        )
-        .package(package)),
-    }
+    one_version(found, package, &format!("{} has", dir.display()))
 }
 
 fn primary_href(repomd: &str) -> Option<String> {

@@ -573,15 +573,7 @@ impl BlockIndex {
                         chunking: "fixed",
                     });
                 }
-                let expected = image_len.div_ceil(u64::from(size));
-                if count != expected {
-                    return Err(IndexError::BlockCountMismatch {
-                        count,
-                        expected,
-                        image_len,
-                        block_size: size,
-                    });
-                }
+                check_block_count(count, image_len, size)?;
                 true
             }
             1 => false,
@@ -716,15 +708,7 @@ impl BlockIndex {
         };
         let blocks = match chunking {
             Chunking::Fixed { block_size } => {
-                let expected = image_len.div_ceil(u64::from(block_size));
-                if count != expected {
-                    return Err(IndexError::BlockCountMismatch {
-                        count,
-                        expected,
-                        image_len,
-                        block_size,
-                    });
-                }
+                check_block_count(count, image_len, block_size)?;
                 // count <= 2^64 / 512, so count * 32 cannot overflow.
                 let hashes = cur.take_u64("block hashes", count * width as u64)?;
                 let last_len = match image_len % u64::from(block_size) {
@@ -860,6 +844,20 @@ pub(crate) fn fill(reader: &mut impl Read, buf: &mut [u8]) -> Result<usize, (usi
         }
     }
     Ok(filled)
+}
+
+/// A fixed-block index of an `image_len`-byte image must list exactly this many blocks.
+fn check_block_count(count: u64, image_len: u64, block_size: u32) -> Result<(), IndexError> {
+    let expected = image_len.div_ceil(u64::from(block_size));
+    if count != expected {
+        return Err(IndexError::BlockCountMismatch {
+            count,
+            expected,
+            image_len,
+            block_size,
+        });
+    }
+    Ok(())
 }
 
 fn leb128(out: &mut Vec<u8>, mut v: u64) {

@@ -337,6 +337,39 @@ impl Counters {
     }
 }
 
+/// How a push commits its index (see docs/transfer-format.md).
+#[derive(Debug, Clone, Copy)]
+enum CommitForm {
+    /// References to the prefixes the host was asked about (zstd).
+    Session,
+    /// The prefixes themselves (zstd).
+    Compact,
+    /// The whole index.
+    Full,
+}
+
+impl CommitForm {
+    fn name(self) -> &'static str {
+        match self {
+            Self::Session => "session",
+            Self::Compact => "compact",
+            Self::Full => "full",
+        }
+    }
+
+    fn encode(self, index: &BlockIndex) -> Result<Vec<u8>, ClientError> {
+        let zstd = |raw: Vec<u8>| {
+            wire::compress(&raw, 3)
+                .map_err(|e| ClientError::Internal(format!("zstd compression failed: {e}")))
+        };
+        match self {
+            Self::Session => zstd(index.to_session_bytes()),
+            Self::Compact => zstd(index.to_compact_bytes()),
+            Self::Full => Ok(index.to_bytes()),
+        }
+    }
+}
+
 /// Where the hash-production stage takes its blocks from.
 enum Source {
     /// Hash the file.
@@ -646,23 +679,20 @@ impl Client {
             // First round: the session index (references to the prefixes the host was asked
             // about, zstd), or if the host no longer knows the session (it restarted) the
             // compact index (the prefixes themselves); a repair round sends the full index.
-            let mut forms: &[&str] = if rounds == 1 {
-                &["session", "compact"]
+            let mut forms: &[CommitForm] = if rounds == 1 {
+                &[CommitForm::Session, CommitForm::Compact]
             } else {
-                &["full"]
+                &[CommitForm::Full]
             };
             let (committed, body) = loop {
                 let form = forms[0];
                 forms = &forms[1..];
-                let index_bytes = match form {
-                    "session" => wire::compress(&index.to_session_bytes(), 3),
-                    "compact" => wire::compress(&index.to_compact_bytes(), 3),
-                    _ => Ok(index.to_bytes()),
-                }
-                .map_err(|e| ClientError::Internal(format!("zstd compression failed: {e}")))?;
+                let index_bytes = form.encode(&index)?;
                 let url = self.url(&format!(
-                    "/v1/images/{}?assemble={}&form={form}&session={session}",
-                    opts.name, opts.assemble
+                    "/v1/images/{}?assemble={}&form={}&session={session}",
+                    opts.name,
+                    opts.assemble,
+                    form.name()
                 ));
                 let body = axum::body::Bytes::from(index_bytes);
                 let committed = self

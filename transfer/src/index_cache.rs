@@ -37,6 +37,7 @@ pub const SETTLE: std::time::Duration = std::time::Duration::from_secs(2);
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Key {
     entry: PathBuf,
+    len: u64,
     changed: std::time::SystemTime,
 }
 
@@ -80,15 +81,15 @@ impl IndexCache {
             );
         Some(Key {
             entry: self.dir.join(format!("{}.idx", hex::encode(h.finalize()))),
+            len: m.len(),
             changed,
         })
     }
 
     /// The cached index of `file` as it is now, if there is a valid one.
     pub fn load(&self, file: &Path, chunking: Chunking) -> Option<BlockIndex> {
-        let entry = self.key(file, chunking)?.entry;
+        let Key { entry, len, .. } = self.key(file, chunking)?;
         let bytes = fs::read(&entry).ok()?;
-        let len = fs::metadata(file).ok()?.len();
         match BlockIndex::from_bytes(&bytes) {
             Ok(index) if index.image_len() == len && index.chunking() == chunking => {
                 // Mark it used (for eviction); failing to is harmless.

@@ -11,6 +11,8 @@ use crate::mounts;
 use crate::plan::{Install, LayerPlan};
 use crate::repos::RepoLocation;
 use crate::request::Recipe;
+use crate::rooted::ImageRoot;
+use rustix::fs::FileType;
 
 /// apt options every apt call gets: snapshot mirrors carry old Valid-Until dates.
 const APT_OPTS: &[&str] = &[
@@ -75,27 +77,42 @@ pub fn rpm_core(
 
 /// Runs `f` with the staging root prepared for package tools: /proc, /dev, /sys, the
 /// host's DNS and hosts files, and no service starts; everything is undone afterwards.
+/// Every path is resolved inside the image ([`ImageRoot`]): a file that is a link there
+/// is not bound over, and nothing is created or removed outside the tree.
 pub fn with_chroot<T>(
     root: &Path,
     log: &mut Log,
     f: impl FnOnce(&mut Log) -> Result<T, BuildError>,
 ) -> Result<T, BuildError> {
-    mounts::mount_chroot_basics(root)?;
-    let mut created: Vec<PathBuf> = Vec::new();
+    let image = open_root(root)?;
+    mounts::mount_chroot_basics(&image)?;
+    let mut created: Vec<&str> = Vec::new();
     let result = (|| {
         for file in ["etc/resolv.conf", "etc/hosts"] {
-            let target = root.join(file);
             let host = Path::new("/").join(file);
-            if !host.is_file() || !target.parent().is_some_and(Path::is_dir) {
+            if !host.is_file()
+                || !matches!(image.plain_path("etc"), Ok(Some((_, FileType::Directory))))
+            {
                 continue;
             }
-            if target.symlink_metadata().is_err() {
-                std::fs::write(&target, b"")
-                    .map_err(|e| BuildError::io(format!("creating {}", target.display()), e))?;
-                created.push(target.clone());
-            } else if !target.is_file() {
-                continue;
-            }
+            let target = match image.plain_path(file) {
+                Ok(Some((path, FileType::RegularFile))) => path,
+                Ok(Some(_)) => continue,
+                Ok(None) => {
+                    if !image
+                        .create_new(file, b"", 0o644)
+                        .map_err(|e| BuildError::io(format!("creating /{file} in the image"), e))?
+                    {
+                        continue;
+                    }
+                    created.push(file);
+                    root.join(file)
+                }
+                Err(e) => {
+                    log.note(&format!("not binding {}: {e}", host.display()));
+                    continue;
+                }
+            };
             let ok = Command::new("mount")
                 .arg("--bind")
                 .arg(&host)
@@ -109,28 +126,30 @@ pub fn with_chroot<T>(
                 ));
             }
         }
-        let policy = root.join("usr/sbin/policy-rc.d");
-        if root.join("usr/sbin").is_dir() && !policy.exists() {
-            std::fs::write(&policy, b"#!/bin/sh\nexit 101\n")
-                .map_err(|e| BuildError::io("writing policy-rc.d", e))?;
-            set_mode(&policy, 0o755)?;
+        let policy = "usr/sbin/policy-rc.d";
+        if matches!(
+            image.plain_path("usr/sbin"),
+            Ok(Some((_, FileType::Directory)))
+        ) && image
+            .create_new(policy, b"#!/bin/sh\nexit 101\n", 0o755)
+            .map_err(|e| BuildError::io("writing policy-rc.d", e))?
+        {
             created.push(policy);
         }
         f(log)
     })();
     let unmounted = mounts::unmount_all_below(root);
-    for path in created {
-        let _ = std::fs::remove_file(path);
+    for rel in created {
+        let _ = image.remove_file(rel);
     }
     let value = result?;
     unmounted?;
     Ok(value)
 }
 
-fn set_mode(path: &Path, mode: u32) -> Result<(), BuildError> {
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
-        .map_err(|e| BuildError::io(format!("chmod {}", path.display()), e))
+/// Opens an image tree for path resolution inside it.
+pub fn open_root(root: &Path) -> Result<ImageRoot, BuildError> {
+    ImageRoot::open(root).map_err(|e| BuildError::io(format!("opening {}", root.display()), e))
 }
 
 /// Installs a Debian layer's packages with apt-get inside the merged root.
@@ -140,14 +159,12 @@ pub fn deb_install(plan: &LayerPlan, root: &Path, log: &mut Log) -> Result<(), B
         return Ok(());
     }
     // Local repositories and package files are bind-mounted read-only under /run/certo.
-    let run_dir = root.join("run/certo");
     let mut sources = String::new();
-    let mut binds: Vec<(PathBuf, PathBuf)> = Vec::new();
+    let mut binds: Vec<(PathBuf, String)> = Vec::new();
     for (i, repo) in plan.repos.iter().enumerate() {
         if let RepoLocation::DebFlat(dir) = &repo.location {
-            let inside = format!("/run/certo/repo{i}");
-            binds.push((dir.clone(), run_dir.join(format!("repo{i}"))));
-            sources.push_str(&format!("deb [trusted=yes] file:{inside} ./\n"));
+            binds.push((dir.clone(), format!("run/certo/repo{i}")));
+            sources.push_str(&format!("deb [trusted=yes] file:/run/certo/repo{i} ./\n"));
         }
     }
     let mut args: Vec<String> = Vec::new();
@@ -162,7 +179,7 @@ pub fn deb_install(plan: &LayerPlan, root: &Path, log: &mut Log) -> Result<(), B
                     Some(i) => i,
                     None => {
                         file_dirs.push(dir.clone());
-                        binds.push((dir, run_dir.join(format!("files{}", file_dirs.len() - 1))));
+                        binds.push((dir, format!("run/certo/files{}", file_dirs.len() - 1)));
                         file_dirs.len() - 1
                     }
                 };
@@ -173,26 +190,30 @@ pub fn deb_install(plan: &LayerPlan, root: &Path, log: &mut Log) -> Result<(), B
             }
         }
     }
-    let list = root.join("etc/apt/sources.list.d/certo.list");
+    let image = open_root(root)?;
+    let list = "etc/apt/sources.list.d/certo.list";
     // The fixture repositories (Origin: Certo) win over the Debian archive where both
     // have a package (bookworm has its own bdii).
-    let prefs = root.join("etc/apt/preferences.d/certo");
-    let run_existed = run_dir.exists();
+    let prefs = "etc/apt/preferences.d/certo";
+    let run_existed = image.plain_path("run/certo").is_ok_and(|p| p.is_some());
     let result = with_chroot(root, log, |log| {
         for (src, dst) in &binds {
-            mounts::bind_ro(src, dst)?;
+            mounts::bind_ro(src, &image, dst)?;
         }
-        std::fs::write(&list, &sources)
-            .map_err(|e| BuildError::io(format!("writing {}", list.display()), e))?;
-        if let Some(dir) = prefs.parent() {
-            std::fs::create_dir_all(dir)
-                .map_err(|e| BuildError::io(format!("creating {}", dir.display()), e))?;
-        }
-        std::fs::write(
-            &prefs,
-            "Package: *\nPin: release o=Certo\nPin-Priority: 1001\n",
-        )
-        .map_err(|e| BuildError::io(format!("writing {}", prefs.display()), e))?;
+        let in_image =
+            |what: &str, e: std::io::Error| BuildError::io(format!("{what} in the image"), e);
+        image
+            .write(list, sources.as_bytes())
+            .map_err(|e| in_image("writing /etc/apt/sources.list.d/certo.list", e))?;
+        image
+            .create_dir_all("etc/apt/preferences.d")
+            .map_err(|e| in_image("creating /etc/apt/preferences.d", e))?;
+        image
+            .write(
+                prefs,
+                b"Package: *\nPin: release o=Certo\nPin-Priority: 1001\n",
+            )
+            .map_err(|e| in_image("writing /etc/apt/preferences.d/certo", e))?;
         let mut update = chroot_cmd(root, "apt-get");
         update.args(APT_OPTS).arg("update");
         let up = log.run(&mut update)?;
@@ -229,16 +250,15 @@ pub fn deb_install(plan: &LayerPlan, root: &Path, log: &mut Log) -> Result<(), B
         log.run_ok(Phase::Stage, &mut clean)?;
         Ok(())
     });
-    let _ = std::fs::remove_file(&list);
-    let _ = std::fs::remove_file(&prefs);
-    mounts::unmount_all_under(&run_dir)?;
+    // with_chroot has unmounted everything below the root, the binds included.
+    let _ = image.remove_file(list);
+    let _ = image.remove_file(prefs);
     if !run_existed {
-        let _ = std::fs::remove_dir_all(&run_dir);
+        let _ = image.remove_tree("run/certo");
     } else {
         for (_, dst) in &binds {
-            let _ = std::fs::remove_dir(dst);
+            let _ = image.remove_tree(dst);
         }
-        let _ = std::fs::remove_dir(&run_dir);
     }
     result
 }
@@ -516,27 +536,30 @@ fn rpm_failure(log: &Log, status: Option<i32>, output: &str) -> BuildError {
 }
 
 /// Applies the layer's configuration changes (`KEY=VALUE`, replacing an existing
-/// assignment or appending) and runs YAIM's checker when the image has one.
+/// assignment or appending). Each file is resolved inside the image, as the guest would
+/// resolve it: a link on the way (`/opt/glite/yaim/etc -> /etc`) leads to the image's
+/// file, never to the build host's. Runs before the chroot's mounts exist.
 pub fn apply_config(plan: &LayerPlan, root: &Path, log: &mut Log) -> Result<(), BuildError> {
     if plan.config.is_empty() {
         return Ok(());
     }
+    let image = open_root(root)?;
     for (rel, key, value) in &plan.config {
-        let path = root.join(rel);
-        let meta = path.symlink_metadata().map_err(|_| {
+        let change = format!("configuration change {key}={value}");
+        let text = image.read_to_string(rel).map_err(|e| {
             BuildError::new(
                 Phase::Configure,
-                format!("configuration change {key}={value}: /{rel} does not exist in the image"),
+                match e.kind() {
+                    std::io::ErrorKind::NotFound => {
+                        format!("{change}: /{rel} does not exist in the image")
+                    }
+                    std::io::ErrorKind::InvalidInput => {
+                        format!("{change}: /{rel} is not a regular file")
+                    }
+                    _ => format!("{change}: reading /{rel}: {e}"),
+                },
             )
         })?;
-        if !meta.is_file() {
-            return Err(BuildError::new(
-                Phase::Configure,
-                format!("configuration change {key}={value}: /{rel} is not a regular file"),
-            ));
-        }
-        let text = std::fs::read_to_string(&path)
-            .map_err(|e| BuildError::new(Phase::Configure, format!("reading /{rel}: {e}")))?;
         let prefix = format!("{key}=");
         let mut replaced = false;
         let mut out: Vec<String> = Vec::new();
@@ -553,29 +576,38 @@ pub fn apply_config(plan: &LayerPlan, root: &Path, log: &mut Log) -> Result<(), 
         }
         let mut new = out.join("\n");
         new.push('\n');
-        std::fs::write(&path, new)
-            .map_err(|e| BuildError::new(Phase::Configure, format!("writing /{rel}: {e}")))?;
+        image.rewrite(rel, new.as_bytes()).map_err(|e| {
+            BuildError::new(Phase::Configure, format!("{change}: writing /{rel}: {e}"))
+        })?;
         log.note(&format!("set {key}={value} in /{rel}"));
     }
-    let checker = root.join("opt/glite/yaim/bin/yaim-check");
-    if checker.is_file() {
-        let out = log.run(&mut chroot_cmd(root, "/opt/glite/yaim/bin/yaim-check"))?;
-        if !out.success() {
-            let first = out
-                .output
-                .lines()
-                .find(|l| !l.trim().is_empty() && !l.starts_with("certo:"))
-                .unwrap_or("yaim-check refused the configuration")
-                .trim()
-                .to_owned();
-            return Err(log.failure(
-                Phase::Configure,
-                None,
-                out.status,
-                format!("the configuration does not validate: {first}"),
-                &out.output,
-            ));
-        }
+    Ok(())
+}
+
+/// Runs YAIM's checker inside the image when the image has one (call inside
+/// [`with_chroot`]).
+pub fn yaim_check(root: &Path, log: &mut Log) -> Result<(), BuildError> {
+    let checker = "opt/glite/yaim/bin/yaim-check";
+    let image = open_root(root)?;
+    if !image.is_file(checker) {
+        return Ok(());
+    }
+    let out = log.run(&mut chroot_cmd(root, "/opt/glite/yaim/bin/yaim-check"))?;
+    if !out.success() {
+        let first = out
+            .output
+            .lines()
+            .find(|l| !l.trim().is_empty() && !l.starts_with("certo:"))
+            .unwrap_or("yaim-check refused the configuration")
+            .trim()
+            .to_owned();
+        return Err(log.failure(
+            Phase::Configure,
+            None,
+            out.status,
+            format!("the configuration does not validate: {first}"),
+            &out.output,
+        ));
     }
     Ok(())
 }
@@ -587,11 +619,8 @@ pub fn installed_packages(
     scratch: &Path,
 ) -> Vec<(String, String, String)> {
     let out = if family == "deb" {
-        Command::new("dpkg-query")
-            .arg(format!(
-                "--admindir={}",
-                root.join("var/lib/dpkg").display()
-            ))
+        // Inside the image: its dpkg database is wherever the image's paths lead.
+        chroot_cmd(root, "dpkg-query")
             .args(["-W", "-f", "${Package} ${Version} ${Architecture}\\n"])
             .output()
     } else {
@@ -625,8 +654,12 @@ pub fn installed_packages(
 }
 
 /// Files that differ on every build and mean nothing in an image: logs, caches, indexes.
-pub fn remove_volatile(root: &Path) {
-    let globs = [
+/// Each path is resolved inside the image and removal never follows a link, so a
+/// package that made `/var/tmp` a link to `/tmp` (or to `/`) empties the image's own
+/// directory, never the build host's.
+pub fn remove_volatile(root: &Path, log: &mut Log) -> Result<(), BuildError> {
+    let image = open_root(root)?;
+    let dirs = [
         "var/lib/apt/lists",
         "var/cache/apt",
         "var/log/apt",
@@ -635,20 +668,9 @@ pub fn remove_volatile(root: &Path) {
         "tmp",
         "var/tmp",
     ];
-    for dir in globs {
-        let d = root.join(dir);
-        if let Ok(entries) = std::fs::read_dir(&d) {
-            for e in entries.flatten() {
-                let p = e.path();
-                if e.file_type().is_ok_and(|t| t.is_dir()) {
-                    if e.file_name() == "partial" || e.file_name() == "archives" {
-                        continue;
-                    }
-                    let _ = std::fs::remove_dir_all(&p);
-                } else {
-                    let _ = std::fs::remove_file(&p);
-                }
-            }
+    for dir in dirs {
+        if let Err(e) = image.empty_dir(dir, &["partial", "archives"]) {
+            log.note(&format!("left /{dir} as it is: {e}"));
         }
     }
     for file in [
@@ -664,6 +686,9 @@ pub fn remove_volatile(root: &Path) {
         "var/lib/dpkg/diversions-old",
         "var/cache/ldconfig/aux-cache",
     ] {
-        let _ = std::fs::remove_file(root.join(file));
+        if let Err(e) = image.remove_file(file) {
+            log.note(&format!("left /{file} as it is: {e}"));
+        }
     }
+    Ok(())
 }

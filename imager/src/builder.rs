@@ -233,7 +233,7 @@ impl Imager {
                     })?
                 }
             }
-            backend::remove_volatile(&tree);
+            backend::remove_volatile(&tree, &mut log)?;
             installed = backend::installed_packages(family, &tree, &scratch);
         } else {
             let work = staging.path().join("work");
@@ -249,10 +249,13 @@ impl Imager {
                         backend::dnf_install(plan, recipe, &merged, &scratch, log)
                     })?,
                 }
-                backend::with_chroot(&merged, &mut log, |log| {
-                    backend::apply_config(plan, &merged, log)
-                })?;
-                backend::remove_volatile(&merged);
+                if !plan.config.is_empty() {
+                    backend::apply_config(plan, &merged, &mut log)?;
+                    backend::with_chroot(&merged, &mut log, |log| {
+                        backend::yaim_check(&merged, log)
+                    })?;
+                }
+                backend::remove_volatile(&merged, &mut log)?;
                 Ok::<_, BuildError>(backend::installed_packages(family, &merged, &scratch))
             })();
             mounts::unmount_all_under(staging.path())?;

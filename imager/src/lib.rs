@@ -8,6 +8,10 @@
 //!   overlay of its parents with the real tools ([`backend`]: mmdebstrap/apt-get, dnf), and
 //!   publishes it atomically ([`store`]); then exports a reproducible ext4 image ([`export`]).
 //!
+//! Every path the imager touches inside an image tree after package scripts ran is
+//! resolved inside that tree ([`rooted::ImageRoot`]): a link a package planted cannot
+//! lead the build out of the image onto the host.
+//!
 //! It must never know about hosts, placement or transfers: it produces image artefacts and
 //! their identities; moving them to hosts belongs to `certo-transfer` and the orchestrator.
 
@@ -21,6 +25,7 @@ pub mod mounts;
 pub mod plan;
 pub mod repos;
 pub mod request;
+pub mod rooted;
 pub mod store;
 
 pub use builder::{Built, Event, Format, Imager, LayerOutcome, image_id};

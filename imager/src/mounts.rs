@@ -5,6 +5,8 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use crate::error::{BuildError, Phase};
+use crate::rooted::ImageRoot;
+use rustix::fs::FileType;
 
 /// Mount points at or below `prefix`, deepest first, read from /proc/self/mountinfo.
 pub fn mounts_under(prefix: &Path) -> Vec<PathBuf> {
@@ -153,46 +155,52 @@ pub fn mount_overlay(
     )
 }
 
-/// Mounts what package managers need inside a root: /proc, /dev and /sys.
-pub fn mount_chroot_basics(root: &Path) -> Result<(), BuildError> {
-    for dir in ["proc", "dev", "sys"] {
-        let target = root.join(dir);
-        if !target.is_dir() {
-            std::fs::create_dir_all(&target)
-                .map_err(|e| BuildError::io(format!("creating {}", target.display()), e))?;
-        }
+/// The host path of the directory `rel` of an image, created if missing, for use as a
+/// mount point: refused when a link or a mount point lies on the way.
+fn mount_point(image: &ImageRoot, rel: &str) -> Result<PathBuf, BuildError> {
+    image
+        .create_dir_all(rel)
+        .map_err(|e| BuildError::io(format!("creating /{rel} in the image"), e))?;
+    match image.plain_path(rel) {
+        Ok(Some((path, FileType::Directory))) => Ok(path),
+        Ok(_) => Err(BuildError::new(
+            Phase::Stage,
+            format!("/{rel} in the image is not a directory: nothing is mounted there"),
+        )),
+        Err(e) => Err(BuildError::new(
+            Phase::Stage,
+            format!("refusing to mount at /{rel}: {e}"),
+        )),
     }
+}
+
+/// Mounts what package managers need inside a root: /proc, /dev and /sys.
+pub fn mount_chroot_basics(image: &ImageRoot) -> Result<(), BuildError> {
+    let proc = mount_point(image, "proc")?;
+    let dev = mount_point(image, "dev")?;
+    let sys = mount_point(image, "sys")?;
     mount(
         &[
             "-t".as_ref(),
             "proc".as_ref(),
             "proc".as_ref(),
-            root.join("proc").as_os_str(),
+            proc.as_os_str(),
         ],
         "/proc in the staging root",
     )?;
     mount(
-        &[
-            "--bind".as_ref(),
-            "/dev".as_ref(),
-            root.join("dev").as_os_str(),
-        ],
+        &["--bind".as_ref(), "/dev".as_ref(), dev.as_os_str()],
         "/dev in the staging root",
     )?;
     mount(
-        &[
-            "--bind".as_ref(),
-            "/sys".as_ref(),
-            root.join("sys").as_os_str(),
-        ],
+        &["--bind".as_ref(), "/sys".as_ref(), sys.as_os_str()],
         "/sys in the staging root",
     )
 }
 
-/// Bind-mounts `source` read-only at `target` (created if missing).
-pub fn bind_ro(source: &Path, target: &Path) -> Result<(), BuildError> {
-    std::fs::create_dir_all(target)
-        .map_err(|e| BuildError::io(format!("creating {}", target.display()), e))?;
+/// Bind-mounts `source` read-only at the image's directory `rel` (created if missing).
+pub fn bind_ro(source: &Path, image: &ImageRoot, rel: &str) -> Result<(), BuildError> {
+    let target = mount_point(image, rel)?;
     mount(
         &["--bind".as_ref(), source.as_os_str(), target.as_os_str()],
         &format!("{} at {}", source.display(), target.display()),

@@ -326,6 +326,82 @@ async fn rpm_image_is_built_with_dnf_from_fixture_repositories() {
     db.drop_db().await.expect("drop");
 }
 
+/// A package whose post-install script makes `/var/tmp` and a configuration directory
+/// links to an absolute path (here a throw-away canary directory, created on the build
+/// host): the build resolves both inside the image, so the host's copy is untouched; the
+/// configuration change lands in the image's own file, and the linked `/var/tmp` is left
+/// as it is (emptying what it names could empty the image).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_package_that_links_out_of_the_image_cannot_touch_the_build_host() {
+    let db = common::scratch().await;
+    let fresh = Fresh::new("escape");
+    let data = fresh.0.clone();
+    let dir = tempfile::tempdir().expect("tempdir");
+    // The path the fixture package's links name (fixtures/world/packages.sh).
+    let canary = Path::new("/certo-escape-canary");
+    let _ = std::fs::remove_dir_all(canary);
+    std::fs::create_dir_all(canary.join("etc")).expect("canary");
+    std::fs::write(canary.join("keep.txt"), "host file\n").expect("canary file");
+    std::fs::write(canary.join("etc/site.conf"), "CANARY_KEY=host\n").expect("canary conf");
+    let p = test_patch(
+        dir.path(),
+        "escape.txt",
+        "Patch: 9010\nRevision: 1\nTitle: links out of the image\nStatus: Ready for Certification\n\
+         Release: gLite 3.2\nPlatforms: sl5_x86_64\nNode types: glite-WN\nRPMs:\n  \
+         certo-test-symlink-escape-1.0-1.noarch.rpm repo:testing/sl5/x86_64\n\
+         Configuration changes:\n  /opt/certo-test/escape-etc/site.conf: CANARY_KEY=patched\n\
+         Submitter: tester\nDescription:\n  Links out of the image.\n",
+    );
+    let (out, v) = build(
+        &db.url,
+        &data,
+        &[
+            "--release",
+            "3.2",
+            "--platform",
+            "sl5_x86_64",
+            "--node-type",
+            "glite-WN",
+            "--patch",
+            &p,
+        ],
+    );
+    let host_files: Vec<(PathBuf, String)> = ["keep.txt", "etc/site.conf"]
+        .iter()
+        .map(|f| {
+            let path = canary.join(f);
+            let text = std::fs::read_to_string(&path).unwrap_or_else(|e| format!("<{e}>"));
+            (path, text)
+        })
+        .collect();
+    let listing: Vec<String> = std::fs::read_dir(canary)
+        .map(|d| {
+            d.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default();
+    let _ = std::fs::remove_dir_all(canary);
+    assert_eq!(
+        host_files,
+        [
+            (canary.join("keep.txt"), "host file\n".to_owned()),
+            (canary.join("etc/site.conf"), "CANARY_KEY=host\n".to_owned()),
+        ],
+        "the build changed files on the host; the canary now holds {listing:?}"
+    );
+    assert!(out.status.success(), "build failed: {v}");
+    let image = PathBuf::from(v["path"].as_str().expect("path"));
+    // Inside the image the links lead to the image's own directory.
+    assert_eq!(
+        cat_in_image(&image, "/certo-escape-canary/etc/site.conf"),
+        "CANARY_KEY=patched\n"
+    );
+    assert!(exists_in_image(&image, "/certo-escape-canary/junk"));
+    assert!(exists_in_image(&image, "/opt/certo-test/symlink-escape"));
+    db.drop_db().await.expect("drop");
+}
+
 /// Writes a one-record patch file for failure tests.
 fn test_patch(dir: &Path, name: &str, body: &str) -> String {
     let path = dir.join(name);

@@ -4,12 +4,17 @@
 # command-or-file (an absolute path that must exist) → Debian package that provides it.
 CERTO_NEEDS=(
   "/usr/lib/postgresql/15/bin/initdb postgresql-15"
+  "/usr/lib/postgresql/15/bin/pg_ctl postgresql-15"
   "cc gcc"
   "mmdebstrap mmdebstrap"
+  "arch-test arch-test"
   "dnf dnf"
   "createrepo_c createrepo-c"
   "rpmbuild rpm"
+  "rpm rpm"
   "mkfs.ext4 e2fsprogs"
+  "debugfs e2fsprogs"
+  "e2fsck e2fsprogs"
   "qemu-img qemu-utils"
   "dpkg-scanpackages dpkg-dev"
   "apt-ftparchive apt-utils"
@@ -26,10 +31,17 @@ CERTO_NEEDS=(
   "/usr/lib/x86_64-linux-gnu/libvirt/connection-driver/libvirt_driver_qemu.so libvirt-daemon-driver-qemu"
   "virsh libvirt-clients"
   "virt-xml-validate libvirt-clients"
+  "xmllint libxml2-utils"
   "/usr/include/libvirt/libvirt.h libvirt-dev"
   "qemu-system-x86_64 qemu-system-x86"
   "/lib/modules linux-image-amd64"
 )
+
+# Programs Certo, its tools and its tests run that every Debian system has: each comes
+# from an Essential, required or important package (orchestrator/tests/fixtures.rs
+# checks that, and that every program the code runs is named here or in CERTO_NEEDS).
+# mmdebstrap runs arch-test for foreign architectures; virt-xml-validate runs xmllint.
+CERTO_BASE=(bash sh test dpkg dpkg-query mount umount kill tar cp sha256sum id cpio chroot chown chmod setpriv)
 
 certo_install_missing() {
   local need=() entry what pkg

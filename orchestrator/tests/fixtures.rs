@@ -163,3 +163,140 @@ fn the_same_content_has_the_same_digest_in_every_form() {
     let changed = text.replace("a-1.0-1", "a-1.0-2");
     assert_ne!(digest("b.txt", &changed), d);
 }
+
+/// The programs named in one bash array of scripts/lib.sh: `NAME=(...)` or one quoted
+/// `"PROGRAM PACKAGE"` entry a line.
+fn lib_sh_array(name: &str) -> Vec<String> {
+    let lib = std::fs::read_to_string(workspace().join("scripts/lib.sh")).expect("scripts/lib.sh");
+    let start = lib
+        .find(&format!("{name}=("))
+        .unwrap_or_else(|| panic!("no {name} in scripts/lib.sh"));
+    let body = &lib[start + name.len() + 2..];
+    let body = &body[..body.find(')').expect("closing paren")];
+    if body.contains('"') {
+        body.split('"')
+            .skip(1)
+            .step_by(2)
+            .filter_map(|e| e.split_whitespace().next())
+            .map(|p| p.rsplit('/').next().unwrap_or(p).to_owned())
+            .collect()
+    } else {
+        body.split_whitespace().map(str::to_owned).collect()
+    }
+}
+
+fn workspace() -> std::path::PathBuf {
+    std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+/// Every program started by a literal name (`Command` + `::new` + a string) in the workspace's Rust code (libraries, binaries,
+/// tests), with the file that runs it.
+fn programs_run_by_the_code() -> Vec<(String, String)> {
+    let mut found = Vec::new();
+    let mut dirs = vec![workspace()];
+    while let Some(dir) = dirs.pop() {
+        for entry in std::fs::read_dir(&dir).expect("read dir").flatten() {
+            let path = entry.path();
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if path.is_dir() {
+                if !matches!(name.as_str(), "target" | ".git" | "fuzz" | "fixtures") {
+                    dirs.push(path);
+                }
+                continue;
+            }
+            if !name.ends_with(".rs") {
+                continue;
+            }
+            let text = std::fs::read_to_string(&path).expect("read source");
+            let marker = ["Command", "::new(\""].concat();
+            for (i, _) in text.match_indices(&marker) {
+                let rest = &text[i + marker.len()..];
+                let program = &rest[..rest.find('"').expect("closing quote")];
+                found.push((program.to_owned(), path.display().to_string()));
+            }
+        }
+    }
+    found
+}
+
+/// The Debian package owning `program` on this machine, and whether it is Essential or
+/// of priority required/important (so every Debian system has it).
+fn base_package(program: &str) -> Option<(String, bool)> {
+    for dir in ["/usr/bin", "/usr/sbin", "/bin", "/sbin"] {
+        let path = format!("{dir}/{program}");
+        if !std::path::Path::new(&path).exists() {
+            continue;
+        }
+        let out = std::process::Command::new("dpkg")
+            .args(["-S", &path])
+            .output()
+            .expect("dpkg -S");
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let Some(pkg) = text
+            .lines()
+            .filter(|l| !l.starts_with("diversion "))
+            .find_map(|l| l.split(':').next())
+        else {
+            continue;
+        };
+        let meta = std::process::Command::new("dpkg-query")
+            .args(["-W", "-f", "${Essential} ${Priority}", pkg])
+            .output()
+            .expect("dpkg-query");
+        let meta = String::from_utf8_lossy(&meta.stdout).into_owned();
+        let base =
+            meta.starts_with("yes ") || meta.ends_with("required") || meta.ends_with("important");
+        return Some((pkg.to_owned(), base));
+    }
+    None
+}
+
+/// A fresh machine has only the base system and what scripts/lib.sh installs: every
+/// program Certo or a test runs must be one or the other, so a hand-installed package
+/// cannot hide a missing install step (arch-test and xmllint once did).
+#[test]
+fn every_program_certo_runs_is_installed_by_scripts_or_part_of_the_base_system() {
+    let needs = lib_sh_array("CERTO_NEEDS");
+    let base = lib_sh_array("CERTO_BASE");
+    assert!(
+        needs.iter().any(|p| p == "arch-test"),
+        "mmdebstrap needs arch-test for i386"
+    );
+    assert!(
+        needs.iter().any(|p| p == "xmllint"),
+        "virt-xml-validate runs xmllint"
+    );
+    // Run through a path or a variable rather than a literal: named here by hand.
+    let indirect = [
+        "initdb", "pg_ctl", "setpriv", "tc", "nft", "rsync", "casync", "libvirtd",
+    ];
+    let mut missing = Vec::new();
+    let run = programs_run_by_the_code().into_iter().chain(
+        indirect
+            .iter()
+            .map(|p| (p.to_string(), "(indirect)".to_owned())),
+    );
+    for (program, file) in run {
+        let name = program.rsplit('/').next().unwrap_or(&program).to_owned();
+        // A program of the apt package, which every Debian system has (Essential).
+        if program.starts_with("/usr/lib/apt/") {
+            continue;
+        }
+        if !needs.contains(&name) && !base.contains(&name) {
+            missing.push(format!("{name} (run in {file})"));
+        }
+    }
+    assert!(
+        missing.is_empty(),
+        "programs neither in CERTO_NEEDS nor in CERTO_BASE (scripts/lib.sh): {missing:?}"
+    );
+    for program in &base {
+        let (pkg, is_base) = base_package(program)
+            .unwrap_or_else(|| panic!("{program} (CERTO_BASE) is not installed by any package"));
+        assert!(
+            is_base,
+            "{program} comes from {pkg}, which is not Essential, required or important: \
+             move it to CERTO_NEEDS"
+        );
+    }
+}

@@ -69,7 +69,7 @@ impl Recipe {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct PatchLayer {
     /// Patch number.
-    pub id: u32,
+    pub id: u64,
     /// Patch revision.
     pub revision: u32,
     /// Packages of the patch that apply to this platform.

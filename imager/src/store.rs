@@ -75,7 +75,7 @@ pub struct ImageRecord {
     /// Node type.
     pub node_type: String,
     /// Patch id and revision, if a patch layer is on top.
-    pub patch: Option<(u32, u32)>,
+    pub patch: Option<(u64, u32)>,
     /// Exported files.
     pub artefacts: Vec<Artefact>,
     /// Seconds spent exporting.

@@ -7,6 +7,7 @@
 //! - `GET /v1/vms/{name}`: state (`running`, `ended`, `timed_out`, `gone`) and serial tail
 //! - `DELETE /v1/vms/{name}`: destroy (the serial log stays)
 
+use crate::model::HostVmState;
 use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
@@ -32,7 +33,7 @@ struct Entry {
     overlay: PathBuf,
     deadline: Instant,
     /// `running`, `ended`, `timed_out`.
-    state: String,
+    state: HostVmState,
 }
 
 /// The VM manager of one agent.
@@ -180,8 +181,14 @@ impl Vms {
                 .vms
                 .lock()
                 .map_err(|_| (StatusCode::INTERNAL_SERVER_ERROR, "lock".to_owned()))?;
-            let running = vms.values().filter(|e| e.state == "running").count();
-            if vms.get(&req.name).is_some_and(|e| e.state == "running") {
+            let running = vms
+                .values()
+                .filter(|e| e.state == HostVmState::Running)
+                .count();
+            if vms
+                .get(&req.name)
+                .is_some_and(|e| e.state == HostVmState::Running)
+            {
                 return Err((StatusCode::CONFLICT, format!("{} runs already", req.name)));
             }
             if running >= self.slots {
@@ -263,7 +270,7 @@ impl Vms {
             serial_log: serial.clone(),
             overlay,
             deadline: Instant::now() + Duration::from_secs_f64(req.deadline_seconds),
-            state: "running".into(),
+            state: HostVmState::Running,
         };
         if let Ok(mut vms) = self.vms.lock() {
             vms.insert(req.name.clone(), entry);
@@ -274,7 +281,9 @@ impl Vms {
             let (name, serial2) = (req.name.clone(), serial.clone());
             std::thread::spawn(move || simulated_guest(hv, &name, &req.guest, &serial2));
         }
-        Ok(json!({"name": req.name, "state": "running", "serial_log": serial, "serial_tail": ""}))
+        Ok(
+            json!({"name": req.name, "state": HostVmState::Running, "serial_log": serial, "serial_tail": ""}),
+        )
     }
 
     /// One watch round: ended domains are marked, overdue ones destroyed.
@@ -282,7 +291,7 @@ impl Vms {
         let names: Vec<(String, Instant)> = match self.vms.lock() {
             Ok(vms) => vms
                 .iter()
-                .filter(|(_, e)| e.state == "running")
+                .filter(|(_, e)| e.state == HostVmState::Running)
                 .map(|(n, e)| (n.clone(), e.deadline))
                 .collect(),
             Err(_) => return,
@@ -290,12 +299,12 @@ impl Vms {
         for (name, deadline) in names {
             let state = self.hv.state(&name);
             let new_state = match state {
-                Ok(None) => Some("ended"),
-                Ok(Some(s)) if s.is_ended() => Some("ended"),
+                Ok(None) => Some(HostVmState::Ended),
+                Ok(Some(s)) if s.is_ended() => Some(HostVmState::Ended),
                 Ok(Some(_)) if Instant::now() >= deadline => {
                     let _ = self.hv.destroy(&name);
                     tracing::warn!(vm = %name, "deadline passed: VM destroyed, serial log kept");
-                    Some("timed_out")
+                    Some(HostVmState::TimedOut)
                 }
                 _ => None,
             };
@@ -303,7 +312,7 @@ impl Vms {
                 && let Ok(mut vms) = self.vms.lock()
                 && let Some(e) = vms.get_mut(&name)
             {
-                e.state = s.to_owned();
+                e.state = s;
                 let _ = std::fs::remove_file(&e.overlay);
                 if let Some(dir) = e.overlay.parent() {
                     let _ = std::fs::remove_file(dir.join("token"));
@@ -319,7 +328,7 @@ impl Vms {
                 "name": name, "state": e.state, "serial_log": e.serial_log,
                 "serial_tail": tail(&e.serial_log, 8192),
             }),
-            None => json!({"name": name, "state": "gone", "serial_tail": ""}),
+            None => json!({"name": name, "state": HostVmState::Gone, "serial_tail": ""}),
         }
     }
 
@@ -333,8 +342,8 @@ impl Vms {
         if let Ok(mut vms) = self.vms.lock()
             && let Some(e) = vms.get_mut(name)
         {
-            if e.state == "running" {
-                e.state = "ended".into();
+            if e.state == HostVmState::Running {
+                e.state = HostVmState::Ended;
             }
             let _ = std::fs::remove_file(&e.overlay);
             if let Some(dir) = e.overlay.parent() {
@@ -386,7 +395,7 @@ impl Vms {
         if let Ok(mut vms) = self.vms.lock() {
             for n in &gone {
                 if let Some(e) = vms.get_mut(n) {
-                    e.state = "ended".into();
+                    e.state = HostVmState::Ended;
                 }
             }
         }
@@ -409,9 +418,9 @@ impl Vms {
                     overlay: self.dir.join(&d.name).join("disk.qcow2"),
                     deadline: Instant::now() + Duration::from_secs(3600),
                     state: if d.state.is_ended() {
-                        "ended".into()
+                        HostVmState::Ended
                     } else {
-                        "running".into()
+                        HostVmState::Running
                     },
                 });
             }

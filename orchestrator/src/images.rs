@@ -1,8 +1,5 @@
 //! The bridge between patch records / the catalogue and the imager: which image a target
-//! needs, where the package repositories are, and how the fixture world is built.
-
-use std::path::{Path, PathBuf};
-use std::process::Command;
+//! needs (the fixture world itself is [`crate::world`]).
 
 use certo_imager::{
     ConfigChange, ImageRequest, PackageSource, PatchLayer, PatchPackage, Platform, Recipe,
@@ -200,7 +197,7 @@ fn patch_layer(p: &PatchRecord, plat: &catalogue::Platform) -> PatchLayer {
         })
         .collect();
     PatchLayer {
-        id: u32::try_from(p.id).unwrap_or(u32::MAX),
+        id: p.id,
         revision: p.revision,
         packages,
         config_changes: p
@@ -229,30 +226,4 @@ pub fn patch_targets(p: &PatchRecord) -> Vec<(String, String)> {
 /// Whether the family of a platform is RPM.
 pub fn is_rpm(plat: &catalogue::Platform) -> bool {
     plat.family == PackageFormat::Rpm
-}
-
-/// The fixture world's sources shipped with Certo.
-pub fn world_sources() -> PathBuf {
-    crate::cli::default_fixtures_dir().join("world")
-}
-
-/// Builds the fixture world's repositories into `dest` (a no-op when they are up to date).
-pub fn build_world(dest: &Path) -> anyhow::Result<()> {
-    let script = world_sources().join("build");
-    // The script skips an up-to-date world and serialises builders with `flock DEST.lock`.
-    let out = Command::new(&script)
-        .arg(dest)
-        .output()
-        .map_err(|e| anyhow::anyhow!("cannot run {}: {e}", script.display()))?;
-    if !out.status.success() {
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        let tail: Vec<&str> = stderr.lines().rev().take(15).collect();
-        anyhow::bail!(
-            "building the fixture repositories with {} failed ({}):\n{}",
-            script.display(),
-            out.status,
-            tail.into_iter().rev().collect::<Vec<_>>().join("\n")
-        );
-    }
-    Ok(())
 }

@@ -12,6 +12,7 @@
 //!
 //! The guest protocol is plain text so a busybox shell can speak it (see hosts/README.md).
 
+use crate::model::{ServiceStatus, TestStatus, VmState};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -308,10 +309,10 @@ async fn guest_join(State(s): State<Arc<Server>>, headers: HeaderMap) -> Respons
     tracing::info!(vm = %vm.name, %hostname, "guest joined");
     let mut plan = format!("hostname {hostname}\nnode_type {}\n", vm.node_type);
     let dir = format!("/usr/share/glite-tests/{}", vm.node_type);
-    if matches!(vm.suite.as_str(), "basic" | "all") {
+    if vm.suite.has_basic() {
         plan.push_str(&format!("test basic {dir}/basic/*.sh\n"));
     }
-    if matches!(vm.suite.as_str(), "regression" | "all") {
+    if vm.suite.has_regression() {
         plan.push_str(&format!("test regression {dir}/regression/*.sh\n"));
     }
     text(StatusCode::OK, plan)
@@ -347,14 +348,17 @@ async fn guest_service(
             format!("port {port:?} is not a port number\n"),
         );
     };
-    if !valid_name(name) || !matches!(status, "up" | "failed") {
-        return text(
-            StatusCode::BAD_REQUEST,
-            "expected: SERVICE PORT up|failed\n",
-        );
-    }
-    if status == "failed" || port == 0 {
-        tracing::warn!(vm = %vm.name, service = name, status, "guest service did not come up");
+    let status = match status.parse::<ServiceStatus>() {
+        Ok(st) if valid_name(name) => st,
+        _ => {
+            return text(
+                StatusCode::BAD_REQUEST,
+                "expected: SERVICE PORT up|failed\n",
+            );
+        }
+    };
+    if status == ServiceStatus::Failed || port == 0 {
+        tracing::warn!(vm = %vm.name, service = name, %status, "guest service did not come up");
         return text(StatusCode::OK, "noted\n");
     }
     let endpoint = format!(
@@ -402,22 +406,25 @@ async fn guest_result(
     let Ok(seconds) = seconds.parse::<f64>() else {
         return text(StatusCode::BAD_REQUEST, "SECONDS is not a number\n");
     };
-    if !valid_name(suite) || !valid_name(name) || !matches!(status, "pass" | "fail" | "error") {
-        return text(
-            StatusCode::BAD_REQUEST,
-            "first line: SUITE NAME pass|fail|error SECONDS\n",
-        );
-    }
+    let status = match status.parse::<TestStatus>() {
+        Ok(st) if valid_name(suite) && valid_name(name) => st,
+        _ => {
+            return text(
+                StatusCode::BAD_REQUEST,
+                "first line: SUITE NAME pass|fail|error SECONDS\n",
+            );
+        }
+    };
     let result = ResultRow {
         suite: suite.to_owned(),
         name: name.to_owned(),
-        status: status.to_owned(),
+        status,
         seconds,
         output: output.to_owned(),
     };
     match s.store.add_result(vm.id, &result).await {
         Ok(()) => {
-            tracing::info!(vm = %vm.name, suite, test = name, status, "test result");
+            tracing::info!(vm = %vm.name, suite, test = name, %status, "test result");
             text(StatusCode::OK, "recorded\n")
         }
         Err(e) => internal(e),
@@ -452,10 +459,10 @@ async fn guest_done(
     let body = String::from_utf8_lossy(&body);
     let body = body.trim();
     let (state, reason) = if body == "ok" {
-        ("done", None)
+        (VmState::Done, None)
     } else {
         (
-            "failed",
+            VmState::Failed,
             Some(format!(
                 "the harness reported: {}",
                 body.strip_prefix("error").unwrap_or(body).trim()
@@ -468,7 +475,7 @@ async fn guest_done(
         .await
     {
         Ok(_) => {
-            tracing::info!(vm = %vm.name, state, "guest finished");
+            tracing::info!(vm = %vm.name, %state, "guest finished");
             text(StatusCode::OK, "bye\n")
         }
         Err(e) => internal(e),

@@ -3,6 +3,7 @@
 //! wait for the guest harness (join, results, done), the deadline, or the VM's end, record
 //! the outcome with its reason, and always tear the VM down.
 
+use crate::model::{HostVmState, PatchId, Suite, VmState};
 use std::net::SocketAddr;
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -21,8 +22,7 @@ pub const AGENT_SILENCE: Duration = Duration::from_secs(8);
 #[derive(Debug, Clone, Deserialize, Serialize)]
 pub struct AgentVm {
     pub name: String,
-    /// `running`, `ended`, `timed_out` or `gone`.
-    pub state: String,
+    pub state: HostVmState,
     #[serde(default)]
     pub serial_log: Option<String>,
     #[serde(default)]
@@ -114,8 +114,8 @@ impl Agent {
 pub struct VmRequest<'a> {
     pub image: &'a Path,
     pub node_type: &'a str,
-    pub patch: Option<(i64, i32)>,
-    pub suite: &'a str,
+    pub patch: Option<(PatchId, i32)>,
+    pub suite: Suite,
     pub timeout: Duration,
     pub memory_mib: u32,
     /// An orchestrator already serving the guest API (`certo serve`); else one is served
@@ -284,7 +284,7 @@ async fn run_inner(
             store
                 .finish_vm(
                     vm.id,
-                    "failed",
+                    VmState::Failed,
                     Some(&format!("the host could not boot it: {e}")),
                     None,
                 )
@@ -314,7 +314,7 @@ async fn run_inner(
                 row.hostname.clone().unwrap_or_default()
             ));
         }
-        if !matches!(row.state.as_str(), "booting" | "joined") {
+        if !row.state.is_live() {
             break;
         }
         let status = agent.status(&name).await.ok();
@@ -329,18 +329,24 @@ async fn run_inner(
                 let reason = format!(
                     "the host's agent stopped answering for {:.0} s{}",
                     AGENT_SILENCE.as_secs_f64(),
-                    if row.state == "joined" {
+                    if row.state == VmState::Joined {
                         " after the guest joined"
                     } else {
                         ""
                     }
                 );
-                store.finish_vm(vm.id, "lost", Some(&reason), None).await?;
+                store
+                    .finish_vm(vm.id, VmState::Lost, Some(&reason), None)
+                    .await?;
                 break;
             }
         }
-        let ended = status.as_ref().is_some_and(|s| s.state != "running");
-        let agent_timed_out = status.as_ref().is_some_and(|s| s.state == "timed_out");
+        let ended = status
+            .as_ref()
+            .is_some_and(|s| s.state != HostVmState::Running);
+        let agent_timed_out = status
+            .as_ref()
+            .is_some_and(|s| s.state == HostVmState::TimedOut);
         if ended && !agent_timed_out {
             // The guest is gone without saying done: explain from its console.
             let (state, reason) = explain_end(&row, &serial_tail);
@@ -352,14 +358,14 @@ async fn run_inner(
             let reason = format!(
                 "no result by the deadline ({:.0} s): destroyed{}",
                 req.timeout.as_secs_f64(),
-                if row.state == "joined" {
+                if row.state == VmState::Joined {
                     " after it joined"
                 } else {
                     " before it joined"
                 }
             );
             store
-                .finish_vm(vm.id, "timed_out", Some(&reason), None)
+                .finish_vm(vm.id, VmState::TimedOut, Some(&reason), None)
                 .await?;
             break;
         }
@@ -377,23 +383,26 @@ async fn run_inner(
 }
 
 /// Why a VM ended without its harness saying done.
-pub fn explain_end(row: &VmRow, serial: &str) -> (&'static str, String) {
+pub fn explain_end(row: &VmRow, serial: &str) -> (VmState, String) {
     if serial.contains("Kernel panic") {
         let line = serial
             .lines()
             .find(|l| l.contains("Kernel panic"))
             .unwrap_or("Kernel panic")
             .trim();
-        ("crashed", format!("the guest kernel panicked: {line}"))
-    } else if row.state == "joined" {
         (
-            "crashed",
+            VmState::Crashed,
+            format!("the guest kernel panicked: {line}"),
+        )
+    } else if row.state == VmState::Joined {
+        (
+            VmState::Crashed,
             "the harness stopped without reporting done (the VM powered off after joining)"
                 .to_owned(),
         )
     } else {
         (
-            "crashed",
+            VmState::Crashed,
             "the VM ended before its harness joined the testbed".to_owned(),
         )
     }

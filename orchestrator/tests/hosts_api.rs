@@ -66,7 +66,7 @@ async fn new_vm(
     store: &certo::store::Store,
     name: &str,
     node_type: &str,
-    patch: Option<(i64, i32)>,
+    patch: Option<(u64, i32)>,
 ) -> (i64, String) {
     store
         .add_host("h1", &server::token_digest("host-one-token"))
@@ -79,9 +79,9 @@ async fn new_vm(
             host: "h1",
             image: "img",
             node_type,
-            patch,
+            patch: patch.map(|(id, rev)| (certo::model::PatchId(id), rev)),
             attempt: 1,
-            suite: "all",
+            suite: certo::model::Suite::All,
             token_sha256: &server::token_digest(&token),
             deadline: chrono::Utc::now() + chrono::Duration::minutes(5),
         })
@@ -258,7 +258,7 @@ async fn the_guest_protocol_records_a_run_and_its_token_is_good_once_and_for_one
         .await
         .expect("vm")
         .expect("row");
-    assert_eq!(vm.state, "done");
+    assert_eq!(vm.state, certo::model::VmState::Done);
     assert!(vm.finished_at.is_some());
     let results = db.store.vm_results(vm.id).await.expect("results");
     let got: Vec<(&str, &str, &str)> = results
@@ -307,7 +307,7 @@ async fn the_guest_protocol_records_a_run_and_its_token_is_good_once_and_for_one
         .await
         .expect("vm")
         .expect("row");
-    assert_eq!(vm.state, "failed");
+    assert_eq!(vm.state, certo::model::VmState::Failed);
     assert_eq!(
         vm.reason.as_deref(),
         Some("the harness reported: the services did not start")

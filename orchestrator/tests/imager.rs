@@ -402,6 +402,50 @@ async fn a_package_that_links_out_of_the_image_cannot_touch_the_build_host() {
     db.drop_db().await.expect("drop");
 }
 
+/// A patch id above u32::MAX is built and recorded as itself (it was once truncated to
+/// u32::MAX, so every such patch shared one id).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_patch_id_above_u32_max_is_built_and_stored_as_itself() {
+    let db = common::scratch().await;
+    let fresh = Fresh::new("big-id");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let id: u64 = u64::from(u32::MAX) + 7;
+    let p = test_patch(
+        dir.path(),
+        "big.txt",
+        &format!(
+            "Patch: {id}\nRevision: 1\nTitle: a big patch number\nStatus: Ready for Certification\n\
+             Release: gLite 3.2\nPlatforms: sl5_x86_64\nNode types: glite-WN\nRPMs:\n  \
+             certo-test-ok-1.0-1.noarch.rpm repo:testing/sl5/x86_64\nSubmitter: tester\n\
+             Description:\n  Big id.\n"
+        ),
+    );
+    let (out, v) = build(
+        &db.url,
+        &fresh.0,
+        &[
+            "--release",
+            "3.2",
+            "--platform",
+            "sl5_x86_64",
+            "--node-type",
+            "glite-WN",
+            "--patch",
+            &p,
+        ],
+    );
+    assert!(out.status.success(), "build failed: {v}");
+    assert_eq!(v["patch"]["id"], id, "{v}");
+    let stored: Vec<(Option<i64>,)> = sqlx::query_as("SELECT patch_id FROM images")
+        .fetch_all(db.store.pool())
+        .await
+        .expect("query");
+    assert_eq!(stored, [(Some(id as i64),)]);
+    let listed = json_of(&run(&db.url, &fresh.0, &["image", "ls", "--json"]));
+    assert!(listed.to_string().contains(&id.to_string()), "{listed}");
+    db.drop_db().await.expect("drop");
+}
+
 /// Writes a one-record patch file for failure tests.
 fn test_patch(dir: &Path, name: &str, body: &str) -> String {
     let path = dir.join(name);

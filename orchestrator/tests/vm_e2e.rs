@@ -229,7 +229,7 @@ async fn debian_and_rpm_images_boot_join_and_report_their_tests() {
     // PostgreSQL holds both runs and their results; no domain is left.
     for name in [v["vm"].as_str().expect("vm"), r["vm"].as_str().expect("vm")] {
         let row = db.store.vm(name).await.expect("vm").expect("row");
-        assert_eq!(row.state, "done");
+        assert_eq!(row.state, certo::model::VmState::Done);
         assert!(
             !db.store
                 .vm_results(row.id)

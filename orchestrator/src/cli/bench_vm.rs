@@ -2,6 +2,7 @@
 //! under this host's hypervisor, one at a time and N at once, through the real agent,
 //! transfer, libvirt, guest harness and PostgreSQL.
 
+use crate::model::VmState;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
@@ -64,7 +65,7 @@ pub async fn run(g: &Global, a: VmBenchArgs) -> anyhow::Result<ExitCode> {
                             image: &image,
                             node_type: &nt,
                             patch: None,
-                            suite: "basic",
+                            suite: crate::model::Suite::Basic,
                             timeout: Duration::from_secs(600),
                             memory_mib: 384,
                             orchestrator: None,
@@ -78,7 +79,7 @@ pub async fn run(g: &Global, a: VmBenchArgs) -> anyhow::Result<ExitCode> {
             }
             for t in tasks {
                 match t.await? {
-                    Ok(o) if o.vm.state == "done" => {
+                    Ok(o) if o.vm.state == VmState::Done => {
                         joined.extend(o.seconds_to_joined);
                         done.push(o.seconds_to_done);
                     }

@@ -2,6 +2,7 @@
 //! project: start the store, submit the fixture patches, list them, and build
 //! the VM images every fixture patch needs (real mmdebstrap / dnf builds, cached).
 
+use crate::model::{TestStatus, VmState};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -29,7 +30,8 @@ pub struct DemoArgs {
 }
 
 pub async fn run(g: &Global, args: DemoArgs) -> anyhow::Result<ExitCode> {
-    let catalogue = g.catalogue()?;
+    let ctx = g.context()?;
+    let catalogue = ctx.catalogue();
     let valid_dir = args.fixtures.join("patches/valid");
     let invalid_dir = args.fixtures.join("patches/invalid");
 
@@ -42,10 +44,10 @@ pub async fn run(g: &Global, args: DemoArgs) -> anyhow::Result<ExitCode> {
                 format!("embedded PostgreSQL cluster under {}", d.display()),
         }
     );
-    let store = g.store().await.context("cannot open the store")?;
+    let store = ctx.store().await.context("cannot open the store")?;
 
     println!("== Validating the malformed fixture records (each must be refused)");
-    let invalid = ingest::load_files(std::slice::from_ref(&invalid_dir), &catalogue, || {});
+    let invalid = ingest::load_files(std::slice::from_ref(&invalid_dir), catalogue, || {});
     let refused = invalid.files.iter().filter(|f| f.2 > 0).count();
     println!(
         "   {refused} of {} malformed files refused, {} errors in all",
@@ -64,7 +66,7 @@ pub async fn run(g: &Global, args: DemoArgs) -> anyhow::Result<ExitCode> {
         "== Submitting the fixture patches from {}",
         valid_dir.display()
     );
-    let loaded = ingest::load_files(std::slice::from_ref(&valid_dir), &catalogue, || {});
+    let loaded = ingest::load_files(std::slice::from_ref(&valid_dir), catalogue, || {});
     if !loaded.errors.is_empty() {
         for e in &loaded.errors {
             eprintln!("{e}");
@@ -89,7 +91,7 @@ pub async fn run(g: &Global, args: DemoArgs) -> anyhow::Result<ExitCode> {
     println!("== Patches in the store");
     let listed = patch_cmd::list(
         g,
-        &store,
+        store,
         patch_cmd::PatchesArgs {
             state: None,
             release: None,
@@ -101,11 +103,11 @@ pub async fn run(g: &Global, args: DemoArgs) -> anyhow::Result<ExitCode> {
     if args.no_images {
         return Ok(listed);
     }
-    let ready = build_images(g, &store, &catalogue, &loaded.records).await?;
+    let ready = build_images(&ctx, &loaded.records).await?;
     if args.no_vms || ready.is_empty() {
         return Ok(ExitCode::SUCCESS);
     }
-    boot_images(g, &store, &ready, &args.libvirt).await
+    boot_images(g, store, &ready, &args.libvirt).await
 }
 
 /// Boots every ready image on a host agent of this machine (two at a time), runs its
@@ -170,7 +172,9 @@ async fn boot_images(
                 label.clone(),
                 image.node_type.clone(),
             );
-            let patch = image.patch.map(|(id, rev)| (i64::from(id), rev as i32));
+            let patch = image
+                .patch
+                .map(|(id, rev)| (crate::model::PatchId(id), rev as i32));
             let index_cache = g.data_dir().join("index-cache");
             tasks.push(tokio::spawn(async move {
                 let out = crate::vmrun::run(
@@ -181,7 +185,7 @@ async fn boot_images(
                         image: &path,
                         node_type: &node_type,
                         patch,
-                        suite: "all",
+                        suite: crate::model::Suite::All,
                         timeout: std::time::Duration::from_secs(240),
                         memory_mib: 384,
                         orchestrator: None,
@@ -198,16 +202,20 @@ async fn boot_images(
             let (label, out) = t.await?;
             match out {
                 Ok(o) => {
-                    if o.vm.state == "done" {
+                    if o.vm.state == VmState::Done {
                         done += 1;
                     } else {
                         other += 1;
                     }
-                    let passed = o.tests.iter().filter(|t| t.status == "pass").count();
+                    let passed = o
+                        .tests
+                        .iter()
+                        .filter(|t| t.status == TestStatus::Pass)
+                        .count();
                     let failed: Vec<String> = o
                         .tests
                         .iter()
-                        .filter(|t| t.status != "pass")
+                        .filter(|t| t.status != TestStatus::Pass)
                         .map(|t| format!("{}/{} {}", t.suite, t.name, t.status))
                         .collect();
                     println!(
@@ -240,9 +248,7 @@ async fn boot_images(
 
 /// Builds the image of every (platform, node type) of the newest revision of each patch.
 async fn build_images(
-    g: &Global,
-    store: &crate::store::Store,
-    catalogue: &crate::catalogue::Catalogue,
+    ctx: &crate::app::Context,
     records: &[crate::patch::LoadedRecord],
 ) -> anyhow::Result<Vec<(String, certo_imager::ImageRecord)>> {
     use std::collections::BTreeMap;
@@ -257,7 +263,7 @@ async fn build_images(
     println!(
         "   package repositories: building the fixture world (rpmbuild, dpkg-deb, createrepo_c)"
     );
-    let imager = super::image_cmd::imager(g)?;
+    let imager = ctx.imager()?;
     println!(
         "   image cache: {} (repositories: {})",
         imager.store().root().display(),
@@ -267,13 +273,14 @@ async fn build_images(
     let mut images_ready = Vec::new();
     let started = std::time::Instant::now();
     for record in newest.values() {
-        for (platform, node_type) in crate::images::patch_targets(record) {
+        for target in crate::app::patches::targets(record) {
+            let (platform, node_type) = (&target.platform, &target.node_type);
             let label = format!("{} r{} {platform} {node_type}", record.id, record.revision);
-            let req = match crate::images::request(
-                catalogue,
-                &record.release,
-                &platform,
-                &node_type,
+            let req = match crate::app::images::request(
+                ctx,
+                &target.release,
+                platform,
+                node_type,
                 Some(record),
             ) {
                 Ok(r) => r,
@@ -283,7 +290,7 @@ async fn build_images(
                     continue;
                 }
             };
-            match super::image_cmd::build_one(g, store, &imager, &req, &[], true).await? {
+            match super::image_cmd::build_one(ctx, &req, &[], true).await? {
                 Ok(built) => {
                     ready += 1;
                     images_ready.push((label.clone(), built.image.clone()));

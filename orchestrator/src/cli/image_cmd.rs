@@ -1,18 +1,16 @@
 //! `certo image build|plan|ls|gc`: the imager from the command line.
 
 use std::collections::{BTreeSet, HashMap};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use anyhow::Context;
 use certo_imager::{BuildError, Built, Event, Format, ImageRequest, Imager, LayerOutcome, Phase};
 use clap::{Args, Subcommand};
 use serde_json::json;
 
 use super::{EXIT_FAILURE, EXIT_INVALID, Global, print_json};
-use crate::images;
-use crate::patch::PatchRecord;
+use crate::app::{self, Context, OpError};
 
 #[derive(Debug, Args)]
 pub struct ImageArgs {
@@ -100,109 +98,41 @@ pub async fn run(g: &Global, args: ImageArgs) -> anyhow::Result<ExitCode> {
 
 /// The imager over the data directory's cache and the package repositories.
 pub fn imager(g: &Global) -> anyhow::Result<Imager> {
-    let world = world(g)?;
-    let root = g.data_dir().join("imager");
-    Imager::open(&root, &world).map_err(|e| anyhow::anyhow!("opening the image cache: {e}"))
+    Ok(g.context()?.imager()?)
 }
 
 /// The package repository root: --repos, or the fixture world built under the data dir.
 pub fn world(g: &Global) -> anyhow::Result<PathBuf> {
-    if let Some(repos) = &g.repos {
-        return Ok(repos.clone());
-    }
-    let dest = g.data_dir().join("world");
-    std::fs::create_dir_all(g.data_dir())
-        .with_context(|| format!("creating {}", g.data_dir().display()))?;
-    images::build_world(&dest)?;
-    Ok(dest)
+    Ok(g.context()?.world()?)
 }
 
-/// Reads the patch named on the command line (file or stored id).
-async fn load_patch(
-    g: &Global,
-    t: &TargetArgs,
-) -> anyhow::Result<Result<Option<PatchRecord>, String>> {
-    let Some(spec) = &t.patch else {
-        return Ok(Ok(None));
-    };
-    let path = Path::new(spec);
-    if path.exists() {
-        let catalogue = g.catalogue()?;
-        let loaded = crate::ingest::load_files(&[path.to_owned()], &catalogue, || {});
-        if !loaded.errors.is_empty() {
-            let lines: Vec<String> = loaded.errors.iter().map(|d| d.to_string()).collect();
-            return Ok(Err(lines.join("\n")));
-        }
-        let mut records: Vec<PatchRecord> = loaded.records.into_iter().map(|r| r.record).collect();
-        if let Some(id) = t.patch_id {
-            records.retain(|r| r.id == id);
-        }
-        return match records.len() {
-            1 => Ok(Ok(records.pop())),
-            0 => Ok(Err(format!(
-                "{spec}: no record with id {:?}",
-                t.patch_id.unwrap_or(0)
-            ))),
-            n => Ok(Err(format!(
-                "{spec} holds {n} records ({}); choose one with --patch-id",
-                records
-                    .iter()
-                    .map(|r| r.id.to_string())
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            ))),
-        };
-    }
-    let (id, rev) = match spec.split_once('@') {
-        Some((i, r)) => (i, Some(r)),
-        None => (spec.as_str(), None),
-    };
-    let Ok(id) = id.parse::<u64>() else {
-        return Ok(Err(format!(
-            "--patch {spec:?} is neither a file nor a patch number (ID or ID@REVISION)"
-        )));
-    };
-    let rev = match rev.map(str::parse::<u32>) {
+/// The image request of the target named on the command line; `Err` is a refusal.
+async fn request(ctx: &Context, t: &TargetArgs) -> anyhow::Result<Result<ImageRequest, String>> {
+    let patch = match &t.patch {
         None => None,
-        Some(Ok(r)) => Some(r),
-        Some(Err(_)) => {
-            return Ok(Err(format!(
-                "--patch {spec:?}: the revision is not a number"
-            )));
-        }
+        Some(spec) => match app::patches::resolve(ctx, spec, t.patch_id).await {
+            Ok(p) => Some(p),
+            Err(OpError::Refused(e)) => return Ok(Err(e)),
+            Err(OpError::App(e)) => return Err(e.into()),
+        },
     };
-    let store = g.store().await?;
-    Ok(match store.get_patch(id, rev).await? {
-        Some(row) => Ok(Some(row.record)),
-        None => Err(format!("patch {spec} is not stored")),
-    })
-}
-
-async fn request(g: &Global, t: &TargetArgs) -> anyhow::Result<Result<ImageRequest, String>> {
-    let patch = match load_patch(g, t).await? {
-        Ok(p) => p,
-        Err(e) => return Ok(Err(e)),
-    };
-    let catalogue = g.catalogue()?;
-    Ok(images::request(
-        &catalogue,
-        &t.release,
-        &t.platform,
-        &t.node_type,
-        patch.as_ref(),
-    )
-    .map_err(|e| e.to_string()))
+    match app::images::request(ctx, &t.release, &t.platform, &t.node_type, patch.as_ref()) {
+        Ok(r) => Ok(Ok(r)),
+        Err(OpError::Refused(e)) => Ok(Err(e)),
+        Err(OpError::App(e)) => Err(e.into()),
+    }
 }
 
 async fn plan(g: &Global, t: TargetArgs) -> anyhow::Result<ExitCode> {
-    let req = match request(g, &t).await? {
+    let ctx = g.context()?;
+    let req = match request(&ctx, &t).await? {
         Ok(r) => r,
         Err(e) => {
             eprintln!("error: {e}");
             return Ok(ExitCode::from(EXIT_INVALID));
         }
     };
-    let imager = imager(g)?;
+    let imager = ctx.imager()?;
     let planned = {
         let imager = imager.clone();
         let req = req.clone();
@@ -245,11 +175,10 @@ async fn plan(g: &Global, t: TargetArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// Builds one image, recording the result or the failure; shared with `certo demo`.
+/// Builds one image through the application layer, with a spinner on a terminal and
+/// each layer's outcome printed; shared with `certo demo`.
 pub async fn build_one(
-    g: &Global,
-    store: &crate::store::Store,
-    imager: &Imager,
+    ctx: &Context,
     req: &ImageRequest,
     formats: &[Format],
     show_progress: bool,
@@ -259,7 +188,6 @@ pub async fn build_one(
     } else {
         indicatif::ProgressBar::hidden()
     };
-    let _ = g;
     let target = format!(
         "{} {} {}{}",
         req.release,
@@ -271,60 +199,40 @@ pub async fn build_one(
             .unwrap_or_default()
     );
     bar.set_message(format!("{target}: planning"));
-    let result = {
-        let imager = imager.clone();
-        let req = req.clone();
-        let formats = formats.to_vec();
+    let progress = {
         let bar = bar.clone();
-        let target = target.clone();
-        tokio::task::spawn_blocking(move || {
-            imager.build(&req, &formats, &|event| match event {
-                Event::Planned { .. } => {}
-                Event::LayerStarted { label, .. } => {
-                    bar.set_message(format!("{target}: building {label}"));
-                    tracing::info!(target = %target, layer = %label, "building layer");
-                }
-                Event::LayerReady {
-                    kind,
-                    digest,
-                    outcome,
-                    seconds,
-                } => {
-                    let how = match outcome {
-                        LayerOutcome::Cached => "cached",
-                        LayerOutcome::Built => "built",
-                        LayerOutcome::BuiltByOther => "built by another build",
-                    };
-                    tracing::info!(target = %target, layer = ?kind, %digest, outcome = how, seconds, "layer ready");
-                    bar.println(format!(
-                        "  {:<10} {}  {how} ({seconds:.1} s)",
-                        certo_imager::error::layer_name(kind),
-                        &digest.to_hex()[..16]
-                    ));
-                }
-                Event::Exporting { format } => {
-                    bar.set_message(format!("{target}: exporting {}", format.as_str()));
-                }
-            })
-        })
-        .await?
-    };
-    bar.finish_and_clear();
-    match &result {
-        Ok(built) => store.record_build(built).await?,
-        Err(e) => {
-            // Lower layers built before the failure are cache entries: record them.
-            if let Ok(plans) = imager.plan(req) {
-                let layers: Vec<_> = plans
-                    .iter()
-                    .filter_map(|p| imager.store().layer(&p.digest).ok().flatten())
-                    .collect();
-                store.record_layers(&layers).await?;
+        move |event| match event {
+            Event::Planned { .. } => {}
+            Event::LayerStarted { label, .. } => {
+                bar.set_message(format!("{target}: building {label}"));
+                tracing::info!(target = %target, layer = %label, "building layer");
             }
-            store.record_build_failure(req, e).await?;
+            Event::LayerReady {
+                kind,
+                digest,
+                outcome,
+                seconds,
+            } => {
+                let how = match outcome {
+                    LayerOutcome::Cached => "cached",
+                    LayerOutcome::Built => "built",
+                    LayerOutcome::BuiltByOther => "built by another build",
+                };
+                tracing::info!(target = %target, layer = ?kind, %digest, outcome = how, seconds, "layer ready");
+                bar.println(format!(
+                    "  {:<10} {}  {how} ({seconds:.1} s)",
+                    certo_imager::error::layer_name(kind),
+                    &digest.to_hex()[..16]
+                ));
+            }
+            Event::Exporting { format } => {
+                bar.set_message(format!("{target}: exporting {}", format.as_str()));
+            }
         }
-    }
-    Ok(result)
+    };
+    let result = app::images::build(ctx, req, formats, progress).await;
+    bar.finish_and_clear();
+    Ok(result?)
 }
 
 fn spinner() -> indicatif::ProgressBar {
@@ -351,16 +259,15 @@ async fn build(g: &Global, a: BuildArgs) -> anyhow::Result<ExitCode> {
             }
         }
     }
-    let req = match request(g, &a.target).await? {
+    let ctx = g.context()?;
+    let req = match request(&ctx, &a.target).await? {
         Ok(r) => r,
         Err(e) => {
             eprintln!("error: {e}");
             return Ok(ExitCode::from(EXIT_INVALID));
         }
     };
-    let store = g.store().await?;
-    let imager = imager(g)?;
-    match build_one(g, &store, &imager, &req, &formats, !a.target.json).await? {
+    match build_one(&ctx, &req, &formats, !a.target.json).await? {
         Ok(built) => {
             let path = built
                 .image

@@ -14,7 +14,7 @@ mod serve_cmd;
 mod transfer_cmd;
 mod vm_cmd;
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
@@ -120,6 +120,21 @@ impl Global {
         Ok(Store::open(&self.location()).await?)
     }
 
+    /// The plain settings the application layer is built from.
+    pub fn settings(&self) -> crate::app::Settings {
+        crate::app::Settings {
+            data_dir: self.data_dir(),
+            database_url: self.database_url.clone().filter(|u| !u.is_empty()),
+            catalogue: self.catalogue.clone(),
+            repos: self.repos.clone(),
+        }
+    }
+
+    /// The application context over these settings.
+    pub fn context(&self) -> anyhow::Result<crate::app::Context> {
+        Ok(crate::app::Context::new(self.settings())?)
+    }
+
     pub fn catalogue(&self) -> anyhow::Result<Catalogue> {
         Ok(match &self.catalogue {
             Some(path) => Catalogue::from_file(path)?,
@@ -130,8 +145,7 @@ impl Global {
 
 /// The fixture folder shipped with the source tree.
 pub fn default_fixtures_dir() -> PathBuf {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../fixtures");
-    dir.canonicalize().unwrap_or(dir)
+    crate::world::fixtures_dir()
 }
 
 fn init_tracing(verbose: u8) {

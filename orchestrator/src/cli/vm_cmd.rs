@@ -1,6 +1,7 @@
 //! `certo vm run`: boot one VM from an image on one host, run its harness, print the
 //! results, tear it down — how a certifier tries one target by hand.
 
+use crate::model::{TestStatus, VmState};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
@@ -31,9 +32,9 @@ pub struct RunArgs {
     /// The host's agent, e.g. http://10.0.0.2:7310.
     #[arg(long, value_name = "URL")]
     pub agent: String,
-    /// Which tests the harness runs.
-    #[arg(long, default_value = "basic", value_parser = ["basic", "regression", "all"])]
-    pub suite: String,
+    /// Which tests the harness runs: basic, regression or all.
+    #[arg(long, default_value = "basic")]
+    pub suite: crate::model::Suite,
     /// The node type of the image (default: from the image's record when Certo built it).
     #[arg(long)]
     pub node_type: Option<String>,
@@ -114,7 +115,7 @@ pub async fn run(g: &Global, a: VmArgs) -> anyhow::Result<ExitCode> {
     let patch = record
         .as_ref()
         .and_then(|r| r.patch)
-        .map(|(id, rev)| (i64::from(id), rev as i32));
+        .map(|(id, rev)| (crate::model::PatchId(id), rev as i32));
     let store = g.store().await?;
     let json_out = a.json;
     let say = move |s: &str| {
@@ -132,7 +133,7 @@ pub async fn run(g: &Global, a: VmArgs) -> anyhow::Result<ExitCode> {
             image: &path,
             node_type: &node_type,
             patch,
-            suite: &a.suite,
+            suite: a.suite,
             timeout: Duration::from_secs_f64(a.timeout.max(1.0)),
             memory_mib: a.memory,
             orchestrator: a.orchestrator.as_deref(),
@@ -149,7 +150,7 @@ pub async fn run(g: &Global, a: VmArgs) -> anyhow::Result<ExitCode> {
             return Ok(ExitCode::from(EXIT_FAILURE));
         }
     };
-    let all_pass = !out.tests.is_empty() && out.tests.iter().all(|t| t.status == "pass");
+    let all_pass = !out.tests.is_empty() && out.tests.iter().all(|t| t.status == TestStatus::Pass);
     if a.json {
         print_json(&json!({
             "vm": out.vm.name,
@@ -183,7 +184,7 @@ pub async fn run(g: &Global, a: VmArgs) -> anyhow::Result<ExitCode> {
                 t.status, t.suite, t.name, t.seconds
             );
         }
-        if out.vm.state != "done" && !out.serial_tail.is_empty() {
+        if out.vm.state != VmState::Done && !out.serial_tail.is_empty() {
             println!("  serial console (last lines):");
             for l in out
                 .serial_tail
@@ -198,7 +199,7 @@ pub async fn run(g: &Global, a: VmArgs) -> anyhow::Result<ExitCode> {
             }
         }
     }
-    Ok(if out.vm.state == "done" && all_pass {
+    Ok(if out.vm.state == VmState::Done && all_pass {
         ExitCode::SUCCESS
     } else {
         ExitCode::from(EXIT_INVALID)

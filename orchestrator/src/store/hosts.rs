@@ -4,6 +4,7 @@ use chrono::{DateTime, Utc};
 use serde::Serialize;
 
 use super::{Store, StoreError};
+use crate::model::{PatchId, Suite, TestStatus, VmState};
 
 /// A registered host.
 #[derive(Debug, Clone, Serialize)]
@@ -26,11 +27,11 @@ pub struct VmRow {
     pub host: String,
     pub image: String,
     pub node_type: String,
-    pub patch_id: Option<i64>,
+    pub patch_id: Option<PatchId>,
     pub patch_revision: Option<i32>,
     pub attempt: i32,
-    pub suite: String,
-    pub state: String,
+    pub suite: Suite,
+    pub state: VmState,
     pub reason: Option<String>,
     pub hostname: Option<String>,
     pub token_used_up: bool,
@@ -46,7 +47,7 @@ pub struct VmRow {
 pub struct ResultRow {
     pub suite: String,
     pub name: String,
-    pub status: String,
+    pub status: TestStatus,
     pub seconds: f64,
     pub output: String,
 }
@@ -73,9 +74,9 @@ pub struct NewVm<'a> {
     pub host: &'a str,
     pub image: &'a str,
     pub node_type: &'a str,
-    pub patch: Option<(i64, i32)>,
+    pub patch: Option<(PatchId, i32)>,
     pub attempt: i32,
-    pub suite: &'a str,
+    pub suite: Suite,
     pub token_sha256: &'a str,
     pub deadline: DateTime<Utc>,
 }
@@ -280,7 +281,7 @@ impl Store {
         .bind(id)
         .bind(&result.suite)
         .bind(&result.name)
-        .bind(&result.status)
+        .bind(result.status)
         .bind(result.seconds)
         .bind(&result.output)
         .execute(&self.pool)
@@ -293,7 +294,7 @@ impl Store {
     pub async fn finish_vm(
         &self,
         id: i64,
-        state: &str,
+        state: VmState,
         reason: Option<&str>,
         serial_log: Option<&str>,
     ) -> Result<bool, StoreError> {
@@ -349,7 +350,7 @@ impl Store {
 
     /// A VM's results in the order reported.
     pub async fn vm_results(&self, id: i64) -> Result<Vec<ResultRow>, StoreError> {
-        let rows: Vec<(String, String, String, f64, String)> = sqlx::query_as(
+        let rows: Vec<(String, String, TestStatus, f64, String)> = sqlx::query_as(
             "SELECT suite, name, status, seconds, output FROM vm_results WHERE vm_id = $1
              ORDER BY reported_at, suite, name",
         )

@@ -1,5 +1,6 @@
 //! The store's mirror of the imager cache: layers, images, failed builds.
 
+use crate::model::PatchId;
 use certo_imager::{BuildError, Built, ImageRecord, ImageRequest, LayerRecord};
 use chrono::{DateTime, TimeZone, Utc};
 use serde::Serialize;
@@ -87,7 +88,7 @@ impl Store {
         .bind(&request.release)
         .bind(&request.platform.label)
         .bind(&request.node_type)
-        .bind(request.patch.as_ref().map(|p| i64::from(p.id)))
+        .bind(request.patch.as_ref().map(|p| PatchId(p.id)))
         .bind(request.patch.as_ref().map(|p| p.revision as i32))
         .bind(error.layer.map(certo_imager::error::layer_name))
         .bind(error.phase.as_str())
@@ -256,7 +257,7 @@ async fn upsert_image(
     .bind(&image.release)
     .bind(&image.platform)
     .bind(&image.node_type)
-    .bind(image.patch.map(|p| i64::from(p.0)))
+    .bind(image.patch.map(|p| PatchId(p.0)))
     .bind(image.patch.map(|p| p.1 as i32))
     .bind(serde_json::to_value(&image.artefacts).unwrap_or_default())
     .bind(size as i64)

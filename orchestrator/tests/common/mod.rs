@@ -74,7 +74,7 @@ pub fn world() -> PathBuf {
     WORLD
         .get_or_init(|| {
             let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("imager-world");
-            certo::images::build_world(&dir).expect("the fixture world builds");
+            certo::world::build(&dir).expect("the fixture world builds");
             dir
         })
         .clone()

@@ -1,0 +1,169 @@
+//! The application layer: a [`Context`] built from plain [`Settings`], and the operations
+//! the CLI, the coming workers and the API all call. Operations report progress through
+//! callbacks and return typed results; none of them prints.
+//!
+//! - [`patches`]: resolve a patch (a file, or a stored id and revision); expand a patch
+//!   into its targets.
+//! - [`images`]: build one image and record the result or the failure.
+
+pub mod images;
+pub mod patches;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use certo_imager::Imager;
+use tokio::sync::OnceCell;
+
+use crate::catalogue::{Catalogue, CatalogueError};
+use crate::store::{Location, Store, StoreError};
+use crate::world::WorldError;
+
+/// Where Certo keeps its state and what it works from: filled by clap in the binary,
+/// built directly by tests.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// The data directory (embedded cluster, image cache, fixture world, index cache).
+    pub data_dir: PathBuf,
+    /// An existing PostgreSQL database; `None` for the embedded cluster.
+    pub database_url: Option<String>,
+    /// The catalogue file; `None` for the built-in fixture catalogue.
+    pub catalogue: Option<PathBuf>,
+    /// The package repository root; `None` for the fixture world under the data directory.
+    pub repos: Option<PathBuf>,
+}
+
+impl Settings {
+    /// Where the store is: the URL, or the embedded cluster under the data directory.
+    pub fn location(&self) -> Location {
+        match &self.database_url {
+            Some(url) if !url.is_empty() => Location::Url(url.clone()),
+            _ => Location::Embedded(self.data_dir.clone()),
+        }
+    }
+}
+
+/// What an operation could not do for reasons other than its input.
+#[derive(Debug, thiserror::Error)]
+pub enum AppError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Catalogue(#[from] CatalogueError),
+    #[error(transparent)]
+    World(#[from] WorldError),
+    #[error("opening the image cache: {0}")]
+    Imager(certo_imager::BuildError),
+    #[error("{what}: {source}")]
+    Io {
+        what: String,
+        source: std::io::Error,
+    },
+    #[error("a background task failed: {0}")]
+    Task(#[from] tokio::task::JoinError),
+}
+
+/// The application context: settings, the catalogue, and the store, the package
+/// repositories and the imager, each opened on first use.
+#[derive(Debug, Clone)]
+pub struct Context {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    settings: Settings,
+    catalogue: Catalogue,
+    store: OnceCell<Store>,
+    world: std::sync::OnceLock<PathBuf>,
+    imager: std::sync::OnceLock<Imager>,
+}
+
+impl Context {
+    /// A context over `settings`; reads the catalogue (nothing else is opened yet).
+    pub fn new(settings: Settings) -> Result<Self, AppError> {
+        let catalogue = match &settings.catalogue {
+            Some(path) => Catalogue::from_file(path)?,
+            None => Catalogue::builtin(),
+        };
+        Ok(Context {
+            inner: Arc::new(Inner {
+                settings,
+                catalogue,
+                store: OnceCell::new(),
+                world: std::sync::OnceLock::new(),
+                imager: std::sync::OnceLock::new(),
+            }),
+        })
+    }
+
+    pub fn settings(&self) -> &Settings {
+        &self.inner.settings
+    }
+
+    pub fn data_dir(&self) -> &Path {
+        &self.inner.settings.data_dir
+    }
+
+    pub fn catalogue(&self) -> &Catalogue {
+        &self.inner.catalogue
+    }
+
+    /// The store, opened (and the embedded cluster started) on first use.
+    pub async fn store(&self) -> Result<&Store, AppError> {
+        Ok(self
+            .inner
+            .store
+            .get_or_try_init(|| async {
+                let location = self.inner.settings.location();
+                Store::open(&location).await
+            })
+            .await?)
+    }
+
+    /// The package repository root: the settings' one, or the fixture world built under
+    /// the data directory.
+    pub fn world(&self) -> Result<PathBuf, AppError> {
+        if let Some(repos) = &self.inner.settings.repos {
+            return Ok(repos.clone());
+        }
+        if let Some(w) = self.inner.world.get() {
+            return Ok(w.clone());
+        }
+        let data = self.data_dir();
+        std::fs::create_dir_all(data).map_err(|source| AppError::Io {
+            what: format!("creating {}", data.display()),
+            source,
+        })?;
+        let dest = data.join("world");
+        crate::world::build(&dest)?;
+        Ok(self.inner.world.get_or_init(|| dest).clone())
+    }
+
+    /// The imager over the data directory's cache and the package repositories.
+    pub fn imager(&self) -> Result<Imager, AppError> {
+        if let Some(i) = self.inner.imager.get() {
+            return Ok(i.clone());
+        }
+        let world = self.world()?;
+        let imager =
+            Imager::open(&self.data_dir().join("imager"), &world).map_err(AppError::Imager)?;
+        Ok(self.inner.imager.get_or_init(|| imager).clone())
+    }
+}
+
+/// Why an operation did not do what was asked: the input was refused (it must change;
+/// retrying will not help), or Certo could not do its work.
+#[derive(Debug, thiserror::Error)]
+pub enum OpError {
+    #[error("{0}")]
+    Refused(String),
+    #[error(transparent)]
+    App(#[from] AppError),
+}
+
+impl From<StoreError> for OpError {
+    fn from(e: StoreError) -> Self {
+        OpError::App(AppError::Store(e))
+    }
+}

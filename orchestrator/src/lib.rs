@@ -3,7 +3,6 @@
 //! its validation, the store, the application layer ([`app`]) that the command line
 //! and the servers call, and the command line.
 
-pub mod agent_vms;
 pub mod app;
 pub mod catalogue;
 pub mod cli;

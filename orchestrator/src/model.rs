@@ -123,19 +123,8 @@ impl VmState {
     }
 }
 
-state_enum! {
-    /// A VM as its host agent sees the domain.
-    HostVmState {
-        /// The domain runs.
-        Running = "running",
-        /// The domain ended (powered off, crashed) or was destroyed.
-        Ended = "ended",
-        /// The host's own deadline passed: the agent destroyed it.
-        TimedOut = "timed_out",
-        /// The agent knows no such VM.
-        Gone = "gone",
-    }
-}
+/// A VM as its host agent sees the domain (the agent protocol's own type).
+pub use certo_proto::agent::HostVmState;
 
 state_enum! {
     /// Which test suites a VM runs.
@@ -243,7 +232,6 @@ mod tests {
             }
         }
         check(VmState::ALL);
-        check(HostVmState::ALL);
         check(Suite::ALL);
         check(TestStatus::ALL);
         check(ServiceStatus::ALL);

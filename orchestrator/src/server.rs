@@ -22,9 +22,8 @@ use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use serde::Deserialize;
+use certo_proto::host::{HeartbeatReply, Registered, Registration};
 use serde_json::json;
-use sha2::{Digest, Sha256};
 
 use crate::store::{RegisterError, ResultRow, Store, VmRow};
 
@@ -37,18 +36,14 @@ pub struct Server {
     pub store: Store,
 }
 
-/// SHA-256 of a token, hex.
+/// SHA-256 of a token, hex (what the store keeps instead of the token).
 pub fn token_digest(token: &str) -> String {
-    hex::encode(Sha256::digest(token.as_bytes()))
+    certo_proto::token::digest(token)
 }
 
 /// Equal in time independent of where the strings differ (secrets).
-pub(crate) fn same(a: &str, b: &str) -> bool {
-    a.len() == b.len()
-        && a.bytes()
-            .zip(b.bytes())
-            .fold(0u8, |acc, (x, y)| acc | (x ^ y))
-            == 0
+fn same(a: &str, b: &str) -> bool {
+    certo_proto::token::same(a.as_bytes(), b.as_bytes())
 }
 
 /// A new random token: 32 bytes from the kernel, hex.
@@ -63,9 +58,8 @@ fn bearer(headers: &HeaderMap) -> Option<&str> {
     headers
         .get(axum::http::header::AUTHORIZATION)?
         .to_str()
-        .ok()?
-        .strip_prefix("Bearer ")
-        .map(str::trim)
+        .ok()
+        .and_then(certo_proto::token::bearer)
 }
 
 fn text(status: StatusCode, body: impl Into<String>) -> Response {
@@ -176,16 +170,6 @@ async fn list_hosts(State(s): State<Arc<Server>>) -> Response {
     }
 }
 
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct Registration {
-    agent_url: String,
-    libvirt_uri: String,
-    slots: i32,
-    memory_mib: i64,
-    vcpus: i32,
-}
-
 async fn register_host(
     State(s): State<Arc<Server>>,
     Path(name): Path<String>,
@@ -219,7 +203,7 @@ async fn register_host(
     {
         Ok(()) => {
             tracing::info!(host = %name, agent = %reg.agent_url, slots = reg.slots, "host registered");
-            axum::Json(json!({"registered": name})).into_response()
+            axum::Json(Registered { registered: name }).into_response()
         }
         Err(e) => internal(e),
     }
@@ -234,7 +218,7 @@ async fn heartbeat(
         return r;
     }
     match s.store.heartbeat(&name).await {
-        Ok(live) => axum::Json(json!({"live_vms": live})).into_response(),
+        Ok(live_vms) => axum::Json(HeartbeatReply { live_vms }).into_response(),
         Err(e) => internal(e),
     }
 }

@@ -8,9 +8,9 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
+use certo_proto::agent::{BootRequest, GuestSpec};
 use chrono::Utc;
-use serde::{Deserialize, Serialize};
-use serde_json::json;
+use serde::Serialize;
 
 use crate::server::{self, Server};
 use crate::store::{NewVm, ResultRow, Store, VmRow};
@@ -18,16 +18,8 @@ use crate::store::{NewVm, ResultRow, Store, VmRow};
 /// How long the agent may stay silent before a run is declared lost.
 pub const AGENT_SILENCE: Duration = Duration::from_secs(8);
 
-/// What the agent says about a VM.
-#[derive(Debug, Clone, Deserialize, Serialize)]
-pub struct AgentVm {
-    pub name: String,
-    pub state: HostVmState,
-    #[serde(default)]
-    pub serial_log: Option<String>,
-    #[serde(default)]
-    pub serial_tail: String,
-}
+/// What the agent says about a VM (the agent protocol's message).
+pub type AgentVm = certo_proto::agent::VmStatus;
 
 /// A client of one agent's VM API (the host token authenticates).
 #[derive(Debug, Clone)]
@@ -52,20 +44,18 @@ impl Agent {
         })
     }
 
-    async fn call(
+    async fn call<T: serde::de::DeserializeOwned>(
         &self,
         method: reqwest::Method,
         path: &str,
-        body: Option<serde_json::Value>,
-    ) -> anyhow::Result<serde_json::Value> {
+        body: Option<Vec<u8>>,
+    ) -> anyhow::Result<T> {
         let mut req = self
             .http
             .request(method, format!("{}{path}", self.base))
             .header("authorization", format!("Bearer {}", self.token));
         if let Some(b) = body {
-            req = req
-                .header("content-type", "application/json")
-                .body(serde_json::to_vec(&b)?);
+            req = req.header("content-type", "application/json").body(b);
         }
         let resp = req.send().await.map_err(|e| agent_err(path, e))?;
         let status = resp.status();
@@ -76,36 +66,35 @@ impl Agent {
                 String::from_utf8_lossy(&bytes).trim()
             );
         }
-        Ok(serde_json::from_slice(&bytes).unwrap_or(serde_json::Value::Null))
+        serde_json::from_slice(&bytes)
+            .map_err(|e| agent_err(path, format!("unreadable answer: {e}")))
     }
 
     /// The agent's name and capacity.
-    pub async fn info(&self) -> anyhow::Result<serde_json::Value> {
+    pub async fn info(&self) -> anyhow::Result<certo_proto::agent::HostInfo> {
         self.call(reqwest::Method::GET, "/v1/info", None).await
     }
 
     /// Boots a VM from a repository image.
-    pub async fn boot(&self, spec: &serde_json::Value) -> anyhow::Result<AgentVm> {
-        let v = self
-            .call(reqwest::Method::POST, "/v1/vms", Some(spec.clone()))
-            .await?;
-        Ok(serde_json::from_value(v)?)
+    pub async fn boot(&self, spec: &BootRequest) -> anyhow::Result<AgentVm> {
+        self.call(
+            reqwest::Method::POST,
+            "/v1/vms",
+            Some(serde_json::to_vec(spec)?),
+        )
+        .await
     }
 
     /// The VM's state and the tail of its serial console.
     pub async fn status(&self, name: &str) -> anyhow::Result<AgentVm> {
-        let v = self
-            .call(reqwest::Method::GET, &format!("/v1/vms/{name}"), None)
-            .await?;
-        Ok(serde_json::from_value(v)?)
+        self.call(reqwest::Method::GET, &format!("/v1/vms/{name}"), None)
+            .await
     }
 
     /// Destroys the VM (its serial log stays).
     pub async fn destroy(&self, name: &str) -> anyhow::Result<AgentVm> {
-        let v = self
-            .call(reqwest::Method::DELETE, &format!("/v1/vms/{name}"), None)
-            .await?;
-        Ok(serde_json::from_value(v)?)
+        self.call(reqwest::Method::DELETE, &format!("/v1/vms/{name}"), None)
+            .await
     }
 }
 
@@ -165,10 +154,7 @@ pub async fn run(
 ) -> anyhow::Result<VmOutcome> {
     let agent = Agent::new(agent_url, token)?;
     let info = agent.info().await?;
-    let host = info["name"]
-        .as_str()
-        .ok_or_else(|| anyhow::anyhow!("the agent at {agent_url} did not say its name"))?
-        .to_owned();
+    let host = info.name;
     // The host's credential is the token the agent was started with.
     match store.host_token(&host).await? {
         None => {
@@ -263,19 +249,22 @@ async fn run_inner(
             deadline,
         })
         .await?;
-    let spec = json!({
-        "name": name,
-        "image": image_name,
-        "memory_mib": req.memory_mib,
-        "vcpus": 1,
+    let spec = BootRequest {
+        name: name.clone(),
+        image: image_name.clone(),
+        memory_mib: u64::from(req.memory_mib),
+        vcpus: 1,
         // The host's own deadline is a backstop a little after the orchestrator's.
-        "deadline_seconds": req.timeout.as_secs_f64() + 5.0,
-        "guest": {
-            "url": callback, "vm": name, "token": token,
-            "hang": req.fault == Some("hang"), "panic": req.fault == Some("panic"),
-            "crash": req.fault == Some("crash"),
+        deadline_seconds: req.timeout.as_secs_f64() + 5.0,
+        guest: GuestSpec {
+            url: callback.to_string(),
+            vm: name.clone(),
+            token: token.clone(),
+            hang: req.fault == Some("hang"),
+            panic: req.fault == Some("panic"),
+            crash: req.fault == Some("crash"),
         },
-    });
+    };
     say(&format!("booting {name} on {host}"));
     let booted = agent.boot(&spec).await;
     let booted = match booted {
@@ -475,5 +464,5 @@ fn image_name(path: &Path) -> anyhow::Result<String> {
 /// `certo-r<RUN>-<target>-a<ATTEMPT>`: unique per run and attempt, so a retry never
 /// collides and a restarted agent recognises its own domains.
 pub fn vm_name(run: i64, target: &str, attempt: u32) -> String {
-    certo_hosts::domain_name::DomainName::new(run.max(0) as u64, target, attempt).to_string()
+    certo_proto::domain::DomainName::new(run.max(0) as u64, target, attempt).to_string()
 }

@@ -19,8 +19,6 @@
 
 use std::io::Read;
 
-use sha2::{Digest, Sha256};
-
 use crate::block_index::{MAX_BLOCK_LEN, PREFIX_LEN, sha256};
 
 /// Magic opening a decompressed batch (version 2).
@@ -285,12 +283,7 @@ impl Batch {
 /// Compares a presented token with the expected one in time independent of where they
 /// differ (both are hashed first, so lengths do not leak either).
 pub fn token_matches(presented: &[u8], expected: &[u8]) -> bool {
-    let a: [u8; 32] = Sha256::digest(presented).into();
-    let b: [u8; 32] = Sha256::digest(expected).into();
-    a.iter()
-        .zip(b.iter())
-        .fold(0u8, |acc, (x, y)| acc | (x ^ y))
-        == 0
+    certo_proto::token::same(presented, expected)
 }
 
 #[cfg(test)]

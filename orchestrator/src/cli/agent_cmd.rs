@@ -1,12 +1,13 @@
-//! `certo agent`: serves a host's image repository over HTTP (the host side of transfers).
+//! `certo agent`: the host daemon (`certo-agent`): the host's image repository and VM
+//! routes, registration and heartbeats.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::Arc;
 
 use anyhow::{Context, bail};
-use certo_transfer::{Repository, Token};
+use certo_agent::AgentSettings;
+use certo_transfer::Token;
 use clap::Args;
 
 use super::Global;
@@ -67,37 +68,11 @@ pub async fn run(_g: &Global, args: AgentArgs) -> anyhow::Result<ExitCode> {
             ),
         },
     };
-    let repo_dir = args.repo.clone();
-    let (repo, report) = tokio::task::spawn_blocking(move || Repository::open(&repo_dir))
-        .await?
-        .with_context(|| format!("opening the image repository {}", args.repo.display()))?;
-    let listener = tokio::net::TcpListener::bind(args.listen)
-        .await
-        .with_context(|| format!("listening on {}", args.listen))?;
-    let addr = listener.local_addr()?;
-    tracing::info!(
-        %addr,
-        repo = %args.repo.display(),
-        blocks = report.blocks,
-        images = report.images,
-        "agent listening"
-    );
-    let repo = Arc::new(repo);
     let name = match &args.name {
         Some(n) => n.clone(),
         None => std::fs::read_to_string("/etc/hostname")
             .map(|s| s.trim().to_owned())
             .unwrap_or_else(|_| "host".to_owned()),
-    };
-    let hv: Arc<dyn certo_hosts::hypervisor::Hypervisor> = {
-        let uri = args.libvirt.clone();
-        Arc::new(
-            tokio::task::spawn_blocking(move || {
-                certo_hosts::hypervisor::LibvirtHypervisor::connect(&uri)
-            })
-            .await?
-            .with_context(|| format!("connecting to libvirt at {}", args.libvirt))?,
-        )
     };
     let vm_dir = args.vm_dir.clone().unwrap_or_else(|| {
         let base = args
@@ -107,53 +82,20 @@ pub async fn run(_g: &Global, args: AgentArgs) -> anyhow::Result<ExitCode> {
             .unwrap_or_default();
         base.join(format!("{name}-vms"))
     });
-    std::fs::create_dir_all(&vm_dir).with_context(|| format!("creating {}", vm_dir.display()))?;
-    let vms = Arc::new(crate::agent_vms::Vms::new(
-        name.clone(),
-        hv,
-        repo.clone(),
-        vm_dir.join("vms"),
-        vm_dir.join("boot"),
-        args.slots,
-        args.memory_mib,
-        args.vcpus,
-        token.secret().to_owned(),
-    ));
-    {
-        let v = vms.clone();
-        tokio::task::spawn_blocking(move || v.adopt_running()).await?;
-    }
-    // Watch VMs: mark ended ones, destroy overdue ones.
-    {
-        let v = vms.clone();
-        tokio::spawn(async move {
-            loop {
-                let v2 = v.clone();
-                let _ = tokio::task::spawn_blocking(move || v2.watch_once()).await;
-                tokio::time::sleep(std::time::Duration::from_secs(1)).await;
-            }
-        });
-    }
-    if let Some(orch) = args.orchestrator.clone() {
-        let advertise = args
-            .advertise
-            .clone()
-            .unwrap_or_else(|| format!("http://{addr}"));
-        tokio::spawn(heartbeats(
-            orch,
-            name.clone(),
-            token.secret().to_owned(),
-            advertise,
-            args.libvirt.clone(),
-            vms.clone(),
-            std::time::Duration::from_secs_f64(args.heartbeat.max(0.2)),
-        ));
-    }
-    let router = certo_transfer::router(repo, token).merge(crate::agent_vms::router(vms));
-    // The first line on stdout tells scripts and tests where to connect; it is printed only
-    // once everything the agent needs (repository, libvirt) is ready, so a waiting script
-    // never connects to an agent that is about to exit.
-    println!("listening on http://{addr}");
+    let settings = AgentSettings {
+        listen: args.listen,
+        repo: args.repo,
+        token,
+        name,
+        libvirt: args.libvirt,
+        slots: args.slots,
+        memory_mib: args.memory_mib,
+        vcpus: args.vcpus,
+        vm_dir,
+        orchestrator: args.orchestrator,
+        advertise: args.advertise,
+        heartbeat: std::time::Duration::from_secs_f64(args.heartbeat.max(0.2)),
+    };
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .context("installing the SIGTERM handler")?;
     let shutdown = async move {
@@ -161,74 +103,13 @@ pub async fn run(_g: &Global, args: AgentArgs) -> anyhow::Result<ExitCode> {
             _ = tokio::signal::ctrl_c() => {}
             _ = term.recv() => {}
         }
-        tracing::info!("agent stopping");
     };
-    certo_transfer::server::serve(listener, router, shutdown)
-        .await
-        .context("serving HTTP")?;
+    // The first line on stdout tells scripts and tests where to connect.
+    certo_agent::run(
+        settings,
+        |addr| println!("listening on http://{addr}"),
+        shutdown,
+    )
+    .await?;
     Ok(ExitCode::SUCCESS)
-}
-
-/// Registers with the orchestrator (retrying), then sends heartbeats; each answer lists the
-/// host's live VMs and every other Certo domain is reaped.
-async fn heartbeats(
-    orchestrator: String,
-    name: String,
-    token: String,
-    advertise: String,
-    libvirt: String,
-    vms: Arc<crate::agent_vms::Vms>,
-    every: std::time::Duration,
-) {
-    let http = reqwest::Client::new();
-    let base = orchestrator.trim_end_matches('/').to_owned();
-    let mut registered = false;
-    loop {
-        if !registered {
-            let body = serde_json::json!({
-                "agent_url": advertise, "libvirt_uri": libvirt, "slots": vms.slots,
-                "memory_mib": vms.memory_mib, "vcpus": vms.vcpus,
-            });
-            match http
-                .post(format!("{base}/api/v1/hosts/{name}/register"))
-                .header("authorization", format!("Bearer {token}"))
-                .header("content-type", "application/json")
-                .body(body.to_string())
-                .send()
-                .await
-            {
-                Ok(r) if r.status().is_success() => {
-                    registered = true;
-                    tracing::info!(host = %name, orchestrator = %base, "registered");
-                }
-                Ok(r) => tracing::warn!(host = %name, status = %r.status(), "registration refused"),
-                Err(e) => tracing::warn!(host = %name, error = %e, "orchestrator unreachable"),
-            }
-        }
-        if registered {
-            let answer = http
-                .post(format!("{base}/api/v1/hosts/{name}/heartbeat"))
-                .header("authorization", format!("Bearer {token}"))
-                .send()
-                .await;
-            match answer {
-                Ok(r) if r.status().is_success() => {
-                    let body = r.bytes().await.unwrap_or_default();
-                    let live: Vec<String> = serde_json::from_slice::<serde_json::Value>(&body)
-                        .ok()
-                        .and_then(|v| serde_json::from_value(v["live_vms"].clone()).ok())
-                        .unwrap_or_default();
-                    let v = vms.clone();
-                    if let Ok(gone) = tokio::task::spawn_blocking(move || v.reap(&live)).await
-                        && !gone.is_empty()
-                    {
-                        tracing::info!(reaped = ?gone, "destroyed domains no live run owns");
-                    }
-                }
-                Ok(r) => tracing::warn!(host = %name, status = %r.status(), "heartbeat refused"),
-                Err(e) => tracing::warn!(host = %name, error = %e, "heartbeat failed"),
-            }
-        }
-        tokio::time::sleep(every).await;
-    }
 }

@@ -1,4 +1,4 @@
-//! The agent's VM side: boot a VM from a repository image on the orchestrator's request,
+//! The host agent's VM side: boot a VM from a repository image on the orchestrator's request,
 //! watch it until it ends or its deadline passes, tear it down, and reap domains that no
 //! live run owns. Routes (all behind the host's token):
 //!
@@ -7,7 +7,6 @@
 //! - `GET /v1/vms/{name}`: state (`running`, `ended`, `timed_out`, `gone`) and serial tail
 //! - `DELETE /v1/vms/{name}`: destroy (the serial log stays)
 
-use crate::model::HostVmState;
 use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
@@ -22,9 +21,8 @@ use certo_hosts::boot::{BootAssets, BootInputs};
 use certo_hosts::domain_name::DomainName;
 use certo_hosts::guest::GuestConfig;
 use certo_hosts::hypervisor::{DomainSpec, Hypervisor, HypervisorKind, Network, Persistence};
+use certo_proto::agent::{BootRequest, GuestSpec, HostInfo, HostVmState, VmStatus};
 use certo_transfer::Repository;
-use serde::Deserialize;
-use serde_json::json;
 
 /// What the agent knows of one VM it booted.
 #[derive(Debug, Clone)]
@@ -32,7 +30,6 @@ struct Entry {
     serial_log: PathBuf,
     overlay: PathBuf,
     deadline: Instant,
-    /// `running`, `ended`, `timed_out`.
     state: HostVmState,
 }
 
@@ -50,40 +47,6 @@ pub struct Vms {
     assets: Mutex<Option<BootAssets>>,
     vms: Mutex<HashMap<String, Entry>>,
     token: String,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct BootRequest {
-    name: String,
-    image: String,
-    #[serde(default = "default_memory")]
-    memory_mib: u64,
-    #[serde(default = "one")]
-    vcpus: u32,
-    deadline_seconds: f64,
-    guest: GuestRequest,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct GuestRequest {
-    url: String,
-    vm: String,
-    token: String,
-    #[serde(default)]
-    hang: bool,
-    #[serde(default)]
-    panic: bool,
-    #[serde(default)]
-    crash: bool,
-}
-
-fn default_memory() -> u64 {
-    384
-}
-fn one() -> u32 {
-    1
 }
 
 fn text(status: StatusCode, body: impl Into<String>) -> Response {
@@ -134,7 +97,7 @@ impl Vms {
         &self.hv
     }
 
-    fn boot_assets(&self) -> anyhow::Result<(PathBuf, PathBuf)> {
+    fn boot_assets(&self) -> Result<(PathBuf, PathBuf), String> {
         if self.hv.kind() == HypervisorKind::Test {
             // libvirt's test driver boots nothing: it needs names, not a kernel.
             return Ok((
@@ -145,18 +108,17 @@ impl Vms {
         let mut cached = self
             .assets
             .lock()
-            .map_err(|_| anyhow::anyhow!("boot assets lock poisoned"))?;
+            .map_err(|_| "boot assets lock poisoned".to_owned())?;
         if cached.is_none() {
-            let inputs = BootInputs::host()?;
-            *cached = Some(BootAssets::prepare(&self.assets_dir, &inputs)?);
+            let inputs = BootInputs::host().map_err(|e| e.to_string())?;
+            *cached =
+                Some(BootAssets::prepare(&self.assets_dir, &inputs).map_err(|e| e.to_string())?);
         }
-        let a = cached
-            .as_ref()
-            .ok_or_else(|| anyhow::anyhow!("no boot assets"))?;
+        let a = cached.as_ref().ok_or_else(|| "no boot assets".to_owned())?;
         Ok((a.vmlinux.clone(), a.initramfs.clone()))
     }
 
-    fn boot(&self, req: BootRequest) -> Result<serde_json::Value, (StatusCode, String)> {
+    fn boot(&self, req: BootRequest) -> Result<VmStatus, (StatusCode, String)> {
         let bad = |m: String| (StatusCode::BAD_REQUEST, m);
         let parsed = DomainName::parse(&req.name)
             .ok_or_else(|| bad(format!("{:?} is not a Certo domain name", req.name)))?;
@@ -222,7 +184,7 @@ impl Vms {
         let (kernel, initramfs) = self.boot_assets().map_err(|e| {
             (
                 StatusCode::INTERNAL_SERVER_ERROR,
-                format!("boot assets: {e:#}"),
+                format!("boot assets: {e}"),
             )
         })?;
         let mut guest = GuestConfig::user_network(&req.guest.url, &req.guest.vm, &req.guest.token);
@@ -281,9 +243,13 @@ impl Vms {
             let (name, serial2) = (req.name.clone(), serial.clone());
             std::thread::spawn(move || simulated_guest(hv, &name, &req.guest, &serial2));
         }
-        Ok(
-            json!({"name": req.name, "state": HostVmState::Running, "serial_log": serial, "serial_tail": ""}),
-        )
+        Ok(VmStatus {
+            name: req.name,
+            state: HostVmState::Running,
+            serial_log: Some(serial.display().to_string()),
+            serial_tail: String::new(),
+            destroyed: None,
+        })
     }
 
     /// One watch round: ended domains are marked, overdue ones destroyed.
@@ -321,18 +287,27 @@ impl Vms {
         }
     }
 
-    fn status(&self, name: &str) -> serde_json::Value {
+    fn status(&self, name: &str) -> VmStatus {
         let entry = self.vms.lock().ok().and_then(|v| v.get(name).cloned());
         match entry {
-            Some(e) => json!({
-                "name": name, "state": e.state, "serial_log": e.serial_log,
-                "serial_tail": tail(&e.serial_log, 8192),
-            }),
-            None => json!({"name": name, "state": HostVmState::Gone, "serial_tail": ""}),
+            Some(e) => VmStatus {
+                name: name.to_owned(),
+                state: e.state,
+                serial_log: Some(e.serial_log.display().to_string()),
+                serial_tail: tail(&e.serial_log, 8192),
+                destroyed: None,
+            },
+            None => VmStatus {
+                name: name.to_owned(),
+                state: HostVmState::Gone,
+                serial_log: None,
+                serial_tail: String::new(),
+                destroyed: None,
+            },
         }
     }
 
-    fn destroy(&self, name: &str) -> Result<serde_json::Value, (StatusCode, String)> {
+    fn destroy(&self, name: &str) -> Result<VmStatus, (StatusCode, String)> {
         let destroyed = match self.hv.destroy(name) {
             Ok(d) => d,
             // It ended between the lookup and the destroy: nothing left to tear down.
@@ -351,47 +326,32 @@ impl Vms {
             }
         }
         tracing::info!(vm = name, destroyed, "VM torn down");
-        let mut v = self.status(name);
-        v["destroyed"] = json!(destroyed);
-        Ok(v)
+        Ok(VmStatus {
+            destroyed: Some(destroyed),
+            ..self.status(name)
+        })
     }
 
-    /// Whether a domain is this agent's: it booted it (and so made its directory). Several
-    /// agents may share one hypervisor; each reaps only its own domains.
+    /// Whether a domain is this agent's: it booted it (its metadata names this agent).
+    /// Several agents may share one hypervisor; each reaps only its own domains.
     fn owns(&self, d: &certo_hosts::hypervisor::DomainStatus) -> bool {
         DomainName::parse(&d.name).is_some() && d.owner.as_deref() == Some(self.name.as_str())
     }
 
-    /// Destroys every domain of this agent whose run is not live (names from the orchestrator).
+    /// Destroys every domain of this agent whose run is not live (names from the
+    /// orchestrator's heartbeat answer), through `certo_hosts::domain_name::reap_owned`.
     pub fn reap(&self, live: &[String]) -> Vec<String> {
         let runs: HashSet<u64> = live
             .iter()
             .filter_map(|n| DomainName::parse(n).map(|d| d.run))
             .collect();
-        let list = match self.hv.list() {
-            Ok(l) => l,
+        let gone = match certo_hosts::domain_name::reap_owned(self.hv.as_ref(), &self.name, &runs) {
+            Ok(gone) => gone,
             Err(e) => {
-                tracing::warn!(error = %e, "listing domains to reap failed");
+                tracing::warn!(error = %e, "reaping domains no live run owns failed");
                 return Vec::new();
             }
         };
-        let mut gone = Vec::new();
-        for d in list {
-            let Some(parsed) = DomainName::parse(&d.name) else {
-                continue;
-            };
-            if !self.owns(&d) || runs.contains(&parsed.run) {
-                continue;
-            }
-            match self.hv.destroy(&d.name) {
-                Ok(true) => {
-                    tracing::info!(vm = %d.name, run = parsed.run, "reaped a domain no live run owns");
-                    gone.push(d.name.clone());
-                }
-                Ok(false) => {}
-                Err(e) => tracing::warn!(vm = %d.name, error = %e, "reaping failed"),
-            }
-        }
         if let Ok(mut vms) = self.vms.lock() {
             for n in &gone {
                 if let Some(e) = vms.get_mut(n) {
@@ -432,9 +392,9 @@ fn authorized(vms: &Vms, headers: &HeaderMap) -> bool {
     let got = headers
         .get(axum::http::header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
+        .and_then(certo_proto::token::bearer)
         .unwrap_or("");
-    crate::server::same(got, &vms.token)
+    certo_proto::token::same(got.as_bytes(), vms.token.as_bytes())
 }
 
 /// The VM routes, to merge with the repository's.
@@ -450,10 +410,13 @@ async fn info(State(v): State<Arc<Vms>>, headers: HeaderMap) -> Response {
     if !authorized(&v, &headers) {
         return text(StatusCode::UNAUTHORIZED, "a valid host token is required\n");
     }
-    axum::Json(json!({
-        "name": v.name, "hypervisor": v.hv.kind().as_str(), "slots": v.slots,
-        "memory_mib": v.memory_mib, "vcpus": v.vcpus,
-    }))
+    axum::Json(HostInfo {
+        name: v.name.clone(),
+        hypervisor: v.hv.kind().as_str().to_owned(),
+        slots: v.slots,
+        memory_mib: v.memory_mib,
+        vcpus: v.vcpus,
+    })
     .into_response()
 }
 
@@ -542,7 +505,7 @@ fn qemu_user() -> Option<(u32, u32)> {
 fn simulated_guest(
     hv: Arc<dyn Hypervisor>,
     name: &str,
-    guest: &GuestRequest,
+    guest: &GuestSpec,
     serial: &std::path::Path,
 ) {
     use std::io::Write;

@@ -1,0 +1,99 @@
+//! Orchestrator ↔ host agent: the VM routes (`/v1/info`, `/v1/vms`, `/v1/vms/{name}`).
+
+use serde::{Deserialize, Serialize};
+
+/// What the orchestrator asks an agent to boot (`POST /v1/vms`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BootRequest {
+    /// The domain name (`certo-r<RUN>-<TARGET>-a<ATTEMPT>`).
+    pub name: String,
+    /// The repository image to boot (a qcow2 overlay keeps it pristine).
+    pub image: String,
+    #[serde(default = "default_memory")]
+    pub memory_mib: u64,
+    #[serde(default = "one")]
+    pub vcpus: u32,
+    /// The host's own deadline, a backstop after the orchestrator's.
+    pub deadline_seconds: f64,
+    pub guest: GuestSpec,
+}
+
+fn default_memory() -> u64 {
+    512
+}
+
+fn one() -> u32 {
+    1
+}
+
+/// What the guest harness is told: where the orchestrator is, its VM name and token, and
+/// faults to inject (tests).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GuestSpec {
+    pub url: String,
+    pub vm: String,
+    pub token: String,
+    #[serde(default)]
+    pub hang: bool,
+    #[serde(default)]
+    pub panic: bool,
+    #[serde(default)]
+    pub crash: bool,
+}
+
+/// A VM as its agent sees the domain.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum HostVmState {
+    /// The domain runs.
+    Running,
+    /// The domain ended (powered off, crashed) or was destroyed.
+    Ended,
+    /// The host's own deadline passed: the agent destroyed it.
+    TimedOut,
+    /// The agent knows no such VM.
+    Gone,
+}
+
+impl HostVmState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            HostVmState::Running => "running",
+            HostVmState::Ended => "ended",
+            HostVmState::TimedOut => "timed_out",
+            HostVmState::Gone => "gone",
+        }
+    }
+}
+
+impl std::fmt::Display for HostVmState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// The agent's answer about one VM (boot, status, destroy).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct VmStatus {
+    pub name: String,
+    pub state: HostVmState,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub serial_log: Option<String>,
+    #[serde(default)]
+    pub serial_tail: String,
+    /// With a destroy: whether a running domain was destroyed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub destroyed: Option<bool>,
+}
+
+/// The agent's name, hypervisor and capacity (`GET /v1/info`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct HostInfo {
+    pub name: String,
+    pub hypervisor: String,
+    pub slots: usize,
+    pub memory_mib: u64,
+    pub vcpus: u32,
+}

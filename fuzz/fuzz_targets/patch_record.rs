@@ -5,8 +5,8 @@
 
 use std::sync::OnceLock;
 
-use certo::catalogue::Catalogue;
-use certo::patch::{self, SourceFormat};
+use certo_orchestrator::catalogue::Catalogue;
+use certo_orchestrator::patch::{self, SourceFormat};
 use libfuzzer_sys::fuzz_target;
 
 fn catalogue() -> &'static Catalogue {

@@ -1,11 +1,11 @@
 //! Certo: certifies patches of grid middleware releases on virtual machines it
-//! builds, ships and boots. This crate is the orchestrator: the patch model and
-//! its validation, the store, the application layer ([`app`]) that the command line
-//! and the servers call, and the command line.
+//! builds, ships and boots. This crate is the orchestrator library: the patch model and
+//! its validation, the store (the only SQL), the application layer ([`app`]) that the
+//! `certo` binary (package `certo`, `cli/`) and the servers call, and the servers. It
+//! never links libvirt: the host side is `certo-agent`.
 
 pub mod app;
 pub mod catalogue;
-pub mod cli;
 pub mod images;
 pub mod ingest;
 pub mod model;

@@ -2,7 +2,7 @@
 //! under this host's hypervisor, one at a time and N at once, through the real agent,
 //! transfer, libvirt, guest harness and PostgreSQL.
 
-use crate::model::VmState;
+use certo_orchestrator::model::VmState;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
@@ -11,7 +11,7 @@ use serde_json::json;
 
 use super::bench_cmd::median;
 use super::{Global, print_json};
-use crate::vmrun::{self, VmRequest};
+use certo_orchestrator::vmrun::{self, VmRequest};
 
 #[derive(Debug, clap::Args)]
 pub struct VmBenchArgs {
@@ -65,7 +65,7 @@ pub async fn run(g: &Global, a: VmBenchArgs) -> anyhow::Result<ExitCode> {
                             image: &image,
                             node_type: &nt,
                             patch: None,
-                            suite: crate::model::Suite::Basic,
+                            suite: certo_orchestrator::model::Suite::Basic,
                             timeout: Duration::from_secs(600),
                             memory_mib: 384,
                             orchestrator: None,

@@ -10,7 +10,7 @@ use anyhow::Context;
 use clap::{Args, Subcommand};
 
 use super::{EXIT_INVALID, Global, print_json};
-use crate::server::{self, Server};
+use certo_orchestrator::server::{self, Server};
 
 #[derive(Debug, Args)]
 pub struct ServeArgs {

@@ -5,9 +5,9 @@ mod common;
 
 use std::collections::BTreeSet;
 
-use certo::catalogue::Catalogue;
-use certo::ingest;
-use certo::patch::SourceFormat;
+use certo_orchestrator::catalogue::Catalogue;
+use certo_orchestrator::ingest;
+use certo_orchestrator::patch::SourceFormat;
 
 #[test]
 fn valid_fixtures_cover_the_matrix_in_all_three_forms() {
@@ -102,7 +102,7 @@ fn every_malformed_fixture_gives_its_expected_errors() {
     for file in &files {
         let name = file.file_name().and_then(|n| n.to_str()).expect("name");
         let bytes = std::fs::read(file).expect("read");
-        let errors = certo::patch::load(name, &bytes, None, &catalogue)
+        let errors = certo_orchestrator::patch::load(name, &bytes, None, &catalogue)
             .expect_err(&format!("{name} was accepted"));
         assert!(!errors.is_empty());
         actual.extend(errors.iter().map(|e| e.to_string()));
@@ -114,11 +114,11 @@ fn every_malformed_fixture_gives_its_expected_errors() {
 fn oversized_files_are_refused_before_parsing() {
     let catalogue = Catalogue::builtin();
     let mut big = String::from("Patch: 1\nDescription:\n");
-    while big.len() <= certo::patch::limits::MAX_FILE_BYTES {
+    while big.len() <= certo_orchestrator::patch::limits::MAX_FILE_BYTES {
         big.push_str("  filler text filler text filler text filler text\n");
     }
-    let errors =
-        certo::patch::load("big.txt", big.as_bytes(), None, &catalogue).expect_err("too big");
+    let errors = certo_orchestrator::patch::load("big.txt", big.as_bytes(), None, &catalogue)
+        .expect_err("too big");
     assert_eq!(errors.len(), 1);
     assert!(
         errors[0]
@@ -136,11 +136,11 @@ fn too_many_packages_are_refused() {
     let mut text = String::from(
         "Patch: 9\nRevision: 1\nTitle: t\nRelease: 3.2\nPlatforms: sl5_x86_64\nNode types: glite-UI\nSubmitter: x\nRPMs:\n",
     );
-    for i in 0..=certo::patch::limits::MAX_PACKAGES {
+    for i in 0..=certo_orchestrator::patch::limits::MAX_PACKAGES {
         text.push_str(&format!("  p{i}-1.0-1.noarch.rpm\n"));
     }
-    let errors =
-        certo::patch::load("many.txt", text.as_bytes(), None, &catalogue).expect_err("too many");
+    let errors = certo_orchestrator::patch::load("many.txt", text.as_bytes(), None, &catalogue)
+        .expect_err("too many");
     assert_eq!(
         errors.iter().map(ToString::to_string).collect::<Vec<_>>(),
         ["many.txt:8:6: packages: 1001 items; at most 1000 are allowed"]
@@ -154,7 +154,8 @@ fn the_same_content_has_the_same_digest_in_every_form() {
     let yaml = "id: 77\nrevision: 1\ntitle: Same\nrelease: '3.2'\nplatforms: [sl5_x86_64]\nnode_types: [glite-ui]\nbugs: [{id: 5, title: five}]\npackages: [{file: a-1.0-1.noarch.rpm}]\nsubmitter: me\n";
     let json = r#"{"id": 77, "revision": 1, "title": "Same", "release": "gLite 3.2", "platforms": ["sl5_x86_64"], "node_types": ["glite-UI"], "bugs": [{"id": 5, "title": "five"}], "packages": ["a-1.0-1.noarch.rpm"], "submitter": "me"}"#;
     let digest = |name: &str, src: &str| {
-        let recs = certo::patch::load(name, src.as_bytes(), None, &catalogue).expect(name);
+        let recs =
+            certo_orchestrator::patch::load(name, src.as_bytes(), None, &catalogue).expect(name);
         recs[0].digest.clone()
     };
     let d = digest("a.txt", text);

@@ -229,7 +229,7 @@ async fn debian_and_rpm_images_boot_join_and_report_their_tests() {
     // PostgreSQL holds both runs and their results; no domain is left.
     for name in [v["vm"].as_str().expect("vm"), r["vm"].as_str().expect("vm")] {
         let row = db.store.vm(name).await.expect("vm").expect("row");
-        assert_eq!(row.state, certo::model::VmState::Done);
+        assert_eq!(row.state, certo_orchestrator::model::VmState::Done);
         assert!(
             !db.store
                 .vm_results(row.id)
@@ -246,7 +246,7 @@ async fn debian_and_rpm_images_boot_join_and_report_their_tests() {
 
 /// Tests share one libvirtd but not one database: give each database its own run ids so
 /// domain names (certo-r<RUN>-...) never collide.
-async fn distinct_run_ids(db: &certo::store::scratch::ScratchDb, slot: i64) {
+async fn distinct_run_ids(db: &certo_orchestrator::store::scratch::ScratchDb, slot: i64) {
     let start = (std::process::id() as i64 % 100_000) * 100 + slot * 10_000_000 + 1;
     sqlx::query(sqlx::AssertSqlSafe(format!(
         "ALTER SEQUENCE vm_runs_id_seq RESTART WITH {start}"

@@ -1049,10 +1049,10 @@ fn digests(request: &certo_imager::ImageRequest, world: &Path) -> Vec<String> {
         .collect()
 }
 
-fn load_record(name: &str) -> certo::patch::PatchRecord {
-    let loaded = certo::ingest::load_files(
+fn load_record(name: &str) -> certo_orchestrator::patch::PatchRecord {
+    let loaded = certo_orchestrator::ingest::load_files(
         &[common::fixtures().join("valid").join(name)],
-        &certo::catalogue::Catalogue::builtin(),
+        &certo_orchestrator::catalogue::Catalogue::builtin(),
         || {},
     );
     assert!(loaded.errors.is_empty(), "{:?}", loaded.errors);
@@ -1070,10 +1070,11 @@ fn every_kind_of_input_change_changes_the_digest_of_that_layer_and_above() {
         .status()
         .expect("cp");
     assert!(ok.success());
-    let cat = certo::catalogue::Catalogue::builtin();
+    let cat = certo_orchestrator::catalogue::Catalogue::builtin();
     let rec = load_record("3456-yaim-core-wn.txt");
-    let req = |rec: &certo::patch::PatchRecord, platform: &str| {
-        certo::images::request(&cat, "3.2", platform, "glite-WN", Some(rec)).expect("request")
+    let req = |rec: &certo_orchestrator::patch::PatchRecord, platform: &str| {
+        certo_orchestrator::images::request(&cat, "3.2", platform, "glite-WN", Some(rec))
+            .expect("request")
     };
     let base = digests(&req(&rec, "sl5_x86_64"), &w);
     assert_eq!(base.len(), 4);
@@ -1089,14 +1090,16 @@ fn every_kind_of_input_change_changes_the_digest_of_that_layer_and_above() {
 
     // A package version: the same patch with another version of a package.
     let mut v10 = rec.clone();
-    let pkg = |file: &str| certo::patch::Package {
+    let pkg = |file: &str| certo_orchestrator::patch::Package {
         file: file.to_owned(),
         name: "certo-test-ok".to_owned(),
         version: "1.0".to_owned(),
         release: "1".to_owned(),
         arch: "noarch".to_owned(),
-        format: certo::patch::PackageFormat::Rpm,
-        source: certo::patch::PackageSource::Repository("testing/sl5/x86_64".to_owned()),
+        format: certo_orchestrator::patch::PackageFormat::Rpm,
+        source: certo_orchestrator::patch::PackageSource::Repository(
+            "testing/sl5/x86_64".to_owned(),
+        ),
         sha256: None,
     };
     v10.packages = vec![pkg("certo-test-ok-1.0-1.noarch.rpm")];
@@ -1156,8 +1159,9 @@ fn every_kind_of_input_change_changes_the_digest_of_that_layer_and_above() {
 
     // Debian: a refreshed flat repository changes the node-type layer, not the core.
     let deb = load_record("3503-wn-bugfix.yaml");
-    let dreq = certo::images::request(&cat, "3.2", "deb12_x86_64", "glite-WN", Some(&deb))
-        .expect("request");
+    let dreq =
+        certo_orchestrator::images::request(&cat, "3.2", "deb12_x86_64", "glite-WN", Some(&deb))
+            .expect("request");
     let before = digests(&dreq, &w);
     let release = w.join("deb/glite/3.2/Release");
     let mut text = std::fs::read_to_string(&release).expect("Release");

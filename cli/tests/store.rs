@@ -3,9 +3,9 @@
 
 mod common;
 
-use certo::catalogue::Catalogue;
-use certo::patch::{self, LoadedRecord};
-use certo::store::{PatchState, SubmitError, SubmitOutcome};
+use certo_orchestrator::catalogue::Catalogue;
+use certo_orchestrator::patch::{self, LoadedRecord};
+use certo_orchestrator::store::{PatchState, SubmitError, SubmitOutcome};
 
 fn record(name: &str, text: &str) -> LoadedRecord {
     let mut recs = patch::load(name, text.as_bytes(), None, &Catalogue::builtin()).expect(name);
@@ -251,7 +251,8 @@ async fn the_cli_refuses_every_malformed_fixture_and_the_store_stays_as_it_was()
 
     let expected =
         std::fs::read_to_string(common::fixtures().join("invalid-expected.txt")).expect("expected");
-    let files = certo::ingest::expand(&[common::fixtures().join("invalid")]).expect("list");
+    let files =
+        certo_orchestrator::ingest::expand(&[common::fixtures().join("invalid")]).expect("list");
     for file in &files {
         let out = common::certo(&db.url, &["submit", file.to_str().expect("utf-8")]);
         let stderr = String::from_utf8_lossy(&out.stderr);

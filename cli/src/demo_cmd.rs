@@ -2,7 +2,7 @@
 //! project: start the store, submit the fixture patches, list them, and build
 //! the VM images every fixture patch needs (real mmdebstrap / dnf builds, cached).
 
-use crate::model::{TestStatus, VmState};
+use certo_orchestrator::model::{TestStatus, VmState};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -10,8 +10,8 @@ use anyhow::Context;
 use clap::Args;
 
 use super::{EXIT_INVALID, Global, default_fixtures_dir, patch_cmd};
-use crate::ingest;
-use crate::store::SubmitOutcome;
+use certo_orchestrator::ingest;
+use certo_orchestrator::store::SubmitOutcome;
 
 #[derive(Debug, Args)]
 pub struct DemoArgs {
@@ -38,9 +38,11 @@ pub async fn run(g: &Global, args: DemoArgs) -> anyhow::Result<ExitCode> {
     println!(
         "== Store: {}",
         match g.location() {
-            crate::store::Location::Url(u) =>
-                format!("external database {}", crate::store::redact(&u)),
-            crate::store::Location::Embedded(d) =>
+            certo_orchestrator::store::Location::Url(u) => format!(
+                "external database {}",
+                certo_orchestrator::store::redact(&u)
+            ),
+            certo_orchestrator::store::Location::Embedded(d) =>
                 format!("embedded PostgreSQL cluster under {}", d.display()),
         }
     );
@@ -114,7 +116,7 @@ pub async fn run(g: &Global, args: DemoArgs) -> anyhow::Result<ExitCode> {
 /// harness with all suites, and prints the results.
 async fn boot_images(
     g: &Global,
-    store: &crate::store::Store,
+    store: &certo_orchestrator::store::Store,
     ready: &[(String, certo_imager::ImageRecord)],
     libvirt: &str,
 ) -> anyhow::Result<ExitCode> {
@@ -122,7 +124,7 @@ async fn boot_images(
     println!("== Booting the images under QEMU through a host agent on this machine ({libvirt})");
     let dir = g.data_dir().join("demo-host");
     std::fs::create_dir_all(&dir)?;
-    let token = crate::server::new_token()?;
+    let token = certo_orchestrator::server::new_token()?;
     let exe = std::env::current_exe()?;
     let mut agent = std::process::Command::new(&exe)
         .arg("--data-dir")
@@ -155,7 +157,10 @@ async fn boot_images(
     };
     // A host token of its own: the demo's host is registered under it.
     store
-        .set_host_token("demo-host", &crate::server::token_digest(&token))
+        .set_host_token(
+            "demo-host",
+            &certo_orchestrator::server::token_digest(&token),
+        )
         .await?;
     let started = std::time::Instant::now();
     let (mut done, mut other) = (0, 0);
@@ -174,18 +179,18 @@ async fn boot_images(
             );
             let patch = image
                 .patch
-                .map(|(id, rev)| (crate::model::PatchId(id), rev as i32));
+                .map(|(id, rev)| (certo_orchestrator::model::PatchId(id), rev as i32));
             let index_cache = g.data_dir().join("index-cache");
             tasks.push(tokio::spawn(async move {
-                let out = crate::vmrun::run(
+                let out = certo_orchestrator::vmrun::run(
                     &store,
                     &url,
                     &token,
-                    &crate::vmrun::VmRequest {
+                    &certo_orchestrator::vmrun::VmRequest {
                         image: &path,
                         node_type: &node_type,
                         patch,
-                        suite: crate::model::Suite::All,
+                        suite: certo_orchestrator::model::Suite::All,
                         timeout: std::time::Duration::from_secs(240),
                         memory_mib: 384,
                         orchestrator: None,
@@ -248,11 +253,11 @@ async fn boot_images(
 
 /// Builds the image of every (platform, node type) of the newest revision of each patch.
 async fn build_images(
-    ctx: &crate::app::Context,
-    records: &[crate::patch::LoadedRecord],
+    ctx: &certo_orchestrator::app::Context,
+    records: &[certo_orchestrator::patch::LoadedRecord],
 ) -> anyhow::Result<Vec<(String, certo_imager::ImageRecord)>> {
     use std::collections::BTreeMap;
-    let mut newest: BTreeMap<u64, &crate::patch::PatchRecord> = BTreeMap::new();
+    let mut newest: BTreeMap<u64, &certo_orchestrator::patch::PatchRecord> = BTreeMap::new();
     for r in records {
         let e = newest.entry(r.record.id).or_insert(&r.record);
         if r.record.revision > e.revision {
@@ -273,10 +278,10 @@ async fn build_images(
     let mut images_ready = Vec::new();
     let started = std::time::Instant::now();
     for record in newest.values() {
-        for target in crate::app::patches::targets(record) {
+        for target in certo_orchestrator::app::patches::targets(record) {
             let (platform, node_type) = (&target.platform, &target.node_type);
             let label = format!("{} r{} {platform} {node_type}", record.id, record.revision);
-            let req = match crate::app::images::request(
+            let req = match certo_orchestrator::app::images::request(
                 ctx,
                 &target.release,
                 platform,

@@ -4,8 +4,8 @@
 //!
 //! `PROPTEST_CASES` raises the number of cases for a long run (see README).
 
-use certo::catalogue::Catalogue;
-use certo::patch::{self, SourceFormat};
+use certo_orchestrator::catalogue::Catalogue;
+use certo_orchestrator::patch::{self, SourceFormat};
 use proptest::prelude::*;
 
 fn catalogue() -> &'static Catalogue {

@@ -1,7 +1,7 @@
 //! `certo vm run`: boot one VM from an image on one host, run its harness, print the
 //! results, tear it down — how a certifier tries one target by hand.
 
-use crate::model::{TestStatus, VmState};
+use certo_orchestrator::model::{TestStatus, VmState};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
@@ -10,7 +10,7 @@ use clap::{Args, Subcommand};
 use serde_json::json;
 
 use super::{EXIT_FAILURE, EXIT_INVALID, Global, print_json};
-use crate::vmrun::{self, VmRequest};
+use certo_orchestrator::vmrun::{self, VmRequest};
 
 #[derive(Debug, Args)]
 pub struct VmArgs {
@@ -34,7 +34,7 @@ pub struct RunArgs {
     pub agent: String,
     /// Which tests the harness runs: basic, regression or all.
     #[arg(long, default_value = "basic")]
-    pub suite: crate::model::Suite,
+    pub suite: certo_orchestrator::model::Suite,
     /// The node type of the image (default: from the image's record when Certo built it).
     #[arg(long)]
     pub node_type: Option<String>,
@@ -115,7 +115,7 @@ pub async fn run(g: &Global, a: VmArgs) -> anyhow::Result<ExitCode> {
     let patch = record
         .as_ref()
         .and_then(|r| r.patch)
-        .map(|(id, rev)| (crate::model::PatchId(id), rev as i32));
+        .map(|(id, rev)| (certo_orchestrator::model::PatchId(id), rev as i32));
     let store = g.store().await?;
     let json_out = a.json;
     let say = move |s: &str| {

@@ -19,8 +19,8 @@ use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
 
-use crate::catalogue::Catalogue;
-use crate::store::{Location, Store, default_data_dir};
+use certo_orchestrator::catalogue::Catalogue;
+use certo_orchestrator::store::{Location, Store, default_data_dir};
 
 /// Exit status when a command ran but found errors in its input (invalid
 /// records, conflicts): the input must change, retrying will not help.
@@ -121,8 +121,8 @@ impl Global {
     }
 
     /// The plain settings the application layer is built from.
-    pub fn settings(&self) -> crate::app::Settings {
-        crate::app::Settings {
+    pub fn settings(&self) -> certo_orchestrator::app::Settings {
+        certo_orchestrator::app::Settings {
             data_dir: self.data_dir(),
             database_url: self.database_url.clone().filter(|u| !u.is_empty()),
             catalogue: self.catalogue.clone(),
@@ -131,8 +131,8 @@ impl Global {
     }
 
     /// The application context over these settings.
-    pub fn context(&self) -> anyhow::Result<crate::app::Context> {
-        Ok(crate::app::Context::new(self.settings())?)
+    pub fn context(&self) -> anyhow::Result<certo_orchestrator::app::Context> {
+        Ok(certo_orchestrator::app::Context::new(self.settings())?)
     }
 
     pub fn catalogue(&self) -> anyhow::Result<Catalogue> {
@@ -145,7 +145,7 @@ impl Global {
 
 /// The fixture folder shipped with the source tree.
 pub fn default_fixtures_dir() -> PathBuf {
-    crate::world::fixtures_dir()
+    certo_orchestrator::world::fixtures_dir()
 }
 
 fn init_tracing(verbose: u8) {

@@ -7,7 +7,7 @@ use clap::{Args, Subcommand};
 use serde_json::json;
 
 use super::{EXIT_FAILURE, Global, print_json};
-use crate::store::{self, Cluster, Location, Store};
+use certo_orchestrator::store::{self, Cluster, Location, Store};
 
 #[derive(Debug, Args)]
 pub struct DbArgs {

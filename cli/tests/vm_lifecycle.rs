@@ -133,7 +133,7 @@ async fn a_vm_runs_from_boot_to_results_and_is_torn_down() {
     );
     let name = v["vm"].as_str().expect("vm");
     let row = db.store.vm(name).await.expect("vm").expect("row");
-    assert_eq!(row.state, certo::model::VmState::Done);
+    assert_eq!(row.state, certo_orchestrator::model::VmState::Done);
     assert!(row.joined_at.is_some() && row.finished_at.is_some());
     assert!(row.token_used_up);
     assert_eq!(db.store.vm_results(row.id).await.expect("results").len(), 2);

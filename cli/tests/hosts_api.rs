@@ -6,8 +6,8 @@ mod common;
 
 use std::time::Duration;
 
-use certo::server::{self, Server};
-use certo::store::NewVm;
+use certo_orchestrator::server::{self, Server};
+use certo_orchestrator::store::NewVm;
 
 struct Api {
     base: String,
@@ -22,7 +22,7 @@ impl Drop for Api {
     }
 }
 
-async fn api(store: &certo::store::Store, health: Duration) -> Api {
+async fn api(store: &certo_orchestrator::store::Store, health: Duration) -> Api {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
         .expect("bind");
@@ -63,7 +63,7 @@ async fn post(
 }
 
 async fn new_vm(
-    store: &certo::store::Store,
+    store: &certo_orchestrator::store::Store,
     name: &str,
     node_type: &str,
     patch: Option<(u64, i32)>,
@@ -79,9 +79,9 @@ async fn new_vm(
             host: "h1",
             image: "img",
             node_type,
-            patch: patch.map(|(id, rev)| (certo::model::PatchId(id), rev)),
+            patch: patch.map(|(id, rev)| (certo_orchestrator::model::PatchId(id), rev)),
             attempt: 1,
-            suite: certo::model::Suite::All,
+            suite: certo_orchestrator::model::Suite::All,
             token_sha256: &server::token_digest(&token),
             deadline: chrono::Utc::now() + chrono::Duration::minutes(5),
         })
@@ -258,7 +258,7 @@ async fn the_guest_protocol_records_a_run_and_its_token_is_good_once_and_for_one
         .await
         .expect("vm")
         .expect("row");
-    assert_eq!(vm.state, certo::model::VmState::Done);
+    assert_eq!(vm.state, certo_orchestrator::model::VmState::Done);
     assert!(vm.finished_at.is_some());
     let results = db.store.vm_results(vm.id).await.expect("results");
     let got: Vec<(&str, &str, &str)> = results
@@ -307,7 +307,7 @@ async fn the_guest_protocol_records_a_run_and_its_token_is_good_once_and_for_one
         .await
         .expect("vm")
         .expect("row");
-    assert_eq!(vm.state, certo::model::VmState::Failed);
+    assert_eq!(vm.state, certo_orchestrator::model::VmState::Failed);
     assert_eq!(
         vm.reason.as_deref(),
         Some("the harness reported: the services did not start")

@@ -8,9 +8,9 @@ use clap::Args;
 use serde_json::json;
 
 use super::{EXIT_INVALID, Global, print_json, progress};
-use crate::ingest::{self, Loaded};
-use crate::patch::{PackageSource, PatchRecord};
-use crate::store::{PatchRow, PatchState, Store, SubmitError, SubmitOutcome};
+use certo_orchestrator::ingest::{self, Loaded};
+use certo_orchestrator::patch::{PackageSource, PatchRecord};
+use certo_orchestrator::store::{PatchRow, PatchState, Store, SubmitError, SubmitOutcome};
 
 #[derive(Debug, Args)]
 pub struct ValidateArgs {

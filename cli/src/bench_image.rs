@@ -40,10 +40,15 @@ pub struct ImageBenchArgs {
 
 pub async fn run(g: &Global, a: ImageBenchArgs) -> anyhow::Result<ExitCode> {
     let catalogue = g.catalogue()?;
-    let patch_file = a.patch.clone().unwrap_or_else(|| {
-        crate::cli::default_fixtures_dir().join("patches/valid/3503-wn-bugfix.yaml")
-    });
-    let loaded = crate::ingest::load_files(std::slice::from_ref(&patch_file), &catalogue, || {});
+    let patch_file = a
+        .patch
+        .clone()
+        .unwrap_or_else(|| crate::default_fixtures_dir().join("patches/valid/3503-wn-bugfix.yaml"));
+    let loaded = certo_orchestrator::ingest::load_files(
+        std::slice::from_ref(&patch_file),
+        &catalogue,
+        || {},
+    );
     if let Some(e) = loaded.errors.first() {
         anyhow::bail!("{e}");
     }
@@ -53,7 +58,7 @@ pub async fn run(g: &Global, a: ImageBenchArgs) -> anyhow::Result<ExitCode> {
         .next()
         .context("the patch file holds no record")?
         .record;
-    let req = crate::images::request(
+    let req = certo_orchestrator::images::request(
         &catalogue,
         &a.release,
         &a.platform,

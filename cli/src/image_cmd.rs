@@ -10,7 +10,7 @@ use clap::{Args, Subcommand};
 use serde_json::json;
 
 use super::{EXIT_FAILURE, EXIT_INVALID, Global, print_json};
-use crate::app::{self, Context, OpError};
+use certo_orchestrator::app::{self, Context, OpError};
 
 #[derive(Debug, Args)]
 pub struct ImageArgs {

@@ -6,10 +6,10 @@
 use std::path::PathBuf;
 use std::process::{Command, Output};
 
-use certo::catalogue::Catalogue;
-use certo::ingest;
-use certo::store::Location;
-use certo::store::scratch::ScratchDb;
+use certo_orchestrator::catalogue::Catalogue;
+use certo_orchestrator::ingest;
+use certo_orchestrator::store::Location;
+use certo_orchestrator::store::scratch::ScratchDb;
 
 pub fn location() -> Location {
     match std::env::var("DATABASE_URL") {
@@ -31,7 +31,7 @@ pub fn fixtures() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../fixtures/patches")
 }
 
-pub fn load_valid() -> Vec<certo::patch::LoadedRecord> {
+pub fn load_valid() -> Vec<certo_orchestrator::patch::LoadedRecord> {
     let loaded = ingest::load_files(&[fixtures().join("valid")], &Catalogue::builtin(), || {});
     assert!(
         loaded.errors.is_empty(),
@@ -74,7 +74,7 @@ pub fn world() -> PathBuf {
     WORLD
         .get_or_init(|| {
             let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("imager-world");
-            certo::world::build(&dir).expect("the fixture world builds");
+            certo_orchestrator::world::build(&dir).expect("the fixture world builds");
             dir
         })
         .clone()

@@ -22,10 +22,10 @@ pub fn run(g: &Global, args: CatalogueArgs) -> anyhow::Result<ExitCode> {
     println!("Platforms:");
     for p in &catalogue.platforms {
         let recipe = match &p.recipe {
-            crate::catalogue::Recipe::Mmdebstrap { suite, arch, .. } => {
+            certo_orchestrator::catalogue::Recipe::Mmdebstrap { suite, arch, .. } => {
                 format!("mmdebstrap {suite} ({arch})")
             }
-            crate::catalogue::Recipe::Dnf {
+            certo_orchestrator::catalogue::Recipe::Dnf {
                 repository, arch, ..
             } => {
                 format!("dnf from {repository} ({arch})")

@@ -10,9 +10,9 @@ use clap::{Args, Subcommand};
 use serde_json::json;
 
 use super::{Global, print_json, progress};
-use crate::catalogue::Catalogue;
-use crate::patch::{self, PackageFormat, SourceFormat};
-use crate::store::scratch::ScratchDb;
+use certo_orchestrator::catalogue::Catalogue;
+use certo_orchestrator::patch::{self, PackageFormat, SourceFormat};
+use certo_orchestrator::store::scratch::ScratchDb;
 
 #[derive(Debug, Args)]
 pub struct BenchArgs {

@@ -124,7 +124,7 @@ async fn boot_images(
     println!("== Booting the images under QEMU through a host agent on this machine ({libvirt})");
     let dir = g.data_dir().join("demo-host");
     std::fs::create_dir_all(&dir)?;
-    let token = certo_orchestrator::server::new_token()?;
+    let token = certo_orchestrator::api::new_token()?;
     let exe = std::env::current_exe()?;
     let mut agent = std::process::Command::new(&exe)
         .arg("--data-dir")
@@ -157,10 +157,7 @@ async fn boot_images(
     };
     // A host token of its own: the demo's host is registered under it.
     store
-        .set_host_token(
-            "demo-host",
-            &certo_orchestrator::server::token_digest(&token),
-        )
+        .set_host_token("demo-host", &certo_orchestrator::api::token_digest(&token))
         .await?;
     let started = std::time::Instant::now();
     let (mut done, mut other) = (0, 0);

@@ -10,7 +10,7 @@ use anyhow::Context;
 use clap::{Args, Subcommand};
 
 use super::{EXIT_INVALID, Global, print_json};
-use certo_orchestrator::server::{self, Server};
+use certo_orchestrator::api::{self, ApiState};
 
 #[derive(Debug, Args)]
 pub struct ServeArgs {
@@ -37,9 +37,9 @@ pub async fn serve(g: &Global, a: ServeArgs) -> anyhow::Result<ExitCode> {
             _ = term.recv() => {}
         }
     };
-    server::serve(
+    api::serve(
         listener,
-        Server { store },
+        ApiState { store },
         Duration::from_secs_f64(a.health_interval.max(0.1)),
         shutdown,
     )
@@ -89,8 +89,8 @@ pub async fn host(g: &Global, a: HostArgs) -> anyhow::Result<ExitCode> {
                 return Ok(ExitCode::from(EXIT_INVALID));
             }
             let store = g.store().await?;
-            let token = server::new_token()?;
-            if !store.add_host(&name, &server::token_digest(&token)).await? {
+            let token = api::new_token()?;
+            if !store.add_host(&name, &api::token_digest(&token)).await? {
                 eprintln!("error: host {name} exists already");
                 return Ok(ExitCode::from(EXIT_INVALID));
             }
@@ -207,7 +207,7 @@ pub async fn testbed(g: &Global, a: TestbedArgs) -> anyhow::Result<ExitCode> {
             }
         }
         TestbedCommand::Check => {
-            server::check_health(&store).await?;
+            api::check_health(&store).await?;
             for s in store.services(None).await? {
                 println!(
                     "{:<20} {:<28} {}",

@@ -6,7 +6,7 @@ mod common;
 
 use std::time::Duration;
 
-use certo_orchestrator::server::{self, Server};
+use certo_orchestrator::api::{self, ApiState};
 use certo_orchestrator::store::NewVm;
 
 struct Api {
@@ -28,9 +28,9 @@ async fn api(store: &certo_orchestrator::store::Store, health: Duration) -> Api 
         .expect("bind");
     let base = format!("http://{}", listener.local_addr().expect("addr"));
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-    tokio::spawn(server::serve(
+    tokio::spawn(api::serve(
         listener,
-        Server {
+        ApiState {
             store: store.clone(),
         },
         health,
@@ -69,10 +69,10 @@ async fn new_vm(
     patch: Option<(u64, i32)>,
 ) -> (i64, String) {
     store
-        .add_host("h1", &server::token_digest("host-one-token"))
+        .add_host("h1", &api::token_digest("host-one-token"))
         .await
         .expect("host");
-    let token = server::new_token().expect("token");
+    let token = api::new_token().expect("token");
     let vm = store
         .create_vm(&NewVm {
             name,
@@ -82,7 +82,7 @@ async fn new_vm(
             patch: patch.map(|(id, rev)| (certo_orchestrator::model::PatchId(id), rev)),
             attempt: 1,
             suite: certo_orchestrator::model::Suite::All,
-            token_sha256: &server::token_digest(&token),
+            token_sha256: &api::token_digest(&token),
             deadline: chrono::Utc::now() + chrono::Duration::minutes(5),
         })
         .await
@@ -95,11 +95,11 @@ async fn hosts_act_only_for_themselves() {
     let db = common::scratch().await;
     let api = api(&db.store, Duration::from_secs(60)).await;
     db.store
-        .add_host("alpha", &server::token_digest("alpha-secret"))
+        .add_host("alpha", &api::token_digest("alpha-secret"))
         .await
         .expect("add");
     db.store
-        .add_host("beta", &server::token_digest("beta-secret"))
+        .add_host("beta", &api::token_digest("beta-secret"))
         .await
         .expect("add");
     let reg = r#"{"agent_url":"http://10.0.0.2:7310","libvirt_uri":"qemu:///system","slots":2,"memory_mib":4096,"vcpus":2}"#;
@@ -427,5 +427,96 @@ async fn a_slice_cannot_replace_a_shared_service_and_dead_services_turn_unhealth
     assert!(listing.contains("UNHEALTHY"), "{listing}");
     drop(api);
     let _ = std::fs::remove_dir_all(&data);
+    db.drop_db().await.expect("drop");
+}
+
+/// Every route of `certo serve` refuses a request without a valid credential (none, an
+/// unknown one, another party's) and changes nothing; a VM's record is read only by the
+/// host that runs it or by the VM itself.
+#[tokio::test(flavor = "multi_thread")]
+async fn every_api_route_refuses_a_request_without_a_valid_credential() {
+    let db = common::scratch().await;
+    let api = api(&db.store, Duration::from_secs(60)).await;
+    let (_, vm_token) = new_vm(&db.store, "certo-r7-glite-wn-a1", "glite-WN", None).await;
+    db.store
+        .add_host("other", &api::token_digest("other-secret"))
+        .await
+        .expect("add");
+    let before = common::snapshot(&db).await;
+    let http = reqwest::Client::new();
+    let routes: &[(&str, &str)] = &[
+        ("GET", "/api/v1/hosts/h1"),
+        ("POST", "/api/v1/hosts/h1/register"),
+        ("POST", "/api/v1/hosts/h1/heartbeat"),
+        ("POST", "/api/v1/guest/join"),
+        ("POST", "/api/v1/guest/service"),
+        ("POST", "/api/v1/guest/result"),
+        ("POST", "/api/v1/guest/done"),
+        ("POST", "/api/v1/guest/log"),
+        ("GET", "/api/v1/guest/testbed"),
+        ("GET", "/api/v1/vms/certo-r7-glite-wn-a1"),
+    ];
+    for (method, path) in routes {
+        for token in [None, Some("not-a-token"), Some("other-secret")] {
+            let mut req = http
+                .request(
+                    method.parse().expect("method"),
+                    format!("{}{path}", api.base),
+                )
+                .body("svc 1 up");
+            if let Some(t) = token {
+                req = req.header("authorization", format!("Bearer {t}"));
+            }
+            let status = req.send().await.expect("request").status().as_u16();
+            assert!(
+                status == 401 || status == 403,
+                "{method} {path} with {token:?} answered {status}"
+            );
+        }
+    }
+    // A guest token does not act for a host.
+    let r = http
+        .post(format!("{}/api/v1/hosts/h1/heartbeat", api.base))
+        .header("authorization", format!("Bearer {vm_token}"))
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(r.status(), 403);
+    assert_eq!(
+        common::snapshot(&db).await,
+        before,
+        "a refused request changed the store"
+    );
+    // The VM's host and the VM itself read its record; the view carries no token state.
+    for token in ["host-one-token", vm_token.as_str()] {
+        let r = http
+            .get(format!("{}/api/v1/vms/certo-r7-glite-wn-a1", api.base))
+            .header("authorization", format!("Bearer {token}"))
+            .send()
+            .await
+            .expect("request");
+        assert_eq!(r.status(), 200);
+        let v: serde_json::Value =
+            serde_json::from_slice(&r.bytes().await.expect("body")).expect("json");
+        assert_eq!(v["vm"]["state"], "booting", "{v}");
+        assert!(v["vm"].get("token_used_up").is_none(), "{v}");
+        assert!(v["vm"].get("id").is_none(), "{v}");
+    }
+    // A host reads its own record, not another's.
+    let own = http
+        .get(format!("{}/api/v1/hosts/h1", api.base))
+        .header("authorization", "Bearer host-one-token")
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(own.status(), 200);
+    let other = http
+        .get(format!("{}/api/v1/hosts/other", api.base))
+        .header("authorization", "Bearer host-one-token")
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(other.status(), 403);
+    drop(api);
     db.drop_db().await.expect("drop");
 }

@@ -209,3 +209,54 @@ async fn the_agent_refuses_what_it_should() {
         .expect("r");
     assert_eq!(r.status(), 400);
 }
+
+/// Every route of `certo agent` but the liveness probe (which reads no state) refuses a
+/// request without the host's token, and one with a wrong token, before it reads a body.
+#[tokio::test(flavor = "multi_thread")]
+async fn every_agent_route_refuses_a_request_without_a_valid_credential() {
+    let a = agent("life-auth");
+    let http = reqwest::Client::new();
+    let routes: &[(&str, &str)] = &[
+        ("GET", "/v1/info"),
+        ("POST", "/v1/vms"),
+        ("GET", "/v1/vms/certo-r1-x-a1"),
+        ("DELETE", "/v1/vms/certo-r1-x-a1"),
+        ("POST", "/v1/blocks/missing"),
+        ("POST", "/v1/blocks"),
+        ("GET", "/v1/images"),
+        ("GET", "/v1/images/small.img"),
+        ("PUT", "/v1/images/small.img"),
+    ];
+    for (method, path) in routes {
+        for token in [None, Some("wrong-token"), Some("")] {
+            let mut req = http
+                .request(method.parse().expect("method"), format!("{}{path}", a.url))
+                .body("{}");
+            if let Some(t) = token {
+                req = req.header("authorization", format!("Bearer {t}"));
+            }
+            let status = req.send().await.expect("request").status();
+            assert_eq!(status, 401, "{method} {path} with token {token:?}");
+        }
+    }
+    // The probe answers, and says nothing about the repository.
+    let health = http
+        .get(format!("{}/v1/health", a.url))
+        .send()
+        .await
+        .expect("health");
+    assert_eq!(health.status(), 200);
+    let body = health.text().await.expect("body");
+    assert!(
+        !body.contains("images") && !body.contains("blocks"),
+        "{body}"
+    );
+    // The scheme is case-insensitive: a lowercase `bearer` with the right token passes.
+    let ok = http
+        .get(format!("{}/v1/info", a.url))
+        .header("authorization", format!("bearer {TOKEN}"))
+        .send()
+        .await
+        .expect("info");
+    assert_eq!(ok.status(), 200);
+}

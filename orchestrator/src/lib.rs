@@ -4,13 +4,13 @@
 //! `certo` binary (package `certo`, `cli/`) and the servers call, and the servers. It
 //! never links libvirt: the host side is `certo-agent`.
 
+pub mod api;
 pub mod app;
 pub mod catalogue;
 pub mod images;
 pub mod ingest;
 pub mod model;
 pub mod patch;
-pub mod server;
 pub mod store;
 pub mod vmrun;
 pub mod world;

@@ -12,7 +12,7 @@ use certo_proto::agent::{BootRequest, GuestSpec};
 use chrono::Utc;
 use serde::Serialize;
 
-use crate::server::{self, Server};
+use crate::api::{self, ApiState};
 use crate::store::{NewVm, ResultRow, Store, VmRow};
 
 /// How long the agent may stay silent before a run is declared lost.
@@ -158,9 +158,9 @@ pub async fn run(
     // The host's credential is the token the agent was started with.
     match store.host_token(&host).await? {
         None => {
-            store.add_host(&host, &server::token_digest(token)).await?;
+            store.add_host(&host, &api::token_digest(token)).await?;
         }
-        Some(stored) if stored == server::token_digest(token) => {}
+        Some(stored) if stored == api::token_digest(token) => {}
         Some(_) => anyhow::bail!("host {host} is registered with another token"),
     }
     if let Some(orch) = req.orchestrator {
@@ -183,9 +183,9 @@ pub async fn run(
     let port = listener.local_addr()?.port();
     let callback = format!("http://{guest_host}:{port}");
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let srv = tokio::spawn(server::serve(
+    let srv = tokio::spawn(api::serve(
         listener,
-        Server {
+        ApiState {
             store: store.clone(),
         },
         Duration::from_secs(10),
@@ -233,7 +233,7 @@ async fn run_inner(
         .fetch_one(store.pool())
         .await?;
     let name = vm_name(next, req.node_type, 1);
-    let token = server::new_token()?;
+    let token = api::new_token()?;
     let started = Instant::now();
     let deadline = Utc::now() + chrono::Duration::milliseconds(req.timeout.as_millis() as i64);
     let vm = store
@@ -245,7 +245,7 @@ async fn run_inner(
             patch: req.patch,
             attempt: 1,
             suite: req.suite,
-            token_sha256: &server::token_digest(&token),
+            token_sha256: &api::token_digest(&token),
             deadline,
         })
         .await?;

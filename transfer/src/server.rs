@@ -251,7 +251,7 @@ async fn authenticate(
     let presented = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "));
+        .and_then(certo_proto::token::bearer);
     match presented {
         Some(t) if wire::token_matches(t.as_bytes(), state.token.secret().as_bytes()) => {
             next.run(request).await

@@ -54,7 +54,14 @@ pub fn certo(db_url: &str, args: &[&str]) -> Output {
 /// A digest of everything stored: every row of every table of the schema.
 pub async fn snapshot(db: &ScratchDb) -> Vec<(String, i64, String)> {
     let mut out = Vec::new();
-    for table in ["patches", "patch_packages", "patch_bugs", "patch_events"] {
+    let tables: Vec<(String,)> = sqlx::query_as(
+        "SELECT tablename::text FROM pg_tables WHERE schemaname = current_schema()
+         AND tablename <> '_sqlx_migrations' ORDER BY tablename",
+    )
+    .fetch_all(db.store.pool())
+    .await
+    .expect("list tables");
+    for (table,) in tables {
         let sql = format!(
             "SELECT count(*), coalesce(md5(string_agg(t::text, '|' ORDER BY t::text)), '') FROM {table} t"
         );
@@ -62,7 +69,7 @@ pub async fn snapshot(db: &ScratchDb) -> Vec<(String, i64, String)> {
             .fetch_one(db.store.pool())
             .await
             .expect("snapshot query");
-        out.push((table.to_string(), count, digest));
+        out.push((table, count, digest));
     }
     out
 }

@@ -1,0 +1,138 @@
+//! Authentication as extractors: a handler that acts for a host takes a [`HostAuth`], one
+//! that acts for a guest VM a [`GuestAuth`]; forgetting to authenticate is a compile error.
+//! Extractors of request parts run before the body is read, so an unauthenticated request
+//! never has its body read.
+
+use std::sync::Arc;
+
+use axum::extract::{FromRequestParts, Path};
+use axum::http::request::Parts;
+
+use super::ApiState;
+use super::error::ApiError;
+use crate::store::VmRow;
+
+/// The bearer token of a request, if any (`Authorization: Bearer TOKEN`, any case).
+pub fn bearer(parts: &Parts) -> Option<&str> {
+    parts
+        .headers
+        .get(axum::http::header::AUTHORIZATION)?
+        .to_str()
+        .ok()
+        .and_then(certo_proto::token::bearer)
+}
+
+/// A host authenticated by its own token, for the host named in the path
+/// (`/api/v1/hosts/{name}/...`): a host acts only for itself.
+#[derive(Debug, Clone)]
+pub struct HostAuth {
+    pub name: String,
+}
+
+impl FromRequestParts<Arc<ApiState>> for HostAuth {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(
+        parts: &mut Parts,
+        state: &Arc<ApiState>,
+    ) -> Result<Self, ApiError> {
+        let Path(name) = Path::<String>::from_request_parts(parts, state)
+            .await
+            .map_err(|e| ApiError::bad_request(e.to_string()))?;
+        let token =
+            bearer(parts).ok_or_else(|| ApiError::unauthorized("a host token is required"))?;
+        authenticate_host(state, &name, token).await?;
+        Ok(HostAuth { name })
+    }
+}
+
+/// Checks that `token` is host `name`'s.
+pub async fn authenticate_host(state: &ApiState, name: &str, token: &str) -> Result<(), ApiError> {
+    match state.store.host_token(name).await? {
+        Some(stored) if super::same(&stored, &super::token_digest(token)) => Ok(()),
+        _ => Err(ApiError::forbidden(format!(
+            "this token does not belong to host {name}"
+        ))),
+    }
+}
+
+/// A guest VM authenticated by the token made for it alone; the token is refused when it
+/// is used up or presented with another VM's name (`X-Certo-VM`).
+#[derive(Debug, Clone)]
+pub struct GuestAuth {
+    pub vm: VmRow,
+}
+
+impl FromRequestParts<Arc<ApiState>> for GuestAuth {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(
+        parts: &mut Parts,
+        state: &Arc<ApiState>,
+    ) -> Result<Self, ApiError> {
+        let token =
+            bearer(parts).ok_or_else(|| ApiError::unauthorized("a VM token is required"))?;
+        let vm = state
+            .store
+            .vm_by_token(&super::token_digest(token))
+            .await?
+            .ok_or_else(|| ApiError::unauthorized("unknown VM token"))?;
+        if let Some(claimed) = parts
+            .headers
+            .get("x-certo-vm")
+            .and_then(|v| v.to_str().ok())
+            && claimed != vm.name
+        {
+            tracing::warn!(vm = %vm.name, claimed, "a VM token presented for another VM");
+            return Err(ApiError::forbidden("this token belongs to another VM"));
+        }
+        if vm.token_used_up {
+            return Err(ApiError::unauthorized(format!(
+                "the token of {} is used up (the run ended: {})",
+                vm.name, vm.state
+            )));
+        }
+        Ok(GuestAuth { vm })
+    }
+}
+
+/// Whoever may read a VM's record: the host that runs it (its host token) or the VM
+/// itself (its own token, while the run is live).
+#[derive(Debug, Clone)]
+pub struct VmReader {
+    pub vm: VmRow,
+}
+
+impl FromRequestParts<Arc<ApiState>> for VmReader {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(
+        parts: &mut Parts,
+        state: &Arc<ApiState>,
+    ) -> Result<Self, ApiError> {
+        let Path(name) = Path::<String>::from_request_parts(parts, state)
+            .await
+            .map_err(|e| ApiError::bad_request(e.to_string()))?;
+        let token = bearer(parts)
+            .ok_or_else(|| ApiError::unauthorized("a host or VM token is required"))?
+            .to_owned();
+        let digest = super::token_digest(&token);
+        if let Some(vm) = state.store.vm_by_token(&digest).await?
+            && vm.name == name
+            && !vm.token_used_up
+        {
+            return Ok(VmReader { vm });
+        }
+        let vm = state.store.vm(&name).await?;
+        match vm {
+            Some(vm) => {
+                authenticate_host(state, &vm.host, &token).await?;
+                Ok(VmReader { vm })
+            }
+            // Say nothing about which VMs exist to a caller who is not a host of ours.
+            None => Err(ApiError::forbidden(format!(
+                "this token may not read VM {name}"
+            ))),
+        }
+    }
+}

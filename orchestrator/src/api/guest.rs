@@ -1,0 +1,218 @@
+//! The guest protocol: what the harness inside a VM calls, with the token made for that VM
+//! alone. Plain text, so a busybox shell can speak it (hosts/README.md).
+
+use std::sync::Arc;
+
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::Response;
+use axum::routing::{get, post};
+
+use super::ApiState;
+use super::auth::GuestAuth;
+use super::error::{ApiError, text};
+use crate::model::{ServiceStatus, TestStatus, VmState};
+use crate::store::{RegisterError, ResultRow, VmRow};
+
+pub fn routes() -> axum::Router<Arc<ApiState>> {
+    axum::Router::new()
+        .route("/api/v1/guest/join", post(join))
+        .route("/api/v1/guest/service", post(service))
+        .route("/api/v1/guest/result", post(result))
+        .route("/api/v1/guest/done", post(done))
+        .route("/api/v1/guest/log", post(log))
+        .route("/api/v1/guest/testbed", get(testbed))
+}
+
+/// The testbed slice a VM's services belong to: its patch's, or its own.
+fn slice_of(vm: &VmRow) -> String {
+    match vm.patch_id {
+        Some(p) => format!("patch-{p}"),
+        None => format!("vm-{}", vm.name),
+    }
+}
+
+/// The hostname a VM gets in the testbed.
+pub fn hostname_for(vm: &VmRow) -> String {
+    let nt = vm
+        .node_type
+        .trim_start_matches("glite-")
+        .to_ascii_lowercase()
+        .replace('_', "-");
+    format!("{nt}-{}.certo", vm.id)
+}
+
+fn valid_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 128
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
+}
+
+/// Join: the harness gets its hostname and its test plan; a token is good for one boot.
+async fn join(State(s): State<Arc<ApiState>>, guest: GuestAuth) -> Result<Response, ApiError> {
+    let vm = guest.vm;
+    let hostname = hostname_for(&vm);
+    if !s.store.join_vm(vm.id, &hostname).await? {
+        return Err(ApiError::conflict(format!(
+            "{} has already joined: a token is good for one boot",
+            vm.name
+        )));
+    }
+    tracing::info!(vm = %vm.name, %hostname, "guest joined");
+    let mut plan = format!("hostname {hostname}\nnode_type {}\n", vm.node_type);
+    let dir = format!("/usr/share/glite-tests/{}", vm.node_type);
+    if vm.suite.has_basic() {
+        plan.push_str(&format!("test basic {dir}/basic/*.sh\n"));
+    }
+    if vm.suite.has_regression() {
+        plan.push_str(&format!("test regression {dir}/regression/*.sh\n"));
+    }
+    Ok(text(StatusCode::OK, plan))
+}
+
+/// `SERVICE PORT up|failed`: a service of the patch's slice came up (or did not).
+async fn service(
+    State(s): State<Arc<ApiState>>,
+    guest: GuestAuth,
+    body: axum::body::Bytes,
+) -> Result<Response, ApiError> {
+    let vm = guest.vm;
+    let usage = || ApiError::bad_request("expected: SERVICE PORT up|failed");
+    let line = String::from_utf8_lossy(&body);
+    let fields: Vec<&str> = line.split_whitespace().collect();
+    let [name, port, status] = fields[..] else {
+        return Err(usage());
+    };
+    let Ok(port) = port.parse::<u16>() else {
+        return Err(ApiError::bad_request(format!(
+            "port {port:?} is not a port number"
+        )));
+    };
+    let status = match status.parse::<ServiceStatus>() {
+        Ok(st) if valid_name(name) => st,
+        _ => return Err(usage()),
+    };
+    if status == ServiceStatus::Failed || port == 0 {
+        tracing::warn!(vm = %vm.name, service = name, %status, "guest service did not come up");
+        return Ok(text(StatusCode::OK, "noted\n"));
+    }
+    let endpoint = format!(
+        "{}:{port}",
+        vm.hostname.clone().unwrap_or_else(|| hostname_for(&vm))
+    );
+    match s
+        .store
+        .register_service(
+            name,
+            &vm.node_type,
+            &endpoint,
+            Some(&slice_of(&vm)),
+            Some(vm.id),
+        )
+        .await
+    {
+        Ok(_) => Ok(text(
+            StatusCode::OK,
+            format!("registered {name} at {endpoint}\n"),
+        )),
+        Err(e @ RegisterError::Shared { .. }) => {
+            tracing::warn!(vm = %vm.name, service = name, "refused: would replace a shared service");
+            Err(ApiError::conflict(e.to_string()))
+        }
+        Err(RegisterError::Store(e)) => Err(e.into()),
+    }
+}
+
+/// `SUITE NAME pass|fail|error SECONDS`, then the test's output.
+async fn result(
+    State(s): State<Arc<ApiState>>,
+    guest: GuestAuth,
+    body: axum::body::Bytes,
+) -> Result<Response, ApiError> {
+    let vm = guest.vm;
+    let usage = || ApiError::bad_request("first line: SUITE NAME pass|fail|error SECONDS");
+    let body = String::from_utf8_lossy(&body);
+    let (head, output) = body.split_once('\n').unwrap_or((&body, ""));
+    let f: Vec<&str> = head.split_whitespace().collect();
+    let [suite, name, status, seconds] = f[..] else {
+        return Err(usage());
+    };
+    let Ok(seconds) = seconds.parse::<f64>() else {
+        return Err(ApiError::bad_request("SECONDS is not a number"));
+    };
+    let status = match status.parse::<TestStatus>() {
+        Ok(st) if valid_name(suite) && valid_name(name) => st,
+        _ => return Err(usage()),
+    };
+    let result = ResultRow {
+        suite: suite.to_owned(),
+        name: name.to_owned(),
+        status,
+        seconds,
+        output: output.to_owned(),
+    };
+    s.store.add_result(vm.id, &result).await?;
+    tracing::info!(vm = %vm.name, suite, test = name, %status, "test result");
+    Ok(text(StatusCode::OK, "recorded\n"))
+}
+
+/// A chunk of the harness's own log.
+async fn log(
+    State(s): State<Arc<ApiState>>,
+    guest: GuestAuth,
+    body: axum::body::Bytes,
+) -> Result<Response, ApiError> {
+    let chunk = String::from_utf8_lossy(&body);
+    s.store.add_log(guest.vm.id, &chunk).await?;
+    Ok(text(StatusCode::OK, "logged\n"))
+}
+
+/// `ok`, or `error REASON`: the harness is done; the run ends and the token is used up.
+async fn done(
+    State(s): State<Arc<ApiState>>,
+    guest: GuestAuth,
+    body: axum::body::Bytes,
+) -> Result<Response, ApiError> {
+    let vm = guest.vm;
+    let body = String::from_utf8_lossy(&body);
+    let body = body.trim();
+    let (state, reason) = if body == "ok" {
+        (VmState::Done, None)
+    } else {
+        (
+            VmState::Failed,
+            Some(format!(
+                "the harness reported: {}",
+                body.strip_prefix("error").unwrap_or(body).trim()
+            )),
+        )
+    };
+    s.store
+        .finish_vm(vm.id, state, reason.as_deref(), None)
+        .await?;
+    tracing::info!(vm = %vm.name, %state, "guest finished");
+    Ok(text(StatusCode::OK, "bye\n"))
+}
+
+/// What a guest sees of the testbed: the shared services and its own slice's, one per line:
+/// `NAME NODE_TYPE ENDPOINT shared|slice healthy|unhealthy`.
+async fn testbed(State(s): State<Arc<ApiState>>, guest: GuestAuth) -> Result<Response, ApiError> {
+    let services = s.store.services(Some(&slice_of(&guest.vm))).await?;
+    let mut out = String::new();
+    for svc in services {
+        out.push_str(&format!(
+            "{} {} {} {} {}\n",
+            svc.name,
+            svc.node_type,
+            svc.endpoint,
+            if svc.slice.is_some() {
+                "slice"
+            } else {
+                "shared"
+            },
+            if svc.healthy { "healthy" } else { "unhealthy" }
+        ));
+    }
+    Ok(text(StatusCode::OK, out))
+}

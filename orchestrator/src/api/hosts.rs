@@ -1,0 +1,97 @@
+//! Hosts: registration, heartbeat and a host's own record, each with the host's own token.
+
+use std::sync::Arc;
+
+use axum::Json;
+use axum::extract::State;
+use axum::routing::{get, post};
+use certo_proto::host::{HeartbeatReply, Registered, Registration};
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+
+use super::ApiState;
+use super::auth::HostAuth;
+use super::error::ApiError;
+use crate::store::HostRow;
+
+pub fn routes() -> axum::Router<Arc<ApiState>> {
+    axum::Router::new()
+        .route("/api/v1/hosts/{name}", get(show))
+        .route("/api/v1/hosts/{name}/register", post(register))
+        .route("/api/v1/hosts/{name}/heartbeat", post(heartbeat))
+}
+
+/// A host as the API shows it.
+#[derive(Debug, Clone, Serialize)]
+pub struct HostView {
+    pub name: String,
+    pub agent_url: Option<String>,
+    pub libvirt_uri: Option<String>,
+    pub slots: Option<i32>,
+    pub memory_mib: Option<i64>,
+    pub vcpus: Option<i32>,
+    pub registered_at: Option<DateTime<Utc>>,
+    pub last_heartbeat: Option<DateTime<Utc>>,
+}
+
+impl From<HostRow> for HostView {
+    fn from(h: HostRow) -> Self {
+        HostView {
+            name: h.name,
+            agent_url: h.agent_url,
+            libvirt_uri: h.libvirt_uri,
+            slots: h.slots,
+            memory_mib: h.memory_mib,
+            vcpus: h.vcpus,
+            registered_at: h.registered_at,
+            last_heartbeat: h.last_heartbeat,
+        }
+    }
+}
+
+async fn show(State(s): State<Arc<ApiState>>, host: HostAuth) -> Result<Json<HostView>, ApiError> {
+    let row = s
+        .store
+        .list_hosts()
+        .await?
+        .into_iter()
+        .find(|h| h.name == host.name)
+        .ok_or_else(|| ApiError::not_found(format!("no host {}", host.name)))?;
+    Ok(Json(row.into()))
+}
+
+async fn register(
+    State(s): State<Arc<ApiState>>,
+    host: HostAuth,
+    body: axum::body::Bytes,
+) -> Result<Json<Registered>, ApiError> {
+    let reg: Registration = serde_json::from_slice(&body)
+        .map_err(|e| ApiError::bad_request(format!("registration: {e}")))?;
+    if reg.slots < 0 || reg.memory_mib < 0 || reg.vcpus < 0 || reg.agent_url.len() > 2048 {
+        return Err(ApiError::bad_request(
+            "registration: negative capacity or overlong URL",
+        ));
+    }
+    s.store
+        .register_host(
+            &host.name,
+            &reg.agent_url,
+            &reg.libvirt_uri,
+            reg.slots,
+            reg.memory_mib,
+            reg.vcpus,
+        )
+        .await?;
+    tracing::info!(host = %host.name, agent = %reg.agent_url, slots = reg.slots, "host registered");
+    Ok(Json(Registered {
+        registered: host.name,
+    }))
+}
+
+async fn heartbeat(
+    State(s): State<Arc<ApiState>>,
+    host: HostAuth,
+) -> Result<Json<HeartbeatReply>, ApiError> {
+    let live_vms = s.store.heartbeat(&host.name).await?;
+    Ok(Json(HeartbeatReply { live_vms }))
+}

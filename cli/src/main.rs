@@ -183,9 +183,27 @@ pub fn main() -> ExitCode {
         Ok(code) => code,
         Err(e) => {
             eprintln!("error: {e:#}");
-            ExitCode::from(EXIT_FAILURE)
+            ExitCode::from(exit_status(&e))
         }
     }
+}
+
+/// The one mapping from an error to the exit status: input that was refused (it must
+/// change; retrying will not help) is [`EXIT_INVALID`]; anything else — the store, a host,
+/// the infrastructure, Certo itself — is [`EXIT_FAILURE`].
+pub fn exit_status(e: &anyhow::Error) -> u8 {
+    use certo_orchestrator::app::OpError;
+    use certo_orchestrator::vmrun::VmRunError;
+    for cause in e.chain() {
+        if matches!(cause.downcast_ref::<OpError>(), Some(OpError::Refused(_)))
+            || cause
+                .downcast_ref::<VmRunError>()
+                .is_some_and(VmRunError::is_refusal)
+        {
+            return EXIT_INVALID;
+        }
+    }
+    EXIT_FAILURE
 }
 
 async fn run(cli: Cli) -> anyhow::Result<ExitCode> {

@@ -9,7 +9,7 @@ use std::time::Duration;
 use clap::{Args, Subcommand};
 use serde_json::json;
 
-use super::{EXIT_FAILURE, EXIT_INVALID, Global, print_json};
+use super::{EXIT_INVALID, Global, print_json};
 use certo_orchestrator::vmrun::{self, VmRequest};
 
 #[derive(Debug, Args)]
@@ -143,19 +143,15 @@ pub async fn run(g: &Global, a: VmArgs) -> anyhow::Result<ExitCode> {
         &say,
     )
     .await;
-    let out = match out {
-        Ok(o) => o,
-        Err(e) => {
-            eprintln!("error: {e:#}");
-            return Ok(ExitCode::from(EXIT_FAILURE));
-        }
-    };
+    // A run that could not be carried out: the one mapping (main) gives its exit status.
+    let out = out?;
     let all_pass = !out.tests.is_empty() && out.tests.iter().all(|t| t.status == TestStatus::Pass);
     if a.json {
         print_json(&json!({
             "vm": out.vm.name,
             "host": out.vm.host,
             "state": out.vm.state,
+            "fault": out.vm.fault,
             "reason": out.vm.reason,
             "hostname": out.vm.hostname,
             "seconds_to_joined": out.seconds_to_joined,
@@ -169,13 +165,17 @@ pub async fn run(g: &Global, a: VmArgs) -> anyhow::Result<ExitCode> {
         }))?;
     } else {
         println!(
-            "{}: {}{}",
+            "{}: {}{}{}",
             out.vm.name,
             out.vm.state,
             out.vm
                 .reason
                 .as_ref()
                 .map(|r| format!(" ({r})"))
+                .unwrap_or_default(),
+            out.vm
+                .fault
+                .map(|f| format!(" [{f}'s fault]"))
                 .unwrap_or_default()
         );
         for t in &out.tests {

@@ -247,7 +247,10 @@ async fn the_cli_refuses_every_malformed_fixture_and_the_store_stays_as_it_was()
         String::from_utf8_lossy(&out.stderr)
     );
     let before = common::snapshot(&db).await;
-    let patches = before.iter().find(|t| t.0 == "patches").expect("patches table");
+    let patches = before
+        .iter()
+        .find(|t| t.0 == "patches")
+        .expect("patches table");
     assert!(patches.1 >= 12, "{before:?}");
 
     let expected =

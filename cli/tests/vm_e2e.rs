@@ -528,6 +528,7 @@ async fn faults_end_in_explained_states_and_leak_no_domain() {
         ],
     );
     assert_eq!(v["state"], "crashed", "{v}");
+    assert_eq!(v["fault"], "product", "it crashed after joining: {v}");
     assert!(
         v["reason"]
             .as_str()

@@ -109,6 +109,11 @@ async fn a_vm_runs_from_boot_to_results_and_is_torn_down() {
     let (code, v) = vm_run(&db.url, &a, &["--suite", "all", "--timeout", "60"]);
     assert_eq!(code, 0, "{v}");
     assert_eq!(v["state"], "done", "{v}");
+    assert_eq!(
+        v["fault"],
+        Value::Null,
+        "a passing run is nobody's fault: {v}"
+    );
     let tests: Vec<(String, String)> = v["tests"]
         .as_array()
         .expect("tests")
@@ -163,6 +168,7 @@ async fn a_hung_guest_is_destroyed_at_its_deadline_and_a_panic_is_explained() {
     let (code, v) = vm_run(&db.url, &a, &["--timeout", "3", "--fault", "hang"]);
     assert_eq!(code, 1, "{v}");
     assert_eq!(v["state"], "timed_out", "{v}");
+    assert_eq!(v["fault"], "infrastructure", "it never joined: {v}");
     assert!(
         v["reason"].as_str().expect("reason").contains("deadline"),
         "{v}"
@@ -176,6 +182,10 @@ async fn a_hung_guest_is_destroyed_at_its_deadline_and_a_panic_is_explained() {
     let (code, v) = vm_run(&db.url, &a, &["--timeout", "30", "--fault", "panic"]);
     assert_eq!(code, 1, "{v}");
     assert_eq!(v["state"], "crashed", "{v}");
+    assert_eq!(
+        v["fault"], "infrastructure",
+        "it panicked before joining: {v}"
+    );
     assert!(
         v["reason"].as_str().expect("reason").contains("panicked"),
         "{v}"

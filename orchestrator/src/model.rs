@@ -164,6 +164,18 @@ state_enum! {
 }
 
 state_enum! {
+    /// Whose fault an unsuccessful end is: retrying helps only for the infrastructure's.
+    Fault {
+        /// The product: the guest reported a failure, a test failed, the patch's code hung
+        /// or crashed the VM after it joined.
+        Product = "product",
+        /// The infrastructure: the host could not boot the VM, its agent went silent, the
+        /// guest never joined the testbed.
+        Infrastructure = "infrastructure",
+    }
+}
+
+state_enum! {
     /// A certification run (the workflow engine's unit).
     RunState {
         Queued = "queued",
@@ -235,6 +247,7 @@ mod tests {
         check(Suite::ALL);
         check(TestStatus::ALL);
         check(ServiceStatus::ALL);
+        check(Fault::ALL);
         check(RunState::ALL);
         check(StepState::ALL);
         check(Verdict::ALL);

@@ -3,7 +3,7 @@
 //! wait for the guest harness (join, results, done), the deadline, or the VM's end, record
 //! the outcome with its reason, and always tear the VM down.
 
-use crate::model::{HostVmState, PatchId, Suite, VmState};
+use crate::model::{Fault, HostVmState, PatchId, Suite, VmState};
 use std::net::SocketAddr;
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -13,7 +13,7 @@ use chrono::Utc;
 use serde::Serialize;
 
 use crate::api::{self, ApiState};
-use crate::store::{NewVm, ResultRow, Store, VmRow};
+use crate::store::{NewVm, ResultRow, Store, StoreError, VmRow};
 
 /// How long the agent may stay silent before a run is declared lost.
 pub const AGENT_SILENCE: Duration = Duration::from_secs(8);
@@ -29,16 +29,68 @@ pub struct Agent {
     token: String,
 }
 
-fn agent_err(what: &str, e: impl std::fmt::Display) -> anyhow::Error {
-    anyhow::anyhow!("agent {what}: {e}")
+/// Why a VM run could not be carried out (as opposed to how the VM ended, which is its
+/// [`VmOutcome`]). [`VmRunError::is_refusal`] tells the caller's mistakes from Certo's and
+/// the infrastructure's failures.
+#[derive(Debug, thiserror::Error)]
+pub enum VmRunError {
+    /// The host's agent could not be reached, or refused or failed a request.
+    #[error("agent {what}: {message}")]
+    Agent { what: String, message: String },
+    /// The agent presents a token the store holds another digest for.
+    #[error("host {0} is registered with another token")]
+    HostToken(String),
+    /// The request itself cannot be carried out (an image file name, a URL).
+    #[error("{0}")]
+    Refused(String),
+    #[error("pushing the image: {0}")]
+    Transfer(#[from] certo_transfer::ClientError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("{what}: {source}")]
+    Io {
+        what: String,
+        source: std::io::Error,
+    },
+    #[error("VM {0} vanished from the store")]
+    Vanished(String),
 }
 
+impl VmRunError {
+    /// Whether the caller's input was refused (retrying the same request will not help);
+    /// otherwise the infrastructure or Certo itself failed.
+    pub fn is_refusal(&self) -> bool {
+        matches!(self, VmRunError::Refused(_) | VmRunError::HostToken(_))
+    }
+}
+
+impl From<sqlx::Error> for VmRunError {
+    fn from(e: sqlx::Error) -> Self {
+        VmRunError::Store(StoreError::Db(e))
+    }
+}
+
+fn agent_err(what: &str, e: impl std::fmt::Display) -> VmRunError {
+    VmRunError::Agent {
+        what: what.to_owned(),
+        message: e.to_string(),
+    }
+}
+
+fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> VmRunError {
+    let what = what.into();
+    move |source| VmRunError::Io { what, source }
+}
+
+type Result<T, E = VmRunError> = std::result::Result<T, E>;
+
 impl Agent {
-    pub fn new(base: &str, token: &str) -> anyhow::Result<Self> {
+    pub fn new(base: &str, token: &str) -> Result<Self> {
         Ok(Self {
             http: reqwest::Client::builder()
                 .timeout(Duration::from_secs(60))
-                .build()?,
+                .build()
+                .map_err(|e| agent_err("client", e))?,
             base: base.trim_end_matches('/').to_owned(),
             token: token.to_owned(),
         })
@@ -49,7 +101,7 @@ impl Agent {
         method: reqwest::Method,
         path: &str,
         body: Option<Vec<u8>>,
-    ) -> anyhow::Result<T> {
+    ) -> Result<T> {
         let mut req = self
             .http
             .request(method, format!("{}{path}", self.base))
@@ -61,38 +113,38 @@ impl Agent {
         let status = resp.status();
         let bytes = resp.bytes().await.map_err(|e| agent_err(path, e))?;
         if !status.is_success() {
-            anyhow::bail!(
-                "agent {path}: {status}: {}",
-                String::from_utf8_lossy(&bytes).trim()
-            );
+            return Err(agent_err(
+                path,
+                format!("{status}: {}", String::from_utf8_lossy(&bytes).trim()),
+            ));
         }
         serde_json::from_slice(&bytes)
             .map_err(|e| agent_err(path, format!("unreadable answer: {e}")))
     }
 
     /// The agent's name and capacity.
-    pub async fn info(&self) -> anyhow::Result<certo_proto::agent::HostInfo> {
+    pub async fn info(&self) -> Result<certo_proto::agent::HostInfo> {
         self.call(reqwest::Method::GET, "/v1/info", None).await
     }
 
     /// Boots a VM from a repository image.
-    pub async fn boot(&self, spec: &BootRequest) -> anyhow::Result<AgentVm> {
+    pub async fn boot(&self, spec: &BootRequest) -> Result<AgentVm> {
         self.call(
             reqwest::Method::POST,
             "/v1/vms",
-            Some(serde_json::to_vec(spec)?),
+            Some(serde_json::to_vec(spec).map_err(|e| agent_err("/v1/vms", e))?),
         )
         .await
     }
 
     /// The VM's state and the tail of its serial console.
-    pub async fn status(&self, name: &str) -> anyhow::Result<AgentVm> {
+    pub async fn status(&self, name: &str) -> Result<AgentVm> {
         self.call(reqwest::Method::GET, &format!("/v1/vms/{name}"), None)
             .await
     }
 
     /// Destroys the VM (its serial log stays).
-    pub async fn destroy(&self, name: &str) -> anyhow::Result<AgentVm> {
+    pub async fn destroy(&self, name: &str) -> Result<AgentVm> {
         self.call(reqwest::Method::DELETE, &format!("/v1/vms/{name}"), None)
             .await
     }
@@ -130,13 +182,19 @@ pub struct VmOutcome {
 
 /// The address the guest should call back: 10.0.2.2 (QEMU's user network) when the agent
 /// is on this machine's loopback, else this machine's address on the route to the agent.
-pub fn callback_bind(agent_url: &str) -> anyhow::Result<(SocketAddr, String)> {
-    let url = reqwest::Url::parse(agent_url)?;
+pub fn callback_bind(agent_url: &str) -> Result<(SocketAddr, String)> {
+    let url = reqwest::Url::parse(agent_url)
+        .map_err(|e| VmRunError::Refused(format!("agent URL {agent_url:?}: {e}")))?;
     let host = url.host_str().unwrap_or("127.0.0.1").to_owned();
     let port = url.port_or_known_default().unwrap_or(80);
-    let probe = std::net::UdpSocket::bind("0.0.0.0:0")?;
-    probe.connect((host.as_str(), port))?;
-    let local = probe.local_addr()?.ip();
+    let probe = std::net::UdpSocket::bind("0.0.0.0:0").map_err(io("opening a UDP socket"))?;
+    probe
+        .connect((host.as_str(), port))
+        .map_err(io(format!("finding the route to {host}:{port}")))?;
+    let local = probe
+        .local_addr()
+        .map_err(io("reading the local address"))?
+        .ip();
     if local.is_loopback() {
         Ok((SocketAddr::new(local, 0), "10.0.2.2".to_owned()))
     } else {
@@ -151,7 +209,7 @@ pub async fn run(
     token: &str,
     req: &VmRequest<'_>,
     say: &(dyn Fn(&str) + Sync),
-) -> anyhow::Result<VmOutcome> {
+) -> Result<VmOutcome> {
     let agent = Agent::new(agent_url, token)?;
     let info = agent.info().await?;
     let host = info.name;
@@ -161,26 +219,33 @@ pub async fn run(
             store.add_host(&host, &api::token_digest(token)).await?;
         }
         Some(stored) if stored == api::token_digest(token) => {}
-        Some(_) => anyhow::bail!("host {host} is registered with another token"),
+        Some(_) => return Err(VmRunError::HostToken(host)),
     }
     if let Some(orch) = req.orchestrator {
         // The guest calls the given orchestrator; loopback means the agent's machine, which
         // QEMU's user network shows the guest as 10.0.2.2.
-        let mut url = reqwest::Url::parse(orch)?;
+        let mut url = reqwest::Url::parse(orch)
+            .map_err(|e| VmRunError::Refused(format!("orchestrator URL {orch:?}: {e}")))?;
         if url.host_str().is_some_and(|h| {
             h == "localhost"
                 || h.parse::<std::net::IpAddr>()
                     .is_ok_and(|ip| ip.is_loopback())
         }) {
-            url.set_host(Some("10.0.2.2"))?;
+            url.set_host(Some("10.0.2.2"))
+                .map_err(|e| VmRunError::Refused(format!("orchestrator URL {orch:?}: {e}")))?;
         }
         let callback = url.as_str().trim_end_matches('/').to_owned();
         return run_inner(store, &agent, &host, &callback, req, say).await;
     }
     // Serve the guest API on the address the guest can reach.
     let (bind, guest_host) = callback_bind(agent_url)?;
-    let listener = tokio::net::TcpListener::bind(bind).await?;
-    let port = listener.local_addr()?.port();
+    let listener = tokio::net::TcpListener::bind(bind)
+        .await
+        .map_err(io(format!("listening on {bind} for the guest")))?;
+    let port = listener
+        .local_addr()
+        .map_err(io("reading the guest API's address"))?
+        .port();
     let callback = format!("http://{guest_host}:{port}");
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let srv = tokio::spawn(api::serve(
@@ -206,13 +271,14 @@ async fn run_inner(
     callback: &str,
     req: &VmRequest<'_>,
     say: &(dyn Fn(&str) + Sync),
-) -> anyhow::Result<VmOutcome> {
+) -> Result<VmOutcome> {
     // 1. The image, into the host's repository (only the blocks it lacks).
     let image_name = image_name(req.image)?;
     say(&format!("pushing {} to {host}", req.image.display()));
     let mut client = certo_transfer::client::Client::new(
         agent_url_of(agent),
-        certo_transfer::Token::new(&agent.token).map_err(|e| anyhow::anyhow!("token: {e}"))?,
+        certo_transfer::Token::new(&agent.token)
+            .map_err(|e| VmRunError::Refused(format!("the host token: {e}")))?,
         certo_transfer::client::RetryPolicy::default(),
     )?;
     if let Some(dir) = req.index_cache {
@@ -233,7 +299,7 @@ async fn run_inner(
         .fetch_one(store.pool())
         .await?;
     let name = vm_name(next, req.node_type, 1);
-    let token = api::new_token()?;
+    let token = api::new_token().map_err(io("making the VM's token"))?;
     let started = Instant::now();
     let deadline = Utc::now() + chrono::Duration::milliseconds(req.timeout.as_millis() as i64);
     let vm = store
@@ -274,6 +340,7 @@ async fn run_inner(
                 .finish_vm(
                     vm.id,
                     VmState::Failed,
+                    Some(Fault::Infrastructure),
                     Some(&format!("the host could not boot it: {e}")),
                     None,
                 )
@@ -295,7 +362,7 @@ async fn run_inner(
         let row = store
             .vm(&name)
             .await?
-            .ok_or_else(|| anyhow::anyhow!("VM {name} vanished from the store"))?;
+            .ok_or_else(|| VmRunError::Vanished(name.to_string()))?;
         if joined_at.is_none() && row.joined_at.is_some() {
             joined_at = Some(started.elapsed().as_secs_f64());
             say(&format!(
@@ -325,7 +392,13 @@ async fn run_inner(
                     }
                 );
                 store
-                    .finish_vm(vm.id, VmState::Lost, Some(&reason), None)
+                    .finish_vm(
+                        vm.id,
+                        VmState::Lost,
+                        Some(Fault::Infrastructure),
+                        Some(&reason),
+                        None,
+                    )
                     .await?;
                 break;
             }
@@ -338,8 +411,10 @@ async fn run_inner(
             .is_some_and(|s| s.state == HostVmState::TimedOut);
         if ended && !agent_timed_out {
             // The guest is gone without saying done: explain from its console.
-            let (state, reason) = explain_end(&row, &serial_tail);
-            store.finish_vm(vm.id, state, Some(&reason), None).await?;
+            let (state, fault, reason) = explain_end(&row, &serial_tail);
+            store
+                .finish_vm(vm.id, state, Some(fault), Some(&reason), None)
+                .await?;
             break;
         }
         if Utc::now() > deadline || agent_timed_out {
@@ -354,7 +429,18 @@ async fn run_inner(
                 }
             );
             store
-                .finish_vm(vm.id, VmState::TimedOut, Some(&reason), None)
+                .finish_vm(
+                    vm.id,
+                    VmState::TimedOut,
+                    // A guest that never joined hung in boot; one that joined, in its tests.
+                    Some(if row.state == VmState::Joined {
+                        Fault::Product
+                    } else {
+                        Fault::Infrastructure
+                    }),
+                    Some(&reason),
+                    None,
+                )
                 .await?;
             break;
         }
@@ -371,30 +457,28 @@ async fn run_inner(
     outcome(store, &name, serial_tail, joined_at, started).await
 }
 
-/// Why a VM ended without its harness saying done.
-pub fn explain_end(row: &VmRow, serial: &str) -> (VmState, String) {
-    if serial.contains("Kernel panic") {
+/// Why a VM ended without its harness saying done, and whose fault it is: before the
+/// guest joined, the infrastructure's (it did not come up); after, the product's (the
+/// patch's code took the VM down).
+pub fn explain_end(row: &VmRow, serial: &str) -> (VmState, Fault, String) {
+    let fault = if row.state == VmState::Joined {
+        Fault::Product
+    } else {
+        Fault::Infrastructure
+    };
+    let reason = if serial.contains("Kernel panic") {
         let line = serial
             .lines()
             .find(|l| l.contains("Kernel panic"))
             .unwrap_or("Kernel panic")
             .trim();
-        (
-            VmState::Crashed,
-            format!("the guest kernel panicked: {line}"),
-        )
+        format!("the guest kernel panicked: {line}")
     } else if row.state == VmState::Joined {
-        (
-            VmState::Crashed,
-            "the harness stopped without reporting done (the VM powered off after joining)"
-                .to_owned(),
-        )
+        "the harness stopped without reporting done (the VM powered off after joining)".to_owned()
     } else {
-        (
-            VmState::Crashed,
-            "the VM ended before its harness joined the testbed".to_owned(),
-        )
-    }
+        "the VM ended before its harness joined the testbed".to_owned()
+    };
+    (VmState::Crashed, fault, reason)
 }
 
 async fn outcome(
@@ -403,11 +487,11 @@ async fn outcome(
     serial_tail: String,
     joined: Option<f64>,
     started: Instant,
-) -> anyhow::Result<VmOutcome> {
+) -> Result<VmOutcome> {
     let vm = store
         .vm(name)
         .await?
-        .ok_or_else(|| anyhow::anyhow!("VM {name} vanished from the store"))?;
+        .ok_or_else(|| VmRunError::Vanished(name.to_string()))?;
     let tests = store.vm_results(vm.id).await?;
     let log = store.vm_log(vm.id).await?;
     Ok(VmOutcome {
@@ -425,7 +509,7 @@ fn agent_url_of(agent: &Agent) -> &str {
 }
 
 /// A repository image name from a file name: `[A-Za-z0-9._-]`, at most 128 characters.
-fn image_name(path: &Path) -> anyhow::Result<String> {
+fn image_name(path: &Path) -> Result<String> {
     let stem = path
         .file_name()
         .map(|s| s.to_string_lossy().into_owned())
@@ -453,11 +537,12 @@ fn image_name(path: &Path) -> anyhow::Result<String> {
         .take(128)
         .collect();
     let name = name.trim_start_matches('.').to_owned();
-    anyhow::ensure!(
-        !name.is_empty(),
-        "cannot name an image after {}",
-        path.display()
-    );
+    if name.is_empty() {
+        return Err(VmRunError::Refused(format!(
+            "cannot name an image after {}",
+            path.display()
+        )));
+    }
     Ok(name)
 }
 

@@ -11,7 +11,7 @@ use axum::routing::{get, post};
 use super::ApiState;
 use super::auth::GuestAuth;
 use super::error::{ApiError, text};
-use crate::model::{ServiceStatus, TestStatus, VmState};
+use crate::model::{Fault, ServiceStatus, TestStatus, VmState};
 use crate::store::{RegisterError, ResultRow, VmRow};
 
 pub fn routes() -> axum::Router<Arc<ApiState>> {
@@ -177,11 +177,19 @@ async fn done(
     let vm = guest.vm;
     let body = String::from_utf8_lossy(&body);
     let body = body.trim();
-    let (state, reason) = if body == "ok" {
-        (VmState::Done, None)
+    let (state, fault, reason) = if body == "ok" {
+        // Done; a failed test is the product's fault.
+        let failed = s
+            .store
+            .vm_results(vm.id)
+            .await?
+            .iter()
+            .any(|r| r.status != TestStatus::Pass);
+        (VmState::Done, failed.then_some(Fault::Product), None)
     } else {
         (
             VmState::Failed,
+            Some(Fault::Product),
             Some(format!(
                 "the harness reported: {}",
                 body.strip_prefix("error").unwrap_or(body).trim()
@@ -189,7 +197,7 @@ async fn done(
         )
     };
     s.store
-        .finish_vm(vm.id, state, reason.as_deref(), None)
+        .finish_vm(vm.id, state, fault, reason.as_deref(), None)
         .await?;
     tracing::info!(vm = %vm.name, %state, "guest finished");
     Ok(text(StatusCode::OK, "bye\n"))

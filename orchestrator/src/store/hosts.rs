@@ -4,7 +4,7 @@ use chrono::{DateTime, Utc};
 use serde::Serialize;
 
 use super::{Store, StoreError};
-use crate::model::{PatchId, Suite, TestStatus, VmState};
+use crate::model::{Fault, PatchId, Suite, TestStatus, VmState};
 
 /// A registered host.
 #[derive(Debug, Clone, Serialize)]
@@ -32,6 +32,8 @@ pub struct VmRow {
     pub attempt: i32,
     pub suite: Suite,
     pub state: VmState,
+    /// Whose fault an unsuccessful end was (`None` while live or when it passed).
+    pub fault: Option<Fault>,
     pub reason: Option<String>,
     pub hostname: Option<String>,
     pub token_used_up: bool,
@@ -96,7 +98,7 @@ pub enum RegisterError {
     Store(#[from] StoreError),
 }
 
-const VM_COLUMNS: &str = "id, name, host, image, node_type, patch_id, patch_revision, attempt, suite, state, reason, hostname, token_used_up, serial_log, deadline, requested_at, joined_at, finished_at";
+const VM_COLUMNS: &str = "id, name, host, image, node_type, patch_id, patch_revision, attempt, suite, state, fault, reason, hostname, token_used_up, serial_log, deadline, requested_at, joined_at, finished_at";
 
 impl Store {
     /// Adds a host with the SHA-256 of its token; false if the name is taken.
@@ -295,12 +297,13 @@ impl Store {
         &self,
         id: i64,
         state: VmState,
+        fault: Option<Fault>,
         reason: Option<&str>,
         serial_log: Option<&str>,
     ) -> Result<bool, StoreError> {
         let mut tx = self.pool.begin().await?;
         let r = sqlx::query(
-            "UPDATE vm_runs SET state = $2, reason = $3, serial_log = coalesce($4, serial_log),
+            "UPDATE vm_runs SET state = $2, reason = $3, serial_log = coalesce($4, serial_log), fault = $5,
                     token_used_up = true, finished_at = now()
              WHERE id = $1 AND state IN ('booting', 'joined')",
         )
@@ -308,6 +311,7 @@ impl Store {
         .bind(state)
         .bind(reason)
         .bind(serial_log)
+        .bind(fault)
         .execute(&mut *tx)
         .await?;
         sqlx::query("DELETE FROM testbed_services WHERE owner_vm = $1")

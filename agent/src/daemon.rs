@@ -62,11 +62,34 @@ fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> AgentError {
     move |source| AgentError::Io { what, source }
 }
 
-/// Runs the agent until `shutdown` completes. `ready` is called with the bound address
-/// once the repository and libvirt are ready, so whoever waits for it never connects to
-/// an agent that is about to exit.
+/// Runs the agent over libvirt at `settings.libvirt` until `shutdown` completes. `ready`
+/// is called with the bound address once the repository and libvirt are ready, so whoever
+/// waits for it never connects to an agent that is about to exit.
 pub async fn run(
     settings: AgentSettings,
+    ready: impl FnOnce(SocketAddr),
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), AgentError> {
+    let hv: Arc<dyn certo_hosts::hypervisor::Hypervisor> = {
+        let uri = settings.libvirt.clone();
+        Arc::new(
+            tokio::task::spawn_blocking(move || {
+                certo_hosts::hypervisor::LibvirtHypervisor::connect(&uri)
+            })
+            .await?
+            .map_err(|source| AgentError::Libvirt {
+                uri: settings.libvirt.clone(),
+                source,
+            })?,
+        )
+    };
+    run_with(settings, hv, ready, shutdown).await
+}
+
+/// [`run`] over a given hypervisor (tests inject faults or simulated guests this way).
+pub async fn run_with(
+    settings: AgentSettings,
+    hv: Arc<dyn certo_hosts::hypervisor::Hypervisor>,
     ready: impl FnOnce(SocketAddr),
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), AgentError> {
@@ -91,19 +114,6 @@ pub async fn run(
         "agent listening"
     );
     let repo = Arc::new(repo);
-    let hv: Arc<dyn certo_hosts::hypervisor::Hypervisor> = {
-        let uri = settings.libvirt.clone();
-        Arc::new(
-            tokio::task::spawn_blocking(move || {
-                certo_hosts::hypervisor::LibvirtHypervisor::connect(&uri)
-            })
-            .await?
-            .map_err(|source| AgentError::Libvirt {
-                uri: settings.libvirt.clone(),
-                source,
-            })?,
-        )
-    };
     std::fs::create_dir_all(&settings.vm_dir)
         .map_err(io(format!("creating {}", settings.vm_dir.display())))?;
     let vms = Arc::new(Vms::new(

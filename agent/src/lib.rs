@@ -10,4 +10,4 @@
 pub mod daemon;
 pub mod vms;
 
-pub use daemon::{AgentError, AgentSettings, run};
+pub use daemon::{AgentError, AgentSettings, run, run_with};

@@ -21,7 +21,7 @@ use certo_hosts::boot::{BootAssets, BootInputs};
 use certo_hosts::domain_name::DomainName;
 use certo_hosts::guest::GuestConfig;
 use certo_hosts::hypervisor::{DomainSpec, Hypervisor, HypervisorKind, Network, Persistence};
-use certo_proto::agent::{BootRequest, GuestSpec, HostInfo, HostVmState, VmStatus};
+use certo_proto::agent::{BootRequest, HostInfo, HostVmState, VmStatus};
 use certo_transfer::Repository;
 
 /// What the agent knows of one VM it booted.
@@ -236,12 +236,6 @@ impl Vms {
         };
         if let Ok(mut vms) = self.vms.lock() {
             vms.insert(req.name.clone(), entry);
-        }
-        if self.hv.kind() == HypervisorKind::Test {
-            // The test driver runs no guest: a simulated harness speaks the guest protocol.
-            let hv = self.hv.clone();
-            let (name, serial2) = (req.name.clone(), serial.clone());
-            std::thread::spawn(move || simulated_guest(hv, &name, &req.guest, &serial2));
         }
         Ok(VmStatus {
             name: req.name,
@@ -497,110 +491,4 @@ fn qemu_user() -> Option<(u32, u32)> {
         (f.first() == Some(&"libvirt-qemu"))
             .then(|| Some((f.get(2)?.parse().ok()?, f.get(3)?.parse().ok()?)))?
     })
-}
-
-/// A stand-in for the guest harness under libvirt's test driver (which boots nothing): it
-/// speaks the same plain-text protocol, passes every planned test, and "powers off". The
-/// `hang` and `panic` faults behave as in a real guest: no contact, or a panic on the console.
-fn simulated_guest(
-    hv: Arc<dyn Hypervisor>,
-    name: &str,
-    guest: &GuestSpec,
-    serial: &std::path::Path,
-) {
-    use std::io::Write;
-    let mut console = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(serial)
-        .ok();
-    let mut say = |line: &str| {
-        if let Some(c) = console.as_mut() {
-            let _ = writeln!(c, "{line}");
-        }
-    };
-    say("certo-harness: simulated guest (libvirt test driver)");
-    if guest.hang {
-        say("certo-harness: hanging (fault injection)");
-        return;
-    }
-    if guest.panic {
-        say("Kernel panic - not syncing: sysrq triggered crash");
-        let _ = hv.destroy(name);
-        return;
-    }
-    let crash = guest.crash;
-    let url = guest.url.replace("//10.0.2.2:", "//127.0.0.1:");
-    let call =
-        |path: &str, body: &str| http_post(&format!("{url}{path}"), &guest.token, name, body);
-    let plan = match call("/api/v1/guest/join", "") {
-        Ok((200, plan)) => plan,
-        Ok((status, body)) => {
-            say(&format!(
-                "certo-harness: join refused: {status} {}",
-                body.trim()
-            ));
-            let _ = hv.destroy(name);
-            return;
-        }
-        Err(e) => {
-            say(&format!(
-                "certo-harness: cannot reach the orchestrator: {e}"
-            ));
-            let _ = hv.destroy(name);
-            return;
-        }
-    };
-    say("certo-harness: joined");
-    if crash {
-        say("certo-harness: crashing on purpose after joining (certo.crash=1)");
-        let _ = hv.destroy(name);
-        return;
-    }
-    for line in plan.lines() {
-        if let Some(rest) = line.strip_prefix("test ") {
-            let suite = rest.split_whitespace().next().unwrap_or("basic");
-            let _ = call(
-                "/api/v1/guest/result",
-                &format!(
-                    "{suite} simulated pass 0.0\nsimulated by the agent under libvirt's test driver\n"
-                ),
-            );
-        }
-    }
-    let _ = call("/api/v1/guest/log", "joined\nall suites run (simulated)\n");
-    let _ = call("/api/v1/guest/done", "ok");
-    say("certo-harness: done");
-    let _ = hv.destroy(name);
-}
-
-/// A minimal blocking HTTP/1.1 POST (the simulated guest's wget).
-fn http_post(url: &str, token: &str, vm: &str, body: &str) -> std::io::Result<(u16, String)> {
-    use std::io::{Read, Write};
-    let rest = url
-        .strip_prefix("http://")
-        .ok_or_else(|| std::io::Error::other("only http:// URLs"))?;
-    let (hostport, path) = rest
-        .split_once('/')
-        .map(|(h, p)| (h, format!("/{p}")))
-        .unwrap_or((rest, "/".into()));
-    let mut stream = std::net::TcpStream::connect(hostport)?;
-    stream.set_read_timeout(Some(Duration::from_secs(30)))?;
-    write!(
-        stream,
-        "POST {path} HTTP/1.1\r\nHost: {hostport}\r\nAuthorization: Bearer {token}\r\nX-Certo-VM: {vm}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    )?;
-    let mut response = String::new();
-    stream.read_to_string(&mut response)?;
-    let status = response
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0);
-    let body = response
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_owned())
-        .unwrap_or_default();
-    Ok((status, body))
 }

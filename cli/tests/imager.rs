@@ -9,9 +9,7 @@ use std::process::{Command, Output};
 
 use serde_json::Value;
 
-fn tmp() -> PathBuf {
-    PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
-}
+use certo_testkit::target_tmp as tmp;
 
 use common::world;
 

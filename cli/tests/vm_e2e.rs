@@ -9,29 +9,13 @@ mod common;
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
-use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-fn tmp() -> PathBuf {
-    PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
-}
+use certo_testkit::target_tmp as tmp;
 
-fn ensure_libvirtd() {
-    static STARTED: OnceLock<()> = OnceLock::new();
-    STARTED.get_or_init(|| {
-        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
-        let ok = Command::new("bash")
-            .arg("-c")
-            .arg(". scripts/lib.sh && certo_start_libvirtd")
-            .current_dir(&root)
-            .status()
-            .expect("bash");
-        assert!(ok.success(), "libvirtd could not be started");
-    });
-}
-
+use certo_testkit::ensure_libvirtd;
 use common::world;
 
 /// Data directory shared with the imager tests (their cached layers are reused).

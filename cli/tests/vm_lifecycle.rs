@@ -1,64 +1,98 @@
-//! A VM's whole life through real processes — `certo agent` over libvirt's test driver
-//! (`test:///default`, which boots nothing: the agent's simulated guest speaks the harness
-//! protocol) and `certo vm run` with PostgreSQL: push, boot, join, results, done, teardown;
+//! A VM's whole life — the host agent's code over libvirt's test driver (which boots
+//! nothing: the test kit's simulated guest speaks the harness protocol) and the real
+//! `certo vm run` process with PostgreSQL: push, boot, join, results, done, teardown;
 //! a hung guest destroyed at its deadline; a kernel panic; bad requests refused.
 
 mod common;
 
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
+use std::sync::Arc;
+use std::time::Duration;
+
+use certo_agent::AgentSettings;
+use certo_hosts::hypervisor::{Hypervisor, LibvirtHypervisor};
+use certo_testkit::hypervisor::{Faulty, SimulatedGuests};
 
 use serde_json::Value;
 
+/// A host agent for one test: the agent's own code (real HTTP, its repository, its VM
+/// manager) in this process, over a private libvirt test-driver instance whose started
+/// domains run the test kit's simulated harness. Stopped and cleaned up when dropped.
 struct Agent {
-    child: Child,
     url: String,
     dir: PathBuf,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
 }
 
 impl Drop for Agent {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
 
 const TOKEN: &str = "lifecycle-host-token-0123456789";
 
-fn agent(name: &str) -> Agent {
+async fn agent(name: &str) -> Agent {
+    agent_over(name, |hv| hv).await
+}
+
+/// [`agent`] over a hypervisor made from the simulated one (e.g. with faults injected).
+async fn agent_over(
+    name: &str,
+    wrap: impl FnOnce(Arc<dyn Hypervisor>) -> Arc<dyn Hypervisor>,
+) -> Agent {
     let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
         .join(format!("vm-life-{name}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).expect("dir");
-    let mut child = Command::new(env!("CARGO_BIN_EXE_certo"))
-        .args([
-            "agent",
-            "--listen",
-            "127.0.0.1:0",
-            "--libvirt",
-            "test:///default",
-            "--name",
-            name,
-            "--repo",
-        ])
-        .arg(dir.join("repo"))
-        .env("CERTO_TOKEN", TOKEN)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("spawn agent");
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().expect("stdout"))
-        .read_line(&mut line)
-        .expect("read");
-    let url = line
-        .trim()
-        .strip_prefix("listening on ")
-        .expect("address line")
-        .to_owned();
-    Agent { child, url, dir }
+    // A test-driver instance of its own (test:///default is shared by the whole process).
+    let node = dir.join("test-node.xml");
+    std::fs::write(&node, "<node>\n</node>\n").expect("node xml");
+    let uri = format!("test://{}", node.display());
+    let libvirt = LibvirtHypervisor::connect(&uri).expect("test driver");
+    let hv = wrap(Arc::new(SimulatedGuests::new(Arc::new(libvirt))));
+    let settings = AgentSettings {
+        listen: "127.0.0.1:0".parse().expect("addr"),
+        repo: dir.join("repo"),
+        token: certo_transfer::Token::new(TOKEN).expect("token"),
+        name: name.to_owned(),
+        libvirt: uri,
+        slots: 2,
+        memory_mib: 4096,
+        vcpus: 2,
+        vm_dir: dir.join("vms"),
+        orchestrator: None,
+        advertise: None,
+        heartbeat: Duration::from_secs(5),
+    };
+    let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(async move {
+        let result = certo_agent::run_with(
+            settings,
+            hv,
+            move |addr| {
+                let _ = ready_tx.send(addr);
+            },
+            async move {
+                let _ = stop_rx.await;
+            },
+        )
+        .await;
+        if let Err(e) = result {
+            panic!("the agent failed: {e}");
+        }
+    });
+    let addr = ready_rx.await.expect("the agent is ready");
+    Agent {
+        url: format!("http://{addr}"),
+        dir,
+        stop: Some(stop_tx),
+    }
 }
 
 fn image(dir: &Path) -> PathBuf {
@@ -105,7 +139,7 @@ fn vm_run(db: &str, agent: &Agent, extra: &[&str]) -> (i32, Value) {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_vm_runs_from_boot_to_results_and_is_torn_down() {
     let db = common::scratch().await;
-    let a = agent("life1");
+    let a = agent("life1").await;
     let (code, v) = vm_run(&db.url, &a, &["--suite", "all", "--timeout", "60"]);
     assert_eq!(code, 0, "{v}");
     assert_eq!(v["state"], "done", "{v}");
@@ -164,7 +198,7 @@ async fn a_vm_runs_from_boot_to_results_and_is_torn_down() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_hung_guest_is_destroyed_at_its_deadline_and_a_panic_is_explained() {
     let db = common::scratch().await;
-    let a = agent("life2");
+    let a = agent("life2").await;
     let (code, v) = vm_run(&db.url, &a, &["--timeout", "3", "--fault", "hang"]);
     assert_eq!(code, 1, "{v}");
     assert_eq!(v["state"], "timed_out", "{v}");
@@ -195,7 +229,7 @@ async fn a_hung_guest_is_destroyed_at_its_deadline_and_a_panic_is_explained() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn the_agent_refuses_what_it_should() {
-    let a = agent("life3");
+    let a = agent("life3").await;
     let http = reqwest::Client::new();
     let boot = |body: &'static str, token: &'static str| {
         http.post(format!("{}/v1/vms", a.url))
@@ -224,7 +258,7 @@ async fn the_agent_refuses_what_it_should() {
 /// request without the host's token, and one with a wrong token, before it reads a body.
 #[tokio::test(flavor = "multi_thread")]
 async fn every_agent_route_refuses_a_request_without_a_valid_credential() {
-    let a = agent("life-auth");
+    let a = agent("life-auth").await;
     let http = reqwest::Client::new();
     let routes: &[(&str, &str)] = &[
         ("GET", "/v1/info"),
@@ -269,4 +303,29 @@ async fn every_agent_route_refuses_a_request_without_a_valid_credential() {
         .await
         .expect("info");
     assert_eq!(ok.status(), 200);
+}
+
+/// A host whose hypervisor cannot create the domain: the run ends `failed`, and it is the
+/// infrastructure's fault, not the patch's.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_boot_that_fails_on_the_host_is_the_infrastructures_fault() {
+    let db = common::scratch().await;
+    let a = agent_over("life-faulty", |hv| {
+        let faulty = Faulty::new(hv);
+        faulty
+            .fail_start
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        Arc::new(faulty)
+    })
+    .await;
+    let (code, v) = vm_run(&db.url, &a, &["--timeout", "30"]);
+    assert_eq!(code, 1, "{v}");
+    assert_eq!(v["state"], "failed", "{v}");
+    assert_eq!(v["fault"], "infrastructure", "{v}");
+    let reason = v["reason"].as_str().expect("reason");
+    assert!(
+        reason.contains("could not boot") && reason.contains("injected failure"),
+        "{v}"
+    );
+    db.drop_db().await.expect("drop");
 }

@@ -8,23 +8,14 @@ use std::process::{Command, Output};
 
 use certo_orchestrator::catalogue::Catalogue;
 use certo_orchestrator::ingest;
-use certo_orchestrator::store::Location;
 use certo_orchestrator::store::scratch::ScratchDb;
 
-pub fn location() -> Location {
-    match std::env::var("DATABASE_URL") {
-        Ok(url) if !url.is_empty() => Location::Url(url),
-        _ => {
-            Location::Embedded(PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("certo-test-store"))
-        }
-    }
-}
+#[allow(unused_imports)]
+pub use certo_testkit::world;
 
-/// A fresh, migrated database for one test.
+/// A fresh database for one test, cloned from the migrated template.
 pub async fn scratch() -> ScratchDb {
-    ScratchDb::create(&location(), "certo_test")
-        .await
-        .expect("a scratch database (PostgreSQL must be installed: /usr/lib/postgresql/15/bin)")
+    certo_testkit::scratch_db().await
 }
 
 pub fn fixtures() -> PathBuf {
@@ -72,17 +63,4 @@ pub async fn snapshot(db: &ScratchDb) -> Vec<(String, i64, String)> {
         out.push((table, count, digest));
     }
     out
-}
-
-/// The fixture world's package repositories, built once per test binary under the target
-/// directory (the build script skips an up-to-date world and serialises builders).
-pub fn world() -> PathBuf {
-    static WORLD: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
-    WORLD
-        .get_or_init(|| {
-            let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("imager-world");
-            certo_orchestrator::world::build(&dir).expect("the fixture world builds");
-            dir
-        })
-        .clone()
 }

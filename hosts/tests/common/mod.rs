@@ -28,7 +28,7 @@ pub fn workspace() -> PathBuf {
 }
 
 pub fn tmp() -> PathBuf {
-    workspace().join("target").join("tmp")
+    certo_testkit::target_tmp()
 }
 
 pub fn init_tracing() {
@@ -41,23 +41,7 @@ pub fn init_tracing() {
         .try_init();
 }
 
-/// Starts virtlogd/libvirtd if they are not running (scripts/lib.sh `certo_start_libvirtd`).
-pub fn ensure_libvirtd() {
-    static STARTED: OnceLock<()> = OnceLock::new();
-    STARTED.get_or_init(|| {
-        let out = Command::new("bash")
-            .arg("-c")
-            .arg(". scripts/lib.sh && certo_start_libvirtd")
-            .current_dir(workspace())
-            .output()
-            .expect("run bash");
-        assert!(
-            out.status.success(),
-            "cannot start libvirtd: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    });
-}
+pub use certo_testkit::{ensure_libvirtd, world};
 
 /// A `qemu:///system` connection (libvirtd started first).
 pub fn qemu() -> LibvirtHypervisor {
@@ -70,25 +54,6 @@ pub fn assets() -> BootAssets {
     static A: OnceLock<BootAssets> = OnceLock::new();
     A.get_or_init(|| BootAssets::prepare_host(&tmp().join("hosts-boot")).expect("boot assets"))
         .clone()
-}
-
-/// The fixture world's repositories (the build script skips an up-to-date world and locks).
-pub fn world() -> PathBuf {
-    static W: OnceLock<PathBuf> = OnceLock::new();
-    W.get_or_init(|| {
-        let dir = tmp().join("imager-world");
-        let out = Command::new(workspace().join("fixtures/world/build"))
-            .arg(&dir)
-            .output()
-            .expect("run fixtures/world/build");
-        assert!(
-            out.status.success(),
-            "fixtures/world/build failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        dir
-    })
-    .clone()
 }
 
 pub fn rpm_request(release: &str, node_type: &str) -> ImageRequest {

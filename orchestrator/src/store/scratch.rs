@@ -69,12 +69,18 @@ impl ScratchDb {
         }
         let (admin_url, url_of) = server_urls(location)?;
         drop_orphans(&admin_url, prefix).await?;
+        let template = ensure_template(&admin_url, &url_of, prefix).await?;
         let name = format!(
             "{prefix}_{}_{}",
             std::process::id(),
             COUNTER.fetch_add(1, Ordering::SeqCst)
         );
-        create_database_if_missing(&admin_url, &name).await?;
+        let mut conn = admin(&admin_url).await?;
+        let sql = format!("CREATE DATABASE \"{name}\" TEMPLATE \"{template}\"");
+        sqlx::query(sqlx::AssertSqlSafe(sql))
+            .execute(&mut conn)
+            .await?;
+        conn.close().await?;
         let url = url_of(&name);
         let store = Store::connect(&url).await?;
         Ok(ScratchDb {
@@ -99,6 +105,93 @@ impl ScratchDb {
         conn.close().await?;
         Ok(())
     }
+}
+
+async fn admin(admin_url: &str) -> Result<sqlx::PgConnection, StoreError> {
+    PgConnectOptions::from_str(admin_url)
+        .map_err(StoreError::Url)?
+        .connect()
+        .await
+        .map_err(|source| StoreError::Connect {
+            target: super::redact(admin_url),
+            source,
+        })
+}
+
+/// A digest of the migrations (versions and checksums): a template is good for exactly
+/// the schema it was migrated to.
+fn migrations_digest() -> String {
+    use sha2::{Digest, Sha256};
+    let mut h = Sha256::new();
+    for m in super::MIGRATOR.iter() {
+        h.update(m.version.to_le_bytes());
+        h.update(&m.checksum);
+    }
+    hex::encode(h.finalize())[..16].to_owned()
+}
+
+/// The migrated template scratch databases are cloned from (`CREATE DATABASE ... TEMPLATE`,
+/// a file copy, instead of running every migration per test), made once per schema under
+/// an advisory lock, so concurrent test processes make it once; templates of older schemas
+/// are dropped.
+async fn ensure_template(
+    admin_url: &str,
+    url_of: &UrlOf,
+    prefix: &str,
+) -> Result<String, StoreError> {
+    let template = format!("{prefix}_tmpl_{}", migrations_digest());
+    let mut conn = admin(admin_url).await?;
+    sqlx::query("SELECT pg_advisory_lock(hashtext($1))")
+        .bind(&template)
+        .execute(&mut conn)
+        .await?;
+    let result = async {
+        let exists: bool =
+            sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_database WHERE datname = $1)")
+                .bind(&template)
+                .fetch_one(&mut conn)
+                .await?;
+        if exists {
+            return Ok(());
+        }
+        let stale: Vec<String> = sqlx::query_scalar(
+            "SELECT datname FROM pg_database WHERE starts_with(datname, $1) AND datname <> $2",
+        )
+        .bind(format!("{prefix}_tmpl_"))
+        .bind(&template)
+        .fetch_all(&mut conn)
+        .await?;
+        for old in stale {
+            let sql = format!(
+                "DROP DATABASE IF EXISTS \"{}\" WITH (FORCE)",
+                old.replace('"', "")
+            );
+            sqlx::query(sqlx::AssertSqlSafe(sql))
+                .execute(&mut conn)
+                .await?;
+        }
+        // Built under another name and renamed when migrated: a template is never half made.
+        let building = format!("{template}_building");
+        let sql = format!("DROP DATABASE IF EXISTS \"{building}\" WITH (FORCE)");
+        sqlx::query(sqlx::AssertSqlSafe(sql))
+            .execute(&mut conn)
+            .await?;
+        create_database_if_missing(admin_url, &building).await?;
+        let store = Store::connect(&url_of(&building)).await?;
+        store.pool().close().await;
+        let sql = format!("ALTER DATABASE \"{building}\" RENAME TO \"{template}\"");
+        sqlx::query(sqlx::AssertSqlSafe(sql))
+            .execute(&mut conn)
+            .await?;
+        Ok::<(), StoreError>(())
+    }
+    .await;
+    let _ = sqlx::query("SELECT pg_advisory_unlock(hashtext($1))")
+        .bind(&template)
+        .execute(&mut conn)
+        .await;
+    let _ = conn.close().await;
+    result.map(|()| template)
 }
 
 /// Drops scratch databases whose creating process no longer runs.

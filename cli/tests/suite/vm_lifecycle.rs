@@ -3,7 +3,7 @@
 //! `certo vm run` process with PostgreSQL: push, boot, join, results, done, teardown;
 //! a hung guest destroyed at its deadline; a kernel panic; bad requests refused.
 
-mod common;
+use crate::common;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;

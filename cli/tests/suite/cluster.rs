@@ -3,7 +3,7 @@
 //! on request — as root (the server then runs as `postgres`) and as an
 //! ordinary user.
 
-mod common;
+use crate::common;
 
 use std::os::unix::process::CommandExt;
 use std::path::Path;

@@ -1,7 +1,7 @@
 //! Submission semantics against a real PostgreSQL database, through the
 //! library and through the `certo` binary.
 
-mod common;
+use crate::common;
 
 use certo_orchestrator::catalogue::Catalogue;
 use certo_orchestrator::patch::{self, LoadedRecord};

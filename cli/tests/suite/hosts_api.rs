@@ -2,7 +2,7 @@
 //! per-host and per-VM authentication, the guest protocol, the testbed registry and its
 //! health checks.
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 

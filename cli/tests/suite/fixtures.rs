@@ -1,7 +1,7 @@
 //! The fixture world's patch records: every valid one loads, every malformed
 //! one gives exactly the errors listed in `fixtures/patches/invalid-expected.txt`.
 
-mod common;
+use crate::common;
 
 use std::collections::BTreeSet;
 

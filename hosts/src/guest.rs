@@ -112,13 +112,48 @@ mod tests {
         ] {
             assert!(s.split(' ').any(|w| w == part), "{part} in {s}");
         }
-        assert!(!s.contains("certo.hang") && !s.contains("certo.panic"));
-        c.hang = true;
         assert!(
-            c.cmdline(HypervisorKind::Xen)
-                .expect("cmdline")
-                .contains("console=hvc0")
+            !s.contains("certo.hang") && !s.contains("certo.panic") && !s.contains("certo.crash"),
+            "{s}"
         );
+        let words = |c: &GuestConfig, kind| {
+            let s = c.cmdline(kind).expect("cmdline");
+            s.split(' ').map(str::to_owned).collect::<Vec<_>>()
+        };
+        // Each fault flag reaches the command line on its own, and only when set.
+        c.hang = true;
+        let w = words(&c, HypervisorKind::Xen);
+        assert_eq!(w.first().map(String::as_str), Some("console=hvc0"), "{w:?}");
+        assert!(w.iter().any(|p| p == "certo.hang=1"), "{w:?}");
+        assert!(
+            !w.iter()
+                .any(|p| p.starts_with("certo.panic") || p.starts_with("certo.crash")),
+            "{w:?}"
+        );
+        c.hang = false;
+        c.panic = true;
+        let w = words(&c, HypervisorKind::Qemu);
+        assert!(w.iter().any(|p| p == "certo.panic=1"), "{w:?}");
+        assert!(
+            !w.iter()
+                .any(|p| p.starts_with("certo.hang") || p.starts_with("certo.crash")),
+            "{w:?}"
+        );
+        c.panic = false;
+        c.crash = true;
+        let w = words(&c, HypervisorKind::Qemu);
+        assert!(w.iter().any(|p| p == "certo.crash=1"), "{w:?}");
+        assert!(
+            !w.iter()
+                .any(|p| p.starts_with("certo.hang") || p.starts_with("certo.panic")),
+            "{w:?}"
+        );
+        c.hang = true;
+        c.panic = true;
+        let w = words(&c, HypervisorKind::Qemu);
+        for part in ["certo.hang=1", "certo.panic=1", "certo.crash=1"] {
+            assert!(w.iter().any(|p| p == part), "{part} in {w:?}");
+        }
         c.token = "two words".into();
         assert!(c.cmdline(HypervisorKind::Qemu).is_err());
         c.token = String::new();

@@ -51,15 +51,35 @@ pub fn deb_core(recipe: &Recipe, tree: &Path, log: &mut Log) -> Result<(), Build
             .arg(format!("deb {mirror} {suite} main")),
     )?;
     if !out.success() {
-        return Err(log.failure(
-            Phase::Unpack,
-            None,
-            out.status,
-            format!("mmdebstrap could not build {suite}/{arch}"),
-            &out.output,
-        ));
+        let message = match unreachable_archive(&out.output) {
+            Some(line) => format!(
+                "mmdebstrap could not reach the Debian archive {mirror} for {suite}/{arch} \
+                 (Debian images are built from it at run time): {line}"
+            ),
+            None => format!("mmdebstrap could not build {suite}/{arch}"),
+        };
+        return Err(log.failure(Phase::Unpack, None, out.status, message, &out.output));
     }
     Ok(())
+}
+
+/// The first line of apt's or mmdebstrap's output that says a repository could not be
+/// reached (name resolution, connection, a fetch that failed), if any.
+pub fn unreachable_archive(output: &str) -> Option<&str> {
+    const SIGNS: &[&str] = &[
+        "Temporary failure resolving",
+        "Could not resolve",
+        "Failed to fetch",
+        "Could not connect to",
+        "Unable to connect to",
+        "Connection failed",
+        "Connection timed out",
+        "Network is unreachable",
+    ];
+    output
+        .lines()
+        .map(str::trim)
+        .find(|l| SIGNS.iter().any(|sign| l.contains(sign)))
 }
 
 /// Builds the RPM-family core layer into the empty directory `tree`.
@@ -222,7 +242,13 @@ pub fn deb_install(plan: &LayerPlan, root: &Path, log: &mut Log) -> Result<(), B
                 Phase::Prepare,
                 None,
                 up.status,
-                "apt-get update could not read the repositories".into(),
+                match unreachable_archive(&up.output) {
+                    Some(line) => format!(
+                        "apt-get update could not reach a repository (Debian layers install \
+                         from the Debian archive at run time): {line}"
+                    ),
+                    None => "apt-get update could not read the repositories".into(),
+                },
                 &up.output,
             ));
         }
@@ -691,4 +717,22 @@ pub fn remove_volatile(root: &Path, log: &mut Log) -> Result<(), BuildError> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::unreachable_archive;
+
+    #[test]
+    fn an_unreachable_archive_is_named_as_the_cause() {
+        let out = "I: running apt-get update...\n\
+                   Err:1 http://deb.debian.org/debian bookworm InRelease\n  \
+                   Temporary failure resolving 'deb.debian.org'\n\
+                   E: apt-get update -oAPT::Status-Fd=<$fd> failed\n";
+        assert_eq!(
+            unreachable_archive(out),
+            Some("Temporary failure resolving 'deb.debian.org'")
+        );
+        assert_eq!(unreachable_archive("E: Unable to locate package x\n"), None);
+    }
 }

@@ -398,9 +398,19 @@ async fn a_slice_cannot_replace_a_shared_service_and_dead_services_turn_unhealth
         "{seen}"
     );
 
-    // The health checker sees it answer, then stop answering.
-    tokio::time::sleep(Duration::from_millis(600)).await;
-    assert!(db.store.services(None).await.expect("s")[0].healthy);
+    // The health checker sees it answer (its own record of a check, not the column's
+    // default), then stop answering.
+    let mut answered = None;
+    for _ in 0..40 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let s = db.store.services(None).await.expect("s").remove(0);
+        if s.last_check.is_some() && s.health_detail.as_deref() == Some("answers") {
+            answered = Some(s);
+            break;
+        }
+    }
+    let answered = answered.expect("the health checker never recorded the live service answering");
+    assert!(answered.healthy, "{answered:?}");
     drop(bdii);
     let mut unhealthy = false;
     for _ in 0..40 {
@@ -422,6 +432,11 @@ async fn a_slice_cannot_replace_a_shared_service_and_dead_services_turn_unhealth
     let out = common::certo(
         &db.url,
         &["--data-dir", data.to_str().expect("utf-8"), "testbed", "ls"],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
     );
     let listing = String::from_utf8_lossy(&out.stdout);
     assert!(listing.contains("UNHEALTHY"), "{listing}");

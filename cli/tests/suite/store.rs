@@ -306,7 +306,11 @@ async fn the_cli_lists_and_shows_patches_as_json() {
         &db.url,
         &["submit", "--json", valid.to_str().expect("utf-8")],
     );
-    assert!(out.status.success());
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let submitted: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
     assert_eq!(submitted["stored"], true);
 
@@ -320,6 +324,11 @@ async fn the_cli_lists_and_shows_patches_as_json() {
     );
 
     let out = common::certo(&db.url, &["patches", "--json"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let list: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).expect("json");
     assert!(list.iter().all(|p| p["state"] == "submitted"));
     assert!(
@@ -333,6 +342,11 @@ async fn the_cli_lists_and_shows_patches_as_json() {
     );
 
     let out = common::certo(&db.url, &["patches", "--state", "superseded", "--json"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let list: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).expect("json");
     assert_eq!(list.len(), 1);
     assert_eq!(
@@ -344,6 +358,11 @@ async fn the_cli_lists_and_shows_patches_as_json() {
     );
 
     let out = common::certo(&db.url, &["show", "3213", "--json"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let shown: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
     assert_eq!(shown["revision"], 2);
     assert_eq!(
@@ -353,6 +372,11 @@ async fn the_cli_lists_and_shows_patches_as_json() {
     assert_eq!(shown["revisions"].as_array().map(Vec::len), Some(2));
 
     let out = common::certo(&db.url, &["show", "3213@1"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(
         text.contains("Patch 3213 revision 1") && text.contains("superseded (by revision 2)"),

@@ -9,7 +9,7 @@ use anyhow::{Context, bail};
 use clap::{Args, Subcommand};
 use serde_json::json;
 
-use super::{Global, print_json, progress};
+use super::{Global, median, print_json, progress};
 use certo_orchestrator::catalogue::Catalogue;
 use certo_orchestrator::patch::{self, PackageFormat, SourceFormat};
 use certo_orchestrator::store::scratch::ScratchDb;
@@ -114,12 +114,6 @@ pub fn generate_text_records(catalogue: &Catalogue, count: usize, first_id: u64)
             text
         })
         .collect()
-}
-
-/// The median of a set of measurements (the upper one of an even count).
-pub(crate) fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    if v.is_empty() { 0.0 } else { v[v.len() / 2] }
 }
 
 pub async fn run(g: &Global, args: BenchArgs) -> anyhow::Result<ExitCode> {

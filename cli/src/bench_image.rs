@@ -12,7 +12,7 @@ use anyhow::Context;
 use certo_imager::{Imager, LayerKind, mounts};
 use serde_json::json;
 
-use super::bench_cmd::median;
+use super::median;
 use super::{Global, print_json};
 
 /// Arguments of `certo bench image`.

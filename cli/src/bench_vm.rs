@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use serde_json::json;
 
-use super::bench_cmd::median;
+use super::median;
 use super::{Global, print_json};
 use certo_orchestrator::vmrun::{self, VmRequest};
 

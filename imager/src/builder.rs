@@ -113,9 +113,7 @@ pub struct Imager {
     world: PathBuf,
 }
 
-/// Fixed timestamp of every file in an exported image (2010-01-01T00:00:00Z): images
-/// built from the same inputs are identical block for block.
-pub const SOURCE_DATE_EPOCH: i64 = 1_262_304_000;
+pub use crate::export::SOURCE_DATE_EPOCH;
 
 impl Imager {
     /// Opens the cache under `root`; `world` is where repository paths are resolved.

@@ -5,7 +5,10 @@ use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use crate::builder::SOURCE_DATE_EPOCH;
+/// Fixed timestamp of every file in an exported image (2010-01-01T00:00:00Z): images
+/// built from the same inputs are identical block for block.
+pub const SOURCE_DATE_EPOCH: i64 = 1_262_304_000;
+
 use crate::cmd::Log;
 use crate::error::{BuildError, Phase};
 use crate::store::Artefact;

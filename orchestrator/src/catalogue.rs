@@ -8,7 +8,7 @@ use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
-use crate::patch::PackageFormat;
+use crate::model::PackageFormat;
 
 /// The catalogue shipped with Certo, compiled in.
 pub const DEFAULT_CATALOGUE: &str = include_str!("../../fixtures/catalogue.yaml");

@@ -50,6 +50,44 @@ impl Decode<'_, Postgres> for PatchId {
     }
 }
 
+/// A package format: the two families of the platforms Certo knows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PackageFormat {
+    Rpm,
+    Deb,
+}
+
+impl PackageFormat {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PackageFormat::Rpm => "rpm",
+            PackageFormat::Deb => "deb",
+        }
+    }
+
+    /// How people call the family: `RPM`, `Debian`.
+    pub fn family_name(self) -> &'static str {
+        match self {
+            PackageFormat::Rpm => "RPM",
+            PackageFormat::Deb => "Debian",
+        }
+    }
+
+    pub fn with_article(self) -> &'static str {
+        match self {
+            PackageFormat::Rpm => "an RPM",
+            PackageFormat::Deb => "a Debian",
+        }
+    }
+}
+
+impl std::fmt::Display for PackageFormat {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// Declares a state enum with one snake_case spelling for serde, sqlx and `as_str`.
 macro_rules! state_enum {
     ($(#[$meta:meta])* $name:ident { $($(#[$vmeta:meta])* $variant:ident = $text:literal),+ $(,)? }) => {

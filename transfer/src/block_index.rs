@@ -42,7 +42,7 @@ use std::io::{self, Read};
 
 use sha2::{Digest, Sha256};
 
-use crate::chunker::{ChunkParams, Chunker};
+use crate::chunker::{ChunkParams, Chunker, fill};
 
 /// Block size used when the caller has no reason to choose another: the ext4 block size.
 pub const DEFAULT_BLOCK_SIZE: u32 = 4096;
@@ -829,21 +829,6 @@ fn zero_hash(len: usize) -> [u8; 32] {
         left -= n;
     }
     hasher.finalize().into()
-}
-
-/// Reads until `buf` is full or the reader is at its end; returns the bytes read, or the
-/// bytes read before the error together with the error.
-pub(crate) fn fill(reader: &mut impl Read, buf: &mut [u8]) -> Result<usize, (usize, io::Error)> {
-    let mut filled = 0;
-    while filled < buf.len() {
-        match reader.read(&mut buf[filled..]) {
-            Ok(0) => break,
-            Ok(n) => filled += n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err((filled, e)),
-        }
-    }
-    Ok(filled)
 }
 
 /// A fixed-block index of an `image_len`-byte image must list exactly this many blocks.

@@ -9,8 +9,6 @@
 
 use std::io::{self, Read};
 
-use crate::block_index::fill;
-
 /// Gear table: 256 pseudo-random 64-bit values, fixed forever (boundaries depend on it).
 const GEAR: [u64; 256] = gear_table();
 
@@ -136,6 +134,21 @@ impl Chunker {
             start += len;
         }
     }
+}
+
+/// Reads until `buf` is full or the reader is at its end; returns the bytes read, or the
+/// bytes read before the error together with the error.
+pub(crate) fn fill(reader: &mut impl Read, buf: &mut [u8]) -> Result<usize, (usize, io::Error)> {
+    let mut filled = 0;
+    while filled < buf.len() {
+        match reader.read(&mut buf[filled..]) {
+            Ok(0) => break,
+            Ok(n) => filled += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err((filled, e)),
+        }
+    }
+    Ok(filled)
 }
 
 #[cfg(test)]

@@ -1016,7 +1016,7 @@ impl Read for ReadAt<'_> {
 }
 
 fn read_full(reader: &mut impl Read, buf: &mut [u8]) -> io::Result<usize> {
-    crate::block_index::fill(reader, buf).map_err(|(_, e)| e)
+    crate::chunker::fill(reader, buf).map_err(|(_, e)| e)
 }
 
 /// Marks an assembled image whose bytes may not be on disk yet: `NAME.img` + this + a

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 pub use libvirt::LibvirtHypervisor;
 
-use crate::domain_name::PREFIX;
+use certo_proto::domain::PREFIX;
 
 /// Which libvirt driver (and so which domain XML template) a hypervisor speaks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

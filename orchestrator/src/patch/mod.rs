@@ -65,43 +65,8 @@ impl fmt::Display for Diagnostic {
     }
 }
 
-/// A package format: the two families of the platforms Certo knows.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum PackageFormat {
-    Rpm,
-    Deb,
-}
-
-impl PackageFormat {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            PackageFormat::Rpm => "rpm",
-            PackageFormat::Deb => "deb",
-        }
-    }
-
-    /// How people call the family: `RPM`, `Debian`.
-    pub fn family_name(self) -> &'static str {
-        match self {
-            PackageFormat::Rpm => "RPM",
-            PackageFormat::Deb => "Debian",
-        }
-    }
-
-    pub fn with_article(self) -> &'static str {
-        match self {
-            PackageFormat::Rpm => "an RPM",
-            PackageFormat::Deb => "a Debian",
-        }
-    }
-}
-
-impl fmt::Display for PackageFormat {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
+/// A package format (defined with the other shared types in [`crate::model`]).
+pub use crate::model::PackageFormat;
 
 /// Where a package is fetched from.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use axum::Router;
 use axum::extract::{Path, State};
-use axum::http::{HeaderMap, StatusCode};
+use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use certo_hosts::boot::{BootAssets, BootInputs};
@@ -382,13 +382,33 @@ impl Vms {
     }
 }
 
-fn authorized(vms: &Vms, headers: &HeaderMap) -> bool {
-    let got = headers
-        .get(axum::http::header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(certo_proto::token::bearer)
-        .unwrap_or("");
-    certo_proto::token::same(got.as_bytes(), vms.token.as_bytes())
+/// The orchestrator, authenticated by this host's token. Every VM route takes one, so a
+/// route cannot forget to authenticate, and it is checked before any body is read.
+#[derive(Debug)]
+struct HostCaller;
+
+impl axum::extract::FromRequestParts<Arc<Vms>> for HostCaller {
+    type Rejection = Response;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        vms: &Arc<Vms>,
+    ) -> Result<Self, Response> {
+        let got = parts
+            .headers
+            .get(axum::http::header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(certo_proto::token::bearer)
+            .unwrap_or("");
+        if certo_proto::token::same(got.as_bytes(), vms.token.as_bytes()) {
+            Ok(HostCaller)
+        } else {
+            Err(text(
+                StatusCode::UNAUTHORIZED,
+                "a valid host token is required\n",
+            ))
+        }
+    }
 }
 
 /// The VM routes, to merge with the repository's.
@@ -400,10 +420,19 @@ pub fn router(vms: Arc<Vms>) -> Router {
         .with_state(vms)
 }
 
-async fn info(State(v): State<Arc<Vms>>, headers: HeaderMap) -> Response {
-    if !authorized(&v, &headers) {
-        return text(StatusCode::UNAUTHORIZED, "a valid host token is required\n");
+/// Runs a blocking VM operation and answers with its result.
+async fn answer(
+    ok: StatusCode,
+    op: impl FnOnce() -> Result<VmStatus, (StatusCode, String)> + Send + 'static,
+) -> Response {
+    match tokio::task::spawn_blocking(op).await {
+        Ok(Ok(status)) => (ok, axum::Json(status)).into_response(),
+        Ok(Err((s, m))) => text(s, format!("{m}\n")),
+        Err(e) => text(StatusCode::INTERNAL_SERVER_ERROR, format!("{e}\n")),
     }
+}
+
+async fn info(State(v): State<Arc<Vms>>, _: HostCaller) -> Response {
     axum::Json(HostInfo {
         name: v.name.clone(),
         hypervisor: v.hv.kind().as_str().to_owned(),
@@ -414,55 +443,28 @@ async fn info(State(v): State<Arc<Vms>>, headers: HeaderMap) -> Response {
     .into_response()
 }
 
-async fn boot(State(v): State<Arc<Vms>>, headers: HeaderMap, body: axum::body::Bytes) -> Response {
-    if !authorized(&v, &headers) {
-        return text(StatusCode::UNAUTHORIZED, "a valid host token is required\n");
-    }
+async fn boot(State(v): State<Arc<Vms>>, _: HostCaller, body: axum::body::Bytes) -> Response {
     let req: BootRequest = match serde_json::from_slice(&body) {
         Ok(r) => r,
         Err(e) => return text(StatusCode::BAD_REQUEST, format!("boot request: {e}\n")),
     };
-    let v2 = v.clone();
-    match tokio::task::spawn_blocking(move || v2.boot(req)).await {
-        Ok(Ok(j)) => (StatusCode::CREATED, axum::Json(j)).into_response(),
-        Ok(Err((s, m))) => text(s, format!("{m}\n")),
-        Err(e) => text(StatusCode::INTERNAL_SERVER_ERROR, format!("{e}\n")),
-    }
+    answer(StatusCode::CREATED, move || v.boot(req)).await
 }
 
-async fn status(
-    State(v): State<Arc<Vms>>,
-    Path(name): Path<String>,
-    headers: HeaderMap,
-) -> Response {
-    if !authorized(&v, &headers) {
-        return text(StatusCode::UNAUTHORIZED, "a valid host token is required\n");
-    }
+async fn status(State(v): State<Arc<Vms>>, _: HostCaller, Path(name): Path<String>) -> Response {
     let v2 = v.clone();
     let _ = tokio::task::spawn_blocking(move || v2.watch_once()).await;
     axum::Json(v.status(&name)).into_response()
 }
 
-async fn destroy(
-    State(v): State<Arc<Vms>>,
-    Path(name): Path<String>,
-    headers: HeaderMap,
-) -> Response {
-    if !authorized(&v, &headers) {
-        return text(StatusCode::UNAUTHORIZED, "a valid host token is required\n");
-    }
+async fn destroy(State(v): State<Arc<Vms>>, _: HostCaller, Path(name): Path<String>) -> Response {
     if DomainName::parse(&name).is_none() {
         return text(
             StatusCode::BAD_REQUEST,
             format!("{name:?} is not a Certo domain name\n"),
         );
     }
-    let v2 = v.clone();
-    match tokio::task::spawn_blocking(move || v2.destroy(&name)).await {
-        Ok(Ok(j)) => axum::Json(j).into_response(),
-        Ok(Err((s, m))) => text(s, format!("{m}\n")),
-        Err(e) => text(StatusCode::INTERNAL_SERVER_ERROR, format!("{e}\n")),
-    }
+    answer(StatusCode::OK, move || v.destroy(&name)).await
 }
 
 /// Writes a VM's token readable by QEMU alone (mode 0400, owned by libvirt's QEMU user when

@@ -22,6 +22,14 @@ pub fn bearer(parts: &Parts) -> Option<&str> {
         .and_then(certo_proto::token::bearer)
 }
 
+/// The one name in the request's path (`{name}`).
+async fn path_name(parts: &mut Parts, state: &Arc<ApiState>) -> Result<String, ApiError> {
+    let Path(name) = Path::<String>::from_request_parts(parts, state)
+        .await
+        .map_err(|e| ApiError::bad_request(e.to_string()))?;
+    Ok(name)
+}
+
 /// A host authenticated by its own token, for the host named in the path
 /// (`/api/v1/hosts/{name}/...`): a host acts only for itself.
 #[derive(Debug, Clone)]
@@ -36,9 +44,7 @@ impl FromRequestParts<Arc<ApiState>> for HostAuth {
         parts: &mut Parts,
         state: &Arc<ApiState>,
     ) -> Result<Self, ApiError> {
-        let Path(name) = Path::<String>::from_request_parts(parts, state)
-            .await
-            .map_err(|e| ApiError::bad_request(e.to_string()))?;
+        let name = path_name(parts, state).await?;
         let token =
             bearer(parts).ok_or_else(|| ApiError::unauthorized("a host token is required"))?;
         authenticate_host(state, &name, token).await?;
@@ -110,9 +116,7 @@ impl FromRequestParts<Arc<ApiState>> for VmReader {
         parts: &mut Parts,
         state: &Arc<ApiState>,
     ) -> Result<Self, ApiError> {
-        let Path(name) = Path::<String>::from_request_parts(parts, state)
-            .await
-            .map_err(|e| ApiError::bad_request(e.to_string()))?;
+        let name = path_name(parts, state).await?;
         let token = bearer(parts)
             .ok_or_else(|| ApiError::unauthorized("a host or VM token is required"))?
             .to_owned();

@@ -98,13 +98,20 @@ impl ScratchDb {
             .map_err(StoreError::Url)?
             .connect()
             .await?;
-        let sql = format!("DROP DATABASE IF EXISTS \"{}\" WITH (FORCE)", self.name);
-        sqlx::query(sqlx::AssertSqlSafe(sql))
-            .execute(&mut conn)
-            .await?;
+        drop_database(&mut conn, &self.name).await?;
         conn.close().await?;
         Ok(())
     }
+}
+
+/// Drops database `name` (closing its connections).
+async fn drop_database(conn: &mut sqlx::PgConnection, name: &str) -> Result<(), StoreError> {
+    let sql = format!(
+        "DROP DATABASE IF EXISTS \"{}\" WITH (FORCE)",
+        name.replace('"', "")
+    );
+    sqlx::query(sqlx::AssertSqlSafe(sql)).execute(conn).await?;
+    Ok(())
 }
 
 async fn admin(admin_url: &str) -> Result<sqlx::PgConnection, StoreError> {
@@ -162,20 +169,11 @@ async fn ensure_template(
         .fetch_all(&mut conn)
         .await?;
         for old in stale {
-            let sql = format!(
-                "DROP DATABASE IF EXISTS \"{}\" WITH (FORCE)",
-                old.replace('"', "")
-            );
-            sqlx::query(sqlx::AssertSqlSafe(sql))
-                .execute(&mut conn)
-                .await?;
+            drop_database(&mut conn, &old).await?;
         }
         // Built under another name and renamed when migrated: a template is never half made.
         let building = format!("{template}_building");
-        let sql = format!("DROP DATABASE IF EXISTS \"{building}\" WITH (FORCE)");
-        sqlx::query(sqlx::AssertSqlSafe(sql))
-            .execute(&mut conn)
-            .await?;
+        drop_database(&mut conn, &building).await?;
         create_database_if_missing(admin_url, &building).await?;
         let store = Store::connect(&url_of(&building)).await?;
         store.pool().close().await;
@@ -216,13 +214,7 @@ async fn drop_orphans(admin_url: &str, prefix: &str) -> Result<(), StoreError> {
             .and_then(|p| p.parse::<u32>().ok());
         let alive = pid.is_none_or(|pid| std::path::Path::new(&format!("/proc/{pid}")).exists());
         if !alive {
-            let sql = format!(
-                "DROP DATABASE IF EXISTS \"{}\" WITH (FORCE)",
-                name.replace('"', "")
-            );
-            sqlx::query(sqlx::AssertSqlSafe(sql))
-                .execute(&mut conn)
-                .await?;
+            drop_database(&mut conn, &name).await?;
         }
     }
     conn.close().await?;

@@ -46,6 +46,9 @@ pub struct Vms {
     assets_dir: PathBuf,
     assets: Mutex<Option<BootAssets>>,
     vms: Mutex<HashMap<String, Entry>>,
+    /// Names being booted: they hold a slot until they run (then `vms` has them) or fail.
+    /// Locked after `vms` when both are needed.
+    starting: Mutex<HashSet<String>>,
     token: String,
 }
 
@@ -60,6 +63,23 @@ fn tail(path: &std::path::Path, max: usize) -> String {
             String::from_utf8_lossy(&bytes[start..]).into_owned()
         }
         Err(_) => String::new(),
+    }
+}
+
+/// A slot and a name held for a boot in progress; released when dropped (by then a
+/// started VM has its entry in `vms`).
+struct Reservation<'a> {
+    vms: &'a Vms,
+    name: String,
+}
+
+impl Drop for Reservation<'_> {
+    fn drop(&mut self) {
+        // Hand over to the entry (if the VM started) under the same lock order.
+        let _vms = self.vms.vms.lock();
+        if let Ok(mut starting) = self.vms.starting.lock() {
+            starting.remove(&self.name);
+        }
     }
 }
 
@@ -88,6 +108,7 @@ impl Vms {
             assets_dir,
             assets: Mutex::new(None),
             vms: Mutex::new(HashMap::new()),
+            starting: Mutex::new(HashSet::new()),
             token,
         }
     }
@@ -118,6 +139,41 @@ impl Vms {
         Ok((a.vmlinux.clone(), a.initramfs.clone()))
     }
 
+    /// Reserves a slot and the name for a boot, atomically: counted against the slots
+    /// with the running VMs, and refused if the name runs or is being started.
+    fn reserve(&self, name: &str) -> Result<Reservation<'_>, (StatusCode, String)> {
+        fn poisoned<T>(_: T) -> (StatusCode, String) {
+            (
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "lock poisoned".to_owned(),
+            )
+        }
+        let vms = self.vms.lock().map_err(poisoned)?;
+        let mut starting = self.starting.lock().map_err(poisoned)?;
+        let running = vms
+            .values()
+            .filter(|e| e.state == HostVmState::Running)
+            .count();
+        if starting.contains(name)
+            || vms
+                .get(name)
+                .is_some_and(|e| e.state == HostVmState::Running)
+        {
+            return Err((StatusCode::CONFLICT, format!("{name} runs already")));
+        }
+        if running + starting.len() >= self.slots {
+            return Err((
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("all {} VM slots of {} are in use", self.slots, self.name),
+            ));
+        }
+        starting.insert(name.to_owned());
+        Ok(Reservation {
+            vms: self,
+            name: name.to_owned(),
+        })
+    }
+
     fn boot(&self, req: BootRequest) -> Result<VmStatus, (StatusCode, String)> {
         let bad = |m: String| (StatusCode::BAD_REQUEST, m);
         let parsed = DomainName::parse(&req.name)
@@ -138,28 +194,9 @@ impl Vms {
                 req.memory_mib, req.vcpus, self.memory_mib, self.vcpus
             )));
         }
-        {
-            let vms = self
-                .vms
-                .lock()
-                .map_err(|_| (StatusCode::INTERNAL_SERVER_ERROR, "lock".to_owned()))?;
-            let running = vms
-                .values()
-                .filter(|e| e.state == HostVmState::Running)
-                .count();
-            if vms
-                .get(&req.name)
-                .is_some_and(|e| e.state == HostVmState::Running)
-            {
-                return Err((StatusCode::CONFLICT, format!("{} runs already", req.name)));
-            }
-            if running >= self.slots {
-                return Err((
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    format!("all {} VM slots of {} are in use", self.slots, self.name),
-                ));
-            }
-        }
+        // The slot and the name are taken in one step; the reservation is given back if
+        // the boot fails, and becomes the VM's entry if it starts.
+        let _reservation = self.reserve(&req.name)?;
         // The repository copy stays pristine: the VM writes to a qcow2 overlay of it.
         let image = self
             .repo

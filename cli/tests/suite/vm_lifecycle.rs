@@ -37,12 +37,13 @@ impl Drop for Agent {
 const TOKEN: &str = "lifecycle-host-token-0123456789";
 
 async fn agent(name: &str) -> Agent {
-    agent_over(name, |hv| hv).await
+    agent_over(name, 2, |hv| hv).await
 }
 
 /// [`agent`] over a hypervisor made from the simulated one (e.g. with faults injected).
 async fn agent_over(
     name: &str,
+    slots: usize,
     wrap: impl FnOnce(Arc<dyn Hypervisor>) -> Arc<dyn Hypervisor>,
 ) -> Agent {
     let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
@@ -61,7 +62,7 @@ async fn agent_over(
         token: certo_transfer::Token::new(TOKEN).expect("token"),
         name: name.to_owned(),
         libvirt: uri,
-        slots: 2,
+        slots,
         memory_mib: 4096,
         vcpus: 2,
         vm_dir: dir.join("vms"),
@@ -310,7 +311,7 @@ async fn every_agent_route_refuses_a_request_without_a_valid_credential() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_boot_that_fails_on_the_host_is_the_infrastructures_fault() {
     let db = common::scratch().await;
-    let a = agent_over("life-faulty", |hv| {
+    let a = agent_over("life-faulty", 2, |hv| {
         let faulty = Faulty::new(hv);
         faulty
             .fail_start
@@ -328,4 +329,74 @@ async fn a_boot_that_fails_on_the_host_is_the_infrastructures_fault() {
         "{v}"
     );
     db.drop_db().await.expect("drop");
+}
+
+/// With one slot, simultaneous boots get one slot between them; simultaneous boots of one
+/// name start it once: the slot and the name are reserved in one step.
+#[tokio::test(flavor = "multi_thread")]
+async fn slots_and_names_are_reserved_in_one_step() {
+    let a = agent_over("life-slots", 1, |hv| hv).await;
+    let img = image(&a.dir);
+    certo_transfer::Client::new(
+        &a.url,
+        certo_transfer::Token::new(TOKEN).expect("token"),
+        certo_transfer::RetryPolicy::default(),
+    )
+    .expect("client")
+    .push(&img, certo_transfer::PushOptions::new("small".to_owned()))
+    .await
+    .expect("push");
+    let http = reqwest::Client::new();
+    let boot = |name: String| {
+        let http = http.clone();
+        let url = format!("{}/v1/vms", a.url);
+        async move {
+            // A hung guest: it holds its slot until the test destroys it.
+            let body = format!(
+                r#"{{"name":"{name}","image":"small","deadline_seconds":60,"guest":{{"url":"http://10.0.2.2:1","vm":"{name}","token":"t","hang":true}}}}"#
+            );
+            http.post(url)
+                .header("authorization", format!("Bearer {TOKEN}"))
+                .header("content-type", "application/json")
+                .body(body)
+                .send()
+                .await
+                .expect("boot")
+                .status()
+                .as_u16()
+        }
+    };
+    let statuses = futures_join((1..=8).map(|i| boot(format!("certo-r{i}-slot-a1")))).await;
+    let started = statuses.iter().filter(|s| **s == 201).count();
+    assert_eq!(started, 1, "8 boots at once on 1 slot: {statuses:?}");
+    assert!(
+        statuses.iter().all(|s| *s == 201 || *s == 503),
+        "{statuses:?}"
+    );
+    for i in 1..=8 {
+        let _ = http
+            .delete(format!("{}/v1/vms/certo-r{i}-slot-a1", a.url))
+            .header("authorization", format!("Bearer {TOKEN}"))
+            .send()
+            .await;
+    }
+    let statuses = futures_join((0..4).map(|_| boot("certo-r99-same-a1".to_owned()))).await;
+    let started = statuses.iter().filter(|s| **s == 201).count();
+    assert_eq!(started, 1, "one name 4 times at once: {statuses:?}");
+    assert!(
+        statuses.iter().all(|s| *s == 201 || *s == 409),
+        "{statuses:?}"
+    );
+}
+
+/// Runs the futures at once and collects their outputs in order.
+async fn futures_join<F: Future<Output = u16> + Send + 'static>(
+    futs: impl Iterator<Item = F>,
+) -> Vec<u16> {
+    let handles: Vec<_> = futs.map(tokio::spawn).collect();
+    let mut out = Vec::new();
+    for h in handles {
+        out.push(h.await.expect("task"));
+    }
+    out
 }

@@ -157,6 +157,9 @@ pub struct OpenReport {
     /// Assembled image files removed because the machine went down before they reached the
     /// disk (they are assembled again when needed).
     pub unsynced_images_removed: Vec<String>,
+    /// Files in `images/` that look like assembly markers but are not (a name or content
+    /// the repository does not make): left as they are, reported here and in the log.
+    pub skipped_files: Vec<String>,
     /// Seconds spent.
     pub seconds: f64,
 }
@@ -1023,6 +1026,16 @@ fn read_full(reader: &mut impl Read, buf: &mut [u8]) -> io::Result<usize> {
 /// unique suffix; the marker holds the boot id it was written under.
 const UNSYNCED: &str = ".img.unsynced.";
 
+/// A Linux boot id: a UUID (8-4-4-4-12 hex digits).
+fn looks_like_boot_id(s: &str) -> bool {
+    let parts: Vec<&str> = s.split('-').collect();
+    parts.len() == 5
+        && parts
+            .iter()
+            .zip([8, 4, 4, 4, 12])
+            .all(|(p, n)| p.len() == n && p.bytes().all(|b| b.is_ascii_hexdigit()))
+}
+
 /// This boot's id (Linux), to tell a restarted agent from a restarted machine.
 fn boot_id() -> Option<String> {
     fs::read_to_string("/proc/sys/kernel/random/boot_id")
@@ -1043,16 +1056,46 @@ fn settle_assembled(images: &Path, report: &mut OpenReport) -> Result<(), RepoEr
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_default();
-        let Some((name, _)) = file_name.rsplit_once(UNSYNCED) else {
+        let Some((name, suffix)) = file_name.rsplit_once(UNSYNCED) else {
             continue;
         };
-        let image = images.join(format!("{name}.img"));
-        let written_under = match fs::read_to_string(&marker) {
-            Ok(text) => text,
-            // Its sync finished meanwhile (a repository reopened in the same process).
+        let mut skip = |why: &str| {
+            tracing::warn!(file = %marker.display(), why, "not an assembly marker; left as it is");
+            report.skipped_files.push(file_name.clone());
+        };
+        // A marker is NAME.img.unsynced.SUFFIX for a valid image name, a plain file holding a
+        // boot id; anything else is not the repository's and is never acted on.
+        if validate_name(name).is_err()
+            || suffix.is_empty()
+            || !suffix
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-')
+        {
+            skip("its name is not a marker's");
+            continue;
+        }
+        let written_under = match fs::symlink_metadata(&marker) {
+            Ok(meta) if !meta.is_file() || meta.len() > 64 => {
+                skip("it is not a small plain file");
+                continue;
+            }
+            Ok(_) => match fs::read_to_string(&marker) {
+                Ok(text) => text,
+                // Its sync finished meanwhile (a repository reopened in the same process).
+                Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+                Err(_) => {
+                    skip("it cannot be read as text");
+                    continue;
+                }
+            },
             Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
             Err(e) => return Err(RepoError::io("reading", &marker)(e)),
         };
+        if !looks_like_boot_id(written_under.trim()) {
+            skip("it does not hold a boot id");
+            continue;
+        }
+        let image = images.join(format!("{name}.img"));
         if boot.is_some() && boot.as_deref() == Some(written_under.trim()) {
             match File::open(&image) {
                 Ok(f) => f.sync_all().map_err(RepoError::io("syncing", &image))?,

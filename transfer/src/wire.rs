@@ -92,8 +92,23 @@ pub fn validate_name(name: &str) -> Result<&str, WireError> {
     if name.starts_with('.') {
         return Err(bad("it starts with '.'"));
     }
+    // The repository names its own files NAME.idx, NAME.json, NAME.img, NAME.json.incomplete
+    // and NAME.img.unsynced.*: a name holding one of those parts could pass for another
+    // image's file.
+    if name
+        .split('.')
+        .skip(1)
+        .any(|part| RESERVED_SUFFIXES.contains(&part))
+    {
+        return Err(bad(
+            "a part after a '.' is one the repository uses for its own files (idx, json, img, incomplete, unsynced, tmp)",
+        ));
+    }
     Ok(name)
 }
+
+/// The name parts (after a '.') the repository's own files use.
+pub const RESERVED_SUFFIXES: &[&str] = &["idx", "json", "img", "incomplete", "unsynced", "tmp"];
 
 /// Splits a missing-query body into hashes (`N` = 32) or hash prefixes (`N` = 8).
 pub fn decode_query<const N: usize>(body: &[u8]) -> Result<Vec<[u8; N]>, WireError> {

@@ -177,11 +177,60 @@ fn an_assembled_image_not_yet_on_disk_when_the_machine_went_down_is_assembled_ag
     // The machine went down (another boot id): the file may hold anything, so it goes, and
     // the image is assembled again from its blocks.
     std::fs::write(&img, vec![0u8; image.len()]).expect("torn image file");
-    std::fs::write(&marker, "a-previous-boot").expect("marker");
+    // A boot id of another boot (markers hold the UUID of /proc/sys/kernel/random/boot_id).
+    std::fs::write(&marker, "00000000-0000-4000-8000-000000000000").expect("marker");
     let (repo, report) = Repository::open(dir.path()).expect("reopen");
     assert_eq!(report.unsynced_images_removed, vec!["img".to_string()]);
     assert!(!img.exists() && !marker.exists());
     assert_eq!(report.images, 1, "the image itself is still complete");
     repo.assemble("img").expect("assemble again");
     assert_eq!(std::fs::read(&img).expect("assembled"), image);
+}
+
+/// An image name cannot take the shape of the repository's own files: a name such as
+/// `victim.img.unsynced.x` once made its manifest look like an assembly marker, so the next
+/// start deleted another image's assembled file and refused to start. Such names are refused,
+/// and a start-up that finds a file it cannot parse skips and reports it, deleting nothing.
+#[test]
+fn image_names_cannot_collide_with_the_repositorys_own_files() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = blocks(5, 4);
+    let image: Vec<u8> = data.concat();
+    let index = BlockIndex::from_reader(&image[..], 4096).expect("index");
+    {
+        let (repo, _) = Repository::open(dir.path()).expect("open");
+        store(&repo, &data);
+        repo.commit("victim", &index.to_bytes()).expect("commit");
+        repo.assemble("victim").expect("assemble");
+        for evil in [
+            "victim.img.unsynced.x",
+            "victim.img",
+            "a.json",
+            "a.idx",
+            "a.json.incomplete",
+        ] {
+            let err = repo
+                .commit(evil, &index.to_bytes())
+                .expect_err("a name shaped like the repository's own files is refused");
+            assert!(matches!(err, RepoError::Name(_)), "{evil}: {err}");
+        }
+    }
+    // A repository that holds such files (written before names were checked) still opens:
+    // what it cannot parse is skipped and reported, nothing is deleted.
+    let images = dir.path().join("images");
+    std::fs::write(
+        images.join("victim.img.unsynced.x.json"),
+        "{\"not\": \"a marker\"}",
+    )
+    .expect("plant");
+    std::fs::create_dir(images.join("other.img.unsynced.dir")).expect("plant dir");
+    let (repo, report) = Repository::open(dir.path()).expect("the repository opens");
+    assert_eq!(report.images, 1);
+    assert!(report.unsynced_images_removed.is_empty(), "{report:?}");
+    assert_eq!(report.skipped_files.len(), 2, "{report:?}");
+    assert_eq!(
+        std::fs::read(repo.image_path("victim").expect("name")).expect("still there"),
+        image
+    );
+    assert!(images.join("victim.img.unsynced.x.json").exists());
 }

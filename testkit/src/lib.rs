@@ -90,3 +90,48 @@ pub fn ensure_libvirtd() {
         );
     });
 }
+
+/// `certo serve`'s API over `store`, in this process on 127.0.0.1; stops when dropped.
+#[derive(Debug)]
+pub struct ApiServer {
+    /// `http://127.0.0.1:PORT`
+    pub base: String,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+}
+
+impl Drop for ApiServer {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+    }
+}
+
+/// Serves the API over `store` (health checks every `health_every`).
+pub async fn api_server(
+    store: &certo_orchestrator::store::Store,
+    health_every: std::time::Duration,
+) -> ApiServer {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .unwrap_or_else(|e| panic!("binding 127.0.0.1:0: {e}"));
+    let base = format!(
+        "http://{}",
+        listener.local_addr().unwrap_or_else(|e| panic!("{e}"))
+    );
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(certo_orchestrator::api::serve(
+        listener,
+        certo_orchestrator::api::ApiState {
+            store: store.clone(),
+        },
+        health_every,
+        async move {
+            let _ = rx.await;
+        },
+    ));
+    ApiServer {
+        base,
+        stop: Some(tx),
+    }
+}

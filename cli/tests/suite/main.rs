@@ -9,6 +9,7 @@ mod common;
 
 mod cluster;
 mod fixtures;
+mod hardening;
 mod hosts_api;
 mod parser_props;
 mod store;

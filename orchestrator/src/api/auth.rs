@@ -117,6 +117,12 @@ impl FromRequestParts<Arc<ApiState>> for VmReader {
         state: &Arc<ApiState>,
     ) -> Result<Self, ApiError> {
         let name = path_name(parts, state).await?;
+        if certo_proto::domain::DomainName::parse(&name).is_none() {
+            return Err(ApiError::bad_request(format!(
+                "{:?} is not a Certo domain name",
+                name.chars().take(140).collect::<String>()
+            )));
+        }
         let token = bearer(parts)
             .ok_or_else(|| ApiError::unauthorized("a host or VM token is required"))?
             .to_owned();

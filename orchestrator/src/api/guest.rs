@@ -49,6 +49,16 @@ fn valid_name(s: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
 }
 
+/// A guest's text body: UTF-8 without NUL bytes (which PostgreSQL's text cannot hold).
+fn body_text<'a>(body: &'a [u8], what: &str) -> Result<std::borrow::Cow<'a, str>, ApiError> {
+    if body.contains(&0) {
+        return Err(ApiError::bad_request(format!(
+            "the {what} contains a NUL byte"
+        )));
+    }
+    Ok(String::from_utf8_lossy(body))
+}
+
 /// Join: the harness gets its hostname and its test plan; a token is good for one boot.
 async fn join(State(s): State<Arc<ApiState>>, guest: GuestAuth) -> Result<Response, ApiError> {
     let vm = guest.vm;
@@ -79,7 +89,7 @@ async fn service(
 ) -> Result<Response, ApiError> {
     let vm = guest.vm;
     let usage = || ApiError::bad_request("expected: SERVICE PORT up|failed");
-    let line = String::from_utf8_lossy(&body);
+    let line = body_text(&body, "service line")?;
     let fields: Vec<&str> = line.split_whitespace().collect();
     let [name, port, status] = fields[..] else {
         return Err(usage());
@@ -132,14 +142,19 @@ async fn result(
 ) -> Result<Response, ApiError> {
     let vm = guest.vm;
     let usage = || ApiError::bad_request("first line: SUITE NAME pass|fail|error SECONDS");
-    let body = String::from_utf8_lossy(&body);
+    let body = body_text(&body, "result")?;
     let (head, output) = body.split_once('\n').unwrap_or((&body, ""));
     let f: Vec<&str> = head.split_whitespace().collect();
     let [suite, name, status, seconds] = f[..] else {
         return Err(usage());
     };
-    let Ok(seconds) = seconds.parse::<f64>() else {
-        return Err(ApiError::bad_request("SECONDS is not a number"));
+    let seconds = match seconds.parse::<f64>() {
+        Ok(s) if s.is_finite() && s >= 0.0 => s,
+        _ => {
+            return Err(ApiError::bad_request(
+                "SECONDS is not a finite, non-negative number",
+            ));
+        }
     };
     let status = match status.parse::<TestStatus>() {
         Ok(st) if valid_name(suite) && valid_name(name) => st,
@@ -163,7 +178,7 @@ async fn log(
     guest: GuestAuth,
     body: axum::body::Bytes,
 ) -> Result<Response, ApiError> {
-    let chunk = String::from_utf8_lossy(&body);
+    let chunk = body_text(&body, "log")?;
     s.store.add_log(guest.vm.id, &chunk).await?;
     Ok(text(StatusCode::OK, "logged\n"))
 }
@@ -175,7 +190,7 @@ async fn done(
     body: axum::body::Bytes,
 ) -> Result<Response, ApiError> {
     let vm = guest.vm;
-    let body = String::from_utf8_lossy(&body);
+    let body = body_text(&body, "done line")?;
     let body = body.trim();
     let (state, fault, reason) = if body == "ok" {
         // Done; a failed test is the product's fault.

@@ -67,9 +67,14 @@ async fn register(
 ) -> Result<Json<Registered>, ApiError> {
     let reg: Registration = serde_json::from_slice(&body)
         .map_err(|e| ApiError::bad_request(format!("registration: {e}")))?;
-    if reg.slots < 0 || reg.memory_mib < 0 || reg.vcpus < 0 || reg.agent_url.len() > 2048 {
+    if reg.slots < 0 || reg.memory_mib < 0 || reg.vcpus < 0 {
+        return Err(ApiError::bad_request("registration: negative capacity"));
+    }
+    check_field("agent_url", &reg.agent_url, 2048)?;
+    check_field("libvirt_uri", &reg.libvirt_uri, 512)?;
+    if !(reg.agent_url.starts_with("http://") || reg.agent_url.starts_with("https://")) {
         return Err(ApiError::bad_request(
-            "registration: negative capacity or overlong URL",
+            "registration: agent_url must be an http:// or https:// URL",
         ));
     }
     s.store
@@ -86,6 +91,22 @@ async fn register(
     Ok(Json(Registered {
         registered: host.name,
     }))
+}
+
+/// A registration field: bounded, and no control characters (a newline would forge a log
+/// line; a NUL cannot be stored).
+fn check_field(name: &str, value: &str, max: usize) -> Result<(), ApiError> {
+    if value.is_empty() || value.len() > max {
+        return Err(ApiError::bad_request(format!(
+            "registration: {name} must be 1 to {max} bytes"
+        )));
+    }
+    if value.chars().any(char::is_control) {
+        return Err(ApiError::bad_request(format!(
+            "registration: {name} contains a control character"
+        )));
+    }
+    Ok(())
 }
 
 async fn heartbeat(

@@ -1,0 +1,125 @@
+//! Outside input the API refuses with a clear 400 and without touching the store: NUL bytes
+//! (PostgreSQL's text cannot hold them: they were 500s that lost the result), test seconds
+//! that are not finite, registration fields with other schemes, control characters or no
+//! bound, VM names that are not Certo domain names.
+
+use std::time::Duration;
+
+use certo_orchestrator::api;
+use certo_orchestrator::model::Suite;
+use certo_orchestrator::store::NewVm;
+
+use crate::common;
+
+async fn send(
+    req: reqwest::RequestBuilder,
+    token: &str,
+    vm: Option<&str>,
+    body: Vec<u8>,
+) -> (u16, String) {
+    let mut req = req
+        .header("authorization", format!("Bearer {token}"))
+        .body(body);
+    if let Some(vm) = vm {
+        req = req.header("x-certo-vm", vm);
+    }
+    let resp = req.send().await.expect("request");
+    let status = resp.status().as_u16();
+    (status, resp.text().await.unwrap_or_default())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn malformed_guest_and_host_input_is_refused_and_changes_nothing() {
+    let db = common::scratch().await;
+    let server = certo_testkit::api_server(&db.store, Duration::from_secs(60)).await;
+    db.store
+        .add_host("h1", &api::token_digest("hard-host-token"))
+        .await
+        .expect("host");
+    let token = api::new_token().expect("token");
+    let name = "certo-r5-glite-wn-a1";
+    db.store
+        .create_vm(&NewVm {
+            name,
+            host: "h1",
+            image: "img",
+            node_type: "glite-WN",
+            patch: None,
+            attempt: 1,
+            suite: Suite::All,
+            token_sha256: &api::token_digest(&token),
+            deadline: chrono::Utc::now() + chrono::Duration::minutes(5),
+        })
+        .await
+        .expect("vm");
+    let http = reqwest::Client::new();
+    let guest = |what: &str| http.post(format!("{}/api/v1/guest/{what}", server.base));
+    let (status, body) = send(guest("join"), &token, Some(name), Vec::new()).await;
+    assert_eq!(status, 200, "{body}");
+    let before = common::snapshot(&db).await;
+
+    let refused: Vec<(&str, Vec<u8>, &str)> = vec![
+        ("result", b"basic t1 pass 0.5\nout\0put\n".to_vec(), "NUL"),
+        ("log", b"a log line\0\n".to_vec(), "NUL"),
+        ("service", b"svc\0 2170 up".to_vec(), "NUL"),
+        ("done", b"error \0boom".to_vec(), "NUL"),
+        ("result", b"basic t1 pass NaN\n".to_vec(), "finite"),
+        ("result", b"basic t1 pass -inf\n".to_vec(), "finite"),
+        ("result", b"basic t1 pass -1\n".to_vec(), "finite"),
+    ];
+    for (what, body, says) in refused {
+        let (status, answer) = send(guest(what), &token, Some(name), body.clone()).await;
+        assert_eq!(status, 400, "{what} {body:?}: {answer}");
+        assert!(answer.contains(says), "{what}: {answer}");
+    }
+    assert_eq!(
+        common::snapshot(&db).await,
+        before,
+        "a refused guest call changed the store"
+    );
+
+    let register = |body: String| {
+        send(
+            http.post(format!("{}/api/v1/hosts/h1/register", server.base)),
+            "hard-host-token",
+            None,
+            body.into_bytes(),
+        )
+    };
+    let reg = |url: &str, uri: &str| {
+        serde_json::json!({
+            "agent_url": url, "libvirt_uri": uri, "slots": 1, "memory_mib": 1024, "vcpus": 1
+        })
+        .to_string()
+    };
+    for (body, says) in [
+        (reg("file:///etc/passwd", "qemu:///system"), "http"),
+        (
+            reg("http://10.0.0.2:7310\nforged", "qemu:///system"),
+            "control",
+        ),
+        (
+            reg("http://10.0.0.2:7310", &"q".repeat(10_000)),
+            "libvirt_uri",
+        ),
+        (reg("http://10.0.0.2:7310", "qemu:///sys\0tem"), "control"),
+    ] {
+        let (status, answer) = register(body).await;
+        assert_eq!(status, 400, "{answer}");
+        assert!(answer.contains(says), "{answer}");
+    }
+    let hosts = db.store.list_hosts().await.expect("hosts");
+    assert!(hosts.iter().all(|h| h.registered_at.is_none()), "{hosts:?}");
+
+    // A VM name that is not a Certo domain name never reaches the store.
+    let (status, answer) = send(
+        http.get(format!("{}/api/v1/vms/a%00b", server.base)),
+        "hard-host-token",
+        None,
+        Vec::new(),
+    )
+    .await;
+    assert_eq!(status, 400, "{answer}");
+    drop(server);
+    db.drop_db().await.expect("drop");
+}

@@ -165,8 +165,27 @@ fn init_tracing(verbose: u8) {
         .try_init();
 }
 
+/// `certo patches --json | head` closes stdout early: end quietly with the status a shell
+/// gives a process killed by SIGPIPE (128 + 13), not with a panic message.
+fn quiet_on_closed_stdout() {
+    let default = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        let message = info
+            .payload()
+            .downcast_ref::<String>()
+            .map(String::as_str)
+            .or_else(|| info.payload().downcast_ref::<&str>().copied())
+            .unwrap_or("");
+        if message.contains("failed printing to stdout") && message.contains("Broken pipe") {
+            std::process::exit(141);
+        }
+        default(info);
+    }));
+}
+
 /// Runs the command line; the binary's `main` is this and nothing else.
 pub fn main() -> ExitCode {
+    quiet_on_closed_stdout();
     let cli = Cli::parse();
     init_tracing(cli.global.verbose);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
@@ -231,6 +250,51 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
 pub(crate) fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
     if v.is_empty() { 0.0 } else { v[v.len() / 2] }
+}
+
+/// Text from outside (a guest's log, a serial console, a reason it gave) made safe for a
+/// terminal: control characters but newline and tab are shown escaped (`\u{1b}`), so no
+/// escape sequence reaches the terminal.
+pub(crate) fn printable(s: &str) -> std::borrow::Cow<'_, str> {
+    if !s.chars().any(|c| c.is_control() && c != '\n' && c != '\t') {
+        return std::borrow::Cow::Borrowed(s);
+    }
+    let mut out = String::with_capacity(s.len() + 8);
+    for c in s.chars() {
+        if c.is_control() && c != '\n' && c != '\t' {
+            out.extend(c.escape_default());
+        } else {
+            out.push(c);
+        }
+    }
+    std::borrow::Cow::Owned(out)
+}
+
+/// A secret given as a file (`--token-file`: its first line) or a value (`--token`, or
+/// the environment variable its flag reads). A file or the environment keeps it out of
+/// `ps`; the value on the command line is for quick trials only.
+pub(crate) fn secret(
+    value: Option<&str>,
+    file: Option<&std::path::Path>,
+    what: &str,
+) -> anyhow::Result<String> {
+    use anyhow::Context;
+    let s = match (file, value) {
+        (Some(path), _) => std::fs::read_to_string(path)
+            .with_context(|| format!("reading the {what} file {}", path.display()))?
+            .lines()
+            .next()
+            .unwrap_or("")
+            .trim()
+            .to_owned(),
+        (None, Some(v)) => v.to_owned(),
+        (None, None) => anyhow::bail!(
+            "no {what}: give --token-file FILE or set CERTO_TOKEN (--token also works, but \
+             puts the secret where `ps` shows it)"
+        ),
+    };
+    anyhow::ensure!(!s.is_empty(), "the {what} is empty");
+    Ok(s)
 }
 
 /// Prints a value as pretty JSON on stdout.

@@ -31,14 +31,18 @@ pub struct Target {
     /// The host's agent, e.g. http://host:7310.
     #[arg(long, value_name = "URL")]
     pub to: String,
-    /// The host's token.
+    /// The host's token. Prefer CERTO_TOKEN or --token-file: a value on the command line
+    /// is visible to every user through `ps`.
     #[arg(
         long,
         env = "CERTO_TOKEN",
         hide_env_values = true,
         value_name = "TOKEN"
     )]
-    pub token: String,
+    pub token: Option<String>,
+    /// A file whose first line is the host's token.
+    #[arg(long, value_name = "FILE")]
+    pub token_file: Option<PathBuf>,
     /// How to cut the image into blocks.
     #[arg(long, value_enum, default_value = "fixed")]
     pub chunking: ChunkingArg,
@@ -125,7 +129,12 @@ fn chunking(kind: ChunkingArg, size: Option<u32>) -> anyhow::Result<Chunking> {
 
 impl Target {
     fn client(&self, g: &Global) -> anyhow::Result<(Client, Chunking)> {
-        let token = Token::new(&self.token).map_err(|why| anyhow::anyhow!("--token: {why}"))?;
+        let secret = super::secret(
+            self.token.as_deref(),
+            self.token_file.as_deref(),
+            "host token",
+        )?;
+        let token = Token::new(&secret).map_err(|why| anyhow::anyhow!("the host token: {why}"))?;
         let retry = RetryPolicy {
             attempts: self.retries.max(1),
             ..RetryPolicy::default()

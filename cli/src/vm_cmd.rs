@@ -9,7 +9,7 @@ use std::time::Duration;
 use clap::{Args, Subcommand};
 use serde_json::json;
 
-use super::{EXIT_INVALID, Global, print_json};
+use super::{EXIT_INVALID, Global, print_json, printable};
 use certo_orchestrator::vmrun::{self, VmRequest};
 
 #[derive(Debug, Args)]
@@ -44,9 +44,13 @@ pub struct RunArgs {
     /// Guest memory in MiB.
     #[arg(long, default_value_t = 384)]
     pub memory: u32,
-    /// The host's token (default: CERTO_TOKEN).
+    /// The host's token. Prefer CERTO_TOKEN or --token-file: a value on the command line
+    /// is visible to every user through `ps`.
     #[arg(long, env = "CERTO_TOKEN", hide_env_values = true)]
-    pub token: String,
+    pub token: Option<String>,
+    /// A file whose first line is the host's token.
+    #[arg(long, value_name = "FILE")]
+    pub token_file: Option<PathBuf>,
     /// An orchestrator (`certo serve`) the guest reports to; default: one served by this
     /// command for the run.
     #[arg(long, value_name = "URL")]
@@ -128,7 +132,7 @@ pub async fn run(g: &Global, a: VmArgs) -> anyhow::Result<ExitCode> {
     let out = vmrun::run(
         &store,
         &a.agent,
-        &a.token,
+        &super::secret(a.token.as_deref(), a.token_file.as_deref(), "host token")?,
         &VmRequest {
             image: &path,
             node_type: &node_type,
@@ -171,7 +175,7 @@ pub async fn run(g: &Global, a: VmArgs) -> anyhow::Result<ExitCode> {
             out.vm
                 .reason
                 .as_ref()
-                .map(|r| format!(" ({r})"))
+                .map(|r| format!(" ({})", printable(r)))
                 .unwrap_or_default(),
             out.vm
                 .fault
@@ -195,7 +199,7 @@ pub async fn run(g: &Global, a: VmArgs) -> anyhow::Result<ExitCode> {
                 .into_iter()
                 .rev()
             {
-                println!("    {l}");
+                println!("    {}", printable(l));
             }
         }
     }

@@ -45,6 +45,17 @@ fn read_error(path: &Path, e: &std::io::Error) -> Diagnostic {
 /// Reads a file, refusing to read more than the size limit (plus one byte to
 /// tell that it is over).
 pub fn read_limited(path: &Path) -> Result<Vec<u8>, Diagnostic> {
+    // A FIFO, a device or a socket would block the reader or never end: only regular files.
+    let meta = std::fs::metadata(path).map_err(|e| read_error(path, &e))?;
+    if !meta.is_file() {
+        let mut d = Diagnostic::new(
+            Pos::new(1, 1),
+            "file",
+            "not a regular file (a FIFO, device or socket is not read)".to_owned(),
+        );
+        d.file = path.display().to_string();
+        return Err(d);
+    }
     let file = std::fs::File::open(path).map_err(|e| read_error(path, &e))?;
     let mut bytes = Vec::new();
     file.take(limits::MAX_FILE_BYTES as u64 + 1)

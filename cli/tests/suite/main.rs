@@ -7,6 +7,7 @@
 #[path = "../common/mod.rs"]
 mod common;
 
+mod cli_contract;
 mod cluster;
 mod fixtures;
 mod hardening;

@@ -123,10 +123,11 @@ impl Global {
     /// The plain settings the application layer is built from.
     pub fn settings(&self) -> certo_orchestrator::app::Settings {
         certo_orchestrator::app::Settings {
-            data_dir: self.data_dir(),
+            data_dir: absolute(self.data_dir()),
             database_url: self.database_url.clone().filter(|u| !u.is_empty()),
-            catalogue: self.catalogue.clone(),
-            repos: self.repos.clone(),
+            catalogue: self.catalogue.clone().map(absolute),
+            // Repository paths become file:// URLs inside the tools: they must be absolute.
+            repos: self.repos.clone().map(absolute),
         }
     }
 
@@ -141,6 +142,12 @@ impl Global {
             None => Catalogue::builtin(),
         })
     }
+}
+
+/// A path from the command line made absolute against the working directory (as it is;
+/// nothing is resolved or required to exist).
+fn absolute(path: PathBuf) -> PathBuf {
+    std::path::absolute(&path).unwrap_or(path)
 }
 
 /// The fixture folder shipped with the source tree.

@@ -162,3 +162,42 @@ fn validating_a_fifo_is_refused_at_once() {
     );
     assert!(text.contains("not a regular file"), "{text}");
 }
+
+/// A relative `--repos` works like an absolute one (it once became a `file://relative`
+/// URL inside dnf, and the build was refused as if the patch were at fault).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_relative_repository_root_is_taken_from_the_working_directory() {
+    let db = common::scratch().await;
+    let world = certo_testkit::world();
+    let parent = world.parent().expect("parent");
+    let relative = world.file_name().expect("name");
+    let data = tempfile::tempdir_in(certo_testkit::target_tmp()).expect("data dir");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_certo"))
+        .current_dir(parent)
+        .arg("--data-dir")
+        .arg(data.path())
+        .arg("--repos")
+        .arg(relative)
+        .args([
+            "image",
+            "build",
+            "--json",
+            "--release",
+            "3.2",
+            "--platform",
+            "sl5_x86_64",
+            "--node-type",
+            "glite-UI",
+        ])
+        .env("DATABASE_URL", &db.url)
+        .env_remove("CERTO_CATALOGUE")
+        .output()
+        .expect("certo image build");
+    assert!(
+        out.status.success(),
+        "{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    db.drop_db().await.expect("drop");
+}

@@ -134,8 +134,33 @@ pub fn decode_query<const N: usize>(body: &[u8]) -> Result<Vec<[u8; N]>, WireErr
         .collect())
 }
 
-/// Decompresses a zstd body of at most `limit` bytes.
+/// Decompresses a zstd body of at most `limit` bytes: exactly one frame, with its content
+/// checksum (which the decoder then verifies), and nothing after it.
 pub fn decompress_limited(body: &[u8], limit: usize) -> Result<Vec<u8>, WireError> {
+    const MAGIC: [u8; 4] = [0x28, 0xB5, 0x2F, 0xFD];
+    if body.len() < 5 || body[..4] != MAGIC {
+        return Err(WireError::BadBatch("not a zstd frame".into()));
+    }
+    // Frame_Header_Descriptor, bit 2: Content_Checksum_flag.
+    if body[4] & 0x04 == 0 {
+        return Err(WireError::BadBatch(
+            "the zstd frame carries no content checksum".into(),
+        ));
+    }
+    match zstd::zstd_safe::find_frame_compressed_size(body) {
+        Ok(n) if n == body.len() => {}
+        Ok(n) => {
+            return Err(WireError::BadBatch(format!(
+                "{} bytes follow the zstd frame",
+                body.len() - n
+            )));
+        }
+        Err(_) => {
+            return Err(WireError::BadBatch(
+                "a truncated or damaged zstd frame".into(),
+            ));
+        }
+    }
     let mut dec = zstd::stream::Decoder::new(body)
         .map_err(|e| WireError::BadBatch(format!("not a zstd frame: {e}")))?
         .single_frame();
@@ -304,6 +329,22 @@ pub fn token_matches(presented: &[u8], expected: &[u8]) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn zstd_bodies_need_their_checksum_and_nothing_after_them() {
+        let raw = vec![7u8; 10_000];
+        let good = compress(&raw, 3).expect("compress");
+        assert_eq!(decompress_limited(&good, raw.len()).expect("good"), raw);
+        let mut trailing = good.clone();
+        trailing.extend_from_slice(b"garbage");
+        let e = decompress_limited(&trailing, raw.len()).expect_err("trailing bytes");
+        assert!(e.to_string().contains("follow the zstd frame"), "{e}");
+        let no_checksum = zstd::stream::encode_all(&raw[..], 3).expect("plain frame");
+        let e = decompress_limited(&no_checksum, raw.len()).expect_err("no checksum");
+        assert!(e.to_string().contains("no content checksum"), "{e}");
+        let e = decompress_limited(&good[..good.len() - 3], raw.len()).expect_err("cut");
+        assert!(e.to_string().contains("truncated"), "{e}");
+    }
 
     #[test]
     fn names() {

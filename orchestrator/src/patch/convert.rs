@@ -802,7 +802,13 @@ pub fn record_from_tree(
                                         && !rest.starts_with('/')
                                         && !u.chars().any(char::is_whitespace) =>
                                 {
-                                    Some(PackageSource::Url(u.to_string()))
+                                    match url_problem(rest) {
+                                        None => Some(PackageSource::Url(u.to_string())),
+                                        Some(why) => {
+                                            cx.err(n.pos, f, why);
+                                            None
+                                        }
+                                    }
                                 }
                                 _ => {
                                     cx.err(
@@ -1146,4 +1152,44 @@ pub fn record_from_tree(
             Err(cx.errors)
         }
     }
+}
+
+/// What is wrong with a package URL after its `http(s)://`, if anything: credentials in
+/// it (they would be stored and shown), a privileged port other than 80 and 443 (a package
+/// server is no SSH or mail server), or `.`/`..` path segments (plain or percent-encoded).
+fn url_problem(rest: &str) -> Option<String> {
+    let (authority, path) = rest.split_once('/').unwrap_or((rest, ""));
+    if let Some((_, host)) = authority.rsplit_once('@') {
+        // The credentials are not repeated in the message.
+        return Some(format!(
+            "a URL must not carry credentials (`***@{}`)",
+            shorten(host)
+        ));
+    }
+    if let Some((_, port)) = authority.rsplit_once(':')
+        && !authority.ends_with(']')
+    {
+        match port.parse::<u16>() {
+            Ok(80 | 443) => {}
+            Ok(p) if p >= 1024 => {}
+            Ok(p) => {
+                return Some(format!(
+                    "`{}`: port {p} is not a package server's (80, 443 or 1024 and above)",
+                    shorten(authority)
+                ));
+            }
+            Err(_) => return Some(format!("`{}` is not a port number", shorten(port))),
+        }
+    }
+    let path = path.split(['?', '#']).next().unwrap_or("");
+    for segment in path.split('/') {
+        let decoded = segment.to_ascii_lowercase().replace("%2e", ".");
+        if decoded == "." || decoded == ".." {
+            return Some(format!(
+                "`{}`: a URL path must not have `.` or `..` segments",
+                shorten(path)
+            ));
+        }
+    }
+    None
 }

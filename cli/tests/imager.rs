@@ -173,7 +173,10 @@ fn layer_digest(v: &Value, kind: &str) -> String {
 #[tokio::test(flavor = "multi_thread")]
 async fn debian_image_is_built_from_real_layers_and_then_cached() {
     let db = common::scratch().await;
-    let data = shared_data();
+    // Its own empty cache: the first build must build every layer (mmdebstrap, apt-get),
+    // whatever earlier runs left in the shared directory.
+    let fresh = Fresh::new("debian");
+    let data = fresh.0.clone();
     let target = [
         "--release",
         "3.2",
@@ -189,6 +192,11 @@ async fn debian_image_is_built_from_real_layers_and_then_cached() {
     assert!(out.status.success(), "build failed: {v}");
     let kinds: Vec<String> = outcomes(&v).into_iter().map(|(k, _)| k).collect();
     assert_eq!(kinds, ["core", "base", "node_type", "patch"]);
+    assert!(
+        outcomes(&v).iter().all(|(_, o)| o == "built"),
+        "the first build into an empty cache built every layer: {v}"
+    );
+    assert_eq!(v["cached"], false, "{v}");
     let image = PathBuf::from(v["path"].as_str().expect("path"));
     assert!(image.is_file(), "{} missing", image.display());
 
@@ -234,6 +242,10 @@ async fn debian_image_is_built_from_real_layers_and_then_cached() {
     for kind in ["core", "base", "node_type"] {
         assert_eq!(layer_digest(&plain, kind), layer_digest(&v, kind));
     }
+    assert!(
+        outcomes(&plain).iter().all(|(_, o)| o == "cached"),
+        "the shared lower layers come from the cache: {plain}"
+    );
     let plain_image = PathBuf::from(plain["path"].as_str().expect("path"));
     assert!(
         dpkg_installed(&plain_image)
@@ -252,6 +264,7 @@ async fn debian_image_is_built_from_real_layers_and_then_cached() {
     assert!(listed.contains(&v["digest"].as_str().expect("digest")));
     assert!(listed.contains(&plain["digest"].as_str().expect("digest")));
     db.drop_db().await.expect("drop");
+    drop(fresh);
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -142,12 +142,38 @@ fn vm_run(db: &str, agent: &str, token: &str, image: &str, extra: &[&str]) -> Va
     json_of(&out)
 }
 
-fn domains() -> String {
-    let out = Command::new("virsh")
-        .args(["-c", "qemu:///system", "list", "--name"])
-        .output()
-        .expect("virsh");
-    String::from_utf8_lossy(&out.stdout).into_owned()
+/// The names of libvirt's domains: every defined one with `all` (a leak is a domain that
+/// still exists, shut off or not), else the running ones.
+fn virsh_list(all: bool) -> Vec<String> {
+    let mut args = vec!["-c", "qemu:///system", "list", "--name"];
+    if all {
+        args.push("--all");
+    }
+    let out = Command::new("virsh").args(&args).output().expect("virsh");
+    assert!(
+        out.status.success(),
+        "virsh {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .map(str::to_owned)
+        .collect()
+}
+
+/// Every domain libvirt knows, running or shut off.
+fn domains() -> Vec<String> {
+    virsh_list(true)
+}
+
+fn domain_exists(name: &str) -> bool {
+    domains().iter().any(|d| d == name)
+}
+
+fn domain_running(name: &str) -> bool {
+    virsh_list(false).iter().any(|d| d == name)
 }
 
 fn statuses(v: &Value) -> Vec<(String, String)> {
@@ -181,6 +207,32 @@ async fn debian_and_rpm_images_boot_join_and_report_their_tests() {
     let token = "e2e-host-token-aaaaaaaaaaaaaaaa";
     let agent = spawn_agent(None, "127.0.0.1:0", "e2e-local", token, &repo, None);
     let base_sha = sha256(Path::new(&deb));
+    // The agent's repository copy is what the VM boots from (`vm run` names an imager
+    // artefact images/<id>/rootfs.ext4 `img-<first 32 of id>`): push it there first, so
+    // it can be hashed before the run.
+    let id = Path::new(&deb)
+        .parent()
+        .and_then(Path::file_name)
+        .and_then(|n| n.to_str())
+        .expect("images/<id>/rootfs.ext4");
+    let deb_name = format!("img-{}", &id[..32]);
+    let out = certo(
+        &db.url,
+        &[
+            "transfer", "push", "--json", "--name", &deb_name, "--to", &agent.url, &deb,
+        ],
+    )
+    .env("CERTO_TOKEN", token)
+    .output()
+    .expect("transfer push");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let repo_copy = repo.join("images").join(format!("{deb_name}.img"));
+    let copy_sha = sha256(&repo_copy);
+    assert_eq!(copy_sha, base_sha, "the repository holds a bit-exact copy");
 
     let v = vm_run(&db.url, &agent.url, token, &deb, &["--timeout", "180"]);
     assert_eq!(v["state"], "done", "{v}");
@@ -204,6 +256,21 @@ async fn debian_and_rpm_images_boot_join_and_report_their_tests() {
         qemu_log.matches("certo.token=fwcfg").count()
     );
     // The repository's copy of the image stays pristine: the VM wrote to an overlay.
+    let row = db
+        .store
+        .vm(v["vm"].as_str().expect("vm"))
+        .await
+        .expect("vm")
+        .expect("row");
+    assert_eq!(
+        row.image, deb_name,
+        "the VM booted from the copy hashed above"
+    );
+    assert_eq!(
+        sha256(&repo_copy),
+        copy_sha,
+        "the VM wrote into its base image"
+    );
     assert_eq!(sha256(Path::new(&deb)), base_sha);
 
     let r = vm_run(&db.url, &agent.url, token, &rpm, &["--timeout", "180"]);
@@ -221,7 +288,7 @@ async fn debian_and_rpm_images_boot_join_and_report_their_tests() {
                 .expect("results")
                 .is_empty()
         );
-        assert!(!domains().contains(name), "{name} leaked");
+        assert!(!domain_exists(name), "{name} leaked: {:?}", domains());
     }
     drop(agent);
     let _ = std::fs::remove_dir_all(&repo);
@@ -416,17 +483,49 @@ async fn two_agents_in_two_network_namespaces_serve_one_orchestrator() {
             ],
         );
         c.env("CERTO_TOKEN", token);
-        runs.push(std::thread::spawn(move || c.output().expect("vm run")));
+        runs.push(std::thread::spawn(move || {
+            let started = Instant::now();
+            let out = c.output().expect("vm run");
+            (started, Instant::now(), out)
+        }));
     }
-    let outs: Vec<Value> = runs
-        .into_iter()
-        .map(|h| json_of(&h.join().expect("join")))
-        .collect();
+    let mut outs = Vec::new();
+    let mut walls = Vec::new();
+    for h in runs {
+        let (started, ended, out) = h.join().expect("join");
+        outs.push(json_of(&out));
+        walls.push((started, ended));
+    }
+    let mut lives = Vec::new();
     for (v, (_, _, _, _, name)) in outs.iter().zip(&agents) {
         assert_eq!(v["state"], "done", "{v}");
         assert_eq!(v["host"], name.as_str(), "{v}");
         assert!(statuses(v).iter().all(|(_, s)| s == "pass"), "{v}");
+        let row = db
+            .store
+            .vm(v["vm"].as_str().expect("vm"))
+            .await
+            .expect("vm")
+            .expect("row");
+        assert_eq!(row.host, name.as_str());
+        let joined = row.joined_at.expect("joined");
+        let finished = row.finished_at.expect("finished");
+        assert!(row.requested_at <= joined && joined <= finished, "{row:?}");
+        lives.push((row.requested_at, joined, finished));
     }
+    // At the same time: each VM was requested (its domain booting) before the other had
+    // finished, so the two lives overlap; the two `vm run`s overlapped on the clock too.
+    let (a, b) = (lives[0], lives[1]);
+    assert!(
+        a.0 < b.2 && b.0 < a.2,
+        "the runs did not overlap: {a:?} and {b:?}; {} / {}",
+        outs[0],
+        outs[1]
+    );
+    assert!(
+        walls[0].0 < walls[1].1 && walls[1].0 < walls[0].1,
+        "the vm run commands did not overlap: {walls:?}"
+    );
     for (_, _, repo, _, _) in &agents {
         let _ = std::fs::remove_dir_all(repo);
     }
@@ -522,11 +621,7 @@ async fn faults_end_in_explained_states_and_leak_no_domain() {
     );
     assert!(v["hostname"].is_string(), "it had joined: {v}");
     let crashed = v["vm"].as_str().expect("vm");
-    assert!(
-        !domains().contains(crashed),
-        "{crashed} leaked: {}",
-        domains()
-    );
+    assert!(!domain_exists(crashed), "{crashed} leaked: {:?}", domains());
 
     // The agent is killed while its guest hangs; the run is lost; the restarted agent
     // reaps the orphaned domain.
@@ -554,7 +649,7 @@ async fn faults_end_in_explained_states_and_leak_no_domain() {
     let name = loop {
         let live = db.store.live_vms("faulty").await.expect("live");
         if let Some(n) = live.first()
-            && domains().contains(n.as_str())
+            && domain_running(n)
         {
             break n.clone();
         }
@@ -585,7 +680,7 @@ async fn faults_end_in_explained_states_and_leak_no_domain() {
         "{v}"
     );
     assert!(
-        domains().contains(&name),
+        domain_running(&name),
         "the orphan should still run until an agent reaps it"
     );
     let agent = spawn_agent(
@@ -597,7 +692,7 @@ async fn faults_end_in_explained_states_and_leak_no_domain() {
         Some(&orch_url),
     );
     let deadline = Instant::now() + Duration::from_secs(20);
-    while domains().contains(&name) {
+    while domain_exists(&name) {
         assert!(
             Instant::now() < deadline,
             "the restarted agent did not reap {name}"

@@ -80,19 +80,46 @@ async fn two_concurrent_pushes_of_images_sharing_blocks() {
         report.records, report.distinct,
         "each shared block is stored once"
     );
-    let mut union = std::collections::HashSet::new();
-    for data in [&x, &y] {
-        let index = certo_transfer::BlockIndex::from_reader(&data[..], 4096).expect("index");
-        union.extend(
-            index
-                .blocks()
-                .iter()
-                .filter(|b| !b.is_zero())
-                .map(|b| *b.hash()),
+    // The distinct non-zero blocks of each image, with their lengths.
+    let distinct = |data: &[u8]| {
+        let index = certo_transfer::BlockIndex::from_reader(data, 4096).expect("index");
+        index
+            .blocks()
+            .iter()
+            .filter(|b| !b.is_zero())
+            .map(|b| (*b.hash(), u64::from(b.len())))
+            .collect::<std::collections::HashMap<_, _>>()
+    };
+    let (bx, by) = (distinct(&x), distinct(&y));
+    let union: std::collections::HashMap<_, _> = bx.iter().chain(&by).collect();
+    let both = bx.keys().filter(|h| by.contains_key(*h)).count();
+    assert!(both >= 900, "the images share most of 4 MiB: {both}");
+    assert_eq!(report.distinct, union.len());
+    // The repository's own counts: every distinct block is held once, its bytes once.
+    assert_eq!(
+        repo.block_stats(),
+        (union.len(), union.values().copied().sum::<u64>()),
+        "every distinct block reached the host and none was stored twice"
+    );
+    // What each push sent: all of its own distinct blocks that the other image lacks (no
+    // one else could deliver them), none twice, and never more than its own; only a shared
+    // block can be sent by both, when both asked before either stored it.
+    for (name, s, own, other) in [("x", &sx, &bx, &by), ("y", &sy, &by, &bx)] {
+        assert_eq!(s.blocks_distinct, own.len(), "{name}: {s:?}");
+        let only_here = own.keys().filter(|h| !other.contains_key(*h)).count();
+        assert!(
+            (only_here..=own.len()).contains(&s.blocks_sent),
+            "{name} sent {} blocks; it alone has {only_here}, {} in all: {s:?}",
+            s.blocks_sent,
+            own.len()
         );
     }
-    assert_eq!(report.distinct, union.len());
-    assert!(sx.blocks_sent + sy.blocks_sent >= union.len());
+    let sent = sx.blocks_sent + sy.blocks_sent;
+    assert!(
+        (union.len()..=union.len() + both).contains(&sent),
+        "together {sent} blocks sent for {} distinct, {both} of them shared",
+        union.len()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -72,6 +72,10 @@ async fn malformed_guest_and_host_input_is_refused_and_changes_nothing() {
         assert_eq!(status, 400, "{what} {body:?}: {answer}");
         assert!(answer.contains(says), "{what}: {answer}");
     }
+    // A VM token without the VM's name (X-Certo-VM) is not enough.
+    let (status, answer) = send(guest("log"), &token, None, b"no name\n".to_vec()).await;
+    assert_eq!(status, 400, "{answer}");
+    assert!(answer.contains("X-Certo-VM"), "{answer}");
     assert_eq!(
         common::snapshot(&db).await,
         before,

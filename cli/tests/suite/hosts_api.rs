@@ -159,6 +159,8 @@ async fn the_guest_protocol_records_a_run_and_its_token_is_good_once_and_for_one
     .await;
     let (_, other) = new_vm(&db.store, "certo-r2-glite-ui-a1", "glite-UI", None).await;
     let u = |what: &str| format!("{}/api/v1/guest/{what}", api.base);
+    // The harness names its VM in every call (X-Certo-VM).
+    let wn = [("x-certo-vm", "certo-r1-glite-wn-a1")];
 
     // No token, an unknown one, or one presented with another VM's name: refused.
     assert_eq!(post(&u("join"), None, &[], "").await.0, 401);
@@ -194,19 +196,19 @@ async fn the_guest_protocol_records_a_run_and_its_token_is_good_once_and_for_one
         "{plan}"
     );
     // A second join with the same token (a replayed boot) is refused.
-    assert_eq!(post(&u("join"), Some(&token), &[], "").await.0, 409);
+    assert_eq!(post(&u("join"), Some(&token), &wn, "").await.0, 409);
 
     // Services join the patch's slice.
-    let (status, body) = post(&u("service"), Some(&token), &[], "glite-wn-info 2811 up").await;
+    let (status, body) = post(&u("service"), Some(&token), &wn, "glite-wn-info 2811 up").await;
     assert_eq!(status, 200, "{body}");
     assert_eq!(
-        post(&u("service"), Some(&token), &[], "x notaport up")
+        post(&u("service"), Some(&token), &wn, "x notaport up")
             .await
             .0,
         400
     );
     assert_eq!(
-        post(&u("service"), Some(&token), &[], "../etc 1 up")
+        post(&u("service"), Some(&token), &wn, "../etc 1 up")
             .await
             .0,
         400
@@ -216,7 +218,7 @@ async fn the_guest_protocol_records_a_run_and_its_token_is_good_once_and_for_one
     let (status, body) = post(
         &u("result"),
         Some(&token),
-        &[],
+        &wn,
         "basic 10-yaim-check pass 0.4\nall fine\n",
     )
     .await;
@@ -224,18 +226,18 @@ async fn the_guest_protocol_records_a_run_and_its_token_is_good_once_and_for_one
     post(
         &u("result"),
         Some(&token),
-        &[],
+        &wn,
         "regression bug45678 fail 1.5\nWN_LIST empty\n",
     )
     .await;
     assert_eq!(
-        post(&u("result"), Some(&token), &[], "basic x maybe 1\n")
+        post(&u("result"), Some(&token), &wn, "basic x maybe 1\n")
             .await
             .0,
         400
     );
     assert_eq!(
-        post(&u("result"), Some(&token), &[], "basic ../x pass 1\n")
+        post(&u("result"), Some(&token), &wn, "basic ../x pass 1\n")
             .await
             .0,
         400
@@ -250,7 +252,7 @@ async fn the_guest_protocol_records_a_run_and_its_token_is_good_once_and_for_one
     assert_eq!(services[0].endpoint, format!("wn-{id}.certo:2811"));
 
     // Done: the run is recorded, the slice's services leave the testbed, the token is used up.
-    let (status, _) = post(&u("done"), Some(&token), &[], "ok").await;
+    let (status, _) = post(&u("done"), Some(&token), &wn, "ok").await;
     assert_eq!(status, 200);
     let vm = db
         .store
@@ -280,7 +282,7 @@ async fn the_guest_protocol_records_a_run_and_its_token_is_good_once_and_for_one
             .expect("s")
             .is_empty()
     );
-    let (status, body) = post(&u("result"), Some(&token), &[], "basic late pass 1\n").await;
+    let (status, body) = post(&u("result"), Some(&token), &wn, "basic late pass 1\n").await;
     assert_eq!(status, 401, "{body}");
     assert!(body.contains("used up"), "{body}");
 
@@ -296,7 +298,7 @@ async fn the_guest_protocol_records_a_run_and_its_token_is_good_once_and_for_one
     let (status, _) = post(
         &u("done"),
         Some(&other),
-        &[],
+        &[("x-certo-vm", "certo-r2-glite-ui-a1")],
         "error the services did not start",
     )
     .await;
@@ -351,9 +353,11 @@ async fn a_slice_cannot_replace_a_shared_service_and_dead_services_turn_unhealth
     )
     .await;
     let u = |what: &str| format!("{}/api/v1/guest/{what}", api.base);
-    assert_eq!(post(&u("join"), Some(&token), &[], "").await.0, 200);
+    let bdii_vm = [("x-certo-vm", "certo-r9-glite-bdii-a1")];
+    let wn = [("x-certo-vm", "certo-r10-glite-wn-a1")];
+    assert_eq!(post(&u("join"), Some(&token), &bdii_vm, "").await.0, 200);
     // Patch 3506's service claims the shared service's name: refused, the shared one stays.
-    let (status, body) = post(&u("service"), Some(&token), &[], "top-bdii 2170 up").await;
+    let (status, body) = post(&u("service"), Some(&token), &bdii_vm, "top-bdii 2170 up").await;
     assert_eq!(status, 409, "{body}");
     assert!(
         body.contains("cannot take over a service other patches use"),
@@ -371,18 +375,19 @@ async fn a_slice_cannot_replace_a_shared_service_and_dead_services_turn_unhealth
         Some((3456, 2)),
     )
     .await;
-    assert_eq!(post(&u("join"), Some(&other), &[], "").await.0, 200);
+    assert_eq!(post(&u("join"), Some(&other), &wn, "").await.0, 200);
     assert_eq!(
-        post(&u("service"), Some(&other), &[], "wn-info 2811 up")
+        post(&u("service"), Some(&other), &wn, "wn-info 2811 up")
             .await
             .0,
         200
     );
-    let (status, own) = post(&u("service"), Some(&token), &[], "bdii-top 2171 up").await;
+    let (status, own) = post(&u("service"), Some(&token), &bdii_vm, "bdii-top 2171 up").await;
     assert_eq!(status, 200, "{own}");
     let seen = reqwest::Client::new()
         .get(u("testbed"))
         .header("authorization", format!("Bearer {token}"))
+        .header("x-certo-vm", "certo-r9-glite-bdii-a1")
         .send()
         .await
         .expect("testbed")

@@ -83,12 +83,17 @@ impl FromRequestParts<Arc<ApiState>> for GuestAuth {
             .vm_by_token(&super::token_digest(token))
             .await?
             .ok_or_else(|| ApiError::unauthorized("unknown VM token"))?;
-        if let Some(claimed) = parts
+        // The harness names its VM in every call: a token alone is not enough.
+        let Some(claimed) = parts
             .headers
             .get("x-certo-vm")
             .and_then(|v| v.to_str().ok())
-            && claimed != vm.name
-        {
+        else {
+            return Err(ApiError::bad_request(
+                "the X-Certo-VM header (the VM's name) is required with a VM token",
+            ));
+        };
+        if claimed != vm.name {
             tracing::warn!(vm = %vm.name, claimed, "a VM token presented for another VM");
             return Err(ApiError::forbidden("this token belongs to another VM"));
         }

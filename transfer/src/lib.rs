@@ -6,6 +6,8 @@
 //! * [`repository`]: the host's content-addressed store of blocks and complete images.
 //! * [`wire`]: what travels between sender and host, and the checks on it.
 //! * [`server`]: the host's HTTP routes (axum), served by `certo agent`.
+//! * [`http`]: the bounded serving loop of Certo's servers (connection and in-flight caps,
+//!   header, idle and body deadlines, a bounded graceful shutdown).
 //! * [`client`]: the sender (reqwest): `plan` and the pipelined, resumable `push`.
 //! * [`steer`]: the zstd level of a push, steered between the link's rate and the
 //!   compressors' speed.
@@ -19,6 +21,7 @@
 pub mod block_index;
 pub mod chunker;
 pub mod client;
+pub mod http;
 pub mod index_cache;
 pub mod repository;
 pub mod server;

@@ -271,3 +271,190 @@ async fn the_commit_refers_to_the_questions_and_falls_back_when_the_host_forgot_
         data2
     );
 }
+
+// ----------------------------------------------------------------------------------------
+// The bounded HTTP loop (certo_transfer::http) under clients that never finish.
+
+mod bounded {
+    use std::io::{Read, Write};
+    use std::net::TcpStream;
+    use std::time::{Duration, Instant};
+
+    use axum::Router;
+    use axum::routing::{get, post};
+    use certo_transfer::http::{Limits, serve};
+
+    fn limits() -> Limits {
+        Limits {
+            max_connections: 4,
+            max_in_flight: 1,
+            header_timeout: Duration::from_millis(800),
+            body_timeout: Duration::from_millis(800),
+            shutdown_grace: Duration::from_millis(800),
+        }
+    }
+
+    /// A server of `/len` (the body's length) and `/slow` (answers after 1.5 s), and the
+    /// sender that stops it.
+    async fn server() -> (
+        String,
+        tokio::sync::oneshot::Sender<()>,
+        tokio::task::JoinHandle<()>,
+    ) {
+        let router = Router::new()
+            .route(
+                "/len",
+                post(|body: axum::body::Bytes| async move { body.len().to_string() }),
+            )
+            .route(
+                "/slow",
+                get(|| async {
+                    tokio::time::sleep(Duration::from_millis(1500)).await;
+                    "slow"
+                }),
+            );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr").to_string();
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(async move {
+            serve(listener, router, limits(), async move {
+                let _ = rx.await;
+            })
+            .await
+            .expect("serve");
+        });
+        (addr, tx, task)
+    }
+
+    /// Seconds until the server closes `stream` (reads until EOF), at most `max`.
+    fn seconds_until_closed(stream: &mut TcpStream, max: Duration) -> Option<f64> {
+        stream.set_read_timeout(Some(max)).expect("timeout");
+        let t = Instant::now();
+        let mut buf = [0u8; 4096];
+        loop {
+            match stream.read(&mut buf) {
+                Ok(0) => return Some(t.elapsed().as_secs_f64()),
+                Ok(_) => continue,
+                Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {
+                    return Some(t.elapsed().as_secs_f64());
+                }
+                Err(_) => return None,
+            }
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn idle_half_sent_and_stalled_connections_are_closed_in_bounded_time() {
+        let (addr, _stop, _task) = server().await;
+        let (a, b, c) = (addr.clone(), addr.clone(), addr.clone());
+        let idle = tokio::task::spawn_blocking(move || {
+            let mut s = TcpStream::connect(&a).expect("connect");
+            seconds_until_closed(&mut s, Duration::from_secs(5))
+        });
+        let half_header = tokio::task::spawn_blocking(move || {
+            let mut s = TcpStream::connect(&b).expect("connect");
+            s.write_all(b"POST /len HTTP/1.1\r\nHost: x\r\nContent-Le")
+                .expect("write");
+            seconds_until_closed(&mut s, Duration::from_secs(5))
+        });
+        let stalled_body = tokio::task::spawn_blocking(move || {
+            let mut s = TcpStream::connect(&c).expect("connect");
+            s.write_all(b"POST /len HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n0123456789")
+                .expect("write");
+            let mut answer = Vec::new();
+            s.set_read_timeout(Some(Duration::from_secs(5)))
+                .expect("timeout");
+            let t = Instant::now();
+            let _ = s.read_to_end(&mut answer);
+            (
+                t.elapsed().as_secs_f64(),
+                String::from_utf8_lossy(&answer).into_owned(),
+            )
+        });
+        let idle = idle
+            .await
+            .expect("task")
+            .expect("the idle connection was never closed");
+        let half = half_header
+            .await
+            .expect("task")
+            .expect("the half-sent header was never closed");
+        let (stall, answer) = stalled_body.await.expect("task");
+        assert!(
+            (0.5..2.5).contains(&idle),
+            "idle connection closed after {idle} s"
+        );
+        assert!(
+            (0.5..2.5).contains(&half),
+            "half-sent header closed after {half} s"
+        );
+        assert!(stall < 2.5, "stalled body kept {stall} s");
+        assert!(
+            !answer.contains("\r\n\r\n10") && !answer.contains("\r\n\r\n100"),
+            "a stalled body reached the handler: {answer:?}"
+        );
+        // A client that behaves is served.
+        let ok = reqwest::Client::new()
+            .post(format!("http://{addr}/len"))
+            .body("hello")
+            .send()
+            .await
+            .expect("request");
+        assert_eq!(ok.text().await.expect("body"), "5");
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn connections_and_requests_in_flight_are_capped() {
+        let (addr, _stop, _task) = server().await;
+        // Four idle connections take every slot: a fifth is closed at once.
+        let held: Vec<TcpStream> = (0..4)
+            .map(|_| TcpStream::connect(&addr).expect("connect"))
+            .collect();
+        std::thread::sleep(Duration::from_millis(100));
+        let a = addr.clone();
+        let fifth = tokio::task::spawn_blocking(move || {
+            let mut s = TcpStream::connect(&a).expect("connect");
+            seconds_until_closed(&mut s, Duration::from_millis(500))
+        })
+        .await
+        .expect("task");
+        assert!(fifth.is_some_and(|t| t < 0.4), "over the cap: {fifth:?}");
+        drop(held);
+        std::thread::sleep(Duration::from_millis(200));
+        // One request in flight at once: a second one meanwhile is told to come back.
+        let http = reqwest::Client::new();
+        let slow = tokio::spawn({
+            let http = http.clone();
+            let url = format!("http://{addr}/slow");
+            async move { http.get(url).send().await.expect("slow").status().as_u16() }
+        });
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let busy = http
+            .post(format!("http://{addr}/len"))
+            .body("x")
+            .send()
+            .await
+            .expect("request");
+        assert_eq!(busy.status(), 503);
+        assert_eq!(slow.await.expect("task"), 200);
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn shutdown_with_a_half_sent_request_open_ends_within_its_grace() {
+        let (addr, stop, task) = server().await;
+        let mut s = TcpStream::connect(&addr).expect("connect");
+        s.write_all(b"POST /len HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n01234")
+            .expect("write");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let t = Instant::now();
+        stop.send(()).expect("stop");
+        task.await.expect("server task");
+        let took = t.elapsed().as_secs_f64();
+        assert!(
+            took < 1.5,
+            "shutdown took {took} s with a half-sent request open"
+        );
+    }
+}

@@ -205,3 +205,155 @@ async fn a_relative_repository_root_is_taken_from_the_working_directory() {
     );
     db.drop_db().await.expect("drop");
 }
+
+/// Creates a VM run on host `h1` (made if missing) with `deadline`; returns its token.
+async fn vm_with_deadline(
+    db: &certo_orchestrator::store::scratch::ScratchDb,
+    name: &str,
+    deadline: chrono::DateTime<chrono::Utc>,
+) -> String {
+    let _ = db
+        .store
+        .add_host("h1", &api::token_digest("hard-host-token"))
+        .await;
+    let token = api::new_token().expect("token");
+    db.store
+        .create_vm(&NewVm {
+            name,
+            host: "h1",
+            image: "img",
+            node_type: "glite-WN",
+            patch: None,
+            attempt: 1,
+            suite: Suite::All,
+            token_sha256: &api::token_digest(&token),
+            deadline,
+        })
+        .await
+        .expect("vm");
+    token
+}
+
+/// A guest keeps to the protocol's order and its quotas, and its token dies with its
+/// deadline; a run whose deadline passed long ago is ended by the orchestrator itself and
+/// leaves the heartbeat's live list (so its host reaps the domain).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_guest_keeps_to_the_protocol_its_quotas_and_its_deadline() {
+    let db = common::scratch().await;
+    let server = certo_testkit::api_server(&db.store, Duration::from_millis(200)).await;
+    let http = reqwest::Client::new();
+    let guest = |what: &str| http.post(format!("{}/api/v1/guest/{what}", server.base));
+    let soon = chrono::Utc::now() + chrono::Duration::minutes(5);
+
+    // Order: nothing but a fatal `done error` before join.
+    let name = "certo-r21-glite-wn-a1";
+    let token = vm_with_deadline(&db, name, soon).await;
+    for (what, body) in [
+        ("result", "basic t pass 1\n"),
+        ("service", "svc 2170 up"),
+        ("log", "early\n"),
+        ("done", "ok"),
+    ] {
+        let (status, answer) = send(guest(what), &token, Some(name), body.into()).await;
+        assert_eq!(status, 409, "{what} before join: {answer}");
+        assert!(answer.contains("before join"), "{answer}");
+    }
+    let (status, _) = send(guest("join"), &token, Some(name), Vec::new()).await;
+    assert_eq!(status, 200);
+
+    // Quotas: one result's output, the number of results, the log's bytes.
+    let big = format!("basic big pass 1\n{}", "x".repeat(70 * 1024));
+    let (status, answer) = send(guest("result"), &token, Some(name), big.into()).await;
+    assert_eq!(status, 413, "{answer}");
+    for i in 0..api::guest::MAX_RESULTS {
+        let (status, answer) = send(
+            guest("result"),
+            &token,
+            Some(name),
+            format!("basic t{i} pass 0.1\nok\n").into(),
+        )
+        .await;
+        assert_eq!(status, 200, "result {i}: {answer}");
+    }
+    let (status, answer) = send(
+        guest("result"),
+        &token,
+        Some(name),
+        b"basic one-more pass 1\n".to_vec(),
+    )
+    .await;
+    assert_eq!(status, 413, "{answer}");
+    // Replacing a reported result is not a new one.
+    let (status, answer) = send(
+        guest("result"),
+        &token,
+        Some(name),
+        b"basic t0 fail 0.2\n".to_vec(),
+    )
+    .await;
+    assert_eq!(status, 200, "{answer}");
+    let chunk = "l".repeat(200 * 1024);
+    let mut stored = 0i64;
+    loop {
+        let (status, answer) = send(guest("log"), &token, Some(name), chunk.clone().into()).await;
+        if status == 413 {
+            assert!(answer.contains("log bytes"), "{answer}");
+            break;
+        }
+        assert_eq!(status, 200, "{answer}");
+        stored += chunk.len() as i64;
+        assert!(
+            stored <= api::guest::MAX_LOG_BYTES,
+            "the log grew past its quota"
+        );
+    }
+    let log = db
+        .store
+        .vm(name)
+        .await
+        .expect("vm")
+        .map(|vm| vm.id)
+        .expect("row");
+    assert_eq!(
+        db.store.vm_log(log).await.expect("log").len() as i64,
+        stored
+    );
+    assert_eq!(
+        db.store.vm_results(log).await.expect("results").len() as i64,
+        api::guest::MAX_RESULTS
+    );
+
+    // A deadline that passed voids the token, and the sweeper ends the run.
+    let late = "certo-r22-glite-wn-a1";
+    let token = vm_with_deadline(&db, late, chrono::Utc::now() - chrono::Duration::days(2)).await;
+    let (status, answer) = send(guest("join"), &token, Some(late), Vec::new()).await;
+    assert_eq!(status, 401, "{answer}");
+    assert!(answer.contains("deadline"), "{answer}");
+    let (status, live) = send(
+        http.post(format!("{}/api/v1/hosts/h1/heartbeat", server.base)),
+        "hard-host-token",
+        None,
+        Vec::new(),
+    )
+    .await;
+    assert_eq!(status, 200);
+    assert!(!live.contains(late), "an expired run is not live: {live}");
+    let mut ended = None;
+    for _ in 0..50 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let vm = db.store.vm(late).await.expect("vm").expect("row");
+        if vm.state != certo_orchestrator::model::VmState::Booting {
+            ended = Some(vm);
+            break;
+        }
+    }
+    let vm = ended.expect("the sweeper never ended the expired run");
+    assert_eq!(vm.state, certo_orchestrator::model::VmState::TimedOut);
+    assert_eq!(
+        vm.fault,
+        Some(certo_orchestrator::model::Fault::Infrastructure)
+    );
+    assert!(vm.token_used_up && vm.finished_at.is_some(), "{vm:?}");
+    drop(server);
+    db.drop_db().await.expect("drop");
+}

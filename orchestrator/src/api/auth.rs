@@ -97,6 +97,13 @@ impl FromRequestParts<Arc<ApiState>> for GuestAuth {
             tracing::warn!(vm = %vm.name, claimed, "a VM token presented for another VM");
             return Err(ApiError::forbidden("this token belongs to another VM"));
         }
+        if vm.deadline < chrono::Utc::now() {
+            return Err(ApiError::unauthorized(format!(
+                "the deadline of {} passed at {}: its token is void",
+                vm.name,
+                vm.deadline.format("%Y-%m-%d %H:%M:%S UTC")
+            )));
+        }
         if vm.token_used_up {
             return Err(ApiError::unauthorized(format!(
                 "the token of {} is used up (the run ended: {})",

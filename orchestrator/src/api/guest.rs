@@ -24,6 +24,31 @@ pub fn routes() -> axum::Router<Arc<ApiState>> {
         .route("/api/v1/guest/testbed", get(testbed))
 }
 
+/// Most test results one VM may report.
+pub const MAX_RESULTS: i64 = 1000;
+/// Most output one test result may carry (the harness sends its last 16 KiB).
+pub const MAX_RESULT_OUTPUT: usize = 64 * 1024;
+/// Most log bytes one VM may store.
+pub const MAX_LOG_BYTES: i64 = 8 * 1024 * 1024;
+/// Most services one VM may register in its slice.
+pub const MAX_SERVICES: i64 = 64;
+
+/// Services, results and logs come after `join`, in protocol order.
+fn joined(vm: &VmRow, what: &str) -> Result<(), ApiError> {
+    if vm.state == VmState::Joined {
+        Ok(())
+    } else {
+        Err(ApiError::conflict(format!(
+            "{what} before join: {} is {}",
+            vm.name, vm.state
+        )))
+    }
+}
+
+fn quota(message: String) -> ApiError {
+    ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "quota", message)
+}
+
 /// The testbed slice a VM's services belong to: its patch's, or its own.
 fn slice_of(vm: &VmRow) -> String {
     match vm.patch_id {
@@ -88,6 +113,7 @@ async fn service(
     body: axum::body::Bytes,
 ) -> Result<Response, ApiError> {
     let vm = guest.vm;
+    joined(&vm, "a service")?;
     let usage = || ApiError::bad_request("expected: SERVICE PORT up|failed");
     let line = body_text(&body, "service line")?;
     let fields: Vec<&str> = line.split_whitespace().collect();
@@ -106,6 +132,12 @@ async fn service(
     if status == ServiceStatus::Failed || port == 0 {
         tracing::warn!(vm = %vm.name, service = name, %status, "guest service did not come up");
         return Ok(text(StatusCode::OK, "noted\n"));
+    }
+    if s.store.vm_service_count(vm.id).await? >= MAX_SERVICES {
+        return Err(quota(format!(
+            "{} has registered {MAX_SERVICES} services, the most a VM may",
+            vm.name
+        )));
     }
     let endpoint = format!(
         "{}:{port}",
@@ -141,6 +173,7 @@ async fn result(
     body: axum::body::Bytes,
 ) -> Result<Response, ApiError> {
     let vm = guest.vm;
+    joined(&vm, "a result")?;
     let usage = || ApiError::bad_request("first line: SUITE NAME pass|fail|error SECONDS");
     let body = body_text(&body, "result")?;
     let (head, output) = body.split_once('\n').unwrap_or((&body, ""));
@@ -167,7 +200,18 @@ async fn result(
         seconds,
         output: output.to_owned(),
     };
-    s.store.add_result(vm.id, &result).await?;
+    if result.output.len() > MAX_RESULT_OUTPUT {
+        return Err(quota(format!(
+            "a result's output may have {MAX_RESULT_OUTPUT} bytes; this one has {}",
+            result.output.len()
+        )));
+    }
+    if !s.store.add_result(vm.id, &result, MAX_RESULTS).await? {
+        return Err(quota(format!(
+            "{} has reported {MAX_RESULTS} results, the most a VM may",
+            vm.name
+        )));
+    }
     tracing::info!(vm = %vm.name, suite, test = name, %status, "test result");
     Ok(text(StatusCode::OK, "recorded\n"))
 }
@@ -178,8 +222,14 @@ async fn log(
     guest: GuestAuth,
     body: axum::body::Bytes,
 ) -> Result<Response, ApiError> {
+    joined(&guest.vm, "a log")?;
     let chunk = body_text(&body, "log")?;
-    s.store.add_log(guest.vm.id, &chunk).await?;
+    if !s.store.add_log(guest.vm.id, &chunk, MAX_LOG_BYTES).await? {
+        return Err(quota(format!(
+            "{} has stored {MAX_LOG_BYTES} log bytes, the most a VM may",
+            guest.vm.name
+        )));
+    }
     Ok(text(StatusCode::OK, "logged\n"))
 }
 
@@ -192,6 +242,14 @@ async fn done(
     let vm = guest.vm;
     let body = body_text(&body, "done line")?;
     let body = body.trim();
+    // Before join only a fatal error may be reported (the harness could not start: the
+    // root did not mount); that is the infrastructure's fault, not the patch's.
+    if vm.state != VmState::Joined && body == "ok" {
+        return Err(ApiError::conflict(format!(
+            "done ok before join: {} is {}",
+            vm.name, vm.state
+        )));
+    }
     let (state, fault, reason) = if body == "ok" {
         // Done; a failed test is the product's fault.
         let failed = s
@@ -204,7 +262,11 @@ async fn done(
     } else {
         (
             VmState::Failed,
-            Some(Fault::Product),
+            Some(if vm.state == VmState::Joined {
+                Fault::Product
+            } else {
+                Fault::Infrastructure
+            }),
             Some(format!(
                 "the harness reported: {}",
                 body.strip_prefix("error").unwrap_or(body).trim()
@@ -238,4 +300,23 @@ async fn testbed(State(s): State<Arc<ApiState>>, guest: GuestAuth) -> Result<Res
         ));
     }
     Ok(text(StatusCode::OK, out))
+}
+
+/// How long after its deadline a live run is ended by the orchestrator itself: `vm run`
+/// ends its run at the deadline, and the host destroys the domain 5 s later; this is the
+/// backstop for a run whose `vm run` is gone.
+pub const SWEEP_GRACE: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// Ends runs whose deadline passed long ago, every `every`, forever.
+pub async fn sweep_loop(store: crate::store::Store, every: std::time::Duration) {
+    loop {
+        match store.end_expired_runs(SWEEP_GRACE).await {
+            Ok(ended) if !ended.is_empty() => {
+                tracing::warn!(runs = ?ended, "ended runs whose deadline passed with no one watching them");
+            }
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %e, "sweeping expired runs failed"),
+        }
+        tokio::time::sleep(every).await;
+    }
 }

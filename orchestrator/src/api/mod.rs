@@ -20,7 +20,6 @@ pub mod hosts;
 pub mod testbed;
 pub mod vms;
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -76,13 +75,17 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     let checker = tokio::spawn(testbed::health_loop(state.store.clone(), health_every));
+    let sweeper = tokio::spawn(guest::sweep_loop(state.store.clone(), health_every));
     let app = router(state);
-    let result = axum::serve(
+    // Bounded like the agent: connection and in-flight caps, header, idle and body deadlines.
+    let result = certo_transfer::http::serve(
         listener,
-        app.into_make_service_with_connect_info::<SocketAddr>(),
+        app,
+        certo_transfer::http::Limits::default(),
+        shutdown,
     )
-    .with_graceful_shutdown(shutdown)
     .await;
     checker.abort();
+    sweeper.abort();
     result
 }

@@ -171,10 +171,12 @@ impl Store {
         self.live_vms(name).await
     }
 
-    /// Names of a host's VMs that are still booting or joined.
+    /// Names of a host's VMs that are still booting or joined and within their deadline
+    /// (the agent reaps every other domain of its own).
     pub async fn live_vms(&self, host: &str) -> Result<Vec<String>, StoreError> {
         let rows: Vec<(String,)> = sqlx::query_as(
-            "SELECT name FROM vm_runs WHERE host = $1 AND state IN ('booting', 'joined') ORDER BY id",
+            "SELECT name FROM vm_runs WHERE host = $1 AND state IN ('booting', 'joined')
+               AND deadline > now() ORDER BY id",
         )
         .bind(host)
         .fetch_all(&self.pool)
@@ -271,11 +273,18 @@ impl Store {
         Ok(r.rows_affected() == 1)
     }
 
-    /// Stores (or replaces) one test result.
-    pub async fn add_result(&self, id: i64, result: &ResultRow) -> Result<(), StoreError> {
-        sqlx::query(
+    /// Stores (or replaces) one test result, unless the VM has `max` results already;
+    /// returns whether it was stored.
+    pub async fn add_result(
+        &self,
+        id: i64,
+        result: &ResultRow,
+        max: i64,
+    ) -> Result<bool, StoreError> {
+        let r = sqlx::query(
             "INSERT INTO vm_results (vm_id, suite, name, status, seconds, output)
-             VALUES ($1, $2, $3, $4, $5, $6)
+             SELECT $1, $2, $3, $4, $5, $6
+              WHERE (SELECT count(*) FROM vm_results WHERE vm_id = $1 AND (suite, name) <> ($2, $3)) < $7
              ON CONFLICT (vm_id, suite, name) DO UPDATE
                SET status = EXCLUDED.status, seconds = EXCLUDED.seconds, output = EXCLUDED.output,
                    reported_at = now()",
@@ -286,9 +295,10 @@ impl Store {
         .bind(result.status)
         .bind(result.seconds)
         .bind(&result.output)
+        .bind(max)
         .execute(&self.pool)
         .await?;
-        Ok(())
+        Ok(r.rows_affected() == 1)
     }
 
     /// Ends a VM run (its token is used up; its slice services leave the testbed). Only a
@@ -332,14 +342,62 @@ impl Store {
         Ok(())
     }
 
-    /// Appends a chunk of a guest's log.
-    pub async fn add_log(&self, id: i64, chunk: &str) -> Result<(), StoreError> {
-        sqlx::query("INSERT INTO vm_logs (vm_id, chunk) VALUES ($1, $2)")
-            .bind(id)
-            .bind(chunk)
-            .execute(&self.pool)
+    /// Appends a chunk of a guest's log unless the VM's log would exceed `max_bytes`;
+    /// returns whether it was stored.
+    pub async fn add_log(&self, id: i64, chunk: &str, max_bytes: i64) -> Result<bool, StoreError> {
+        let r = sqlx::query(
+            "INSERT INTO vm_logs (vm_id, chunk)
+             SELECT $1, $2
+              WHERE (SELECT coalesce(sum(octet_length(chunk)), 0) FROM vm_logs WHERE vm_id = $1)
+                    + octet_length($2) <= $3",
+        )
+        .bind(id)
+        .bind(chunk)
+        .bind(max_bytes)
+        .execute(&self.pool)
+        .await?;
+        Ok(r.rows_affected() == 1)
+    }
+
+    /// How many services a VM has registered in its slice.
+    pub async fn vm_service_count(&self, id: i64) -> Result<i64, StoreError> {
+        Ok(
+            sqlx::query_scalar("SELECT count(*) FROM testbed_services WHERE owner_vm = $1")
+                .bind(id)
+                .fetch_one(&self.pool)
+                .await?,
+        )
+    }
+
+    /// Ends every live run whose deadline passed more than `grace` ago (its `vm run` is gone:
+    /// killed, or its machine down): `timed_out`, the product's fault if it had joined, the
+    /// infrastructure's if not; its token used up, its slice's services out of the testbed.
+    /// Returns the names of the runs it ended.
+    pub async fn end_expired_runs(
+        &self,
+        grace: std::time::Duration,
+    ) -> Result<Vec<String>, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        let ended: Vec<(i64, String)> = sqlx::query_as(
+            "UPDATE vm_runs
+                SET state = 'timed_out',
+                    fault = CASE WHEN state = 'joined' THEN 'product' ELSE 'infrastructure' END,
+                    reason = 'no result by the deadline, and no one watching the run: ended by the orchestrator',
+                    token_used_up = true, finished_at = now()
+              WHERE state IN ('booting', 'joined')
+                AND deadline < now() - make_interval(secs => $1)
+          RETURNING id, name",
+        )
+        .bind(grace.as_secs_f64())
+        .fetch_all(&mut *tx)
+        .await?;
+        let ids: Vec<i64> = ended.iter().map(|r| r.0).collect();
+        sqlx::query("DELETE FROM testbed_services WHERE owner_vm = ANY($1)")
+            .bind(&ids)
+            .execute(&mut *tx)
             .await?;
-        Ok(())
+        tx.commit().await?;
+        Ok(ended.into_iter().map(|r| r.1).collect())
     }
 
     /// A guest's log, in the order received.

@@ -24,6 +24,12 @@ pub struct ServeArgs {
 
 pub async fn serve(g: &Global, a: ServeArgs) -> anyhow::Result<ExitCode> {
     let store = g.store().await?;
+    // A long-running process: the embedded cluster is restarted if it dies under us.
+    let supervisor = tokio::spawn(certo_orchestrator::store::supervise(
+        store.clone(),
+        g.location(),
+        Duration::from_secs(1),
+    ));
     let listener = tokio::net::TcpListener::bind(a.listen)
         .await
         .with_context(|| format!("listening on {}", a.listen))?;
@@ -44,6 +50,7 @@ pub async fn serve(g: &Global, a: ServeArgs) -> anyhow::Result<ExitCode> {
         shutdown,
     )
     .await?;
+    supervisor.abort();
     Ok(ExitCode::SUCCESS)
 }
 

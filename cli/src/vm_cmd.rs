@@ -10,7 +10,7 @@ use clap::{Args, Subcommand};
 use serde_json::json;
 
 use super::{EXIT_INVALID, Global, print_json, printable};
-use certo_orchestrator::vmrun::{self, VmRequest};
+use certo_orchestrator::vmrun::VmRequest;
 
 #[derive(Debug, Args)]
 pub struct VmArgs {
@@ -65,49 +65,9 @@ pub struct RunArgs {
 
 pub async fn run(g: &Global, a: VmArgs) -> anyhow::Result<ExitCode> {
     let VmCommand::Run(a) = a.command;
+    let ctx = g.context()?;
     // The image: a file, or an image of the cache by digest.
-    let (path, record) = {
-        let p = PathBuf::from(&a.image);
-        if p.is_file() {
-            // An artefact of Certo's image cache carries its record beside it.
-            let record = p
-                .parent()
-                .map(|d| d.join("image.json"))
-                .and_then(|j| std::fs::read(j).ok())
-                .and_then(|b| serde_json::from_slice::<certo_imager::ImageRecord>(&b).ok());
-            (p, record)
-        } else {
-            let cache = certo_imager::Store::open(&g.data_dir().join("imager"))
-                .map_err(|e| anyhow::anyhow!("{e}"))?;
-            let found: Vec<_> = cache
-                .images()
-                .map_err(|e| anyhow::anyhow!("{e}"))?
-                .into_iter()
-                .filter(|i| !a.image.is_empty() && i.digest.starts_with(&a.image))
-                .collect();
-            match found.as_slice() {
-                [one] => match one.ext4() {
-                    Some(art) => (art.path.clone(), Some(one.clone())),
-                    None => anyhow::bail!("image {} has no ext4 artefact", one.digest),
-                },
-                [] => {
-                    eprintln!(
-                        "error: --image {:?} is neither a file nor a built image's digest",
-                        a.image
-                    );
-                    return Ok(ExitCode::from(EXIT_INVALID));
-                }
-                many => {
-                    eprintln!(
-                        "error: --image {:?} matches {} images; give more of the digest",
-                        a.image,
-                        many.len()
-                    );
-                    return Ok(ExitCode::from(EXIT_INVALID));
-                }
-            }
-        }
-    };
+    let (path, record) = certo_orchestrator::app::vms::find_image(&ctx, &a.image)?;
     let node_type = match (a.node_type.clone(), &record) {
         (Some(n), _) => n,
         (None, Some(r)) => r.node_type.clone(),
@@ -120,7 +80,6 @@ pub async fn run(g: &Global, a: VmArgs) -> anyhow::Result<ExitCode> {
         .as_ref()
         .and_then(|r| r.patch)
         .map(|(id, rev)| (certo_orchestrator::model::PatchId(id), rev as i32));
-    let store = g.store().await?;
     let json_out = a.json;
     let say = move |s: &str| {
         if !json_out {
@@ -128,9 +87,8 @@ pub async fn run(g: &Global, a: VmArgs) -> anyhow::Result<ExitCode> {
         }
         tracing::info!(step = s, "vm run");
     };
-    let index_cache = g.data_dir().join("index-cache");
-    let out = vmrun::run(
-        &store,
+    let out = certo_orchestrator::app::vms::run(
+        &ctx,
         &a.agent,
         &super::secret(a.token.as_deref(), a.token_file.as_deref(), "host token")?,
         &VmRequest {
@@ -142,7 +100,7 @@ pub async fn run(g: &Global, a: VmArgs) -> anyhow::Result<ExitCode> {
             memory_mib: a.memory,
             orchestrator: a.orchestrator.as_deref(),
             fault: a.fault.as_deref(),
-            index_cache: Some(&index_cache),
+            index_cache: None,
         },
         &say,
     )

@@ -72,17 +72,7 @@ fn image(db: &str, platform: &str, node_type: &str) -> String {
 }
 
 /// A `certo agent` process over qemu:///system; killed (SIGKILL) when dropped.
-struct Agent {
-    child: Child,
-    url: String,
-}
-
-impl Drop for Agent {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
+type Agent = certo_testkit::process::Listening;
 
 fn spawn_agent(
     netns: Option<&str>,
@@ -114,22 +104,11 @@ fn spawn_agent(
     ])
     .arg(repo)
     .env("CERTO_TOKEN", token)
-    .stdout(Stdio::piped())
     .stderr(Stdio::null());
     if let Some(o) = orchestrator {
         cmd.args(["--orchestrator", o]);
     }
-    let mut child = cmd.spawn().expect("spawn agent");
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().expect("stdout"))
-        .read_line(&mut line)
-        .expect("read");
-    let url = line
-        .trim()
-        .strip_prefix("listening on ")
-        .unwrap_or_else(|| panic!("agent said {line:?}"))
-        .to_owned();
-    Agent { child, url }
+    certo_testkit::process::Listening::spawn(&mut cmd, Duration::from_secs(60))
 }
 
 fn vm_run(db: &str, agent: &str, token: &str, image: &str, extra: &[&str]) -> Value {

@@ -165,3 +165,64 @@ fn embedded_cluster_as_the_other_kind_of_user() {
         .expect("chmod"));
     lifecycle(&dir.path().join("state"), &patch, Some((uid, gid)), &exe);
 }
+
+/// `certo serve` on the embedded cluster survives a `kill -9` of the postmaster: it starts
+/// the cluster again by itself (and says so), and a host's request is answered again.
+#[tokio::test(flavor = "multi_thread")]
+async fn serve_starts_the_embedded_cluster_again_when_it_dies() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = dir.path().join("state");
+    let exe = Path::new(env!("CARGO_BIN_EXE_certo"));
+    let added = ok(certo_in(&data, &["host", "add", "h9"], None, exe));
+    let token = added
+        .split_whitespace()
+        .find(|w| w.len() == 64 && w.bytes().all(|b| b.is_ascii_hexdigit()))
+        .unwrap_or_else(|| panic!("no token in {added:?}"))
+        .to_owned();
+    let log = dir.path().join("serve.log");
+    let mut cmd = Command::new(exe);
+    cmd.arg("--data-dir")
+        .arg(&data)
+        .args(["-v", "serve", "--listen", "127.0.0.1:0"])
+        .env_remove("DATABASE_URL")
+        .env_remove("CERTO_DATA_DIR")
+        .stderr(std::fs::File::create(&log).expect("log"));
+    let serve =
+        certo_testkit::process::Listening::spawn(&mut cmd, std::time::Duration::from_secs(60));
+    let http = reqwest::Client::new();
+    let url = format!("{}/api/v1/hosts/h9", serve.url);
+    let get = || async {
+        http.get(&url)
+            .header("authorization", format!("Bearer {token}"))
+            .send()
+            .await
+            .map(|r| r.status().as_u16())
+            .unwrap_or(0)
+    };
+    assert_eq!(get().await, 200);
+    let pid = status(&data, None, exe)["cluster"]["pid"]
+        .as_u64()
+        .expect("pid");
+    ok(Command::new("kill")
+        .args(["-9", &pid.to_string()])
+        .output()
+        .expect("kill"));
+    let killed = std::time::Instant::now();
+    let mut back = None;
+    while killed.elapsed() < std::time::Duration::from_secs(30) {
+        tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+        if get().await == 200 && status(&data, None, exe)["cluster"]["pid"].as_u64() != Some(pid) {
+            back = Some(killed.elapsed());
+            break;
+        }
+    }
+    let said = std::fs::read_to_string(&log).unwrap_or_default();
+    drop(serve);
+    let _ = certo_in(&data, &["db", "stop"], None, exe);
+    let back = back.unwrap_or_else(|| panic!("serve never recovered; its log:\n{said}"));
+    assert!(said.contains("started it again"), "{said}");
+    eprintln!(
+        "serve answered again {:.1} s after the postmaster was killed",
+        back.as_secs_f64()
+    );
+}

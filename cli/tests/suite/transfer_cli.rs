@@ -2,9 +2,8 @@
 //! for the fault tests two network namespaces joined by a veth pair, shaped with tc
 //! (netem loss, tbf rate). Needs root (CI runs as root).
 
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Command, Output, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
@@ -238,43 +237,15 @@ impl Drop for NetnsPair {
 }
 
 /// A running `certo agent`; killed on drop.
-struct AgentProc {
-    child: Child,
-    url: String,
-}
+/// A running `certo agent`; killed on drop.
+type AgentProc = certo_testkit::process::Listening;
 
-impl AgentProc {
-    fn start(mut cmd: Command, repo: &Path, listen: &str) -> Self {
-        let mut child = cmd
-            .args(["agent", "--listen", listen, "--repo"])
-            .arg(repo)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("agent starts");
-        let stdout = child.stdout.take().expect("stdout piped");
-        let mut line = String::new();
-        BufReader::new(stdout)
-            .read_line(&mut line)
-            .expect("agent prints its address");
-        let url = line
-            .trim()
-            .strip_prefix("listening on ")
-            .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
-            .to_string();
-        Self { child, url }
-    }
-
-    fn kill(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Drop for AgentProc {
-    fn drop(&mut self) {
-        self.kill();
-    }
+/// Starts `certo agent` from `cmd` (a command that runs the binary, maybe in a namespace).
+fn start_agent(mut cmd: Command, repo: &Path, listen: &str) -> AgentProc {
+    cmd.args(["agent", "--listen", listen, "--repo"])
+        .arg(repo)
+        .stderr(Stdio::inherit());
+    certo_testkit::process::Listening::spawn(&mut cmd, Duration::from_secs(60))
 }
 
 fn local(args: &[&str]) -> Command {
@@ -309,7 +280,7 @@ fn write(dir: &Path, name: &str, bytes: &[u8]) -> PathBuf {
 fn plan_then_push_then_plan_again_on_loopback() {
     let work = tempfile::tempdir().expect("tempdir");
     let repo = work.path().join("repo");
-    let agent = AgentProc::start(local(&[]), &repo, "127.0.0.1:0");
+    let agent = start_agent(local(&[]), &repo, "127.0.0.1:0");
     let img = write(work.path(), "base.img", &image(1, 3 << 20, true));
 
     let plan = json(&run(local(&[
@@ -379,7 +350,7 @@ fn agent_killed_mid_transfer_then_restarted_gets_only_what_it_lacks() {
     let data = image(2, 24 << 20, false);
     let img = write(work.path(), "big.img", &data);
     let listen = format!("{}:7310", net.host_ip);
-    let mut agent = AgentProc::start(net.exec(&net.host), &repo, &listen);
+    let mut agent = start_agent(net.exec(&net.host), &repo, &listen);
     let mut push = net
         .exec(&net.sender)
         .args([
@@ -413,7 +384,7 @@ fn agent_killed_mid_transfer_then_restarted_gets_only_what_it_lacks() {
         "killed before the end"
     );
 
-    let agent = AgentProc::start(net.exec(&net.host), &repo, &listen);
+    let agent = start_agent(net.exec(&net.host), &repo, &listen);
     let plan = json(&run(net
         .exec(&net.sender)
         .args(["transfer", "plan", "--json", "--to", &agent.url])
@@ -444,7 +415,7 @@ fn five_percent_packet_loss_completes_bit_exact() {
     let repo = work.path().join("repo");
     let data = image(3, 12 << 20, true);
     let img = write(work.path(), "lossy.img", &data);
-    let agent = AgentProc::start(net.exec(&net.host), &repo, &format!("{}:7310", net.host_ip));
+    let agent = start_agent(net.exec(&net.host), &repo, &format!("{}:7310", net.host_ip));
     let done = json(&run(net
         .exec(&net.sender)
         .args(["transfer", "push", "--json", "--to", &agent.url])
@@ -462,7 +433,7 @@ fn a_throttled_link_completes_bit_exact_at_the_link_rate() {
     let repo = work.path().join("repo");
     let data = image(4, 8 << 20, false);
     let img = write(work.path(), "slow.img", &data);
-    let agent = AgentProc::start(net.exec(&net.host), &repo, &format!("{}:7310", net.host_ip));
+    let agent = start_agent(net.exec(&net.host), &repo, &format!("{}:7310", net.host_ip));
     let done = json(&run(net
         .exec(&net.sender)
         .args(["transfer", "push", "--json", "--to", &agent.url])

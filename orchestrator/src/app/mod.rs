@@ -5,9 +5,12 @@
 //! - [`patches`]: resolve a patch (a file, or a stored id and revision); expand a patch
 //!   into its targets.
 //! - [`images`]: build one image and record the result or the failure.
+//! - [`vms`]: find the image a VM boots; run one VM (push, boot, wait, tear down) and
+//!   record it.
 
 pub mod images;
 pub mod patches;
+pub mod vms;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;

@@ -86,6 +86,48 @@ pub async fn ensure_embedded(data_dir: &Path) -> Result<String, StoreError> {
     Ok(cluster.url(cluster::DATABASE))
 }
 
+/// Keeps a long-running process's store usable: every `every` it asks the server for a
+/// row; when that fails and the store is the embedded cluster, the cluster is started
+/// again (a `kill -9` of the postmaster, an out-of-memory kill), and the pool reconnects
+/// on its next use. Says so in the log either way. Runs until dropped.
+pub async fn supervise(store: Store, location: Location, every: Duration) {
+    let mut down_since: Option<std::time::Instant> = None;
+    loop {
+        tokio::time::sleep(every).await;
+        let alive = tokio::time::timeout(
+            Duration::from_secs(2),
+            sqlx::query_scalar::<_, i32>("SELECT 1").fetch_one(&store.pool),
+        )
+        .await
+        .is_ok_and(|r| r.is_ok());
+        if alive {
+            if let Some(t) = down_since.take() {
+                tracing::info!(
+                    down_for_ms = t.elapsed().as_millis() as u64,
+                    "the store answers again"
+                );
+            }
+            continue;
+        }
+        down_since.get_or_insert_with(std::time::Instant::now);
+        match &location {
+            Location::Embedded(dir) => match ensure_embedded(dir).await {
+                Ok(_) => tracing::warn!(
+                    data_dir = %dir.display(),
+                    "the embedded PostgreSQL cluster was down: started it again"
+                ),
+                Err(e) => {
+                    tracing::error!(error = %e, "the embedded PostgreSQL cluster is down and does not start")
+                }
+            },
+            Location::Url(url) => tracing::warn!(
+                server = %redact(url),
+                "the store does not answer; the pool reconnects when it is back"
+            ),
+        }
+    }
+}
+
 /// Creates a database on the server of `admin_url` unless it exists.
 pub async fn create_database_if_missing(admin_url: &str, name: &str) -> Result<(), StoreError> {
     let opts = PgConnectOptions::from_str(admin_url).map_err(StoreError::Url)?;

@@ -68,6 +68,57 @@ pub const SESSION_MAGIC: &[u8; 7] = b"CRTOSIX";
 pub const SESSION_VERSION: u8 = 1;
 
 const HEADER_LEN: usize = 61;
+
+/// The most blocks an image may have on a host: 2,097,152 (8 GiB of 4 KiB blocks). Every
+/// index is bounded by it before anything is allocated for it, so what a request can make
+/// a host hold is bounded too.
+pub const MAX_IMAGE_BLOCKS: u64 = 1 << 21;
+
+/// The encodings of an index, as they arrive at a host.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Encoding {
+    /// `CRTOIDX`: full 32-byte hashes.
+    Full,
+    /// `CRTOCIX`: 8-byte prefixes.
+    Compact,
+    /// `CRTOSIX`: references to the prefixes of a push session (LEB128).
+    Session,
+}
+
+impl Encoding {
+    /// The most bytes one block takes in this encoding (chunking `kind` 0 fixed, 1 CDC).
+    fn max_block_bytes(self, kind: u8) -> usize {
+        let length = if kind == 1 { 4 } else { 0 };
+        length
+            + match self {
+                Encoding::Full => 32,
+                Encoding::Compact => PREFIX_LEN,
+                // A LEB128 u64 takes at most 10 bytes.
+                Encoding::Session => 10,
+            }
+    }
+
+    /// The most bytes an index of this encoding can have, from its first [`HEADER_LEN`]
+    /// bytes (which hold the chunking and the block count): refused above
+    /// [`MAX_IMAGE_BLOCKS`] blocks.
+    pub fn max_len(self, header: &[u8]) -> Result<usize, IndexError> {
+        if header.len() < HEADER_LEN {
+            return Err(IndexError::Truncated {
+                field: "header",
+                offset: 0,
+                needed: HEADER_LEN as u64,
+                available: header.len(),
+            });
+        }
+        let mut count = [0u8; 8];
+        count.copy_from_slice(&header[53..61]);
+        let count = u64::from_be_bytes(count);
+        if count > MAX_IMAGE_BLOCKS {
+            return Err(IndexError::TooManyBlocks { count });
+        }
+        Ok(HEADER_LEN + count as usize * self.max_block_bytes(header[8]))
+    }
+}
 const DIGEST_DOMAIN: &[u8; 8] = b"CRTOIMG2";
 /// Bytes read from the image at a time when indexing.
 const READ_BUFFER: usize = 1 << 20;
@@ -229,6 +280,14 @@ pub enum IndexError {
         found: String,
         /// The digest computed from the blocks, hex.
         computed: String,
+    },
+    /// More blocks than a host takes (an index is decoded into memory whole).
+    #[error(
+        "the index lists {count} blocks; a host takes images of at most {MAX_IMAGE_BLOCKS} blocks"
+    )]
+    TooManyBlocks {
+        /// The block count in the header.
+        count: u64,
     },
     /// A session index that cannot be expanded.
     #[error("session index at offset {offset}: {problem}")]
@@ -565,6 +624,20 @@ impl BlockIndex {
         let image_len = u64::from_be_bytes(cur.array("image length")?);
         let _digest = cur.array::<32>("image digest")?;
         let count = u64::from_be_bytes(cur.array("block count")?);
+        if count > MAX_IMAGE_BLOCKS {
+            return Err(IndexError::TooManyBlocks { count });
+        }
+        // Every block takes at least one byte here: more blocks than bytes is a lie, and
+        // what is expanded stays within a fixed multiple of what was sent.
+        if count > (bytes.len() - cur.offset) as u64 {
+            return Err(bad(
+                cur.offset,
+                format!(
+                    "{count} blocks announced in {} bytes",
+                    bytes.len() - cur.offset
+                ),
+            ));
+        }
         let fixed = match kind {
             0 => {
                 if !valid_block_size(size) {
@@ -687,6 +760,9 @@ impl BlockIndex {
         let image_len = u64::from_be_bytes(cur.array("image length")?);
         let image_digest = cur.array::<32>("image digest")?;
         let count = u64::from_be_bytes(cur.array("block count")?);
+        if count > MAX_IMAGE_BLOCKS {
+            return Err(IndexError::TooManyBlocks { count });
+        }
         let mut zeros = ZeroHashes::default();
         let mut unresolved = 0usize;
         let mut hash_of = |raw: &[u8], len: u32, zeros: &mut ZeroHashes| -> [u8; 32] {
@@ -1173,10 +1249,19 @@ mod tests {
             "block count 3 at offset 53 does not match image length 1024 with block size 512: \
              expected 2 blocks"
         );
-        // A huge image length with a matching count must fail as truncated, not allocate.
+        // A huge image length with a matching count must fail before anything is
+        // allocated: more blocks than a host takes.
         let mut bytes = sample_encoding();
         bytes[13..21].copy_from_slice(&u64::MAX.to_be_bytes());
         bytes[53..61].copy_from_slice(&u64::MAX.div_ceil(512).to_be_bytes());
+        assert!(matches!(
+            decode_err(&bytes),
+            IndexError::TooManyBlocks { .. }
+        ));
+        // Within that bound, a count the bytes cannot hold fails as truncated.
+        let mut bytes = sample_encoding();
+        bytes[13..21].copy_from_slice(&(512 * MAX_IMAGE_BLOCKS).to_be_bytes());
+        bytes[53..61].copy_from_slice(&MAX_IMAGE_BLOCKS.to_be_bytes());
         assert!(matches!(
             decode_err(&bytes),
             IndexError::Truncated { offset: 61, .. }

@@ -152,6 +152,54 @@ struct AppState {
     repo: Arc<Repository>,
     token: Token,
     sessions: Arc<Sessions>,
+    /// The memory that batches and commits being decoded may take, in KiB.
+    budget: Arc<tokio::sync::Semaphore>,
+}
+
+/// What batches and index commits being decoded may hold at once (512 MiB): a request
+/// reserves its body and the most its decoding can take before its body is read, and waits
+/// for room; one that could never fit is refused.
+pub const MEMORY_BUDGET: usize = 512 << 20;
+/// The most memory one index commit takes beyond its body: the decoded index of an image
+/// of MAX_IMAGE_BLOCKS blocks (about 40 bytes a block) and its expanded forms.
+const COMMIT_MEMORY: usize = 160 << 20;
+
+/// Reserves room in the budget for a request of `parts` whose body may have up to `max_body`
+/// bytes and whose decoding takes up to `extra` more, then reads its body.
+async fn reserve_and_read(
+    state: &AppState,
+    request: Request,
+    max_body: usize,
+    extra: usize,
+) -> Result<(tokio::sync::OwnedSemaphorePermit, Bytes), ApiError> {
+    let declared = request
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<usize>().ok());
+    if declared.is_some_and(|n| n > max_body) {
+        return Err(ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!("the body may have at most {max_body} bytes"),
+        ));
+    }
+    let need_kib = (declared.unwrap_or(max_body) + extra).div_ceil(1024);
+    let need = u32::try_from(need_kib.min(MEMORY_BUDGET / 1024)).unwrap_or(u32::MAX);
+    let permit = state
+        .budget
+        .clone()
+        .acquire_many_owned(need)
+        .await
+        .map_err(|_| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "the agent is stopping"))?;
+    let body = axum::body::to_bytes(request.into_body(), max_body)
+        .await
+        .map_err(|e| {
+            ApiError::new(
+                StatusCode::BAD_REQUEST,
+                format!("reading the body (at most {max_body} bytes): {e}"),
+            )
+        })?;
+    Ok((permit, body))
 }
 
 /// The agent's HTTP routes over `repo`, every route but `/v1/health` behind `token`.
@@ -160,6 +208,7 @@ pub fn router(repo: Arc<Repository>, token: Token) -> Router {
         repo,
         token,
         sessions: Arc::default(),
+        budget: Arc::new(tokio::sync::Semaphore::new(MEMORY_BUDGET / 1024)),
     };
     let authed = Router::new()
         .route(
@@ -212,7 +261,7 @@ impl From<WireError> for ApiError {
         // clients retry. A bad name is the caller's mistake: 400.
         let status = match e {
             WireError::BadName { .. } => StatusCode::BAD_REQUEST,
-            WireError::BatchTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            WireError::BatchTooLarge | WireError::IndexTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             _ => StatusCode::UNPROCESSABLE_ENTITY,
         };
         Self::new(status, e.to_string())
@@ -223,6 +272,9 @@ impl From<RepoError> for ApiError {
     fn from(e: RepoError) -> Self {
         match &e {
             RepoError::Name(_) => Self::new(StatusCode::BAD_REQUEST, e.to_string()),
+            RepoError::Index(crate::block_index::IndexError::TooManyBlocks { .. }) => {
+                Self::new(StatusCode::PAYLOAD_TOO_LARGE, e.to_string())
+            }
             RepoError::Index(_)
             | RepoError::HashMismatch { .. }
             | RepoError::BlockTooLong { .. } => {
@@ -333,11 +385,14 @@ async fn missing(
 
 async fn store_blocks(
     State(state): State<AppState>,
-    body: Bytes,
+    request: Request,
 ) -> Result<axum::Json<serde_json::Value>, ApiError> {
+    let (permit, body) =
+        reserve_and_read(&state, request, MAX_BATCH_BODY, wire::MAX_BATCH_RAW).await?;
     let repo = state.repo.clone();
     let body_len = body.len();
     blocking(move || {
+        let _permit = permit;
         let started = Instant::now();
         let batch = Batch::decode(&body).inspect_err(|e| {
             tracing::warn!(body_bytes = body_len, error = %e, "refused a block batch");
@@ -378,7 +433,7 @@ async fn commit_image(
     State(state): State<AppState>,
     Path(name): Path<String>,
     Query(query): Query<CommitQuery>,
-    body: Bytes,
+    request: Request,
 ) -> Result<axum::Json<serde_json::Value>, ApiError> {
     wire::validate_name(&name)?;
     let repo = state.repo.clone();
@@ -404,16 +459,18 @@ async fn commit_image(
         })?),
         _ => None,
     };
+    let (permit, body) = reserve_and_read(&state, request, MAX_INDEX_BODY, COMMIT_MEMORY).await?;
     let sessions = state.sessions.clone();
     blocking(move || {
+        let _permit = permit;
         let manifest = match query.form {
             CommitForm::Full => repo.commit(&name, &body)?,
             CommitForm::Compact => {
-                let raw = wire::decompress_limited(&body, MAX_INDEX_BODY)?;
+                let raw = wire::decompress_index(&body, crate::block_index::Encoding::Compact)?;
                 repo.commit_compact(&name, &raw)?
             }
             CommitForm::Session => {
-                let raw = wire::decompress_limited(&body, MAX_INDEX_BODY)?;
+                let raw = wire::decompress_index(&body, crate::block_index::Encoding::Session)?;
                 // Not damage on the way (the zstd frame's checksum held): the session and
                 // the index disagree, and only a repair round (the full index) can help.
                 let compact =

@@ -31,9 +31,9 @@ pub const MAX_BATCH_RAW: usize = 64 << 20;
 pub const MAX_BATCH_BODY: usize = MAX_BATCH_RAW + (1 << 20);
 /// Most hashes in one missing query (256 MiB of image at 4 KiB per block is 65536).
 pub const MAX_QUERY_HASHES: usize = 1 << 20;
-/// Largest encoded index a receiver accepts (a 1 TiB image at 4 KiB blocks is 8 GiB of
-/// hashes: far above; 512 MiB covers 64 GiB at 4 KiB).
-pub const MAX_INDEX_BODY: usize = 512 << 20;
+/// Largest index body a receiver accepts: the full index of an image of
+/// [`crate::block_index::MAX_IMAGE_BLOCKS`] content-defined blocks (36 bytes each), 72 MiB.
+pub const MAX_INDEX_BODY: usize = 61 + (crate::block_index::MAX_IMAGE_BLOCKS as usize) * 36;
 
 /// Why something from the wire was refused.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -69,6 +69,12 @@ pub enum WireError {
         /// Block length.
         len: usize,
     },
+    /// An index body (compact or session form) that cannot be decoded or is too large.
+    #[error("image index refused: {0}")]
+    BadIndex(String),
+    /// An index larger than a host takes, or than its own header allows.
+    #[error("image index refused: {0}")]
+    IndexTooLarge(String),
     /// A batch whose decompressed size exceeds [`MAX_BATCH_RAW`].
     #[error("block batch refused: it decompresses to more than {MAX_BATCH_RAW} bytes")]
     BatchTooLarge,
@@ -137,42 +143,98 @@ pub fn decode_query<const N: usize>(body: &[u8]) -> Result<Vec<[u8; N]>, WireErr
 /// Decompresses a zstd body of at most `limit` bytes: exactly one frame, with its content
 /// checksum (which the decoder then verifies), and nothing after it.
 pub fn decompress_limited(body: &[u8], limit: usize) -> Result<Vec<u8>, WireError> {
-    const MAGIC: [u8; 4] = [0x28, 0xB5, 0x2F, 0xFD];
-    if body.len() < 5 || body[..4] != MAGIC {
-        return Err(WireError::BadBatch("not a zstd frame".into()));
-    }
-    // Frame_Header_Descriptor, bit 2: Content_Checksum_flag.
-    if body[4] & 0x04 == 0 {
-        return Err(WireError::BadBatch(
-            "the zstd frame carries no content checksum".into(),
-        ));
-    }
-    match zstd::zstd_safe::find_frame_compressed_size(body) {
-        Ok(n) if n == body.len() => {}
-        Ok(n) => {
-            return Err(WireError::BadBatch(format!(
-                "{} bytes follow the zstd frame",
-                body.len() - n
-            )));
-        }
-        Err(_) => {
+    check_frame(body).map_err(WireError::BadBatch)?;
+    // The frame says how large it is (Certo's sender always pledges it): a frame over the
+    // limit is refused before anything is decompressed, and the buffer is allocated once,
+    // at its size (a growing buffer can take twice what it holds).
+    let declared = match zstd::zstd_safe::get_frame_content_size(body) {
+        Ok(Some(n)) if n > limit as u64 => return Err(WireError::BatchTooLarge),
+        Ok(Some(n)) => n as usize,
+        _ => {
             return Err(WireError::BadBatch(
-                "a truncated or damaged zstd frame".into(),
+                "the zstd frame does not say its content size".into(),
             ));
         }
-    }
+    };
     let mut dec = zstd::stream::Decoder::new(body)
         .map_err(|e| WireError::BadBatch(format!("not a zstd frame: {e}")))?
         .single_frame();
-    let mut raw = Vec::new();
+    let mut raw = Vec::with_capacity(declared + 1);
     (&mut dec)
-        .take(limit as u64 + 1)
+        .take(declared as u64 + 1)
         .read_to_end(&mut raw)
         .map_err(|e| WireError::BadBatch(format!("zstd decompression failed: {e}")))?;
-    if raw.len() > limit {
-        return Err(WireError::BatchTooLarge);
+    if raw.len() != declared {
+        return Err(WireError::BadBatch(format!(
+            "the zstd frame holds other than the {declared} bytes it says"
+        )));
     }
     Ok(raw)
+}
+
+/// Decompresses a zstd-compressed index (compact or session form) no larger than what its
+/// own header allows ([`crate::block_index::Encoding::max_len`]): the header is read first,
+/// then at most that many bytes, so a small frame cannot make the host hold more than the
+/// index of an image of [`crate::block_index::MAX_IMAGE_BLOCKS`] blocks. The frame rules of
+/// [`decompress_limited`] hold too.
+pub fn decompress_index(
+    body: &[u8],
+    encoding: crate::block_index::Encoding,
+) -> Result<Vec<u8>, WireError> {
+    // The frame checks (one frame, checksum, nothing after), without decompressing.
+    check_frame(body).map_err(WireError::BadIndex)?;
+    let mut dec = zstd::stream::Decoder::new(body)
+        .map_err(|e| WireError::BadIndex(format!("not a zstd frame: {e}")))?
+        .single_frame();
+    let mut header = vec![0u8; 61];
+    let mut got = 0;
+    while got < header.len() {
+        match dec.read(&mut header[got..]) {
+            Ok(0) => break,
+            Ok(n) => got += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => {
+                return Err(WireError::BadIndex(format!(
+                    "zstd decompression failed: {e}"
+                )));
+            }
+        }
+    }
+    header.truncate(got);
+    let limit = encoding.max_len(&header).map_err(|e| match e {
+        crate::block_index::IndexError::TooManyBlocks { .. } => {
+            WireError::IndexTooLarge(e.to_string())
+        }
+        e => WireError::BadIndex(e.to_string()),
+    })?;
+    let mut raw = header;
+    (&mut dec)
+        .take((limit - raw.len()) as u64 + 1)
+        .read_to_end(&mut raw)
+        .map_err(|e| WireError::BadIndex(format!("zstd decompression failed: {e}")))?;
+    if raw.len() > limit {
+        return Err(WireError::IndexTooLarge(format!(
+            "it decompresses to more than the {limit} bytes its header allows"
+        )));
+    }
+    Ok(raw)
+}
+
+/// One zstd frame with its content checksum and nothing after it.
+fn check_frame(body: &[u8]) -> Result<(), String> {
+    const MAGIC: [u8; 4] = [0x28, 0xB5, 0x2F, 0xFD];
+    if body.len() < 5 || body[..4] != MAGIC {
+        return Err("not a zstd frame".into());
+    }
+    // Frame_Header_Descriptor, bit 2: Content_Checksum_flag.
+    if body[4] & 0x04 == 0 {
+        return Err("the zstd frame carries no content checksum".into());
+    }
+    match zstd::zstd_safe::find_frame_compressed_size(body) {
+        Ok(n) if n == body.len() => Ok(()),
+        Ok(n) => Err(format!("{} bytes follow the zstd frame", body.len() - n)),
+        Err(_) => Err("a truncated or damaged zstd frame".into()),
+    }
 }
 
 /// Compresses a body with zstd (with its content checksum).
@@ -329,6 +391,54 @@ pub fn token_matches(presented: &[u8], expected: &[u8]) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A header for an index of `count` fixed 4 KiB blocks in `encoding`'s magic.
+    fn header(magic: &[u8; 7], version: u8, count: u64) -> Vec<u8> {
+        let mut h = magic.to_vec();
+        h.push(version);
+        h.push(0);
+        h.extend_from_slice(&4096u32.to_be_bytes());
+        h.extend_from_slice(&(count * 4096).to_be_bytes());
+        h.extend_from_slice(&[0u8; 32]);
+        h.extend_from_slice(&count.to_be_bytes());
+        h
+    }
+
+    #[test]
+    fn an_index_decompresses_to_no_more_than_its_header_allows() {
+        use crate::block_index::{Encoding, MAX_IMAGE_BLOCKS};
+        // A session index of 10 blocks, followed by 100 MB of zero bytes: a 1 KB frame.
+        let mut raw = header(b"CRTOSIX", 1, 10);
+        raw.resize(raw.len() + 100_000_000, 0);
+        let body = compress(&raw, 19).expect("compress");
+        assert!(body.len() < 20_000, "{}", body.len());
+        let e = decompress_index(&body, Encoding::Session).expect_err("too large");
+        assert!(matches!(e, WireError::IndexTooLarge(_)), "{e}");
+        assert!(e.to_string().contains("161 bytes"), "{e}");
+        // A header that claims more blocks than a host takes.
+        let raw = header(b"CRTOSIX", 1, MAX_IMAGE_BLOCKS + 1);
+        let e = decompress_index(&compress(&raw, 3).expect("compress"), Encoding::Session)
+            .expect_err("too many blocks");
+        assert!(matches!(e, WireError::IndexTooLarge(_)), "{e}");
+        // A compact index within its bound passes whole.
+        let mut raw = header(b"CRTOCIX", 1, 3);
+        raw.extend_from_slice(&[7u8; 24]);
+        let got = decompress_index(&compress(&raw, 3).expect("compress"), Encoding::Compact)
+            .expect("fits");
+        assert_eq!(got, raw);
+    }
+
+    #[test]
+    fn a_session_index_cannot_announce_more_blocks_than_it_has_bytes() {
+        let mut raw = header(b"CRTOSIX", 1, 1000);
+        raw.extend_from_slice(&[0u8; 10]);
+        let e = crate::block_index::BlockIndex::session_to_compact(&raw, &[])
+            .expect_err("1000 blocks in 10 bytes");
+        assert!(
+            e.to_string().contains("1000 blocks announced in 10 bytes"),
+            "{e}"
+        );
+    }
 
     #[test]
     fn zstd_bodies_need_their_checksum_and_nothing_after_them() {

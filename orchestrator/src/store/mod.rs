@@ -171,7 +171,7 @@ impl Store {
         let opts = PgConnectOptions::from_str(url).map_err(StoreError::Url)?;
         let pool = PgPoolOptions::new()
             .max_connections(8)
-            .acquire_timeout(Duration::from_secs(30))
+            .acquire_timeout(Duration::from_secs(10))
             .connect_with(opts)
             .await
             .map_err(|source| StoreError::Connect {

@@ -11,7 +11,7 @@ use serde_json::json;
 
 use super::median;
 use super::{Global, print_json};
-use certo_orchestrator::vmrun::{self, VmRequest};
+use certo_orchestrator::vmrun::VmRequest;
 
 #[derive(Debug, clap::Args)]
 pub struct VmBenchArgs {
@@ -38,7 +38,8 @@ pub struct VmBenchArgs {
 }
 
 pub async fn run(g: &Global, a: VmBenchArgs) -> anyhow::Result<ExitCode> {
-    let store = g.store().await?;
+    let ctx = g.context()?;
+    ctx.store().await?;
     let mut levels = Vec::new();
     let mut baseline_done = None;
     for &n in &a.parallel {
@@ -48,17 +49,16 @@ pub async fn run(g: &Global, a: VmBenchArgs) -> anyhow::Result<ExitCode> {
         for _ in 0..a.runs {
             let mut tasks = Vec::new();
             for _ in 0..n {
-                let store = store.clone();
+                let ctx = ctx.clone();
                 let (agent, token, image, nt) = (
                     a.agent.clone(),
                     a.token.clone(),
                     a.image.clone(),
                     a.node_type.clone(),
                 );
-                let index_cache = g.data_dir().join("index-cache");
                 tasks.push(tokio::spawn(async move {
-                    vmrun::run(
-                        &store,
+                    certo_orchestrator::app::vms::run(
+                        &ctx,
                         &agent,
                         &token,
                         &VmRequest {
@@ -70,7 +70,7 @@ pub async fn run(g: &Global, a: VmBenchArgs) -> anyhow::Result<ExitCode> {
                             memory_mib: 384,
                             orchestrator: None,
                             fault: None,
-                            index_cache: Some(&index_cache),
+                            index_cache: None,
                         },
                         &|_| {},
                     )

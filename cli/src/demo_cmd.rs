@@ -109,14 +109,14 @@ pub async fn run(g: &Global, args: DemoArgs) -> anyhow::Result<ExitCode> {
     if args.no_vms || ready.is_empty() {
         return Ok(ExitCode::SUCCESS);
     }
-    boot_images(g, store, &ready, &args.libvirt).await
+    boot_images(g, &ctx, &ready, &args.libvirt).await
 }
 
 /// Boots every ready image on a host agent of this machine (two at a time), runs its
 /// harness with all suites, and prints the results.
 async fn boot_images(
     g: &Global,
-    store: &certo_orchestrator::store::Store,
+    ctx: &certo_orchestrator::app::Context,
     ready: &[(String, certo_imager::ImageRecord)],
     libvirt: &str,
 ) -> anyhow::Result<ExitCode> {
@@ -156,7 +156,8 @@ async fn boot_images(
         anyhow::bail!("the demo's host agent did not start: {line:?}");
     };
     // A host token of its own: the demo's host is registered under it.
-    store
+    ctx.store()
+        .await?
         .set_host_token("demo-host", &certo_orchestrator::api::token_digest(&token))
         .await?;
     let started = std::time::Instant::now();
@@ -167,8 +168,8 @@ async fn boot_images(
             let Some(path) = image.ext4().map(|a| a.path.clone()) else {
                 continue;
             };
-            let (store, url, token, label, node_type) = (
-                store.clone(),
+            let (ctx, url, token, label, node_type) = (
+                ctx.clone(),
                 url.clone(),
                 token.clone(),
                 label.clone(),
@@ -177,10 +178,9 @@ async fn boot_images(
             let patch = image
                 .patch
                 .map(|(id, rev)| (certo_orchestrator::model::PatchId(id), rev as i32));
-            let index_cache = g.data_dir().join("index-cache");
             tasks.push(tokio::spawn(async move {
-                let out = certo_orchestrator::vmrun::run(
-                    &store,
+                let out = certo_orchestrator::app::vms::run(
+                    &ctx,
                     &url,
                     &token,
                     &certo_orchestrator::vmrun::VmRequest {
@@ -192,7 +192,7 @@ async fn boot_images(
                         memory_mib: 384,
                         orchestrator: None,
                         fault: None,
-                        index_cache: Some(&index_cache),
+                        index_cache: None,
                     },
                     &|_| {},
                 )

@@ -6,9 +6,12 @@
 //!   it prints `listening on URL`, killed when dropped;
 //! - [`world`]: the fixture world's repositories, built once per test process;
 //! - [`ensure_libvirtd`]: virtlogd and libvirtd, started when they do not run;
+//! - [`agent::SimulatedHost`]: the host agent's real code in process, over a private libvirt
+//!   test-driver instance with simulated guests;
 //! - [`hypervisor`]: [`hypervisor::SimulatedGuests`] (a harness stand-in over libvirt's test
 //!   driver, which boots nothing) and [`hypervisor::Faulty`] (injected failures).
 
+pub mod agent;
 pub mod hypervisor;
 pub mod process;
 

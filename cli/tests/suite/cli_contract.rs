@@ -12,9 +12,6 @@ use std::process::{Command, Output, Stdio};
 use std::sync::{Arc, Barrier};
 use std::time::Duration;
 
-use certo_agent::AgentSettings;
-use certo_hosts::hypervisor::LibvirtHypervisor;
-use certo_testkit::hypervisor::SimulatedGuests;
 use certo_testkit::process::Listening;
 
 use serde_json::Value;
@@ -214,69 +211,11 @@ fn an_unreachable_store_is_exit_status_3_and_the_password_is_never_shown() {
 // libvirt test-driver instance whose domains run the test kit's simulated harness.
 // ---------------------------------------------------------------------------------------
 
-struct Agent {
-    url: String,
-    dir: PathBuf,
-    stop: Option<tokio::sync::oneshot::Sender<()>>,
-}
-
-impl Drop for Agent {
-    fn drop(&mut self) {
-        if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
-        }
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
+/// A host agent in this process with simulated guests (the test kit's).
+type Agent = certo_testkit::agent::SimulatedHost;
 
 async fn agent(name: &str) -> Agent {
-    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
-        .join(format!("cli-contract-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).expect("dir");
-    let node = dir.join("test-node.xml");
-    std::fs::write(&node, "<node>\n</node>\n").expect("node xml");
-    let uri = format!("test://{}", node.display());
-    let libvirt = LibvirtHypervisor::connect(&uri).expect("test driver");
-    let hv = Arc::new(SimulatedGuests::new(Arc::new(libvirt)));
-    let settings = AgentSettings {
-        listen: "127.0.0.1:0".parse().expect("addr"),
-        repo: dir.join("repo"),
-        token: certo_transfer::Token::new(TOKEN).expect("token"),
-        name: name.to_owned(),
-        libvirt: uri,
-        slots: 2,
-        memory_mib: 4096,
-        vcpus: 2,
-        vm_dir: dir.join("vms"),
-        orchestrator: None,
-        advertise: None,
-        heartbeat: Duration::from_secs(5),
-    };
-    let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    tokio::spawn(async move {
-        let result = certo_agent::run_with(
-            settings,
-            hv,
-            move |addr| {
-                let _ = ready_tx.send(addr);
-            },
-            async move {
-                let _ = stop_rx.await;
-            },
-        )
-        .await;
-        if let Err(e) = result {
-            panic!("the agent failed: {e}");
-        }
-    });
-    let addr = ready_rx.await.expect("the agent is ready");
-    Agent {
-        url: format!("http://{addr}"),
-        dir,
-        stop: Some(stop_tx),
-    }
+    Agent::start(name, TOKEN, 2, |hv| hv).await
 }
 
 /// A small deterministic image file.

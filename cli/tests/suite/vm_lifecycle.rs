@@ -8,31 +8,15 @@ use crate::common;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::Arc;
-use std::time::Duration;
 
-use certo_agent::AgentSettings;
-use certo_hosts::hypervisor::{Hypervisor, LibvirtHypervisor};
-use certo_testkit::hypervisor::{Faulty, SimulatedGuests};
+use certo_hosts::hypervisor::Hypervisor;
+use certo_testkit::hypervisor::Faulty;
 
 use serde_json::Value;
 
-/// A host agent for one test: the agent's own code (real HTTP, its repository, its VM
-/// manager) in this process, over a private libvirt test-driver instance whose started
-/// domains run the test kit's simulated harness. Stopped and cleaned up when dropped.
-struct Agent {
-    url: String,
-    dir: PathBuf,
-    stop: Option<tokio::sync::oneshot::Sender<()>>,
-}
-
-impl Drop for Agent {
-    fn drop(&mut self) {
-        if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
-        }
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
+/// A host agent for one test: the agent's own code in this process over a private
+/// test-driver instance with simulated guests (the test kit's).
+type Agent = certo_testkit::agent::SimulatedHost;
 
 const TOKEN: &str = "lifecycle-host-token-0123456789";
 
@@ -46,54 +30,7 @@ async fn agent_over(
     slots: usize,
     wrap: impl FnOnce(Arc<dyn Hypervisor>) -> Arc<dyn Hypervisor>,
 ) -> Agent {
-    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
-        .join(format!("vm-life-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).expect("dir");
-    // A test-driver instance of its own (test:///default is shared by the whole process).
-    let node = dir.join("test-node.xml");
-    std::fs::write(&node, "<node>\n</node>\n").expect("node xml");
-    let uri = format!("test://{}", node.display());
-    let libvirt = LibvirtHypervisor::connect(&uri).expect("test driver");
-    let hv = wrap(Arc::new(SimulatedGuests::new(Arc::new(libvirt))));
-    let settings = AgentSettings {
-        listen: "127.0.0.1:0".parse().expect("addr"),
-        repo: dir.join("repo"),
-        token: certo_transfer::Token::new(TOKEN).expect("token"),
-        name: name.to_owned(),
-        libvirt: uri,
-        slots,
-        memory_mib: 4096,
-        vcpus: 2,
-        vm_dir: dir.join("vms"),
-        orchestrator: None,
-        advertise: None,
-        heartbeat: Duration::from_secs(5),
-    };
-    let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    tokio::spawn(async move {
-        let result = certo_agent::run_with(
-            settings,
-            hv,
-            move |addr| {
-                let _ = ready_tx.send(addr);
-            },
-            async move {
-                let _ = stop_rx.await;
-            },
-        )
-        .await;
-        if let Err(e) = result {
-            panic!("the agent failed: {e}");
-        }
-    });
-    let addr = ready_rx.await.expect("the agent is ready");
-    Agent {
-        url: format!("http://{addr}"),
-        dir,
-        stop: Some(stop_tx),
-    }
+    Agent::start(name, TOKEN, slots, wrap).await
 }
 
 fn image(dir: &Path) -> PathBuf {

@@ -64,3 +64,51 @@ pub async fn snapshot(db: &ScratchDb) -> Vec<(String, i64, String)> {
     }
     out
 }
+
+/// A small deterministic image file of 4 MiB (its first MiB patterned by `seed`).
+pub fn small_image(path: &std::path::Path, seed: usize) -> PathBuf {
+    let mut data = vec![0u8; 4 << 20];
+    for (i, b) in data.iter_mut().enumerate().take(1 << 20) {
+        *b = ((i + seed) * 7 % 251) as u8;
+    }
+    std::fs::write(path, data).expect("image");
+    path.to_path_buf()
+}
+
+/// `certo vm run --json` of a small glite-WN image on the in-process agent `agent` (host
+/// token `token`), with `extra` arguments: its exit status and JSON.
+pub fn vm_run(
+    db: &str,
+    agent: &certo_testkit::agent::SimulatedHost,
+    token: &str,
+    extra: &[&str],
+) -> (i32, serde_json::Value) {
+    let img = small_image(&agent.dir.join("small.img"), 0);
+    let out = Command::new(env!("CARGO_BIN_EXE_certo"))
+        .arg("--data-dir")
+        .arg(&agent.dir)
+        .args([
+            "vm",
+            "run",
+            "--json",
+            "--node-type",
+            "glite-WN",
+            "--agent",
+            &agent.url,
+            "--image",
+        ])
+        .arg(&img)
+        .args(extra)
+        .env("DATABASE_URL", db)
+        .env("CERTO_TOKEN", token)
+        .output()
+        .expect("vm run");
+    let v = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "not JSON ({e}): {}\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
+    });
+    (out.status.code().unwrap_or(-1), v)
+}

@@ -218,41 +218,8 @@ async fn agent(name: &str) -> Agent {
     Agent::start(name, TOKEN, 2, |hv| hv).await
 }
 
-/// A small deterministic image file.
-fn image(path: &Path, seed: usize) -> PathBuf {
-    let mut data = vec![0u8; 4 << 20];
-    for (i, b) in data.iter_mut().enumerate().take(1 << 20) {
-        *b = ((i + seed) * 7 % 251) as u8;
-    }
-    std::fs::write(path, data).expect("image");
-    path.to_path_buf()
-}
-
-/// `certo vm run --json` of a glite-WN image on `agent`, with `extra` arguments.
 fn vm_run(db: &str, agent: &Agent, extra: &[&str]) -> (i32, Value) {
-    let img = image(&agent.dir.join("small.img"), 0);
-    let out = Command::new(CERTO)
-        .arg("--data-dir")
-        .arg(&agent.dir)
-        .args([
-            "vm",
-            "run",
-            "--json",
-            "--node-type",
-            "glite-WN",
-            "--agent",
-            &agent.url,
-            "--image",
-        ])
-        .arg(&img)
-        .args(extra)
-        .env("DATABASE_URL", db)
-        .env("CERTO_TOKEN", TOKEN)
-        .output()
-        .expect("vm run");
-    let v = serde_json::from_slice(&out.stdout)
-        .unwrap_or_else(|e| panic!("not JSON ({e}): {}", explain(&out)));
-    (out.status.code().unwrap_or(-1), v)
+    common::vm_run(db, agent, TOKEN, extra)
 }
 
 // ---------------------------------------------------------------------------------------
@@ -574,7 +541,7 @@ fn golden_json_of_transfer_push() {
         .arg(&repo)
         .env("CERTO_TOKEN", TOKEN);
     let agent = Listening::spawn(&mut agent_cmd, Duration::from_secs(30));
-    let img = image(&work.path().join("contract.img"), 3);
+    let img = common::small_image(&work.path().join("contract.img"), 3);
     let out = Command::new(CERTO)
         .arg("--data-dir")
         .arg(&data)

@@ -5,8 +5,6 @@
 
 use crate::common;
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::sync::Arc;
 
 use certo_hosts::hypervisor::Hypervisor;
@@ -33,45 +31,8 @@ async fn agent_over(
     Agent::start(name, TOKEN, slots, wrap).await
 }
 
-fn image(dir: &Path) -> PathBuf {
-    let path = dir.join("small.img");
-    let mut data = vec![0u8; 4 << 20];
-    for (i, b) in data.iter_mut().enumerate().take(1 << 20) {
-        *b = (i * 7 % 251) as u8;
-    }
-    std::fs::write(&path, data).expect("image");
-    path
-}
-
 fn vm_run(db: &str, agent: &Agent, extra: &[&str]) -> (i32, Value) {
-    let img = image(&agent.dir);
-    let out = Command::new(env!("CARGO_BIN_EXE_certo"))
-        .args(["--data-dir"])
-        .arg(&agent.dir)
-        .args([
-            "vm",
-            "run",
-            "--json",
-            "--node-type",
-            "glite-WN",
-            "--agent",
-            &agent.url,
-            "--image",
-        ])
-        .arg(&img)
-        .args(extra)
-        .env("DATABASE_URL", db)
-        .env("CERTO_TOKEN", TOKEN)
-        .output()
-        .expect("vm run");
-    let v = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
-        panic!(
-            "not JSON ({e}): {}\n{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        )
-    });
-    (out.status.code().unwrap_or(-1), v)
+    common::vm_run(db, agent, TOKEN, extra)
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -273,7 +234,7 @@ async fn a_boot_that_fails_on_the_host_is_the_infrastructures_fault() {
 #[tokio::test(flavor = "multi_thread")]
 async fn slots_and_names_are_reserved_in_one_step() {
     let a = agent_over("life-slots", 1, |hv| hv).await;
-    let img = image(&a.dir);
+    let img = common::small_image(&a.dir.join("small.img"), 0);
     certo_transfer::Client::new(
         &a.url,
         certo_transfer::Token::new(TOKEN).expect("token"),

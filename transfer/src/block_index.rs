@@ -38,7 +38,7 @@
 //! same length. A fixed-size index costs 32 bytes per block: 0.78 % of the image at 4 KiB.
 
 use std::collections::{HashMap, HashSet};
-use std::io::{self, Read};
+use std::io::{self, Read, Write};
 
 use sha2::{Digest, Sha256};
 
@@ -67,7 +67,8 @@ pub const SESSION_MAGIC: &[u8; 7] = b"CRTOSIX";
 /// Version of the session form.
 pub const SESSION_VERSION: u8 = 1;
 
-const HEADER_LEN: usize = 61;
+/// Length of the header every form of the index starts with.
+pub(crate) const HEADER_LEN: usize = 61;
 
 /// The most blocks an image may have on a host: 2,097,152 (8 GiB of 4 KiB blocks). Every
 /// index is bounded by it before anything is allocated for it, so what a request can make
@@ -297,6 +298,15 @@ pub enum IndexError {
         /// What is wrong.
         problem: String,
     },
+    /// Reading the encoding from a stream failed (a zstd decoder found its frame damaged).
+    #[error("reading the block index failed at offset {offset}: {source}")]
+    Input {
+        /// Offset of the field being read.
+        offset: usize,
+        /// The underlying I/O error.
+        #[source]
+        source: io::Error,
+    },
     /// Bytes follow the last block.
     #[error("{extra} trailing bytes after the last block, starting at offset {offset}")]
     TrailingBytes {
@@ -352,6 +362,35 @@ impl ZeroHashes {
             hash,
             len,
             zero: hash == zero_ref,
+        }
+    }
+
+    /// The all-zero block of `len` bytes.
+    fn zero_entry(&mut self, len: u32) -> BlockEntry {
+        BlockEntry {
+            hash: self.hash(len),
+            len,
+            zero: true,
+        }
+    }
+
+    /// The block of `len` bytes whose hash, or hash prefix, an encoding holds. A prefix that
+    /// is the zero hash's is a zero block; any other stays a prefix (followed by zero bytes)
+    /// until it is resolved.
+    fn read_entry(&mut self, hash: &[u8], len: u32) -> BlockEntry {
+        if let Ok(hash) = <[u8; 32]>::try_from(hash) {
+            return self.entry(hash, len);
+        }
+        let zero = self.hash(len);
+        if hash == &zero[..hash.len()] {
+            return self.zero_entry(len);
+        }
+        let mut prefix = [0u8; 32];
+        prefix[..hash.len()].copy_from_slice(hash);
+        BlockEntry {
+            hash: prefix,
+            len,
+            zero: false,
         }
     }
 }
@@ -506,15 +545,23 @@ impl BlockIndex {
     /// Encodes the index in the format described in the [module documentation](self).
     pub fn to_bytes(&self) -> Vec<u8> {
         let mut out = Vec::with_capacity(self.encoded_len());
-        out.extend_from_slice(&self.to_bytes_header());
-        let (kind, _) = self.chunking.code();
-        for block in &self.blocks {
-            if kind == 1 {
-                out.extend_from_slice(&block.len.to_be_bytes());
-            }
-            out.extend_from_slice(&block.hash);
-        }
+        // Writing into a Vec cannot fail.
+        let _ = self.write_to(&mut out);
         out
+    }
+
+    /// Writes the encoding of [`to_bytes`](Self::to_bytes) to `out` without building it in
+    /// memory first (`out` had better be buffered).
+    pub fn write_to(&self, mut out: impl Write) -> io::Result<()> {
+        out.write_all(&self.to_bytes_header())?;
+        let cdc = matches!(self.chunking, Chunking::ContentDefined { .. });
+        for block in &self.blocks {
+            if cdc {
+                out.write_all(&block.len.to_be_bytes())?;
+            }
+            out.write_all(&block.hash)?;
+        }
+        Ok(())
     }
 
     /// Decodes an index written by [`to_bytes`](Self::to_bytes), refusing truncated input, a
@@ -522,13 +569,12 @@ impl BlockIndex {
     /// inconsistent with the image length, a digest that does not match the blocks, and
     /// trailing bytes.
     pub fn from_bytes(bytes: &[u8]) -> Result<Self, IndexError> {
-        match Self::decode(bytes, Form::Full, |_| None)? {
-            Resolved::Index(index) => Ok(index),
-            // Full hashes never need resolving.
-            Resolved::Unresolved(_) => Err(IndexError::BadMagic {
-                found: String::new(),
-            }),
-        }
+        let mut input = Input {
+            reader: bytes,
+            offset: 0,
+            len: bytes.len(),
+        };
+        read_hashed(&mut input, Width::Full)?.verified()
     }
 
     /// Encodes the index in the compact form: the same header with magic `CRTOCIX` and
@@ -596,273 +642,391 @@ impl BlockIndex {
         out
     }
 
-    /// Expands a session index into the compact form, the `n`-th new block taking the
-    /// `n`-th of `asked` (the prefixes the host was asked about, in order). The result is
-    /// checked like any compact index when it is decoded (lengths, count, digest).
-    pub fn session_to_compact(
-        bytes: &[u8],
-        asked: &[[u8; PREFIX_LEN]],
-    ) -> Result<Vec<u8>, IndexError> {
-        let bad = |offset: usize, problem: String| IndexError::BadSessionIndex { offset, problem };
-        let mut cur = Cursor { bytes, offset: 0 };
-        let magic = cur.take("magic", 7)?;
-        if magic != SESSION_MAGIC {
-            return Err(bad(
-                0,
-                format!(
-                    "expected magic \"CRTOSIX\", found \"{}\"",
-                    magic.escape_ascii()
-                ),
-            ));
-        }
-        let version = cur.array::<1>("version")?[0];
-        if version != SESSION_VERSION {
-            return Err(bad(7, format!("unsupported version {version}")));
-        }
-        let kind = cur.array::<1>("chunking")?[0];
-        let size = u32::from_be_bytes(cur.array("size")?);
-        let image_len = u64::from_be_bytes(cur.array("image length")?);
-        let _digest = cur.array::<32>("image digest")?;
-        let count = u64::from_be_bytes(cur.array("block count")?);
-        if count > MAX_IMAGE_BLOCKS {
-            return Err(IndexError::TooManyBlocks { count });
-        }
-        // Every block takes at least one byte here: more blocks than bytes is a lie, and
-        // what is expanded stays within a fixed multiple of what was sent.
-        if count > (bytes.len() - cur.offset) as u64 {
-            return Err(bad(
-                cur.offset,
-                format!(
-                    "{count} blocks announced in {} bytes",
-                    bytes.len() - cur.offset
-                ),
-            ));
-        }
-        let fixed = match kind {
-            0 => {
-                if !valid_block_size(size) {
-                    return Err(IndexError::EncodedBlockSize {
-                        size,
-                        chunking: "fixed",
-                    });
-                }
-                check_block_count(count, image_len, size)?;
-                true
-            }
-            1 => false,
-            kind => return Err(IndexError::UnknownChunking { kind }),
-        };
-        let mut out = Vec::with_capacity(HEADER_LEN + asked.len() * PREFIX_LEN);
-        out.extend_from_slice(COMPACT_MAGIC);
-        out.push(COMPACT_VERSION);
-        out.extend_from_slice(&bytes[8..HEADER_LEN]);
-        let mut zeros = ZeroHashes::default();
-        let mut next = 0usize;
-        for i in 0..count {
-            let len = if fixed {
-                if i + 1 == count && image_len % u64::from(size) != 0 {
-                    (image_len % u64::from(size)) as u32
-                } else {
-                    size
-                }
-            } else {
-                let len = u32::from_be_bytes(cur.array("block length")?);
-                out.extend_from_slice(&len.to_be_bytes());
-                len
-            };
-            let at = cur.offset;
-            let reference = read_leb128(&mut cur)?;
-            let prefix: [u8; PREFIX_LEN] = match reference {
-                0 => zeros.hash(len)[..PREFIX_LEN].try_into().unwrap_or_default(),
-                1 => {
-                    let p = asked.get(next).ok_or_else(|| {
-                        bad(
-                            at,
-                            format!(
-                                "block {i} is new block {next}, but the host was asked about {} blocks",
-                                asked.len()
-                            ),
-                        )
-                    })?;
-                    next += 1;
-                    *p
-                }
-                r => {
-                    let j = r - 2;
-                    if j >= next as u64 {
-                        return Err(bad(
-                            at,
-                            format!(
-                                "block {i} repeats new block {j}, of which there are {next} so far"
-                            ),
-                        ));
-                    }
-                    asked[j as usize]
-                }
-            };
-            out.extend_from_slice(&prefix);
-        }
-        if cur.offset < bytes.len() {
-            return Err(IndexError::TrailingBytes {
-                offset: cur.offset,
-                extra: bytes.len() - cur.offset,
-            });
-        }
-        Ok(out)
-    }
-
     /// Decodes the compact form, resolving each non-zero hash prefix with `resolve`. Returns
     /// the number of prefixes `resolve` did not know when there are any.
     pub fn from_compact_bytes(
         bytes: &[u8],
         resolve: impl FnMut(&[u8; PREFIX_LEN]) -> Option<[u8; 32]>,
     ) -> Result<Resolved, IndexError> {
-        Self::decode(bytes, Form::Compact, resolve)
+        PrefixIndex::read_compact(bytes, bytes.len())?.resolve(resolve)
     }
 
-    fn decode(
-        bytes: &[u8],
-        form: Form,
+    /// Checks the image digest against the block list: the last check of every decoding.
+    fn verified(self) -> Result<Self, IndexError> {
+        let computed = compute_digest(self.image_len, &self.blocks);
+        if computed != self.image_digest {
+            return Err(IndexError::DigestMismatch {
+                found: hex::encode(self.image_digest),
+                computed: hex::encode(computed),
+            });
+        }
+        Ok(self)
+    }
+}
+
+/// An index read from its compact or session form, before its hash prefixes are resolved:
+/// each block's length and, for a non-zero block, the first [`PREFIX_LEN`] bytes of its hash
+/// (a zero block is recognised by the prefix of the zero hash of its length, and holds that
+/// hash whole).
+///
+/// It is read from any [`Read`], a zstd decoder for instance, field by field as the bytes
+/// come: they are never held whole, and nothing is expanded into another form first. What it
+/// holds is the blocks (40 bytes each), allocated once the header's count has passed every
+/// bound ([`MAX_IMAGE_BLOCKS`], and the bytes the encoding has for them); resolving them
+/// ([`resolve`](Self::resolve)) replaces the prefixes in place.
+#[derive(Debug)]
+pub struct PrefixIndex {
+    /// The blocks, each non-zero one holding its prefix followed by zero bytes; the digest is
+    /// not checked yet.
+    index: BlockIndex,
+    /// For a session index: what the compact form of the same blocks is refused for (a
+    /// content-defined chunk size or chunk length), returned by [`resolve`](Self::resolve).
+    fault: Option<IndexError>,
+}
+
+impl PrefixIndex {
+    /// Reads a compact index ([`BlockIndex::to_compact_bytes`]) of `len` bytes from `reader`,
+    /// with every check of [`BlockIndex::from_bytes`] but the digest's, which needs the whole
+    /// hashes ([`resolve`](Self::resolve)). `len` is the encoding's length (a zstd frame
+    /// declares it): a field it cannot hold is refused before it is read, and nothing is read
+    /// beyond it (the caller sees to what follows).
+    pub fn read_compact(reader: impl Read, len: usize) -> Result<Self, IndexError> {
+        let mut input = Input {
+            reader,
+            offset: 0,
+            len,
+        };
+        Ok(Self {
+            index: read_hashed(&mut input, Width::Prefix)?,
+            fault: None,
+        })
+    }
+
+    /// Reads a session index ([`BlockIndex::to_session_bytes`]) of `len` bytes from `reader`
+    /// (see [`read_compact`](Self::read_compact)), the `n`-th new block taking the `n`-th of
+    /// `asked` (the prefixes the host was asked about, in order). An error says the encoding
+    /// does not fit the session: its structure, its count, its references. What the compact
+    /// form of the same blocks would be refused for is not such an error: it is kept, and
+    /// [`resolve`](Self::resolve) returns it.
+    pub fn read_session(
+        reader: impl Read,
+        len: usize,
+        asked: &[[u8; PREFIX_LEN]],
+    ) -> Result<Self, IndexError> {
+        let mut input = Input {
+            reader,
+            offset: 0,
+            len,
+        };
+        read_session(&mut input, asked)
+    }
+
+    /// How the image was cut.
+    pub fn chunking(&self) -> Chunking {
+        self.index.chunking
+    }
+
+    /// Length of the image in bytes, as the header says.
+    pub fn image_len(&self) -> u64 {
+        self.index.image_len
+    }
+
+    /// Number of blocks held (none when [`resolve`](Self::resolve) will fail).
+    pub fn block_count(&self) -> usize {
+        self.index.blocks.len()
+    }
+
+    /// Resolves each non-zero block's prefix with `resolve` and checks the image digest.
+    /// Returns the number of prefixes `resolve` did not know when there are any.
+    pub fn resolve(
+        self,
         mut resolve: impl FnMut(&[u8; PREFIX_LEN]) -> Option<[u8; 32]>,
     ) -> Result<Resolved, IndexError> {
-        let (magic_ref, version_ref, width): (&[u8; 7], u8, usize) = match form {
-            Form::Full => (MAGIC, FORMAT_VERSION, 32),
-            Form::Compact => (COMPACT_MAGIC, COMPACT_VERSION, PREFIX_LEN),
-        };
-        let mut cur = Cursor { bytes, offset: 0 };
-        let magic = cur.take("magic", MAGIC.len())?;
-        if magic != magic_ref {
-            return Err(IndexError::BadMagic {
-                found: magic.escape_ascii().to_string(),
-            });
+        if let Some(fault) = self.fault {
+            return Err(fault);
         }
-        let version = cur.array::<1>("version")?[0];
-        if version != version_ref {
-            return Err(IndexError::UnsupportedVersion { version });
-        }
-        let kind = cur.array::<1>("chunking")?[0];
-        let size = u32::from_be_bytes(cur.array("size")?);
-        let chunking = match kind {
-            0 => Chunking::Fixed { block_size: size },
-            1 => Chunking::ContentDefined { avg: size },
-            kind => return Err(IndexError::UnknownChunking { kind }),
-        };
-        if chunking.validate().is_err() {
-            return Err(IndexError::EncodedBlockSize {
-                size,
-                chunking: if kind == 0 {
-                    "fixed"
-                } else {
-                    "content-defined"
-                },
-            });
-        }
-        let image_len = u64::from_be_bytes(cur.array("image length")?);
-        let image_digest = cur.array::<32>("image digest")?;
-        let count = u64::from_be_bytes(cur.array("block count")?);
-        if count > MAX_IMAGE_BLOCKS {
-            return Err(IndexError::TooManyBlocks { count });
-        }
-        let mut zeros = ZeroHashes::default();
+        let mut index = self.index;
         let mut unresolved = 0usize;
-        let mut hash_of = |raw: &[u8], len: u32, zeros: &mut ZeroHashes| -> [u8; 32] {
-            let mut hash = [0u8; 32];
-            if raw.len() == 32 {
-                hash.copy_from_slice(raw);
-                return hash;
-            }
-            let zero = zeros.hash(len);
-            if raw == &zero[..PREFIX_LEN] {
-                return zero;
-            }
+        for block in index.blocks.iter_mut().filter(|b| !b.zero) {
             let mut prefix = [0u8; PREFIX_LEN];
-            prefix.copy_from_slice(raw);
-            resolve(&prefix).unwrap_or_else(|| {
-                unresolved += 1;
-                hash
-            })
-        };
-        let blocks = match chunking {
-            Chunking::Fixed { block_size } => {
-                check_block_count(count, image_len, block_size)?;
-                // count <= 2^64 / 512, so count * 32 cannot overflow.
-                let hashes = cur.take_u64("block hashes", count * width as u64)?;
-                let last_len = match image_len % u64::from(block_size) {
-                    0 => block_size,
-                    short => short as u32,
-                };
-                let n = hashes.len() / width;
-                hashes
-                    .chunks_exact(width)
-                    .enumerate()
-                    .map(|(i, raw)| {
-                        let len = if i + 1 == n { last_len } else { block_size };
-                        let hash = hash_of(raw, len, &mut zeros);
-                        zeros.entry(hash, len)
-                    })
-                    .collect::<Vec<_>>()
+            prefix.copy_from_slice(&block.hash[..PREFIX_LEN]);
+            match resolve(&prefix) {
+                Some(hash) => block.hash = hash,
+                None => unresolved += 1,
             }
-            Chunking::ContentDefined { avg } => {
-                let rec_len = 4 + width;
-                let needed = count.saturating_mul(rec_len as u64);
-                let body = cur.take_u64("blocks", needed)?;
-                let max = ChunkParams::new(avg).max as u32;
-                let mut total = 0u64;
-                let mut blocks = Vec::with_capacity(count as usize);
-                for (i, rec) in body.chunks_exact(rec_len).enumerate() {
-                    let len = u32::from_be_bytes([rec[0], rec[1], rec[2], rec[3]]);
-                    if len == 0 || len > max {
-                        return Err(IndexError::BadBlockLength {
-                            block: i as u64,
-                            offset: HEADER_LEN + rec_len * i,
-                            problem: format!("length {len} is not within 1..={max}"),
-                        });
-                    }
-                    total += u64::from(len);
-                    let hash = hash_of(&rec[4..], len, &mut zeros);
-                    blocks.push(zeros.entry(hash, len));
-                }
-                if total != image_len {
-                    return Err(IndexError::BadBlockLength {
-                        block: count,
-                        offset: HEADER_LEN,
-                        problem: format!(
-                            "block lengths add up to {total} bytes, not the image length {image_len}"
-                        ),
-                    });
-                }
-                blocks
-            }
-        };
-        if cur.offset < bytes.len() {
-            return Err(IndexError::TrailingBytes {
-                offset: cur.offset,
-                extra: bytes.len() - cur.offset,
-            });
         }
         if unresolved > 0 {
             return Ok(Resolved::Unresolved(unresolved));
         }
-        let computed = compute_digest(image_len, &blocks);
-        if computed != image_digest {
-            return Err(IndexError::DigestMismatch {
-                found: hex::encode(image_digest),
-                computed: hex::encode(computed),
+        index.verified().map(Resolved::Index)
+    }
+}
+
+/// How each block's hash is written in the full and the compact form.
+#[derive(Debug, Clone, Copy)]
+enum Width {
+    /// The whole hash (`CRTOIDX`).
+    Full,
+    /// Its first [`PREFIX_LEN`] bytes (`CRTOCIX`).
+    Prefix,
+}
+
+/// Reads the full or the compact form, checking everything but the digest (which needs whole
+/// hashes), in this order: magic, version, chunking, size, the header's fields, the count
+/// (at most [`MAX_IMAGE_BLOCKS`], and for fixed blocks the image length's), the bytes for the
+/// blocks, each chunk length, their sum, and nothing after the last block.
+fn read_hashed<R: Read>(input: &mut Input<R>, width: Width) -> Result<BlockIndex, IndexError> {
+    let (magic_ref, version_ref, width) = match width {
+        Width::Full => (MAGIC, FORMAT_VERSION, 32),
+        Width::Prefix => (COMPACT_MAGIC, COMPACT_VERSION, PREFIX_LEN),
+    };
+    let magic = input.array::<7>("magic")?;
+    if &magic != magic_ref {
+        return Err(IndexError::BadMagic {
+            found: magic.escape_ascii().to_string(),
+        });
+    }
+    let version = input.array::<1>("version")?[0];
+    if version != version_ref {
+        return Err(IndexError::UnsupportedVersion { version });
+    }
+    let kind = input.array::<1>("chunking")?[0];
+    let size = u32::from_be_bytes(input.array("size")?);
+    let chunking = match kind {
+        0 => Chunking::Fixed { block_size: size },
+        1 => Chunking::ContentDefined { avg: size },
+        kind => return Err(IndexError::UnknownChunking { kind }),
+    };
+    if chunking.validate().is_err() {
+        return Err(IndexError::EncodedBlockSize {
+            size,
+            chunking: if kind == 0 {
+                "fixed"
+            } else {
+                "content-defined"
+            },
+        });
+    }
+    let image_len = u64::from_be_bytes(input.array("image length")?);
+    let image_digest = input.array::<32>("image digest")?;
+    let count = u64::from_be_bytes(input.array("block count")?);
+    if count > MAX_IMAGE_BLOCKS {
+        return Err(IndexError::TooManyBlocks { count });
+    }
+    let mut zeros = ZeroHashes::default();
+    let mut hash = [0u8; 32];
+    let hash = &mut hash[..width];
+    let blocks = match chunking {
+        Chunking::Fixed { block_size } => {
+            check_block_count(count, image_len, block_size)?;
+            // count <= MAX_IMAGE_BLOCKS, so count * 32 cannot overflow.
+            input.need("block hashes", count * width as u64)?;
+            let mut blocks = Vec::with_capacity(count as usize);
+            for i in 0..count {
+                input.fill(hash)?;
+                let len = fixed_len(i, count, image_len, block_size);
+                blocks.push(zeros.read_entry(hash, len));
+            }
+            blocks
+        }
+        Chunking::ContentDefined { avg } => {
+            input.need("blocks", count * (4 + width as u64))?;
+            let max = ChunkParams::new(avg).max as u32;
+            let mut total = 0u64;
+            let mut blocks = Vec::with_capacity(count as usize);
+            for i in 0..count {
+                let at = input.offset;
+                let len = u32::from_be_bytes(input.array("block length")?);
+                if len == 0 || len > max {
+                    return Err(IndexError::BadBlockLength {
+                        block: i,
+                        offset: at,
+                        problem: format!("length {len} is not within 1..={max}"),
+                    });
+                }
+                total += u64::from(len);
+                input.fill(hash)?;
+                blocks.push(zeros.read_entry(hash, len));
+            }
+            if total != image_len {
+                return Err(lengths_do_not_add_up(count, total, image_len));
+            }
+            blocks
+        }
+    };
+    input.at_end()?;
+    Ok(BlockIndex {
+        chunking,
+        image_len,
+        image_digest,
+        blocks,
+    })
+}
+
+/// Reads the session form against `asked`. The checks and their order are those the session
+/// form had when it was expanded into the compact form first: the session's own (magic,
+/// version, the header's fields, the count against [`MAX_IMAGE_BLOCKS`] and against the bytes
+/// left, for fixed blocks the block size and the count against the image length, each
+/// reference, nothing after the last block) are errors; the compact form's (the chunk size,
+/// each chunk length, their sum) become the [`PrefixIndex`]'s fault. A fault found, no block
+/// is kept, and none is hashed: only the references are still checked.
+fn read_session<R: Read>(
+    input: &mut Input<R>,
+    asked: &[[u8; PREFIX_LEN]],
+) -> Result<PrefixIndex, IndexError> {
+    let bad = |offset: usize, problem: String| IndexError::BadSessionIndex { offset, problem };
+    let magic = input.array::<7>("magic")?;
+    if &magic != SESSION_MAGIC {
+        return Err(bad(
+            0,
+            format!(
+                "expected magic \"CRTOSIX\", found \"{}\"",
+                magic.escape_ascii()
+            ),
+        ));
+    }
+    let version = input.array::<1>("version")?[0];
+    if version != SESSION_VERSION {
+        return Err(bad(7, format!("unsupported version {version}")));
+    }
+    let kind = input.array::<1>("chunking")?[0];
+    let size = u32::from_be_bytes(input.array("size")?);
+    let image_len = u64::from_be_bytes(input.array("image length")?);
+    let image_digest = input.array::<32>("image digest")?;
+    let count = u64::from_be_bytes(input.array("block count")?);
+    if count > MAX_IMAGE_BLOCKS {
+        return Err(IndexError::TooManyBlocks { count });
+    }
+    // Every block takes at least one byte here: more blocks than bytes is a lie, and what is
+    // allocated for the blocks stays within a fixed multiple of what was sent.
+    if count > input.remaining() as u64 {
+        return Err(bad(
+            input.offset,
+            format!("{count} blocks announced in {} bytes", input.remaining()),
+        ));
+    }
+    let mut fault = None;
+    let chunking = match kind {
+        0 => {
+            if !valid_block_size(size) {
+                return Err(IndexError::EncodedBlockSize {
+                    size,
+                    chunking: "fixed",
+                });
+            }
+            check_block_count(count, image_len, size)?;
+            Chunking::Fixed { block_size: size }
+        }
+        1 => {
+            let chunking = Chunking::ContentDefined { avg: size };
+            if chunking.validate().is_err() {
+                fault = Some(IndexError::EncodedBlockSize {
+                    size,
+                    chunking: "content-defined",
+                });
+            }
+            chunking
+        }
+        kind => return Err(IndexError::UnknownChunking { kind }),
+    };
+    let max = match chunking {
+        Chunking::ContentDefined { avg } if fault.is_none() => ChunkParams::new(avg).max as u32,
+        _ => 0,
+    };
+    let mut blocks = Vec::with_capacity(if fault.is_none() { count as usize } else { 0 });
+    let mut zeros = ZeroHashes::default();
+    let mut total = 0u64;
+    // New blocks so far: the next one takes asked[next].
+    let mut next = 0usize;
+    for i in 0..count {
+        let len = match chunking {
+            Chunking::Fixed { block_size } => fixed_len(i, count, image_len, block_size),
+            Chunking::ContentDefined { .. } => {
+                let at = input.offset;
+                let len = u32::from_be_bytes(input.array("block length")?);
+                if fault.is_none() && (len == 0 || len > max) {
+                    fault = Some(IndexError::BadBlockLength {
+                        block: i,
+                        offset: at,
+                        problem: format!("length {len} is not within 1..={max}"),
+                    });
+                    blocks = Vec::new();
+                }
+                total += u64::from(len);
+                len
+            }
+        };
+        let at = input.offset;
+        let prefix = match read_leb128(input)? {
+            0 => None,
+            1 => {
+                let p = asked.get(next).ok_or_else(|| {
+                    bad(
+                        at,
+                        format!(
+                            "block {i} is new block {next}, but the host was asked about {} blocks",
+                            asked.len()
+                        ),
+                    )
+                })?;
+                next += 1;
+                Some(p)
+            }
+            r => match usize::try_from(r - 2)
+                .ok()
+                .and_then(|j| asked[..next].get(j))
+            {
+                Some(p) => Some(p),
+                None => {
+                    return Err(bad(
+                        at,
+                        format!(
+                            "block {i} repeats new block {}, of which there are {next} so far",
+                            r - 2
+                        ),
+                    ));
+                }
+            },
+        };
+        if fault.is_none() {
+            blocks.push(match prefix {
+                None => zeros.zero_entry(len),
+                Some(p) => zeros.read_entry(p, len),
             });
         }
-        Ok(Resolved::Index(Self {
+    }
+    input.at_end()?;
+    if fault.is_none() && matches!(chunking, Chunking::ContentDefined { .. }) && total != image_len
+    {
+        fault = Some(lengths_do_not_add_up(count, total, image_len));
+        blocks = Vec::new();
+    }
+    Ok(PrefixIndex {
+        index: BlockIndex {
             chunking,
             image_len,
             image_digest,
             blocks,
-        }))
+        },
+        fault,
+    })
+}
+
+/// Length of block `i` of `count` fixed-size blocks of an `image_len`-byte image: the last one
+/// may be short.
+fn fixed_len(i: u64, count: u64, image_len: u64, block_size: u32) -> u32 {
+    match image_len % u64::from(block_size) {
+        short if short != 0 && i + 1 == count => short as u32,
+        _ => block_size,
     }
 }
 
-#[derive(Debug, Clone, Copy)]
-enum Form {
-    Full,
-    Compact,
+fn lengths_do_not_add_up(count: u64, total: u64, image_len: u64) -> IndexError {
+    IndexError::BadBlockLength {
+        block: count,
+        offset: HEADER_LEN,
+        problem: format!("block lengths add up to {total} bytes, not the image length {image_len}"),
+    }
 }
 
 /// Outcome of decoding a compact index.
@@ -933,11 +1097,11 @@ fn leb128(out: &mut Vec<u8>, mut v: u64) {
     }
 }
 
-fn read_leb128(cur: &mut Cursor<'_>) -> Result<u64, IndexError> {
-    let start = cur.offset;
+fn read_leb128<R: Read>(input: &mut Input<R>) -> Result<u64, IndexError> {
+    let start = input.offset;
     let mut v = 0u64;
     for shift in (0..64).step_by(7) {
-        let byte = cur.array::<1>("block reference")?[0];
+        let byte = input.array::<1>("block reference")?[0];
         v |= u64::from(byte & 0x7f) << shift;
         if byte & 0x80 == 0 {
             return Ok(v);
@@ -949,39 +1113,69 @@ fn read_leb128(cur: &mut Cursor<'_>) -> Result<u64, IndexError> {
     })
 }
 
-struct Cursor<'a> {
-    bytes: &'a [u8],
+/// An encoding read field by field from `reader` as its bytes come. Its length is known
+/// beforehand (a slice's, or the content size its zstd frame declares), so a field the input
+/// cannot hold is refused before it is read or anything is allocated for it, with the same
+/// offsets and counts as when the whole encoding is at hand; nothing is read beyond it.
+struct Input<R> {
+    reader: R,
+    /// Bytes read so far: the offset of the next field.
     offset: usize,
+    /// Length of the encoding.
+    len: usize,
 }
 
-impl<'a> Cursor<'a> {
-    fn take_u64(&mut self, field: &'static str, needed: u64) -> Result<&'a [u8], IndexError> {
-        let available = self.bytes.len() - self.offset;
-        match usize::try_from(needed) {
-            Ok(n) if n <= available => {
-                let taken = &self.bytes[self.offset..self.offset + n];
-                self.offset += n;
-                Ok(taken)
-            }
-            _ => Err(IndexError::Truncated {
+impl<R: Read> Input<R> {
+    fn remaining(&self) -> usize {
+        self.len - self.offset
+    }
+
+    /// Refuses `field` if fewer than `needed` bytes remain.
+    fn need(&self, field: &'static str, needed: u64) -> Result<(), IndexError> {
+        if needed > self.remaining() as u64 {
+            return Err(IndexError::Truncated {
                 field,
                 offset: self.offset,
                 needed,
-                available,
-            }),
+                available: self.remaining(),
+            });
         }
+        Ok(())
     }
 
-    fn take(&mut self, field: &'static str, needed: usize) -> Result<&'a [u8], IndexError> {
-        self.take_u64(field, needed as u64)
+    /// Reads `buf.len()` bytes, which [`need`](Self::need) has checked the encoding holds.
+    fn fill(&mut self, buf: &mut [u8]) -> Result<(), IndexError> {
+        self.reader
+            .read_exact(buf)
+            .map_err(|source| IndexError::Input {
+                offset: self.offset,
+                source,
+            })?;
+        self.offset += buf.len();
+        Ok(())
     }
 
     fn array<const N: usize>(&mut self, field: &'static str) -> Result<[u8; N], IndexError> {
+        self.need(field, N as u64)?;
         let mut out = [0u8; N];
-        out.copy_from_slice(self.take(field, N)?);
+        self.fill(&mut out)?;
         Ok(out)
     }
+
+    /// Refuses bytes after the last block (without reading them).
+    fn at_end(&self) -> Result<(), IndexError> {
+        if self.offset < self.len {
+            return Err(IndexError::TrailingBytes {
+                offset: self.offset,
+                extra: self.remaining(),
+            });
+        }
+        Ok(())
+    }
 }
+
+#[cfg(test)]
+mod legacy;
 
 #[cfg(test)]
 mod tests {
@@ -1008,15 +1202,33 @@ mod tests {
             .collect()
     }
 
-    #[test]
-    fn the_session_form_expands_to_the_compact_form_and_resolves_to_the_index() {
+    /// The resolver of a host that holds every block of `index`.
+    fn holder(index: &BlockIndex) -> HashMap<[u8; PREFIX_LEN], [u8; 32]> {
+        index
+            .blocks()
+            .iter()
+            .map(|b| (b.hash[..PREFIX_LEN].try_into().expect("8"), b.hash))
+            .collect()
+    }
+
+    fn read_session(bytes: &[u8], asked: &[[u8; PREFIX_LEN]]) -> Result<PrefixIndex, IndexError> {
+        PrefixIndex::read_session(bytes, bytes.len(), asked)
+    }
+
+    /// An image with repeats, zeros and a short tail.
+    fn repetitive_image() -> Vec<u8> {
         let mut data = Vec::new();
         for i in 0..300u32 {
-            // Repeats, zeros and a short tail.
             let fill = if i % 7 == 0 { 0 } else { (i % 50) as u8 };
             data.extend(std::iter::repeat_n(fill, 4096));
         }
         data.extend_from_slice(b"tail");
+        data
+    }
+
+    #[test]
+    fn the_session_form_reads_as_the_compact_form_and_resolves_to_the_index() {
+        let data = repetitive_image();
         for idx in [index(&data, 4096), cdc(&data, 1024)] {
             let asked = asked(&idx);
             let session = idx.to_session_bytes();
@@ -1029,32 +1241,94 @@ mod tests {
                 "{}",
                 session.len()
             );
-            let compact = BlockIndex::session_to_compact(&session, &asked).expect("expands");
-            assert_eq!(compact, idx.to_compact_bytes());
-            let full: HashMap<[u8; PREFIX_LEN], [u8; 32]> = idx
-                .blocks()
-                .iter()
-                .map(|b| (b.hash[..PREFIX_LEN].try_into().expect("8"), b.hash))
-                .collect();
-            match BlockIndex::from_compact_bytes(&compact, |p| full.get(p).copied()) {
+            let compact = idx.to_compact_bytes();
+            let from_compact =
+                PrefixIndex::read_compact(&compact[..], compact.len()).expect("reads");
+            // Read from a stream that gives a few bytes at a time and is interrupted: the
+            // same blocks.
+            let choppy = Choppy {
+                data: &session,
+                max: 7,
+                interrupt: false,
+            };
+            let from_session =
+                PrefixIndex::read_session(choppy, session.len(), &asked).expect("reads");
+            assert!(from_session.fault.is_none() && from_compact.fault.is_none());
+            assert_eq!(from_session.index, from_compact.index);
+            assert_eq!(from_session.block_count(), idx.blocks().len());
+            let full = holder(&idx);
+            match from_session.resolve(|p| full.get(p).copied()) {
                 Ok(Resolved::Index(back)) => assert_eq!(back, idx),
                 other => panic!("{other:?}"),
             }
             // Fewer questions than new blocks, or a damaged reference: refused, with where.
-            let err = BlockIndex::session_to_compact(&session, &asked[..asked.len() - 1])
-                .expect_err("one short");
+            let err = read_session(&session, &asked[..asked.len() - 1]).expect_err("one short");
             assert!(
                 err.to_string().contains("the host was asked about"),
                 "{err}"
             );
             let mut bad = session.clone();
             bad.truncate(bad.len() - 1);
-            assert!(BlockIndex::session_to_compact(&bad, &asked).is_err());
+            assert!(read_session(&bad, &asked).is_err());
             let mut bad = session.clone();
             bad[0] = b'X';
-            let err = BlockIndex::session_to_compact(&bad, &asked).expect_err("magic");
+            let err = read_session(&bad, &asked).expect_err("magic");
             assert!(err.to_string().contains("CRTOSIX"), "{err}");
         }
+    }
+
+    #[test]
+    fn a_session_index_keeps_what_its_compact_form_is_refused_for_and_names_its_own_offsets() {
+        let data = repetitive_image();
+        let idx = cdc(&data, 1024);
+        let asked = asked(&idx);
+        let mut session = idx.to_session_bytes();
+        // The third block's length (each block: length (4) + a LEB128 reference).
+        let mut at = HEADER_LEN;
+        for _ in 0..2 {
+            at += 4;
+            while session[at] & 0x80 != 0 {
+                at += 1;
+            }
+            at += 1;
+        }
+        session[at..at + 4].copy_from_slice(&0u32.to_be_bytes());
+        // Reading it is no error (it fits the session), resolving it is, at the session
+        // form's offset of that length, and no block is kept meanwhile.
+        let read = read_session(&session, &asked).expect("fits the session");
+        assert_eq!(read.block_count(), 0);
+        let err = read.resolve(|_| None).expect_err("length 0");
+        assert_eq!(
+            err.to_string(),
+            format!("block 2 at offset {at}: length 0 is not within 1..=4096")
+        );
+        // A session fault comes first: the same index, one question short.
+        let err = read_session(&session, &asked[..asked.len() - 1]).expect_err("short");
+        assert!(matches!(err, IndexError::BadSessionIndex { .. }), "{err}");
+        // A huge length of a zero block is never hashed (4 GiB of zeros): refused at once.
+        let first_zero = idx
+            .blocks()
+            .iter()
+            .position(BlockEntry::is_zero)
+            .expect("a zero");
+        let mut session = idx.to_session_bytes();
+        let mut at = HEADER_LEN;
+        for _ in 0..first_zero {
+            at += 4;
+            while session[at] & 0x80 != 0 {
+                at += 1;
+            }
+            at += 1;
+        }
+        assert_eq!(session[at + 4], 0, "a zero block's reference");
+        session[at..at + 4].copy_from_slice(&u32::MAX.to_be_bytes());
+        let started = std::time::Instant::now();
+        let err = read_session(&session, &asked)
+            .expect("fits the session")
+            .resolve(|_| None)
+            .expect_err("too long");
+        assert!(err.to_string().contains("length 4294967295"), "{err}");
+        assert!(started.elapsed().as_secs() < 2, "{:?}", started.elapsed());
     }
 
     fn hashes(idx: &BlockIndex) -> Vec<[u8; 32]> {

@@ -35,7 +35,9 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 
-use crate::block_index::{BlockIndex, IndexError, MAX_BLOCK_LEN, PREFIX_LEN, Resolved, sha256};
+use crate::block_index::{
+    BlockIndex, IndexError, MAX_BLOCK_LEN, PREFIX_LEN, PrefixIndex, Resolved, sha256,
+};
 use crate::wire::{WireError, validate_name};
 
 const PACK_MAGIC: &[u8; 8] = b"CRTOPAK1";
@@ -463,12 +465,21 @@ impl Repository {
     /// the store; the resolved index must match the image digest the compact form carries.
     pub fn commit_compact(&self, name: &str, compact: &[u8]) -> Result<Manifest, RepoError> {
         validate_name(name)?;
+        self.commit_prefixes(name, PrefixIndex::read_compact(compact, compact.len())?)
+    }
+
+    /// Like [`commit`](Self::commit) with an index read from its compact or session form
+    /// ([`crate::wire::read_compact_index`], [`crate::wire::read_session_index`]): its
+    /// prefixes are resolved against the store in place, and the index is committed as it
+    /// is, never encoded in memory nor decoded again.
+    pub fn commit_prefixes(&self, name: &str, index: PrefixIndex) -> Result<Manifest, RepoError> {
+        validate_name(name)?;
         let resolved = {
             let s = self.lock_state();
-            BlockIndex::from_compact_bytes(compact, |p| s.prefixes.get(p).copied().flatten())?
+            index.resolve(|p| s.prefixes.get(p).copied().flatten())?
         };
         match resolved {
-            Resolved::Index(index) => self.commit(name, &index.to_bytes()),
+            Resolved::Index(index) => self.commit_index(name, &index, None),
             Resolved::Unresolved(missing) => Err(RepoError::Incomplete {
                 name: name.to_string(),
                 missing,
@@ -598,6 +609,17 @@ impl Repository {
     pub fn commit(&self, name: &str, index_bytes: &[u8]) -> Result<Manifest, RepoError> {
         validate_name(name)?;
         let index = BlockIndex::from_bytes(index_bytes)?;
+        self.commit_index(name, &index, Some(index_bytes))
+    }
+
+    /// Commits a decoded index whose encoding is `encoded` (the bytes it was decoded from),
+    /// or, without them, written from `index` as the file is written.
+    fn commit_index(
+        &self,
+        name: &str,
+        index: &BlockIndex,
+        encoded: Option<&[u8]>,
+    ) -> Result<Manifest, RepoError> {
         let missing = {
             let s = self.lock_state();
             index.missing_by(|h| s.blocks.contains_key(h)).len()
@@ -646,17 +668,34 @@ impl Repository {
             }
             _ => {}
         }
-        self.write_atomic(&self.index_path(name), index_bytes)?;
+        let index_path = self.index_path(name);
+        match encoded {
+            Some(bytes) => self.write_atomic(&index_path, bytes)?,
+            None => self.write_atomic_with(&index_path, |f| {
+                let mut out = io::BufWriter::new(f);
+                index.write_to(&mut out)?;
+                out.flush()
+            })?,
+        }
         self.write_atomic(&manifest_path, &json)?;
         tracing::info!(image = name, digest = %manifest.digest, bytes = manifest.image_len, "image committed");
         Ok(manifest)
     }
 
     fn write_atomic(&self, dest: &Path, bytes: &[u8]) -> Result<(), RepoError> {
+        self.write_atomic_with(dest, |f| f.write_all(bytes))
+    }
+
+    /// Writes a file through `write` under a temporary name, syncs it and renames it to `dest`.
+    fn write_atomic_with(
+        &self,
+        dest: &Path,
+        write: impl FnOnce(&mut File) -> io::Result<()>,
+    ) -> Result<(), RepoError> {
         let tmp = self.tmp_path();
         let res = (|| {
             let mut f = File::create(&tmp).map_err(RepoError::io("creating", &tmp))?;
-            f.write_all(bytes).map_err(RepoError::io("writing", &tmp))?;
+            write(&mut f).map_err(RepoError::io("writing", &tmp))?;
             f.sync_all().map_err(RepoError::io("syncing", &tmp))?;
             fs::rename(&tmp, dest).map_err(RepoError::io("renaming into place", dest))?;
             let dir = dest.parent().unwrap_or(&self.root);

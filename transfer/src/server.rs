@@ -29,7 +29,7 @@ use axum::routing::{get, post, put};
 use serde::Deserialize;
 use serde_json::json;
 
-use crate::block_index::{BlockIndex, PREFIX_LEN};
+use crate::block_index::PREFIX_LEN;
 use crate::repository::{RepoError, Repository};
 use crate::wire::{self, Batch, MAX_BATCH_BODY, MAX_INDEX_BODY, MAX_QUERY_HASHES, WireError};
 
@@ -45,7 +45,7 @@ const SESSION_ENTRIES: usize = 1 << 23;
 const MAX_SESSIONS: usize = 256;
 
 /// The prefixes each push asked about, in order, so that its commit can refer to them
-/// by number ([`BlockIndex::to_session_bytes`]) instead of sending them again.
+/// by number ([`crate::BlockIndex::to_session_bytes`]) instead of sending them again.
 #[derive(Default)]
 struct Sessions(Mutex<HashMap<String, Session>>);
 
@@ -465,23 +465,22 @@ async fn commit_image(
         let _permit = permit;
         let manifest = match query.form {
             CommitForm::Full => repo.commit(&name, &body)?,
+            // Both decoded as they are decompressed: what the commit holds is the index.
             CommitForm::Compact => {
-                let raw = wire::decompress_index(&body, crate::block_index::Encoding::Compact)?;
-                repo.commit_compact(&name, &raw)?
+                let index = wire::read_compact_index(&body)?.map_err(RepoError::Index)?;
+                repo.commit_prefixes(&name, index)?
             }
             CommitForm::Session => {
-                let raw = wire::decompress_index(&body, crate::block_index::Encoding::Session)?;
+                let asked = asked.as_deref().unwrap_or_default();
                 // Not damage on the way (the zstd frame's checksum held): the session and
                 // the index disagree, and only a repair round (the full index) can help.
-                let compact =
-                    BlockIndex::session_to_compact(&raw, asked.as_deref().unwrap_or_default())
-                        .map_err(|e| {
-                            ApiError::new(
-                                StatusCode::CONFLICT,
-                                format!("the session index does not fit the push session: {e}"),
-                            )
-                        })?;
-                repo.commit_compact(&name, &compact)?
+                let index = wire::read_session_index(&body, asked)?.map_err(|e| {
+                    ApiError::new(
+                        StatusCode::CONFLICT,
+                        format!("the session index does not fit the push session: {e}"),
+                    )
+                })?;
+                repo.commit_prefixes(&name, index)?
             }
         };
         if let Some(id) = &session {

@@ -6,8 +6,10 @@
 //!   first 8 bytes; the answer is a bitmap, one bit per entry in order (bit `i % 8` of byte
 //!   `i / 8`), set when the host lacks it (for a prefix: holds no block starting with it).
 //! * **Commit**: the encoded index (`?form=full`), or the compact index
-//!   ([`BlockIndex::to_compact_bytes`](crate::BlockIndex::to_compact_bytes)) compressed with
-//!   zstd (`?form=compact`), which the host resolves against its store.
+//!   ([`BlockIndex::to_compact_bytes`](crate::BlockIndex::to_compact_bytes), `?form=compact`)
+//!   or the session index ([`BlockIndex::to_session_bytes`](crate::BlockIndex::to_session_bytes),
+//!   `?form=session`) compressed with zstd, which the host decodes as it decompresses it
+//!   ([`read_index`]) and resolves against its store.
 //! * **Block batch**: one zstd frame (with its content checksum) of
 //!   `"CRTOBAT2" ‖ count (u32 BE) ‖ count × (hash prefix 8 ‖ length (u32 BE)) ‖ the blocks'
 //!   bytes, one after another`. The receiver bounds the decompressed size, hashes every
@@ -19,7 +21,9 @@
 
 use std::io::Read;
 
-use crate::block_index::{MAX_BLOCK_LEN, PREFIX_LEN, sha256};
+use crate::block_index::{
+    Encoding, HEADER_LEN, IndexError, MAX_BLOCK_LEN, PREFIX_LEN, PrefixIndex, sha256,
+};
 
 /// Magic opening a decompressed batch (version 2).
 pub const BATCH_MAGIC: &[u8; 8] = b"CRTOBAT2";
@@ -172,56 +176,125 @@ pub fn decompress_limited(body: &[u8], limit: usize) -> Result<Vec<u8>, WireErro
     Ok(raw)
 }
 
-/// Decompresses a zstd-compressed index (compact or session form) no larger than what its
-/// own header allows ([`crate::block_index::Encoding::max_len`]): the header is read first,
-/// then at most that many bytes, so a small frame cannot make the host hold more than the
-/// index of an image of [`crate::block_index::MAX_IMAGE_BLOCKS`] blocks. The frame rules of
-/// [`decompress_limited`] hold too.
-pub fn decompress_index(
+/// The largest zstd window an index body may use: 8 MiB, level 19's (the sender compresses
+/// indexes at level 3, whose window is 2 MiB at most). The decoder's buffer is the window, or
+/// the frame's content if that is smaller: with [`INDEX_READ_BUFFER`], all of an index body's
+/// decompressed bytes a host holds at once.
+pub const MAX_INDEX_WINDOW_LOG: u32 = 23;
+/// Decompressed bytes of an index body read from the zstd decoder at a time.
+pub const INDEX_READ_BUFFER: usize = 64 << 10;
+
+/// Decodes a zstd-compressed compact index (`?form=compact`) as it comes out of the zstd
+/// decoder, with the checks of [`read_index`].
+pub fn read_compact_index(body: &[u8]) -> Result<Result<PrefixIndex, IndexError>, WireError> {
+    read_index(body, Encoding::Compact, |input, len| {
+        PrefixIndex::read_compact(input, len)
+    })
+}
+
+/// Decodes a zstd-compressed session index (`?form=session`) against the prefixes its push
+/// session asked about, in order ([`PrefixIndex::read_session`]), as it comes out of the zstd
+/// decoder, with the checks of [`read_index`].
+pub fn read_session_index(
     body: &[u8],
-    encoding: crate::block_index::Encoding,
-) -> Result<Vec<u8>, WireError> {
-    // The frame checks (one frame, checksum, nothing after), without decompressing.
+    asked: &[[u8; PREFIX_LEN]],
+) -> Result<Result<PrefixIndex, IndexError>, WireError> {
+    read_index(body, Encoding::Session, |input, len| {
+        PrefixIndex::read_session(input, len, asked)
+    })
+}
+
+/// Decodes a zstd-compressed index body in `encoding` with `decode`, which reads the
+/// decompressed encoding, of the length it is given, straight from the zstd decoder: the
+/// decompressed bytes are never held whole, only the decoder's window (at most
+/// 2^[`MAX_INDEX_WINDOW_LOG`] bytes) and [`INDEX_READ_BUFFER`] of them.
+///
+/// The outer error refuses the body: not exactly one zstd frame with its content checksum,
+/// or one that does not declare its content size (the rules of [`decompress_limited`]); a
+/// header that is short or lists more than [`crate::block_index::MAX_IMAGE_BLOCKS`] blocks,
+/// or that allows fewer bytes than the frame declares ([`Encoding::max_len`]: before anything
+/// is decoded, so a small frame cannot make the host hold more than the index of an image of
+/// that many blocks); a larger window; a frame that holds other than it declares; or damage
+/// that the frame's checksum reveals. The damage comes first: when `decode` refuses the
+/// index, the rest of the frame is still decompressed (into nothing, at most as many bytes as
+/// it declares) to check its checksum. The inner error refuses the index itself, whose bytes
+/// arrived as they were sent.
+pub fn read_index<T>(
+    body: &[u8],
+    encoding: Encoding,
+    decode: impl FnOnce(&mut dyn Read, usize) -> Result<T, IndexError>,
+) -> Result<Result<T, IndexError>, WireError> {
+    let failed = |e: std::io::Error| WireError::BadIndex(format!("zstd decompression failed: {e}"));
     check_frame(body).map_err(WireError::BadIndex)?;
-    let mut dec = zstd::stream::Decoder::new(body)
+    let Ok(Some(declared)) = zstd::zstd_safe::get_frame_content_size(body) else {
+        return Err(WireError::BadIndex(
+            "the zstd frame does not say its content size".into(),
+        ));
+    };
+    let mut frame = zstd::stream::read::Decoder::with_buffer(body)
         .map_err(|e| WireError::BadIndex(format!("not a zstd frame: {e}")))?
         .single_frame();
-    let mut header = vec![0u8; 61];
+    frame.window_log_max(MAX_INDEX_WINDOW_LOG).map_err(failed)?;
+    // The header first: its block count bounds the rest.
+    let mut header = [0u8; HEADER_LEN];
     let mut got = 0;
     while got < header.len() {
-        match dec.read(&mut header[got..]) {
+        match frame.read(&mut header[got..]) {
             Ok(0) => break,
             Ok(n) => got += n,
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(e) => {
-                return Err(WireError::BadIndex(format!(
-                    "zstd decompression failed: {e}"
-                )));
-            }
+            Err(e) => return Err(failed(e)),
         }
     }
-    header.truncate(got);
-    let limit = encoding.max_len(&header).map_err(|e| match e {
-        crate::block_index::IndexError::TooManyBlocks { .. } => {
-            WireError::IndexTooLarge(e.to_string())
-        }
+    let limit = encoding.max_len(&header[..got]).map_err(|e| match e {
+        IndexError::TooManyBlocks { .. } => WireError::IndexTooLarge(e.to_string()),
         e => WireError::BadIndex(e.to_string()),
     })?;
-    let mut raw = header;
-    (&mut dec)
-        .take((limit - raw.len()) as u64 + 1)
-        .read_to_end(&mut raw)
-        .map_err(|e| WireError::BadIndex(format!("zstd decompression failed: {e}")))?;
-    if raw.len() > limit {
+    if declared > limit as u64 {
         return Err(WireError::IndexTooLarge(format!(
             "it decompresses to more than the {limit} bytes its header allows"
         )));
     }
-    Ok(raw)
+    let len = declared as usize;
+    let mut input =
+        std::io::BufReader::with_capacity(INDEX_READ_BUFFER, (&header[..got]).chain(frame));
+    let holds_other = |what| {
+        WireError::BadIndex(format!(
+            "the zstd frame holds {what} than the {len} bytes it says"
+        ))
+    };
+    match decode(&mut input, len) {
+        Ok(index) => {
+            // The frame must end here: reading its end checks its checksum.
+            let mut probe = [0u8; 1];
+            loop {
+                match input.read(&mut probe) {
+                    Ok(0) => return Ok(Ok(index)),
+                    Ok(_) => return Err(holds_other("more")),
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                    Err(e) => return Err(failed(e)),
+                }
+            }
+        }
+        Err(IndexError::Input { source, .. })
+            if source.kind() == std::io::ErrorKind::UnexpectedEof =>
+        {
+            Err(holds_other("fewer"))
+        }
+        Err(IndexError::Input { source, .. }) => Err(failed(source)),
+        Err(refused) => {
+            let rest = std::io::copy(&mut (&mut input).take(len as u64 + 1), &mut std::io::sink())
+                .map_err(failed)?;
+            if rest > len as u64 {
+                return Err(holds_other("more"));
+            }
+            Ok(Err(refused))
+        }
+    }
 }
 
 /// One zstd frame with its content checksum and nothing after it.
-fn check_frame(body: &[u8]) -> Result<(), String> {
+pub(crate) fn check_frame(body: &[u8]) -> Result<(), String> {
     const MAGIC: [u8; 4] = [0x28, 0xB5, 0x2F, 0xFD];
     if body.len() < 5 || body[..4] != MAGIC {
         return Err("not a zstd frame".into());
@@ -406,38 +479,141 @@ mod tests {
 
     #[test]
     fn an_index_decompresses_to_no_more_than_its_header_allows() {
-        use crate::block_index::{Encoding, MAX_IMAGE_BLOCKS};
+        use crate::block_index::MAX_IMAGE_BLOCKS;
         // A session index of 10 blocks, followed by 100 MB of zero bytes: a 1 KB frame.
         let mut raw = header(b"CRTOSIX", 1, 10);
         raw.resize(raw.len() + 100_000_000, 0);
         let body = compress(&raw, 19).expect("compress");
         assert!(body.len() < 20_000, "{}", body.len());
-        let e = decompress_index(&body, Encoding::Session).expect_err("too large");
+        let e = read_session_index(&body, &[]).expect_err("too large");
         assert!(matches!(e, WireError::IndexTooLarge(_)), "{e}");
         assert!(e.to_string().contains("161 bytes"), "{e}");
         // A header that claims more blocks than a host takes.
         let raw = header(b"CRTOSIX", 1, MAX_IMAGE_BLOCKS + 1);
-        let e = decompress_index(&compress(&raw, 3).expect("compress"), Encoding::Session)
+        let e = read_session_index(&compress(&raw, 3).expect("compress"), &[])
             .expect_err("too many blocks");
         assert!(matches!(e, WireError::IndexTooLarge(_)), "{e}");
-        // A compact index within its bound passes whole.
+        // A header cut short.
+        let e = read_compact_index(&compress(&raw[..40], 3).expect("compress"))
+            .expect_err("short header");
+        assert_eq!(
+            e.to_string(),
+            "image index refused: block index encoding is truncated: header needs 61 bytes at \
+             offset 0 but only 40 remain"
+        );
+        // A compact index within its bound is read whole (its prefixes unknown here).
         let mut raw = header(b"CRTOCIX", 1, 3);
         raw.extend_from_slice(&[7u8; 24]);
-        let got = decompress_index(&compress(&raw, 3).expect("compress"), Encoding::Compact)
-            .expect("fits");
-        assert_eq!(got, raw);
+        let index = read_compact_index(&compress(&raw, 3).expect("compress"))
+            .expect("a sound frame")
+            .expect("a sound index");
+        assert_eq!(index.block_count(), 3);
+        assert!(matches!(
+            index.resolve(|_| None),
+            Ok(crate::block_index::Resolved::Unresolved(3))
+        ));
     }
 
     #[test]
     fn a_session_index_cannot_announce_more_blocks_than_it_has_bytes() {
         let mut raw = header(b"CRTOSIX", 1, 1000);
         raw.extend_from_slice(&[0u8; 10]);
-        let e = crate::block_index::BlockIndex::session_to_compact(&raw, &[])
+        let e = read_session_index(&compress(&raw, 3).expect("compress"), &[])
+            .expect("a sound frame")
             .expect_err("1000 blocks in 10 bytes");
+        assert_eq!(
+            e.to_string(),
+            "session index at offset 61: 1000 blocks announced in 10 bytes"
+        );
+    }
+
+    /// A real session index of a small image and the prefixes its push asked about.
+    fn session_commit() -> (Vec<u8>, Vec<[u8; PREFIX_LEN]>) {
+        let mut data = vec![0u8; 8192];
+        for i in 0..40u8 {
+            data.extend(std::iter::repeat_n(i % 9 + 1, 4096));
+        }
+        let index = crate::BlockIndex::from_reader(&data[..], 4096).expect("index");
+        let mut asked = Vec::new();
+        for b in index.blocks().iter().filter(|b| !b.is_zero()) {
+            let p: [u8; PREFIX_LEN] = b.hash()[..PREFIX_LEN].try_into().expect("8");
+            if !asked.contains(&p) {
+                asked.push(p);
+            }
+        }
+        (index.to_session_bytes(), asked)
+    }
+
+    #[test]
+    fn damage_on_the_way_comes_before_what_the_index_is_refused_for() {
+        let (raw, asked) = session_commit();
+        let body = compress(&raw, 3).expect("compress");
+        // Sound, and read as sent.
+        let read = read_session_index(&body, &asked)
+            .expect("frame")
+            .expect("index");
+        assert_eq!(read.block_count(), 42);
+        // Its checksum damaged (the frame's last 4 bytes): refused as damage (422), though
+        // every block was read.
+        let mut damaged = body.clone();
+        let last = damaged.len() - 1;
+        damaged[last] ^= 1;
+        let e = read_session_index(&damaged, &asked).expect_err("checksum");
+        assert!(matches!(e, WireError::BadIndex(_)), "{e}");
+        assert_eq!(
+            e.to_string(),
+            "image index refused: zstd decompression failed: Restored data doesn't match checksum"
+        );
+        // A session it does not fit, sound: the index's error.
+        let e = read_session_index(&body, &asked[..2])
+            .expect("frame")
+            .expect_err("short");
         assert!(
-            e.to_string().contains("1000 blocks announced in 10 bytes"),
+            e.to_string().contains("the host was asked about 2 blocks"),
             "{e}"
         );
+        // The same with its checksum damaged: damage first, found by reading the frame to
+        // its end after the index was refused.
+        let e = read_session_index(&damaged, &asked[..2]).expect_err("checksum first");
+        assert!(e.to_string().contains("doesn't match checksum"), "{e}");
+    }
+
+    #[test]
+    fn an_index_frame_must_declare_its_size_and_keep_its_window_small() {
+        let (raw, asked) = session_commit();
+        // No content size (a streamed frame), though with its checksum.
+        let mut enc = zstd::stream::Encoder::new(Vec::new(), 3).expect("encoder");
+        enc.include_checksum(true).expect("checksum");
+        enc.include_contentsize(false).expect("no size");
+        std::io::Write::write_all(&mut enc, &raw).expect("write");
+        let body = enc.finish().expect("finish");
+        let e = read_session_index(&body, &asked).expect_err("no size");
+        assert!(
+            e.to_string().contains("does not say its content size"),
+            "{e}"
+        );
+        // A compact index of 1.2 million zero-prefixed blocks in a 16 MiB window.
+        let count = 1_200_000u64;
+        let mut raw = header(b"CRTOCIX", 1, count);
+        raw.resize(raw.len() + count as usize * PREFIX_LEN, 0);
+        let mut enc = zstd::stream::Encoder::new(Vec::new(), 1).expect("encoder");
+        enc.include_checksum(true).expect("checksum");
+        enc.set_pledged_src_size(Some(raw.len() as u64))
+            .expect("size");
+        enc.set_parameter(zstd::zstd_safe::CParameter::WindowLog(24))
+            .expect("window");
+        std::io::Write::write_all(&mut enc, &raw).expect("write");
+        let big_window = enc.finish().expect("finish");
+        let e = read_compact_index(&big_window).expect_err("window");
+        assert!(
+            e.to_string().contains("Frame requires too much memory"),
+            "{e}"
+        );
+        // The same index as the sender compresses it: read.
+        let index = read_compact_index(&compress(&raw, 3).expect("compress"))
+            .expect("frame")
+            .expect("index");
+        assert_eq!(index.block_count(), count as usize);
     }
 
     #[test]

@@ -50,7 +50,9 @@ const MAX_SESSIONS: usize = 256;
 struct Sessions(Mutex<HashMap<String, Session>>);
 
 struct Session {
-    asked: Vec<[u8; PREFIX_LEN]>,
+    /// Shared with the commits reading it, which therefore do not copy it (a push asking
+    /// again while its commit runs gets a copy of its own).
+    asked: Arc<Vec<[u8; PREFIX_LEN]>>,
     touched: Instant,
 }
 
@@ -65,7 +67,7 @@ impl Sessions {
         let mut map = self.lock();
         map.retain(|_, s| s.touched.elapsed() < SESSION_IDLE);
         let session = map.entry(id.to_owned()).or_insert_with(|| Session {
-            asked: Vec::new(),
+            asked: Arc::default(),
             touched: Instant::now(),
         });
         if start > session.asked.len() {
@@ -78,8 +80,9 @@ impl Sessions {
             map.remove(id);
             return;
         }
-        session.asked.truncate(start);
-        session.asked.extend_from_slice(prefixes);
+        let asked = Arc::make_mut(&mut session.asked);
+        asked.truncate(start);
+        asked.extend_from_slice(prefixes);
         session.touched = Instant::now();
         // Bounded memory and count: the least recently used sessions go first (this one
         // last).
@@ -97,7 +100,7 @@ impl Sessions {
         }
     }
 
-    fn get(&self, id: &str) -> Option<Vec<[u8; PREFIX_LEN]>> {
+    fn get(&self, id: &str) -> Option<Arc<Vec<[u8; PREFIX_LEN]>>> {
         self.lock().get(id).map(|s| s.asked.clone())
     }
 
@@ -160,9 +163,24 @@ struct AppState {
 /// reserves its body and the most its decoding can take before its body is read, and waits
 /// for room; one that could never fit is refused.
 pub const MEMORY_BUDGET: usize = 512 << 20;
-/// The most memory one index commit takes beyond its body: the decoded index of an image
-/// of MAX_IMAGE_BLOCKS blocks (about 40 bytes a block) and its expanded forms.
+/// The most memory one commit of a full index takes beyond its body: the decoded index of
+/// an image of MAX_IMAGE_BLOCKS blocks (40 bytes a block: 80 MiB) and the set of its missing
+/// hashes.
 const COMMIT_MEMORY: usize = 160 << 20;
+/// The same for a compact or session index, decoded as the zstd decoder gives it: the
+/// decoded index (80 MiB at most), the decoder's window (at most 8 MiB,
+/// [`wire::MAX_INDEX_WINDOW_LOG`]) and read buffer. Its prefixes are resolved in place, to
+/// blocks the store holds (so none is missing), and the index is written to its file as it
+/// is; a session's prefixes are shared, not copied.
+const STREAMED_COMMIT_MEMORY: usize = 96 << 20;
+// It does cover them (a decoded block is 40 bytes), with 1 MiB to spare.
+const _: () = assert!(
+    size_of::<crate::BlockEntry>() * crate::block_index::MAX_IMAGE_BLOCKS as usize
+        + (1 << wire::MAX_INDEX_WINDOW_LOG)
+        + wire::INDEX_READ_BUFFER
+        + (1 << 20)
+        <= STREAMED_COMMIT_MEMORY
+);
 
 /// Reserves room in the budget for a request of `parts` whose body may have up to `max_body`
 /// bytes and whose decoding takes up to `extra` more, then reads its body.
@@ -459,7 +477,11 @@ async fn commit_image(
         })?),
         _ => None,
     };
-    let (permit, body) = reserve_and_read(&state, request, MAX_INDEX_BODY, COMMIT_MEMORY).await?;
+    let decoding = match query.form {
+        CommitForm::Full => COMMIT_MEMORY,
+        CommitForm::Compact | CommitForm::Session => STREAMED_COMMIT_MEMORY,
+    };
+    let (permit, body) = reserve_and_read(&state, request, MAX_INDEX_BODY, decoding).await?;
     let sessions = state.sessions.clone();
     blocking(move || {
         let _permit = permit;
@@ -471,7 +493,7 @@ async fn commit_image(
                 repo.commit_prefixes(&name, index)?
             }
             CommitForm::Session => {
-                let asked = asked.as_deref().unwrap_or_default();
+                let asked = asked.as_deref().map_or(&[][..], Vec::as_slice);
                 // Not damage on the way (the zstd frame's checksum held): the session and
                 // the index disagree, and only a repair round (the full index) can help.
                 let index = wire::read_session_index(&body, asked)?.map_err(|e| {
@@ -527,6 +549,18 @@ pub async fn serve(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_commit_shares_its_session_and_a_later_question_does_not_change_it() {
+        let sessions = Sessions::default();
+        let id = "00112233445566778899aabbccddeeff";
+        sessions.record(id, 0, &[[1; PREFIX_LEN], [2; PREFIX_LEN]]);
+        let held = sessions.get(id).expect("kept");
+        assert!(Arc::ptr_eq(&held, &sessions.get(id).expect("kept")));
+        sessions.record(id, 2, &[[3; PREFIX_LEN]]);
+        assert_eq!(held.len(), 2, "what a commit read stays as it was");
+        assert_eq!(sessions.get(id).expect("kept").len(), 3);
+    }
 
     #[test]
     fn empty_push_sessions_are_evicted_too() {

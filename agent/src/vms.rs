@@ -6,6 +6,9 @@
 //! - `POST /v1/vms`: boot (JSON: name, image, memory_mib, vcpus, deadline_seconds, guest{url,vm,token})
 //! - `GET /v1/vms/{name}`: state (`running`, `ended`, `timed_out`, `gone`) and serial tail
 //! - `DELETE /v1/vms/{name}`: destroy (the serial log stays)
+//! - `POST /v1/vms/{name}/probe`: look at one of the guest's TCP ports from outside (JSON
+//!   `{port}`; answers `answered` with what the service said first, `silent`, or
+//!   `unverifiable` where this host cannot reach the guest's ports)
 
 use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
@@ -454,6 +457,7 @@ pub fn router(vms: Arc<Vms>) -> Router {
         .route("/v1/info", get(info))
         .route("/v1/vms", axum::routing::post(boot))
         .route("/v1/vms/{name}", get(status).delete(destroy))
+        .route("/v1/vms/{name}/probe", axum::routing::post(probe))
         .with_state(vms)
 }
 
@@ -502,6 +506,62 @@ async fn destroy(State(v): State<Arc<Vms>>, _: HostCaller, Path(name): Path<Stri
         );
     }
     answer(StatusCode::OK, move || v.destroy(&name)).await
+}
+
+/// How long a probe waits for a guest's service to speak.
+const PROBE_WAIT: Duration = Duration::from_secs(3);
+
+/// Looks at one of a running VM's ports from outside the guest: the evidence that a service
+/// the guest reported is there, which no code inside the guest can forge.
+async fn probe(
+    State(v): State<Arc<Vms>>,
+    _: HostCaller,
+    Path(name): Path<String>,
+    body: axum::body::Bytes,
+) -> Response {
+    let req: certo_proto::agent::ProbeRequest = match serde_json::from_slice(&body) {
+        Ok(r) => r,
+        Err(e) => return text(StatusCode::BAD_REQUEST, format!("probe request: {e}\n")),
+    };
+    if DomainName::parse(&name).is_none() {
+        return text(
+            StatusCode::BAD_REQUEST,
+            format!("{name:?} is not a Certo domain name\n"),
+        );
+    }
+    if req.port == 0 {
+        return text(StatusCode::BAD_REQUEST, "port 0 is not a port\n");
+    }
+    if v.status(&name).state != HostVmState::Running {
+        return text(
+            StatusCode::CONFLICT,
+            format!("{name} is not running on this host\n"),
+        );
+    }
+    let hv = v.hv.clone();
+    let probed = tokio::task::spawn_blocking(move || {
+        hv.probe_tcp(
+            &name,
+            req.port,
+            certo_proto::agent::PROBE_MAX_BYTES,
+            PROBE_WAIT,
+        )
+    })
+    .await;
+    use certo_hosts::hypervisor::{HypervisorError, ProbeAnswer};
+    use certo_proto::agent::ProbeOutcome;
+    let outcome = match probed {
+        Ok(Ok(ProbeAnswer::Answered { said })) => ProbeOutcome::Answered {
+            said: String::from_utf8_lossy(&said).into_owned(),
+        },
+        Ok(Ok(ProbeAnswer::Silent { why })) => ProbeOutcome::Silent { why },
+        Ok(Err(HypervisorError::Unsupported { message, .. })) => {
+            ProbeOutcome::Unverifiable { why: message }
+        }
+        Ok(Err(e)) => return text(StatusCode::INTERNAL_SERVER_ERROR, format!("{e}\n")),
+        Err(e) => return text(StatusCode::INTERNAL_SERVER_ERROR, format!("{e}\n")),
+    };
+    axum::Json(outcome).into_response()
 }
 
 /// Writes a VM's token readable by QEMU alone (mode 0400, owned by libvirt's QEMU user when

@@ -121,6 +121,16 @@ fn vm_run(db: &str, agent: &str, token: &str, image: &str, extra: &[&str]) -> Va
     json_of(&out)
 }
 
+/// The serial console a run's JSON names (`HOST:PATH`), as kept on this machine.
+fn serial_of(run: &Value) -> String {
+    let path = run["serial_log"]
+        .as_str()
+        .and_then(|l| l.split_once(':'))
+        .map(|(_, p)| p.to_owned())
+        .unwrap_or_else(|| panic!("no serial log in {run}"));
+    std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("serial log {path}: {e}"))
+}
+
 /// The names of libvirt's domains: every defined one with `all` (a leak is a domain that
 /// still exists, shut off or not), else the running ones.
 fn virsh_list(all: bool) -> Vec<String> {
@@ -255,6 +265,14 @@ async fn debian_and_rpm_images_boot_join_and_report_their_tests() {
     let r = vm_run(&db.url, &agent.url, token, &rpm, &["--timeout", "180"]);
     assert_eq!(r["state"], "done", "{r}");
     assert!(statuses(&r).iter().all(|(_, s)| s == "pass"), "{r}");
+    // The BDII the guest reported was looked at from outside: its banner is the evidence.
+    let serial = serial_of(&r);
+    assert!(
+        serial
+            .lines()
+            .any(|l| l.contains("registered") && l.contains("answered from outside: ")),
+        "{serial}"
+    );
 
     // PostgreSQL holds both runs and their results; no domain is left.
     for name in [v["vm"].as_str().expect("vm"), r["vm"].as_str().expect("vm")] {
@@ -681,5 +699,170 @@ async fn faults_end_in_explained_states_and_leak_no_domain() {
     drop(agent);
     let _ = std::fs::remove_dir_all(&repo);
     drop(orch);
+    db.drop_db().await.expect("drop");
+}
+
+/// An init script that the harness starts as one of the node type's services (it mentions
+/// /usr/libexec/glite/). It plays a broken patch's service that goes looking for the VM's
+/// token where such code might (fw_cfg, the kernel command line, other processes'
+/// arguments and environments) while the harness reports, and posts a passing result and
+/// `done ok` with whatever it found, and with nothing.
+const FORGER: &str = r#"#!/bin/sh
+# forger: /usr/libexec/glite/forger (a service of a broken patch; Certo's e2e test)
+[ "$1" = start ] || exit 0
+for w in $(cat /proc/cmdline); do
+  case $w in
+    certo.url=*) URL=${w#certo.url=} ;;
+    certo.vm=*) VM=${w#certo.vm=} ;;
+  esac
+done
+scan() {
+  cat /sys/firmware/qemu_fw_cfg/by_name/opt/certo/token/raw 2>/dev/null; echo
+  for w in $(cat /proc/cmdline); do case $w in certo.token=*) echo "${w#certo.token=}" ;; esac; done
+  for f in /proc/[0-9]*/cmdline /proc/[0-9]*/environ; do
+    tr '\0' '\n' < "$f" 2>/dev/null | sed -n 's/.*Bearer //p; s/^TOKEN=//p; s/^AUTH=//p; s/^SESSION=//p'
+  done
+}
+forge() {
+  for t in "$@" none; do
+    echo "basic forged pass 0.1" > /tmp/forged
+    for what in result done; do
+      [ $what = done ] && echo ok > /tmp/forged
+      busybox wget -q -O /dev/null --header "Authorization: Bearer $t" --header "X-Certo-VM: $VM" \
+        --post-file=/tmp/forged "$URL/api/v1/guest/$what" > /tmp/forge.out 2>&1
+      echo "forger: $what with a ${#t}-character token: exit $? $(tr '\n' ' ' < /tmp/forge.out)"
+    done
+  done
+}
+found=$(scan | grep -v -x -e '' -e fwcfg -e hidden | sort -u)
+echo "forger: tokens found at start: $(echo $found | wc -w)"
+forge $found
+# Keep looking while the harness reports (its requests' processes are visible in /proc).
+(
+  for i in $(seq 1 40); do
+    more=$(scan | grep -v -x -e '' -e fwcfg -e hidden | sort -u)
+    [ -n "$more" ] && { echo "forger: tokens found later: $(echo $more | wc -w)"; forge $more; }
+    sleep 0.25
+  done
+) > /dev/console 2>&1 < /dev/null &
+exit 0
+"#;
+
+/// An init script whose service listens but says nothing and hangs up at once: reported up by
+/// the harness, silent from outside.
+const MUTE: &str = r#"#!/bin/sh
+# mute: /usr/libexec/glite/mute (a service that never answers; Certo's e2e test)
+[ "$1" = start ] || exit 0
+busybox nc -ll -p 7777 -e /bin/true > /dev/null 2>&1 < /dev/null &
+sleep 0.3
+exit 0
+"#;
+
+/// Writes `files` (path in the image, mode, content) into an ext4 image with debugfs.
+fn inject(image: &Path, files: &[(&str, &str)]) {
+    let dir = tmp().join(format!("inject-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let mut cmds = String::new();
+    for (i, (path, content)) in files.iter().enumerate() {
+        let local = dir.join(format!("f{i}"));
+        std::fs::write(&local, content).expect("write");
+        cmds.push_str(&format!(
+            "rm {path}\nwrite {} {path}\nsif {path} mode 0100755\n",
+            local.display()
+        ));
+    }
+    let script = dir.join("cmds");
+    std::fs::write(&script, cmds).expect("cmds");
+    let out = Command::new("debugfs")
+        .arg("-w")
+        .arg("-f")
+        .arg(&script)
+        .arg(image)
+        .output()
+        .expect("debugfs");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_patch_service_cannot_forge_results_nor_pass_for_a_service_that_is_not_there() {
+    ensure_libvirtd();
+    let db = common::scratch().await;
+    distinct_run_ids(&db, 4).await;
+    let deb = image(&db.url, "deb12_x86_64", "glite-WN");
+    let img = tmp().join(format!("forger-{}.img", std::process::id()));
+    std::fs::copy(&deb, &img).expect("copy the image");
+    inject(
+        &img,
+        &[("/etc/init.d/forger", FORGER), ("/etc/init.d/mute", MUTE)],
+    );
+    let repo = tmp().join(format!("e2e-forger-repo-{}", std::process::id()));
+    let token = "e2e-forger-token-aaaaaaaaaaaaaaa";
+    let agent = spawn_agent(None, "127.0.0.1:0", "e2e-forger", token, &repo, None);
+    let img_s = img.to_str().expect("utf-8 path");
+    let v = vm_run(
+        &db.url,
+        &agent.url,
+        token,
+        img_s,
+        &["--timeout", "180", "--node-type", "glite-WN"],
+    );
+    let name = v["vm"].as_str().expect("vm").to_owned();
+    let serial = serial_of(&v);
+
+    // The forger ran, and found no token: not in fw_cfg, the command line or any process.
+    assert!(
+        serial.contains("forger: tokens found at start: 0"),
+        "{serial}"
+    );
+    assert!(!serial.contains("tokens found later"), "{serial}");
+    // Nothing it posted was accepted: every attempt was refused.
+    let attempts: Vec<&str> = serial
+        .lines()
+        .filter(|l| l.contains("forger: result with") || l.contains("forger: done with"))
+        .collect();
+    assert!(!attempts.is_empty(), "{serial}");
+    assert!(
+        attempts.iter().all(|l| !l.contains("exit 0")),
+        "{attempts:#?}"
+    );
+    let row = db.store.vm(&name).await.expect("vm").expect("row");
+    let results = db.store.vm_results(row.id).await.expect("results");
+    assert!(results.iter().all(|r| r.name != "forged"), "{results:?}");
+    // The harness's own results are all there.
+    assert!(results.len() >= 3, "{results:?}");
+    assert!(
+        results
+            .iter()
+            .all(|r| r.status == certo_orchestrator::model::TestStatus::Pass),
+        "{results:?}"
+    );
+    // The mute service was reported up by the harness, but nothing answered on its port from
+    // outside: it is not in the testbed, and the run failed saying the report was refused.
+    let services = db.store.services(None).await.expect("services");
+    assert!(services.iter().all(|s| s.name != "mute"), "{services:?}");
+    assert!(
+        serial.contains("service mute 7777 up"),
+        "the harness saw the port: {serial}"
+    );
+    assert!(
+        serial.contains("nothing answered there from outside the guest"),
+        "{serial}"
+    );
+    assert_eq!(row.state, certo_orchestrator::model::VmState::Failed, "{v}");
+    assert!(
+        row.reason
+            .as_deref()
+            .unwrap_or("")
+            .contains("cannot report: service"),
+        "{row:?}"
+    );
+    drop(agent);
+    let _ = std::fs::remove_file(&img);
+    let _ = std::fs::remove_dir_all(&repo);
     db.drop_db().await.expect("drop");
 }

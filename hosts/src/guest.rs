@@ -3,6 +3,9 @@
 
 use crate::hypervisor::HypervisorKind;
 
+/// The guest's address under QEMU's user network (what [`GuestConfig::user_network`] gives it).
+pub const USER_NET_GUEST: std::net::Ipv4Addr = std::net::Ipv4Addr::new(10, 0, 2, 15);
+
 /// The guest's side of the testbed connection.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct GuestConfig {
@@ -36,7 +39,7 @@ impl GuestConfig {
             url: url.to_owned(),
             vm: vm.to_owned(),
             token: token.to_owned(),
-            ip: "10.0.2.15/24".into(),
+            ip: format!("{USER_NET_GUEST}/24"),
             gateway: "10.0.2.2".into(),
             hang: false,
             panic: false,

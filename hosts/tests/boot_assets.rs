@@ -53,7 +53,8 @@ fn vmlinux_and_initramfs_are_built_once_and_cached_by_their_inputs() {
         "bin/certo-harness",
         "bin/busybox",
         "bin/sh",
-        "usr/bin/wget",
+        "usr/bin/nc",
+        "sbin/rmmod",
         "dev/console",
         "etc/certo-modules",
     ] {

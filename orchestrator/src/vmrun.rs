@@ -13,7 +13,7 @@ use chrono::Utc;
 use serde::Serialize;
 
 use crate::api::{self, ApiState};
-use crate::store::{NewVm, ResultRow, Store, StoreError, VmRow};
+use crate::store::{NewVm, ProbeOutcomeKind, ResultRow, Store, StoreError, VmRow};
 
 /// How long the agent may stay silent before a run is declared lost.
 pub const AGENT_SILENCE: Duration = Duration::from_secs(8);
@@ -141,6 +141,14 @@ impl Agent {
     pub async fn status(&self, name: &str) -> Result<AgentVm> {
         self.call(reqwest::Method::GET, &format!("/v1/vms/{name}"), None)
             .await
+    }
+
+    /// Looks at one of the VM's TCP ports from outside the guest.
+    pub async fn probe(&self, name: &str, port: u16) -> Result<certo_proto::agent::ProbeOutcome> {
+        let path = format!("/v1/vms/{name}/probe");
+        let body = serde_json::to_vec(&certo_proto::agent::ProbeRequest { port })
+            .map_err(|e| agent_err(&path, e))?;
+        self.call(reqwest::Method::POST, &path, Some(body)).await
     }
 
     /// Destroys the VM (its serial log stays).
@@ -373,6 +381,9 @@ async fn run_inner(
         if !row.state.is_live() {
             break;
         }
+        if row.state == VmState::Joined {
+            look_at_services(store, agent, &row).await?;
+        }
         let status = agent.status(&name).await.ok();
         if let Some(s) = &status {
             serial_tail = s.serial_tail.clone();
@@ -455,6 +466,28 @@ async fn run_inner(
         Err(e) => tracing::warn!(vm = %name, error = %e, "teardown request failed"),
     }
     outcome(store, &name, serial_tail, joined_at, started).await
+}
+
+/// The services the guest reported up, looked at from outside through the host's agent: the
+/// guest's word is not evidence (a patch's code could say anything), what answers on the
+/// port is. The guest's report waits for this (api::guest, `service`).
+async fn look_at_services(store: &Store, agent: &Agent, vm: &VmRow) -> Result<()> {
+    use certo_proto::agent::ProbeOutcome;
+    for (service, port) in store.pending_probes(vm.id).await? {
+        let (kind, evidence) = match agent.probe(&vm.name, port).await {
+            Ok(ProbeOutcome::Answered { said }) => (ProbeOutcomeKind::Answered, said),
+            Ok(ProbeOutcome::Silent { why }) => (ProbeOutcomeKind::Silent, why),
+            Ok(ProbeOutcome::Unverifiable { why }) => (ProbeOutcomeKind::Unverifiable, why),
+            // The agent failed to look (not: looked and found nothing): no evidence.
+            Err(e) => (ProbeOutcomeKind::Unverifiable, e.to_string()),
+        };
+        let evidence: String = evidence.replace('\0', "").chars().take(1024).collect();
+        tracing::info!(vm = %vm.name, %service, port, outcome = kind.as_str(), "looked at a reported service from outside");
+        store
+            .record_probe(vm.id, &service, port, kind, &evidence)
+            .await?;
+    }
+    Ok(())
 }
 
 /// Why a VM ended without its harness saying done, and whose fault it is: before the

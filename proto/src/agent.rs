@@ -97,3 +97,28 @@ pub struct HostInfo {
     pub memory_mib: u64,
     pub vcpus: u32,
 }
+
+/// What the orchestrator asks an agent to look at from outside a running guest
+/// (`POST /v1/vms/{name}/probe`): a TCP port the guest says a service listens on.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProbeRequest {
+    pub port: u16,
+}
+
+/// Most bytes of a service's first words a probe keeps.
+pub const PROBE_MAX_BYTES: usize = 1024;
+
+/// What the agent found on a guest's port, seen from the host.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", tag = "outcome")]
+pub enum ProbeOutcome {
+    /// Something answered on the port; what it said first (lossy UTF-8, at most
+    /// [`PROBE_MAX_BYTES`] bytes; possibly empty for a service that waits to be spoken to).
+    Answered { said: String },
+    /// Nothing answered: the service is not there.
+    Silent { why: String },
+    /// The host cannot reach the guest's ports (e.g. the test driver, or a bridged NIC it
+    /// has no route to): no outside evidence either way.
+    Unverifiable { why: String },
+}

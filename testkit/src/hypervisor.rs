@@ -112,9 +112,7 @@ fn simulated_guest(hv: &dyn Hypervisor, name: &str, guest: &GuestArgs, serial: &
         return;
     }
     let url = guest.url.replace("//10.0.2.2:", "//127.0.0.1:");
-    let call =
-        |path: &str, body: &str| http_post(&format!("{url}{path}"), &guest.token, name, body);
-    let plan = match call("/api/v1/guest/join", "") {
+    let plan = match http_post(&format!("{url}/api/v1/guest/join"), &guest.token, name, "") {
         Ok((200, plan)) => plan,
         Ok((status, body)) => {
             say(&format!(
@@ -133,6 +131,14 @@ fn simulated_guest(hv: &dyn Hypervisor, name: &str, guest: &GuestArgs, serial: &
         }
     };
     say("certo-harness: joined");
+    // After join the session key acts for the VM, as with the real harness.
+    let session = plan
+        .lines()
+        .find_map(|l| l.strip_prefix("session "))
+        .unwrap_or_default()
+        .trim()
+        .to_owned();
+    let call = |path: &str, body: &str| http_post(&format!("{url}{path}"), &session, name, body);
     if guest.crash {
         say("certo-harness: crashing on purpose after joining (certo.crash=1)");
         let _ = hv.destroy(name);

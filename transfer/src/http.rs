@@ -91,6 +91,9 @@ pub async fn serve(
         builder
             .timer(TokioTimer::new())
             .header_read_timeout(limits.header_timeout)
+            // A client may shut its writing side once the request is sent and wait for the
+            // answer (the guest harness's busybox nc does): answer it rather than hang up.
+            .half_close(true)
             .keep_alive(true);
         let conn =
             builder.serve_connection(TokioIo::new(stream), TowerToHyperService::new(app.clone()));

@@ -56,6 +56,8 @@ async fn malformed_guest_and_host_input_is_refused_and_changes_nothing() {
     let guest = |what: &str| http.post(format!("{}/api/v1/guest/{what}", server.base));
     let (status, body) = send(guest("join"), &token, Some(name), Vec::new()).await;
     assert_eq!(status, 200, "{body}");
+    // After join the harness speaks with the session key join returned.
+    let token = session_of(&body);
     let before = common::snapshot(&db).await;
 
     let refused: Vec<(&str, Vec<u8>, &str)> = vec![
@@ -206,6 +208,14 @@ async fn a_relative_repository_root_is_taken_from_the_working_directory() {
     db.drop_db().await.expect("drop");
 }
 
+/// The session key a join answered with (its `session KEY` line).
+fn session_of(plan: &str) -> String {
+    plan.lines()
+        .find_map(|l| l.strip_prefix("session "))
+        .unwrap_or_else(|| panic!("no session line in {plan:?}"))
+        .to_owned()
+}
+
 /// Creates a VM run on host `h1` (made if missing) with `deadline`; returns its token.
 async fn vm_with_deadline(
     db: &certo_orchestrator::store::scratch::ScratchDb,
@@ -258,8 +268,9 @@ async fn a_guest_keeps_to_the_protocol_its_quotas_and_its_deadline() {
         assert_eq!(status, 409, "{what} before join: {answer}");
         assert!(answer.contains("before join"), "{answer}");
     }
-    let (status, _) = send(guest("join"), &token, Some(name), Vec::new()).await;
+    let (status, plan) = send(guest("join"), &token, Some(name), Vec::new()).await;
     assert_eq!(status, 200);
+    let token = session_of(&plan);
 
     // Quotas: one result's output, the number of results, the log's bytes.
     let big = format!("basic big pass 1\n{}", "x".repeat(70 * 1024));

@@ -62,6 +62,45 @@ async fn post(
     (status, resp.text().await.unwrap_or_default())
 }
 
+/// The session key a join answered with (its `session KEY` line).
+fn session_of(plan: &str) -> String {
+    plan.lines()
+        .find_map(|l| l.strip_prefix("session "))
+        .unwrap_or_else(|| panic!("no session line in {plan:?}"))
+        .to_owned()
+}
+
+/// Stands in for a run's driver and its host's agent: every pending probe of `vms` is
+/// answered with `outcome`, as `vm run` records what the agent saw on the port. Stops when
+/// dropped.
+fn host_looks(
+    store: certo_orchestrator::store::Store,
+    vms: Vec<i64>,
+    outcome: certo_orchestrator::store::ProbeOutcomeKind,
+) -> AbortOnDrop {
+    AbortOnDrop(tokio::spawn(async move {
+        loop {
+            for &vm in &vms {
+                for (service, port) in store.pending_probes(vm).await.expect("probes") {
+                    store
+                        .record_probe(vm, &service, port, outcome, "test banner 1.0")
+                        .await
+                        .expect("record");
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }))
+}
+
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
 async fn new_vm(
     store: &certo_orchestrator::store::Store,
     name: &str,
@@ -183,8 +222,10 @@ async fn the_guest_protocol_records_a_run_and_its_token_is_good_once_and_for_one
     )
     .await;
     assert_eq!(status, 200, "{plan}");
+    let session = session_of(&plan);
+    assert_ne!(session, token);
     assert!(
-        plan.starts_with(&format!("hostname wn-{id}.certo\nnode_type glite-WN\n")),
+        plan.contains(&format!("\nhostname wn-{id}.certo\nnode_type glite-WN\n")),
         "{plan}"
     );
     assert!(
@@ -198,17 +239,61 @@ async fn the_guest_protocol_records_a_run_and_its_token_is_good_once_and_for_one
     // A second join with the same token (a replayed boot) is refused.
     assert_eq!(post(&u("join"), Some(&token), &wn, "").await.0, 409);
 
+    // After join the VM token acts for nothing: a patch's code that found it cannot report.
+    for (what, body) in [
+        ("service", "forged 2812 up"),
+        ("result", "basic forged pass 0.1\n"),
+        ("log", "forged\n"),
+        ("done", "ok"),
+    ] {
+        let (status, text) = post(&u(what), Some(&token), &wn, body).await;
+        assert_eq!(status, 401, "{what}: {text}");
+        assert!(text.contains("only the session key"), "{what}: {text}");
+    }
+    // Nor does the session key for another VM.
+    let (status, text) = post(
+        &u("result"),
+        Some(&session),
+        &[("x-certo-vm", "certo-r2-glite-ui-a1")],
+        "basic forged pass 0.1\n",
+    )
+    .await;
+    assert_eq!(status, 403, "{text}");
+    // The host looks at each reported service from outside before it joins the testbed.
+    let _looking = host_looks(
+        db.store.clone(),
+        vec![id],
+        certo_orchestrator::store::ProbeOutcomeKind::Answered,
+    );
+
     // Services join the patch's slice.
-    let (status, body) = post(&u("service"), Some(&token), &wn, "glite-wn-info 2811 up").await;
+    let (status, body) = post(&u("service"), Some(&session), &wn, "glite-wn-info 2811 up").await;
     assert_eq!(status, 200, "{body}");
+    assert!(
+        body.contains("answered from outside: test banner 1.0"),
+        "{body}"
+    );
+    // A service that does not answer on its port from outside is not taken on the guest's word.
+    drop(_looking);
+    let _looking = host_looks(
+        db.store.clone(),
+        vec![id],
+        certo_orchestrator::store::ProbeOutcomeKind::Silent,
+    );
+    let (status, body) = post(&u("service"), Some(&session), &wn, "glite-wn-dead 2999 up").await;
+    assert_eq!(status, 409, "{body}");
+    assert!(
+        body.contains("nothing answered there from outside the guest"),
+        "{body}"
+    );
     assert_eq!(
-        post(&u("service"), Some(&token), &wn, "x notaport up")
+        post(&u("service"), Some(&session), &wn, "x notaport up")
             .await
             .0,
         400
     );
     assert_eq!(
-        post(&u("service"), Some(&token), &wn, "../etc 1 up")
+        post(&u("service"), Some(&session), &wn, "../etc 1 up")
             .await
             .0,
         400
@@ -217,7 +302,7 @@ async fn the_guest_protocol_records_a_run_and_its_token_is_good_once_and_for_one
     // Results: validated first line, output kept.
     let (status, body) = post(
         &u("result"),
-        Some(&token),
+        Some(&session),
         &wn,
         "basic 10-yaim-check pass 0.4\nall fine\n",
     )
@@ -225,19 +310,19 @@ async fn the_guest_protocol_records_a_run_and_its_token_is_good_once_and_for_one
     assert_eq!(status, 200, "{body}");
     post(
         &u("result"),
-        Some(&token),
+        Some(&session),
         &wn,
         "regression bug45678 fail 1.5\nWN_LIST empty\n",
     )
     .await;
     assert_eq!(
-        post(&u("result"), Some(&token), &wn, "basic x maybe 1\n")
+        post(&u("result"), Some(&session), &wn, "basic x maybe 1\n")
             .await
             .0,
         400
     );
     assert_eq!(
-        post(&u("result"), Some(&token), &wn, "basic ../x pass 1\n")
+        post(&u("result"), Some(&session), &wn, "basic ../x pass 1\n")
             .await
             .0,
         400
@@ -252,7 +337,7 @@ async fn the_guest_protocol_records_a_run_and_its_token_is_good_once_and_for_one
     assert_eq!(services[0].endpoint, format!("wn-{id}.certo:2811"));
 
     // Done: the run is recorded, the slice's services leave the testbed, the token is used up.
-    let (status, _) = post(&u("done"), Some(&token), &wn, "ok").await;
+    let (status, _) = post(&u("done"), Some(&session), &wn, "ok").await;
     assert_eq!(status, 200);
     let vm = db
         .store
@@ -282,12 +367,12 @@ async fn the_guest_protocol_records_a_run_and_its_token_is_good_once_and_for_one
             .expect("s")
             .is_empty()
     );
-    let (status, body) = post(&u("result"), Some(&token), &wn, "basic late pass 1\n").await;
+    let (status, body) = post(&u("result"), Some(&session), &wn, "basic late pass 1\n").await;
     assert_eq!(status, 401, "{body}");
     assert!(body.contains("used up"), "{body}");
 
     // The other VM's token still works for that VM alone.
-    let (status, _) = post(
+    let (status, plan) = post(
         &u("join"),
         Some(&other),
         &[("x-certo-vm", "certo-r2-glite-ui-a1")],
@@ -295,9 +380,10 @@ async fn the_guest_protocol_records_a_run_and_its_token_is_good_once_and_for_one
     )
     .await;
     assert_eq!(status, 200);
+    let other_session = session_of(&plan);
     let (status, _) = post(
         &u("done"),
-        Some(&other),
+        Some(&other_session),
         &[("x-certo-vm", "certo-r2-glite-ui-a1")],
         "error the services did not start",
     )
@@ -345,7 +431,7 @@ async fn a_slice_cannot_replace_a_shared_service_and_dead_services_turn_unhealth
         String::from_utf8_lossy(&out.stderr)
     );
     let api = api(&db.store, Duration::from_millis(200)).await;
-    let (_, token) = new_vm(
+    let (bdii_id, token) = new_vm(
         &db.store,
         "certo-r9-glite-bdii-a1",
         "glite-BDII",
@@ -355,7 +441,14 @@ async fn a_slice_cannot_replace_a_shared_service_and_dead_services_turn_unhealth
     let u = |what: &str| format!("{}/api/v1/guest/{what}", api.base);
     let bdii_vm = [("x-certo-vm", "certo-r9-glite-bdii-a1")];
     let wn = [("x-certo-vm", "certo-r10-glite-wn-a1")];
-    assert_eq!(post(&u("join"), Some(&token), &bdii_vm, "").await.0, 200);
+    let (status, plan) = post(&u("join"), Some(&token), &bdii_vm, "").await;
+    assert_eq!(status, 200, "{plan}");
+    let token = session_of(&plan);
+    let _looking = host_looks(
+        db.store.clone(),
+        vec![bdii_id],
+        certo_orchestrator::store::ProbeOutcomeKind::Answered,
+    );
     // Patch 3506's service claims the shared service's name: refused, the shared one stays.
     let (status, body) = post(&u("service"), Some(&token), &bdii_vm, "top-bdii 2170 up").await;
     assert_eq!(status, 409, "{body}");
@@ -368,14 +461,21 @@ async fn a_slice_cannot_replace_a_shared_service_and_dead_services_turn_unhealth
     assert_eq!(shared[0].endpoint, endpoint);
 
     // A slice sees the shared services and its own, not another patch's.
-    let (_, other) = new_vm(
+    let (other_id, other) = new_vm(
         &db.store,
         "certo-r10-glite-wn-a1",
         "glite-WN",
         Some((3456, 2)),
     )
     .await;
-    assert_eq!(post(&u("join"), Some(&other), &wn, "").await.0, 200);
+    let (status, plan) = post(&u("join"), Some(&other), &wn, "").await;
+    assert_eq!(status, 200, "{plan}");
+    let other = session_of(&plan);
+    let _looking_too = host_looks(
+        db.store.clone(),
+        vec![other_id],
+        certo_orchestrator::store::ProbeOutcomeKind::Answered,
+    );
     assert_eq!(
         post(&u("service"), Some(&other), &wn, "wn-info 2811 up")
             .await

@@ -164,6 +164,7 @@ async fn every_agent_route_refuses_a_request_without_a_valid_credential() {
         ("POST", "/v1/vms"),
         ("GET", "/v1/vms/certo-r1-x-a1"),
         ("DELETE", "/v1/vms/certo-r1-x-a1"),
+        ("POST", "/v1/vms/certo-r1-x-a1/probe"),
         ("POST", "/v1/blocks/missing"),
         ("POST", "/v1/blocks"),
         ("GET", "/v1/images"),

@@ -309,7 +309,10 @@ fn applets(busybox: &Path) -> Result<Vec<String>, BootError> {
         "sbin/insmod",
         "bin/mount",
         "sbin/ip",
-        "usr/bin/wget",
+        "usr/bin/nc",
+        "sbin/rmmod",
+        "usr/bin/timeout",
+        "usr/bin/awk",
         "sbin/poweroff",
     ] {
         if !list.iter().any(|a| a == needed) {

@@ -1,12 +1,17 @@
 #!/bin/sh
 # Certo guest harness (busybox sh, run by /init with the image mounted at /root).
-# Protocol (plain HTTP, busybox wget, every request with "Authorization: Bearer TOKEN"):
-# and "X-Certo-VM: NAME" (the server refuses a token presented with another VM's name):
-#   POST URL/api/v1/guest/join     (empty)            -> "hostname N", "node_type T", "test SUITE GLOB"...
-#   POST URL/api/v1/guest/service  "SVC PORT up|failed"
+# Protocol (plain HTTP/1.0 over busybox nc; every request carries "Authorization: Bearer KEY"
+# and "X-Certo-VM: NAME"; the server refuses a key presented with another VM's name):
+#   POST URL/api/v1/guest/join     (empty)            -> "session KEY", "hostname N", "node_type T", "test SUITE GLOB"...
+#   POST URL/api/v1/guest/service  "SVC PORT up|failed" (the host then looks at PORT from outside)
 #   POST URL/api/v1/guest/result   "SUITE NAME pass|fail|error SECONDS" + output (last 16 KiB)
 #   POST URL/api/v1/guest/log      the harness's log lines since the last post
 #   POST URL/api/v1/guest/done     "ok" | "error MESSAGE"
+# join takes the VM's token (fw_cfg or the kernel command line); every later call takes the
+# session key join returned. Before any code of the image runs, the token is taken out of
+# the image's sight (fw_cfg unloaded, the command line masked); the key lives only in this
+# shell's memory: it is in no file, no environment and no command line (requests are
+# written by the shell's printf into nc, so no process's argv holds it).
 TEST_TIMEOUT=120
 HTTP_TIMEOUT=60
 W=/tmp/certo
@@ -31,10 +36,38 @@ if [ "${TOKEN:-}" = fwcfg ]; then
   TOKEN=$(cat $FWCFG 2>/dev/null | tr -d '\n')
 fi
 
+# Out of the image's sight from now on: the fw_cfg device goes (the module is unloaded; if it
+# cannot be, an empty mount covers it in the image's /sys), and the image's /proc/cmdline
+# shows the command line without the token.
+hide_token() {
+  [ -d /sys/firmware/qemu_fw_cfg ] && rmmod qemu_fw_cfg 2>/dev/null
+  if [ -d /root/sys/firmware/qemu_fw_cfg/by_name ]; then
+    mount -t tmpfs -o size=4k,mode=0 certo-hidden /root/sys/firmware/qemu_fw_cfg \
+      || say "warning: the fw_cfg device could not be hidden from the image"
+  fi
+  if [ -e /root/proc/cmdline ]; then
+    { sed 's/certo\.token=[^ ]*/certo.token=hidden/' /proc/cmdline > $W/cmdline \
+      && mount -o bind $W/cmdline /root/proc/cmdline; } \
+      || say "warning: the kernel command line could not be masked in the image"
+  fi
+}
+hide_token
+
 if [ -z "${URL:-}" ] || [ -z "${TOKEN:-}" ]; then
   say "error: certo.url or certo.token missing from the kernel command line"
   exit 2
 fi
+case $URL in
+  http://*) ;;
+  *) say "error: certo.url must be an http:// URL: $URL"; exit 2 ;;
+esac
+HOSTPORT=${URL#http://}
+PREFIX=
+case $HOSTPORT in */*) PREFIX=/${HOSTPORT#*/}; PREFIX=${PREFIX%/}; HOSTPORT=${HOSTPORT%%/*} ;; esac
+HOST=${HOSTPORT%:*}
+PORT=${HOSTPORT##*:}
+[ "$HOST" = "$HOSTPORT" ] && PORT=80
+AUTH=$TOKEN
 
 if [ "${HANG:-}" = 1 ]; then
   say "hanging on purpose (certo.hang=1)"
@@ -42,21 +75,30 @@ if [ "${HANG:-}" = 1 ]; then
 fi
 
 ERRORS=
-# post ENDPOINT BODYFILE: POST, response in $W/resp; non-zero on failure (error on the console).
+# post ENDPOINT BODYFILE: POST, response body in $W/resp; non-zero on failure (error on the
+# console). The request is written by printf (a shell builtin: no process shows the key).
 post() {
-  rm -f $W/resp
-  if timeout $HTTP_TIMEOUT wget -q -O $W/resp --header "Authorization: Bearer $TOKEN" \
-      --header "X-Certo-VM: ${VM:-}" \
-      --post-file="$2" "$URL/api/v1/guest/$1" < /dev/null > $W/wget.err 2>&1; then
-    return 0
-  fi
-  say "error: POST /api/v1/guest/$1 failed: $(tr '\n' ' ' < $W/wget.err)"
+  rm -f $W/resp $W/raw
+  len=$(wc -c < "$2")
+  {
+    printf 'POST %s/api/v1/guest/%s HTTP/1.0\r\nHost: %s\r\nAuthorization: Bearer %s\r\nX-Certo-VM: %s\r\nContent-Type: text/plain\r\nContent-Length: %s\r\n\r\n' \
+      "$PREFIX" "$1" "$HOSTPORT" "$AUTH" "${VM:-}" "$len"
+    cat "$2"
+  } | timeout $HTTP_TIMEOUT nc -w 10 "$HOST" "$PORT" > $W/raw 2> $W/nc.err
+  status=$(head -n 1 $W/raw | awk '{ print $2 }')
+  awk 'body { print; next } /^\r?$/ { body = 1 }' $W/raw > $W/resp
+  case $status in
+    2??) return 0 ;;
+  esac
+  say "error: POST /api/v1/guest/$1 failed: HTTP ${status:-none}: $(head -c 300 $W/resp | tr '\n' ' ')$(tr '\n' ' ' < $W/nc.err)"
   return 1
 }
 # report ENDPOINT TEXT
 report() {
   printf '%s\n' "$2" > $W/body
-  post "$1" $W/body || ERRORS="$ERRORS $1"
+  post "$1" $W/body && return 0
+  ERRORS="$ERRORS $1"
+  return 1
 }
 ports() {
   netstat -ltn 2>/dev/null | awk 'NR > 2 { n = split($4, a, ":"); print a[n] }' | sort -un
@@ -81,15 +123,25 @@ if ! post join $W/empty; then
   say "error: join refused; powering off"
   exit 1
 fi
-NAME= NT=
+NAME= NT= SESSION=
 : > $W/tests
 while read -r key a b; do
   case $key in
+    session) SESSION=$a ;;
     hostname) NAME=$a ;;
     node_type) NT=$a ;;
     test) echo "$a $b" >> $W/tests ;;
   esac
 done < $W/resp
+rm -f $W/resp $W/raw
+if [ -z "$SESSION" ]; then
+  say "error: join answered no session key; powering off"
+  exit 1
+fi
+# From now on the session key acts for this VM; the VM token is spent.
+AUTH=$SESSION
+TOKEN=
+SESSION=
 say "joined: hostname ${NAME:-?} node_type ${NT:-?} suites $(wc -l < $W/tests) (uptime $(uptime_s)s)"
 
 if [ "${CRASH:-}" = 1 ]; then
@@ -125,7 +177,7 @@ for f in /root/etc/init.d/*; do
     done
   fi
   say "service $svc $port $state"
-  report service "$svc $port $state"
+  report service "$svc $port $state" && say "service $svc: $(head -c 300 $W/resp | tr '\n' ' ')"
 done
 
 # The test suites: GLOB is a path inside the image; scripts run in the image, sorted.

@@ -12,7 +12,7 @@ say() { echo "certo-harness: $*"; }
 
 off() {
   sync
-  for m in /root/dev /root/sys /root/proc /root; do
+  for m in /root/proc/cmdline /root/sys/firmware/qemu_fw_cfg /root/dev /root/sys /root/proc /root; do
     grep -q " $m " /proc/mounts && umount "$m" 2>/dev/null
   done
   sync

@@ -1,7 +1,9 @@
 //! [`Hypervisor`] over libvirt, through the `virt` crate.
 
+use std::net::Ipv4Addr;
 use std::path::PathBuf;
 use std::sync::Once;
+use std::time::Duration;
 
 use virt::connect::Connect;
 use virt::domain::{Domain, DomainState as VirState};
@@ -10,7 +12,7 @@ use virt::sys;
 
 use super::{
     DomainSpec, DomainState, DomainStatus, Hypervisor, HypervisorError, HypervisorKind,
-    Persistence, is_certo_domain, xml,
+    Persistence, ProbeAnswer, is_certo_domain, xml,
 };
 
 /// A connection to one libvirt driver, e.g. `test:///default` or `qemu:///system`.
@@ -216,6 +218,75 @@ impl Hypervisor for LibvirtHypervisor {
             Err(_) if self.lookup(name)?.is_none() => Ok(None),
             Err(e) => Err(e),
         }
+    }
+
+    fn probe_tcp(
+        &self,
+        name: &str,
+        port: u16,
+        max: usize,
+        wait: Duration,
+    ) -> Result<ProbeAnswer, HypervisorError> {
+        let unsupported = |message: String| HypervisorError::Unsupported {
+            name: name.to_owned(),
+            message,
+        };
+        if !matches!(self.kind, HypervisorKind::Qemu | HypervisorKind::Kvm) {
+            return Err(unsupported(format!(
+                "{} domains cannot be reached from the host",
+                self.kind.as_str()
+            )));
+        }
+        let d = self
+            .lookup(name)?
+            .ok_or_else(|| unsupported("no such domain".into()))?;
+        let desc = d.xml_desc(0).map_err(|e| lv("get domain XML", name, e))?;
+        let alias = xml::user_net_alias(&desc)
+            .ok_or_else(|| unsupported("it has no user-network NIC to forward a port of".into()))?;
+        // A free loopback port for the forward (QEMU binds it right after; a race with
+        // another process taking it in between makes hostfwd_add fail, reported below).
+        let host_port = std::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
+            .and_then(|l| l.local_addr())
+            .map_err(|e| unsupported(format!("no free loopback port: {e}")))?
+            .port();
+        let hmp = |cmd: String| -> Result<String, HypervisorError> {
+            d.qemu_monitor_command(&cmd, sys::VIR_DOMAIN_QEMU_MONITOR_COMMAND_HMP)
+                .map_err(|e| lv("QEMU monitor command", name, e))
+        };
+        let guest = crate::guest::USER_NET_GUEST;
+        let said = hmp(format!(
+            "hostfwd_add host{alias} tcp:127.0.0.1:{host_port}-{guest}:{port}"
+        ))?;
+        if !said.trim().is_empty() {
+            return Err(unsupported(format!(
+                "QEMU refused to forward 127.0.0.1:{host_port} to {guest}:{port}: {}",
+                said.trim()
+            )));
+        }
+        let answer = super::read_first_words(
+            std::net::SocketAddr::from((Ipv4Addr::LOCALHOST, host_port)),
+            max,
+            wait,
+        );
+        if let Err(e) = hmp(format!(
+            "hostfwd_remove host{alias} tcp:127.0.0.1:{host_port}"
+        )) {
+            tracing::warn!(vm = name, error = %e, "cannot remove a probe's port forward");
+        }
+        tracing::info!(
+            vm = name,
+            port,
+            host_port,
+            ?answer,
+            "probed a guest port from outside"
+        );
+        // QEMU listens on the forward's port: failing to connect means this process does not
+        // share QEMU's network namespace, not that the guest is silent.
+        answer.map_err(|e| {
+            unsupported(format!(
+                "the port forward 127.0.0.1:{host_port} cannot be reached from here ({e}): QEMU runs in another network namespace"
+            ))
+        })
     }
 
     fn serial_log(&self, name: &str) -> Result<Option<PathBuf>, HypervisorError> {

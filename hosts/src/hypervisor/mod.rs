@@ -142,6 +142,22 @@ pub struct DomainStatus {
     pub owner: Option<String>,
 }
 
+/// What [`Hypervisor::probe_tcp`] found on a guest's port.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ProbeAnswer {
+    /// Something accepted the connection; what it said first (possibly nothing).
+    Answered {
+        /// The bytes read, at most the probe's limit.
+        said: Vec<u8>,
+    },
+    /// Nothing accepted the connection: refused, reset before anything was said, or no
+    /// answer within the wait.
+    Silent {
+        /// What happened, e.g. `connection refused`.
+        why: String,
+    },
+}
+
 /// How [`Hypervisor::wait_until`] ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum WaitOutcome {
@@ -176,6 +192,15 @@ pub enum HypervisorError {
         /// Domain name.
         name: String,
         /// What is wrong.
+        message: String,
+    },
+    /// What was asked cannot be done with this hypervisor or network (e.g. reaching a
+    /// guest's port on the test driver, which has no guests).
+    #[error("domain {name}: {message}")]
+    Unsupported {
+        /// Domain name.
+        name: String,
+        /// What cannot be done, and why.
         message: String,
     },
     /// Template rendering failed (a bug in a template).
@@ -213,6 +238,30 @@ pub trait Hypervisor: Send + Sync + std::fmt::Debug {
     /// `None` if the domain does not exist or has no file-backed console.
     fn serial_log(&self, name: &str) -> Result<Option<PathBuf>, HypervisorError>;
 
+    /// Connects from this host to TCP `port` of the running guest `name` (its address on
+    /// its own network), reads what the service says first (at most `max` bytes, until it
+    /// closes or `wait` passes) and returns it: the evidence, taken from outside the guest,
+    /// that a service the guest reported is really there. Under QEMU's user network the
+    /// guest is unreachable from the host, so a port forward is added for the probe and
+    /// removed after it. [`HypervisorError::Unsupported`] where the host cannot reach the
+    /// guest at all.
+    fn probe_tcp(
+        &self,
+        name: &str,
+        port: u16,
+        max: usize,
+        wait: Duration,
+    ) -> Result<ProbeAnswer, HypervisorError> {
+        let _ = (port, max, wait);
+        Err(HypervisorError::Unsupported {
+            name: name.to_owned(),
+            message: format!(
+                "{} domains cannot be reached from the host",
+                self.kind().as_str()
+            ),
+        })
+    }
+
     /// Polls every [`POLL`] until the domain has ended (gone, shut off or crashed), or until
     /// `deadline`, when it destroys the domain. The serial log file is left in place.
     fn wait_until(&self, name: &str, deadline: Instant) -> Result<WaitOutcome, HypervisorError> {
@@ -246,6 +295,58 @@ pub trait Hypervisor: Send + Sync + std::fmt::Debug {
             thread::sleep(POLL.min(deadline - now));
         }
     }
+}
+
+/// Connects to `addr` and reads what the other side says first: at most `max` bytes, until it
+/// closes the connection or `wait` has passed. A connection closed before a word (what QEMU's
+/// user network does with a forwarded connection when nothing listens on the guest's port) is
+/// [`ProbeAnswer::Silent`]; one accepted but mute for all of `wait` is an answer of nothing.
+/// `Err` when the connection cannot be made at all (through a port forward that means the
+/// forward is not reachable from here, which says nothing about the guest).
+pub fn read_first_words(
+    addr: std::net::SocketAddr,
+    max: usize,
+    wait: Duration,
+) -> Result<ProbeAnswer, std::io::Error> {
+    use std::io::Read;
+    let start = Instant::now();
+    let mut stream = std::net::TcpStream::connect_timeout(&addr, wait)?;
+    let mut said = Vec::new();
+    let mut buf = [0u8; 1024];
+    loop {
+        let left = wait.saturating_sub(start.elapsed());
+        if left.is_zero() || said.len() >= max {
+            break;
+        }
+        if stream.set_read_timeout(Some(left)).is_err() {
+            break;
+        }
+        match stream.read(&mut buf) {
+            Ok(0) if said.is_empty() => {
+                return Ok(ProbeAnswer::Silent {
+                    why: "the connection was closed before anything was said".into(),
+                });
+            }
+            Ok(0) => break,
+            Ok(n) => said.extend_from_slice(&buf[..n.min(max - said.len())]),
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
+                break;
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) if said.is_empty() => {
+                return Ok(ProbeAnswer::Silent {
+                    why: format!("read: {e}"),
+                });
+            }
+            Err(_) => break,
+        }
+    }
+    Ok(ProbeAnswer::Answered { said })
 }
 
 /// The XML namespace of Certo's domain metadata.

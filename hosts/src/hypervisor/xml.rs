@@ -211,6 +211,26 @@ pub fn serial_log_of(xml: &str) -> Option<String> {
     attr(&xml[at..end], "<log file=")
 }
 
+/// The alias libvirt gave the first user-network NIC of a live domain's XML (`net0`: QEMU
+/// knows its backend as `hostnet0`), if it has one.
+pub fn user_net_alias(xml: &str) -> Option<String> {
+    let at = xml
+        .find("<interface type='user'")
+        .or_else(|| xml.find("<interface type=\"user\""))?;
+    let end = xml[at..].find("</interface>").map_or(xml.len(), |e| at + e);
+    let nic = &xml[at..end];
+    let key = "<alias name=";
+    let from = nic.find(key)? + key.len();
+    let quote = nic[from..].chars().next()?;
+    let rest = &nic[from + 1..];
+    let alias = &rest[..rest.find(quote)?];
+    (!alias.is_empty()
+        && alias
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"_-".contains(&b)))
+    .then(|| alias.to_owned())
+}
+
 /// The owner in Certo's metadata of a domain's XML (whatever prefix libvirt gives the namespace).
 pub fn owner_of(xml: &str) -> Option<String> {
     let at = xml.find(super::METADATA_NS)?;
@@ -256,6 +276,23 @@ mod tests {
             owner: Some("nshost1".into()),
             secret_file: Some(PathBuf::from("/v/token")),
         }
+    }
+
+    #[test]
+    fn the_user_network_alias_is_read_from_the_live_xml() {
+        let live = "<domain><devices><interface type='bridge'><alias name='net0'/></interface>\
+            <interface type='user'>\n  <mac address='52:54:00:12:34:56'/>\n  <model type='virtio'/>\n  \
+            <alias name='net1'/>\n</interface></devices></domain>";
+        assert_eq!(user_net_alias(live).as_deref(), Some("net1"));
+        assert_eq!(
+            user_net_alias("<domain><interface type='user'></interface></domain>"),
+            None
+        );
+        // An alias QEMU's monitor could misread is not used.
+        assert_eq!(
+            user_net_alias("<interface type='user'><alias name='net0 x'/></interface>"),
+            None
+        );
     }
 
     #[test]

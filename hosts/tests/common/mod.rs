@@ -256,6 +256,8 @@ pub enum GuestEvent {
 #[derive(Default)]
 struct State {
     plans: HashMap<String, JoinPlan>,
+    /// Session key → the VM token that joined with it.
+    sessions: HashMap<String, String>,
     events: HashMap<String, Vec<(Instant, GuestEvent)>>,
 }
 
@@ -386,15 +388,39 @@ impl GuestServer {
         let _ = conn.flush();
     }
 
-    fn handle(&self, method: &str, path: &str, token: &str, body: &str) -> (u16, String) {
-        let plan = {
+    fn handle(&self, method: &str, path: &str, presented: &str, body: &str) -> (u16, String) {
+        // As Certo's server: the VM token joins, the session key join returned does the rest.
+        // Before join the VM token may also report that the harness could not start.
+        let (plan, token, is_session, joined) = {
             let (m, _) = &*self.state;
-            m.lock().expect("lock").plans.get(token).cloned()
+            let st = m.lock().expect("lock");
+            match st.sessions.get(presented) {
+                Some(t) => (st.plans.get(t).cloned(), t.clone(), true, true),
+                None => (
+                    st.plans.get(presented).cloned(),
+                    presented.to_owned(),
+                    false,
+                    st.sessions.values().any(|t| t == presented),
+                ),
+            }
         };
+        let token = token.as_str();
         let Some(plan) = plan else {
             self.record(token, GuestEvent::Refused(401, path.to_owned()));
             return (401, "unknown token\n".into());
         };
+        let allowed = match path {
+            "/api/v1/guest/join" => !is_session,
+            "/api/v1/guest/done" => is_session || !joined,
+            _ => is_session,
+        };
+        if !allowed {
+            self.record(token, GuestEvent::Refused(401, path.to_owned()));
+            return (
+                401,
+                "the VM token joins; the session key does the rest\n".into(),
+            );
+        }
         if method != "POST" {
             self.record(token, GuestEvent::Refused(405, path.to_owned()));
             return (405, "POST only\n".into());
@@ -402,7 +428,18 @@ impl GuestServer {
         match path {
             "/api/v1/guest/join" => {
                 self.record(token, GuestEvent::Joined);
-                let mut s = format!("hostname {}\nnode_type {}\n", plan.hostname, plan.node_type);
+                let session = format!("session-of-{token}");
+                {
+                    let (m, _) = &*self.state;
+                    m.lock()
+                        .expect("lock")
+                        .sessions
+                        .insert(session.clone(), token.to_owned());
+                }
+                let mut s = format!(
+                    "session {session}\nhostname {}\nnode_type {}\n",
+                    plan.hostname, plan.node_type
+                );
                 for (suite, glob) in &plan.tests {
                     s.push_str(&format!("test {suite} {glob}\n"));
                 }

@@ -10,6 +10,7 @@ use axum::http::request::Parts;
 
 use super::ApiState;
 use super::error::ApiError;
+use crate::model::VmState;
 use crate::store::VmRow;
 
 /// The bearer token of a request, if any (`Authorization: Bearer TOKEN`, any case).
@@ -62,11 +63,45 @@ pub async fn authenticate_host(state: &ApiState, name: &str, token: &str) -> Res
     }
 }
 
-/// A guest VM authenticated by the token made for it alone; the token is refused when it
-/// is used up or presented with another VM's name (`X-Certo-VM`).
+/// How a guest proved who it is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GuestCredential {
+    /// The VM token made for this boot: good for `join` (and, before join, for reporting that
+    /// the harness could not start), nothing else.
+    VmToken,
+    /// The session key `join` handed the harness, which no file, variable or device in the
+    /// guest holds: every call after join carries it.
+    Session,
+}
+
+/// A guest VM authenticated by the token made for it alone, or by the session key its
+/// harness got at join; refused when the run is over, its deadline passed, or it is
+/// presented with another VM's name (`X-Certo-VM`).
 #[derive(Debug, Clone)]
 pub struct GuestAuth {
     pub vm: VmRow,
+    pub credential: GuestCredential,
+}
+
+impl GuestAuth {
+    /// Calls after join (services, results, logs, done, the testbed) come from the harness
+    /// that joined, with its session key: the VM token, which a patch's code may have found,
+    /// no longer acts for the VM.
+    pub fn require_session(&self, what: &str) -> Result<(), ApiError> {
+        match self.credential {
+            GuestCredential::Session => Ok(()),
+            GuestCredential::VmToken if self.vm.state == VmState::Booting => Err(
+                ApiError::conflict(format!("{what} before join: {} is booting", self.vm.name)),
+            ),
+            GuestCredential::VmToken => {
+                tracing::warn!(vm = %self.vm.name, what, "the VM token presented after join");
+                Err(ApiError::unauthorized(format!(
+                    "{} has joined: after join only the session key join returned acts for it, not the VM token",
+                    self.vm.name
+                )))
+            }
+        }
+    }
 }
 
 impl FromRequestParts<Arc<ApiState>> for GuestAuth {
@@ -78,11 +113,18 @@ impl FromRequestParts<Arc<ApiState>> for GuestAuth {
     ) -> Result<Self, ApiError> {
         let token =
             bearer(parts).ok_or_else(|| ApiError::unauthorized("a VM token is required"))?;
-        let vm = state
-            .store
-            .vm_by_token(&super::token_digest(token))
-            .await?
-            .ok_or_else(|| ApiError::unauthorized("unknown VM token"))?;
+        let digest = super::token_digest(token);
+        let (vm, credential) = match state.store.vm_by_token(&digest).await? {
+            Some(vm) => (vm, GuestCredential::VmToken),
+            None => (
+                state
+                    .store
+                    .vm_by_session(&digest)
+                    .await?
+                    .ok_or_else(|| ApiError::unauthorized("unknown VM token"))?,
+                GuestCredential::Session,
+            ),
+        };
         // The harness names its VM in every call: a token alone is not enough.
         let Some(claimed) = parts
             .headers
@@ -110,7 +152,7 @@ impl FromRequestParts<Arc<ApiState>> for GuestAuth {
                 vm.name, vm.state
             )));
         }
-        Ok(GuestAuth { vm })
+        Ok(GuestAuth { vm, credential })
     }
 }
 
@@ -140,6 +182,13 @@ impl FromRequestParts<Arc<ApiState>> for VmReader {
             .to_owned();
         let digest = super::token_digest(&token);
         if let Some(vm) = state.store.vm_by_token(&digest).await?
+            && vm.name == name
+            && !vm.token_used_up
+            && vm.state == VmState::Booting
+        {
+            return Ok(VmReader { vm });
+        }
+        if let Some(vm) = state.store.vm_by_session(&digest).await?
             && vm.name == name
             && !vm.token_used_up
         {

@@ -9,10 +9,10 @@ use axum::response::Response;
 use axum::routing::{get, post};
 
 use super::ApiState;
-use super::auth::GuestAuth;
+use super::auth::{GuestAuth, GuestCredential};
 use super::error::{ApiError, text};
 use crate::model::{Fault, ServiceStatus, TestStatus, VmState};
-use crate::store::{RegisterError, ResultRow, VmRow};
+use crate::store::{ProbeOutcomeKind, RegisterError, ResultRow, VmRow};
 
 pub fn routes() -> axum::Router<Arc<ApiState>> {
     axum::Router::new()
@@ -32,6 +32,27 @@ pub const MAX_RESULT_OUTPUT: usize = 64 * 1024;
 pub const MAX_LOG_BYTES: i64 = 8 * 1024 * 1024;
 /// Most services one VM may register in its slice.
 pub const MAX_SERVICES: i64 = 64;
+
+/// How long a service report waits for the host to look at the port from outside.
+pub const PROBE_WAIT: std::time::Duration = std::time::Duration::from_secs(20);
+
+/// The first line of a probe's evidence, printable, at most 200 characters.
+fn first_line(s: &str) -> String {
+    let line = s
+        .lines()
+        .find(|l| !l.trim().is_empty())
+        .unwrap_or("")
+        .trim();
+    let mut out: String = line
+        .chars()
+        .map(|c| if c.is_control() { '?' } else { c })
+        .take(200)
+        .collect();
+    if out.is_empty() {
+        out = "(it said nothing)".into();
+    }
+    out
+}
 
 /// Services, results and logs come after `join`, in protocol order.
 fn joined(vm: &VmRow, what: &str) -> Result<(), ApiError> {
@@ -85,17 +106,39 @@ fn body_text<'a>(body: &'a [u8], what: &str) -> Result<std::borrow::Cow<'a, str>
 }
 
 /// Join: the harness gets its hostname and its test plan; a token is good for one boot.
+/// Join takes the VM token and answers with a `session KEY` line: the key, which only the
+/// harness holds (in memory), acts for the VM from now on, and the VM token no longer does.
 async fn join(State(s): State<Arc<ApiState>>, guest: GuestAuth) -> Result<Response, ApiError> {
+    if guest.credential != GuestCredential::VmToken {
+        return Err(ApiError::conflict(format!(
+            "{} has already joined: a token is good for one boot",
+            guest.vm.name
+        )));
+    }
     let vm = guest.vm;
     let hostname = hostname_for(&vm);
-    if !s.store.join_vm(vm.id, &hostname).await? {
+    let session = super::new_token().map_err(|e| {
+        ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            format!("making a session key: {e}"),
+        )
+    })?;
+    if !s
+        .store
+        .join_vm(vm.id, &hostname, &super::token_digest(&session))
+        .await?
+    {
         return Err(ApiError::conflict(format!(
             "{} has already joined: a token is good for one boot",
             vm.name
         )));
     }
     tracing::info!(vm = %vm.name, %hostname, "guest joined");
-    let mut plan = format!("hostname {hostname}\nnode_type {}\n", vm.node_type);
+    let mut plan = format!(
+        "session {session}\nhostname {hostname}\nnode_type {}\n",
+        vm.node_type
+    );
     let dir = format!("/usr/share/glite-tests/{}", vm.node_type);
     if vm.suite.has_basic() {
         plan.push_str(&format!("test basic {dir}/basic/*.sh\n"));
@@ -112,6 +155,7 @@ async fn service(
     guest: GuestAuth,
     body: axum::body::Bytes,
 ) -> Result<Response, ApiError> {
+    guest.require_session("a service")?;
     let vm = guest.vm;
     joined(&vm, "a service")?;
     let usage = || ApiError::bad_request("expected: SERVICE PORT up|failed");
@@ -139,6 +183,34 @@ async fn service(
             vm.name
         )));
     }
+    // The guest's word is not evidence: the host looks at the port from outside before the
+    // service joins the testbed (the run's driver asks the host's agent; see vmrun).
+    s.store.request_probe(vm.id, name, port).await?;
+    let waited = std::time::Instant::now();
+    let (outcome, evidence) = loop {
+        if let Some(found) = s.store.probe(vm.id, name, port).await? {
+            break found;
+        }
+        if waited.elapsed() >= PROBE_WAIT {
+            tracing::warn!(vm = %vm.name, service = name, port, "no outside evidence of a reported service");
+            return Err(ApiError::conflict(format!(
+                "{name} on port {port}: the host did not look at the port within {} s, so the report is not evidence",
+                PROBE_WAIT.as_secs()
+            )));
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    };
+    let evidence = first_line(&evidence);
+    let detail = match outcome {
+        ProbeOutcomeKind::Silent => {
+            tracing::warn!(vm = %vm.name, service = name, port, %evidence, "a reported service did not answer from outside");
+            return Err(ApiError::conflict(format!(
+                "{name} was reported up on port {port}, but nothing answered there from outside the guest: {evidence}"
+            )));
+        }
+        ProbeOutcomeKind::Answered => format!("answered from outside: {evidence}"),
+        ProbeOutcomeKind::Unverifiable => format!("unverified (reported by the guest): {evidence}"),
+    };
     let endpoint = format!(
         "{}:{port}",
         vm.hostname.clone().unwrap_or_else(|| hostname_for(&vm))
@@ -154,10 +226,13 @@ async fn service(
         )
         .await
     {
-        Ok(_) => Ok(text(
-            StatusCode::OK,
-            format!("registered {name} at {endpoint}\n"),
-        )),
+        Ok(id) => {
+            s.store.set_health(id, true, &detail).await?;
+            Ok(text(
+                StatusCode::OK,
+                format!("registered {name} at {endpoint}: {detail}\n"),
+            ))
+        }
         Err(e @ RegisterError::Shared { .. }) => {
             tracing::warn!(vm = %vm.name, service = name, "refused: would replace a shared service");
             Err(ApiError::conflict(e.to_string()))
@@ -172,6 +247,7 @@ async fn result(
     guest: GuestAuth,
     body: axum::body::Bytes,
 ) -> Result<Response, ApiError> {
+    guest.require_session("a result")?;
     let vm = guest.vm;
     joined(&vm, "a result")?;
     let usage = || ApiError::bad_request("first line: SUITE NAME pass|fail|error SECONDS");
@@ -222,6 +298,7 @@ async fn log(
     guest: GuestAuth,
     body: axum::body::Bytes,
 ) -> Result<Response, ApiError> {
+    guest.require_session("a log")?;
     joined(&guest.vm, "a log")?;
     let chunk = body_text(&body, "log")?;
     if !s.store.add_log(guest.vm.id, &chunk, MAX_LOG_BYTES).await? {
@@ -239,6 +316,11 @@ async fn done(
     guest: GuestAuth,
     body: axum::body::Bytes,
 ) -> Result<Response, ApiError> {
+    // Before join, the VM token may report that the harness could not start; after, only
+    // the session key.
+    if guest.vm.state != VmState::Booting {
+        guest.require_session("done")?;
+    }
     let vm = guest.vm;
     let body = body_text(&body, "done line")?;
     let body = body.trim();
@@ -283,6 +365,7 @@ async fn done(
 /// What a guest sees of the testbed: the shared services and its own slice's, one per line:
 /// `NAME NODE_TYPE ENDPOINT shared|slice healthy|unhealthy`.
 async fn testbed(State(s): State<Arc<ApiState>>, guest: GuestAuth) -> Result<Response, ApiError> {
+    guest.require_session("the testbed")?;
     let services = s.store.services(Some(&slice_of(&guest.vm))).await?;
     let mut out = String::new();
     for svc in services {

@@ -44,6 +44,27 @@ pub struct VmRow {
     pub finished_at: Option<DateTime<Utc>>,
 }
 
+/// What a probe of a guest's service from outside found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ProbeOutcomeKind {
+    /// The service answered on its port.
+    Answered,
+    /// Nothing answered.
+    Silent,
+    /// The host cannot reach the guest's ports: no evidence either way.
+    Unverifiable,
+}
+
+impl ProbeOutcomeKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Answered => "answered",
+            Self::Silent => "silent",
+            Self::Unverifiable => "unverifiable",
+        }
+    }
+}
+
 /// A test result reported by a guest.
 #[derive(Debug, Clone, Serialize)]
 pub struct ResultRow {
@@ -260,17 +281,118 @@ impl Store {
         Ok(t)
     }
 
-    /// Marks a booting VM joined with its hostname; false if it was not booting.
-    pub async fn join_vm(&self, id: i64, hostname: &str) -> Result<bool, StoreError> {
+    /// Marks a booting VM joined with its hostname and the digest of the session key the
+    /// harness uses from now on; false if it was not booting.
+    pub async fn join_vm(
+        &self,
+        id: i64,
+        hostname: &str,
+        session_sha256: &str,
+    ) -> Result<bool, StoreError> {
         let r = sqlx::query(
-            "UPDATE vm_runs SET state = 'joined', joined_at = now(), hostname = $2
+            "UPDATE vm_runs SET state = 'joined', joined_at = now(), hostname = $2, session_sha256 = $3
              WHERE id = $1 AND state = 'booting' AND NOT token_used_up",
         )
         .bind(id)
         .bind(hostname)
+        .bind(session_sha256)
         .execute(&self.pool)
         .await?;
         Ok(r.rows_affected() == 1)
+    }
+
+    /// The VM whose harness holds the session key with this digest.
+    pub async fn vm_by_session(&self, session_sha256: &str) -> Result<Option<VmRow>, StoreError> {
+        let sql = format!("SELECT {VM_COLUMNS} FROM vm_runs WHERE session_sha256 = $1");
+        Ok(sqlx::query_as(sqlx::AssertSqlSafe(sql))
+            .bind(session_sha256)
+            .fetch_optional(&self.pool)
+            .await?)
+    }
+
+    /// Asks for outside evidence of a service the guest reported on `port` (a pending probe;
+    /// a repeated report asks again).
+    pub async fn request_probe(
+        &self,
+        vm_id: i64,
+        service: &str,
+        port: u16,
+    ) -> Result<(), StoreError> {
+        sqlx::query(
+            "INSERT INTO vm_service_probes (vm_id, service, port) VALUES ($1, $2, $3)
+             ON CONFLICT (vm_id, service, port) DO UPDATE
+                SET outcome = NULL, evidence = NULL, requested_at = now(), probed_at = NULL",
+        )
+        .bind(vm_id)
+        .bind(service)
+        .bind(i32::from(port))
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// The probes of a VM still waiting for the host to look: (service, port).
+    pub async fn pending_probes(&self, vm_id: i64) -> Result<Vec<(String, u16)>, StoreError> {
+        let rows: Vec<(String, i32)> = sqlx::query_as(
+            "SELECT service, port FROM vm_service_probes
+              WHERE vm_id = $1 AND outcome IS NULL ORDER BY requested_at, service",
+        )
+        .bind(vm_id)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows
+            .into_iter()
+            .filter_map(|(s, p)| Some((s, u16::try_from(p).ok()?)))
+            .collect())
+    }
+
+    /// Records what the host found on a reported service's port.
+    pub async fn record_probe(
+        &self,
+        vm_id: i64,
+        service: &str,
+        port: u16,
+        outcome: ProbeOutcomeKind,
+        evidence: &str,
+    ) -> Result<(), StoreError> {
+        sqlx::query(
+            "UPDATE vm_service_probes SET outcome = $4, evidence = $5, probed_at = now()
+              WHERE vm_id = $1 AND service = $2 AND port = $3",
+        )
+        .bind(vm_id)
+        .bind(service)
+        .bind(i32::from(port))
+        .bind(outcome.as_str())
+        .bind(evidence)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// What the host found on a reported service's port, once it has looked.
+    pub async fn probe(
+        &self,
+        vm_id: i64,
+        service: &str,
+        port: u16,
+    ) -> Result<Option<(ProbeOutcomeKind, String)>, StoreError> {
+        let row: Option<(Option<String>, Option<String>)> = sqlx::query_as(
+            "SELECT outcome, evidence FROM vm_service_probes
+              WHERE vm_id = $1 AND service = $2 AND port = $3",
+        )
+        .bind(vm_id)
+        .bind(service)
+        .bind(i32::from(port))
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(row.and_then(|(o, e)| {
+            let kind = match o.as_deref()? {
+                "answered" => ProbeOutcomeKind::Answered,
+                "silent" => ProbeOutcomeKind::Silent,
+                _ => ProbeOutcomeKind::Unverifiable,
+            };
+            Some((kind, e.unwrap_or_default()))
+        }))
     }
 
     /// Stores (or replaces) one test result, unless the VM has `max` results already;

@@ -16,7 +16,7 @@ use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{ConnectOptions, PgPool};
 
 pub use cluster::{Cluster, ClusterError, ClusterStatus};
-pub use hosts::{HostRow, NewVm, RegisterError, ResultRow, ServiceRow, VmRow};
+pub use hosts::{HostRow, NewVm, ProbeOutcomeKind, RegisterError, ResultRow, ServiceRow, VmRow};
 pub use images::{ImageRow, LayerRow};
 pub use patches::{PatchEvent, PatchRow, PatchState, SubmitError, SubmitOutcome, SubmitReport};
 

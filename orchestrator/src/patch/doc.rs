@@ -260,28 +260,11 @@ pub fn parse_yaml(src: &str) -> Result<Vec<Node>, SyntaxError> {
 
 /// Parses a JSON file: an object (one record) or an array of objects.
 ///
-/// The text is first checked by a strict JSON parser (so YAML-only syntax is
-/// refused with JSON's own error), then read into the positioned tree by the
-/// YAML parser, JSON being a subset of YAML 1.2.
+/// The text is read by our own strict RFC 8259 reader (`patch::json`),
+/// which builds the same positioned tree the YAML path builds; any other
+/// top-level value is one record (that the conversion then refuses).
 pub fn parse_json(src: &str) -> Result<Vec<Node>, SyntaxError> {
-    if let Err(e) = serde_json::from_str::<serde::de::IgnoredAny>(src) {
-        let message = e.to_string();
-        // serde_json appends " at line L column C"; the position is reported apart.
-        let message = match message.rfind(" at line ") {
-            Some(i) => message[..i].to_string(),
-            None => message,
-        };
-        return Err(SyntaxError::new(
-            Pos::new(e.line().max(1), e.column().max(1)),
-            message,
-        ));
-    }
-    let mut docs = parse_yaml(src)?;
-    match docs.len() {
-        1 => {}
-        _ => return Err(SyntaxError::new(Pos::new(1, 1), "expected one JSON value")),
-    }
-    let doc = docs.remove(0);
+    let doc = super::json::parse(src)?;
     match doc.value {
         Value::Seq(items) => Ok(items),
         _ => Ok(vec![doc]),

@@ -7,6 +7,7 @@
 
 pub mod convert;
 pub mod doc;
+mod json;
 pub mod limits;
 pub mod text;
 

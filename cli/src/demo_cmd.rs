@@ -255,13 +255,26 @@ async fn build_images(
 ) -> anyhow::Result<Vec<(String, certo_imager::ImageRecord)>> {
     use std::collections::BTreeMap;
     let mut newest: BTreeMap<u64, &certo_orchestrator::patch::PatchRecord> = BTreeMap::new();
+    // Records the tracker has past certification, rejected or not yet ready are stored, not
+    // certified: no images for them.
+    let mut not_for_certification = Vec::new();
     for r in records {
+        if !r.wants_certification() {
+            not_for_certification.push(format!("{} ({})", r.record.id, r.record.status));
+            continue;
+        }
         let e = newest.entry(r.record.id).or_insert(&r.record);
         if r.record.revision > e.revision {
             *e = &r.record;
         }
     }
     println!("== Building the images the fixture patches need");
+    if !not_for_certification.is_empty() {
+        println!(
+            "   not for certification (stored and shown only): {}",
+            not_for_certification.join(", ")
+        );
+    }
     println!(
         "   package repositories: building the fixture world (rpmbuild, dpkg-deb, createrepo_c)"
     );

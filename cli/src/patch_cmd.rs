@@ -70,10 +70,48 @@ fn load(g: &Global, files: &[PathBuf]) -> anyhow::Result<Loaded> {
     Ok(loaded)
 }
 
+/// Warnings and lifecycle notes of valid records, `FILE:LINE:COL: warning|note: …`.
+fn print_remarks(loaded: &Loaded) {
+    for r in &loaded.records {
+        for w in &r.warnings {
+            eprintln!(
+                "{}:{}:{}: warning: {}: {}",
+                w.file, w.line, w.col, w.field, w.message
+            );
+        }
+        if let Some(note) = r.note() {
+            eprintln!("{}:{}:{}: note: {note}", r.file, r.pos.line, r.pos.col);
+        }
+    }
+}
+
+/// Warnings and notes for `--json`.
+fn remarks_json(
+    loaded: &Loaded,
+) -> (
+    Vec<&certo_orchestrator::patch::Diagnostic>,
+    Vec<serde_json::Value>,
+) {
+    let warnings = loaded.records.iter().flat_map(|r| &r.warnings).collect();
+    let notes = loaded
+        .records
+        .iter()
+        .filter_map(|r| {
+            r.note().map(|n| {
+                json!({"file": r.file, "line": r.pos.line, "col": r.pos.col, "patch": r.record.id, "note": n})
+            })
+        })
+        .collect();
+    (warnings, notes)
+}
+
 pub fn validate(g: &Global, args: ValidateArgs) -> anyhow::Result<ExitCode> {
     let loaded = load(g, &args.files)?;
     for e in &loaded.errors {
         eprintln!("{e}");
+    }
+    if loaded.errors.is_empty() {
+        print_remarks(&loaded);
     }
     let bad_files = loaded.files.iter().filter(|f| f.2 > 0).count();
     if args.json {
@@ -82,12 +120,20 @@ pub fn validate(g: &Global, args: ValidateArgs) -> anyhow::Result<ExitCode> {
             .iter()
             .map(|(file, records, errors)| json!({"file": file, "records": records, "errors": errors}))
             .collect();
-        print_json(&json!({
+        let mut out = json!({
             "valid": loaded.errors.is_empty(),
             "records": loaded.records.len(),
             "files": files,
             "errors": loaded.errors,
-        }))?;
+        });
+        let (warnings, notes) = remarks_json(&loaded);
+        if !warnings.is_empty() {
+            out["warnings"] = json!(warnings);
+        }
+        if !notes.is_empty() {
+            out["notes"] = json!(notes);
+        }
+        print_json(&out)?;
     } else if loaded.errors.is_empty() {
         println!(
             "{} record(s) in {} file(s): all valid",
@@ -120,6 +166,7 @@ pub async fn submit(g: &Global, args: SubmitArgs) -> anyhow::Result<ExitCode> {
         }
         return Ok(ExitCode::from(EXIT_INVALID));
     }
+    print_remarks(&loaded);
     let store = g.store().await?;
     match store.submit(&loaded.records).await {
         Ok(reports) => {
@@ -216,7 +263,7 @@ pub async fn list(g: &Global, store: &Store, args: PatchesArgs) -> anyhow::Resul
                 r.patch_id.to_string(),
                 r.revision.to_string(),
                 r.state.to_string(),
-                format!("gLite {}", r.record.release),
+                format!("gLite {}", r.record.release_shown()),
                 r.record.platforms.join(","),
                 r.record.node_types.join(","),
                 r.record.title.clone(),
@@ -339,10 +386,19 @@ pub async fn show(g: &Global, args: ShowArgs) -> anyhow::Result<ExitCode> {
 fn print_record(r: &PatchRecord) {
     println!("Patch {} revision {}: {}", r.id, r.revision, r.title);
     println!("Status:        {}", r.status);
-    println!("Release:       gLite {}", r.release);
+    println!("Release:       gLite {}", r.release_shown());
     println!("Platforms:     {}", r.platforms.join(", "));
     println!("Node types:    {}", r.node_types.join(", "));
     println!("Submitter:     {}", r.submitter);
+    if let Some(a) = &r.assigned_to {
+        println!("Assigned to:   {a}");
+    }
+    if let Some(p) = &r.priority {
+        println!("Priority:      {p}");
+    }
+    if let Some(p) = &r.release_path {
+        println!("Release path:  {p:?}");
+    }
     if !r.bugs.is_empty() {
         println!("Bugs:");
         for b in &r.bugs {
@@ -372,7 +428,14 @@ fn print_record(r: &PatchRecord) {
                 .as_deref()
                 .map(|s| format!(" sha256:{}…", &s[..12]))
                 .unwrap_or_default();
-            println!("  {}{sha}{source}", p.file);
+            let external = if p.external { " (external)" } else { "" };
+            println!("  {}{external}{sha}{source}", p.file);
+        }
+    }
+    if !r.metapackage_changes.is_empty() {
+        println!("Metapackage changes:");
+        for m in &r.metapackage_changes {
+            println!("  {}: {}", m.node_type, m.file);
         }
     }
     if !r.config_changes.is_empty() {
@@ -381,10 +444,17 @@ fn print_record(r: &PatchRecord) {
             println!("  {}: {}={}", c.file, c.key, c.value);
         }
     }
-    if !r.description.is_empty() {
-        println!("Description:");
-        for line in r.description.lines() {
-            println!("  {line}");
+    for (label, text) in [
+        ("Description", &r.description),
+        ("Release notes", &r.release_notes),
+        ("Installation & configuration", &r.installation),
+        ("Certification report", &r.certification_report),
+    ] {
+        if !text.is_empty() {
+            println!("{label}:");
+            for line in text.lines() {
+                println!("  {line}");
+            }
         }
     }
 }

@@ -1112,6 +1112,7 @@ fn every_kind_of_input_change_changes_the_digest_of_that_layer_and_above() {
             "testing/sl5/x86_64".to_owned(),
         ),
         sha256: None,
+        external: false,
     };
     v10.packages = vec![pkg("certo-test-ok-1.0-1.noarch.rpm")];
     let mut v11 = rec.clone();

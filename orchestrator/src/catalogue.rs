@@ -29,6 +29,11 @@ pub struct Release {
     pub label: String,
     pub platforms: Vec<String>,
     pub node_types: Vec<NodeType>,
+    /// Real node types of the release that this catalogue's recipes do not build (a
+    /// trailing `*` matches any rest, e.g. `glite-SE_dcache_*`): a record naming one is
+    /// refused for that reason, not as naming an unknown node type.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub known_node_types: Vec<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -42,6 +47,10 @@ pub struct NodeType {
     /// Platforms the node type is built for; all of the release's when absent.
     #[serde(default)]
     pub platforms: Option<Vec<String>>,
+    /// Other names of the node type: the metapackage names the tracker uses (`lcg-CE`,
+    /// `glite-CREAM`, `glite-BDII_site`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub aliases: Vec<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -55,6 +64,10 @@ pub struct Platform {
     /// Package architectures installable on this platform.
     pub package_archs: Vec<String>,
     pub recipe: Recipe,
+    /// Other spellings of the label: the tracker's (`SL5/64bit`, `SL5 x86_64`) and the
+    /// build system's (`sl5_x86_64_gcc412`). Compared ignoring case and spacing.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub aliases: Vec<String>,
 }
 
 /// How the imager builds a platform's core layer.
@@ -143,6 +156,19 @@ impl Catalogue {
                 ));
             }
         }
+        let mut spellings = std::collections::BTreeMap::new();
+        for p in &self.platforms {
+            for a in std::iter::once(&p.label).chain(&p.aliases) {
+                if let Some(other) = spellings.insert(spelling(a), &p.label)
+                    && other != &p.label
+                {
+                    return Err(format!(
+                        "platform spelling {a} names both {other} and {}",
+                        p.label
+                    ));
+                }
+            }
+        }
         let mut releases = BTreeSet::new();
         for r in &self.releases {
             if !releases.insert(r.name.as_str()) {
@@ -155,11 +181,13 @@ impl Catalogue {
             }
             let mut names = BTreeSet::new();
             for n in &r.node_types {
-                if !names.insert(n.name.to_lowercase()) {
-                    return Err(format!(
-                        "release {}: node type {} is defined twice",
-                        r.name, n.name
-                    ));
+                for name in std::iter::once(&n.name).chain(&n.aliases) {
+                    if !names.insert(name.to_lowercase()) {
+                        return Err(format!(
+                            "release {}: node type name {name} is defined twice",
+                            r.name
+                        ));
+                    }
                 }
                 for p in n.platforms.iter().flatten() {
                     if !r.platforms.contains(p) {
@@ -178,6 +206,16 @@ impl Catalogue {
         self.platforms.iter().find(|p| p.label == label)
     }
 
+    /// Finds a platform by its label or any of its aliases, ignoring case and spacing.
+    pub fn platform_spelled(&self, spelled: &str) -> Option<&Platform> {
+        let s = spelling(spelled);
+        self.platforms.iter().find(|p| {
+            std::iter::once(&p.label)
+                .chain(&p.aliases)
+                .any(|a| spelling(a) == s)
+        })
+    }
+
     /// Finds a release by any usual spelling: `3.2`, `gLite 3.2`, `glite-3.2`.
     pub fn release(&self, spelling: &str) -> Option<&Release> {
         let s = spelling.trim().to_lowercase();
@@ -187,12 +225,34 @@ impl Catalogue {
     }
 }
 
+/// A platform spelling as compared: lower case, runs of spaces as one.
+fn spelling(s: &str) -> String {
+    s.split_whitespace()
+        .collect::<Vec<_>>()
+        .join(" ")
+        .to_lowercase()
+}
+
 impl Release {
-    /// Finds a node type by name, ignoring case.
+    /// Finds a node type by name or alias, ignoring case.
     pub fn node_type(&self, name: &str) -> Option<&NodeType> {
-        self.node_types
-            .iter()
-            .find(|n| n.name.eq_ignore_ascii_case(name))
+        self.node_types.iter().find(|n| {
+            std::iter::once(&n.name)
+                .chain(&n.aliases)
+                .any(|a| a.eq_ignore_ascii_case(name))
+        })
+    }
+
+    /// Whether `name` is a real node type of the release that the catalogue does not build.
+    pub fn known_unbuilt(&self, name: &str) -> bool {
+        let n = name.to_lowercase();
+        self.known_node_types.iter().any(|k| {
+            let k = k.to_lowercase();
+            match k.strip_suffix('*') {
+                Some(prefix) => n.starts_with(prefix) && n.len() > prefix.len(),
+                None => k == n,
+            }
+        })
     }
 }
 

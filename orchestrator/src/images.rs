@@ -50,6 +50,16 @@ pub enum TargetError {
         node_type: String,
         targets: String,
     },
+    /// The imager cannot yet install a package from the release's production repository
+    /// into a node type's image: refused rather than built without it.
+    #[error(
+        "patch {id} r{revision} has metapackage changes ({changes}): building them into an image is not supported yet"
+    )]
+    MetapackageChanges {
+        id: u64,
+        revision: u32,
+        changes: String,
+    },
 }
 
 /// The image request for one target of the catalogue, with an optional patch on top.
@@ -160,6 +170,18 @@ pub fn request(
                     revision: p.revision,
                     node_type: node_type.to_owned(),
                     targets: p.node_types.join(", "),
+                });
+            }
+            if !p.metapackage_changes.is_empty() {
+                return Err(TargetError::MetapackageChanges {
+                    id: p.id,
+                    revision: p.revision,
+                    changes: p
+                        .metapackage_changes
+                        .iter()
+                        .map(|m| format!("{}: {}", m.node_type, m.file))
+                        .collect::<Vec<_>>()
+                        .join(", "),
                 });
             }
             Some(patch_layer(p, plat))

@@ -78,7 +78,7 @@ fn validate_needs_no_store_and_accepts_the_valid_fixtures() {
     assert_eq!(out.status.code(), Some(0), "{}", explain(&out));
     assert_eq!(
         text(&out.stdout).trim(),
-        "18 record(s) in 16 file(s): all valid",
+        "22 record(s) in 20 file(s): all valid",
         "{}",
         explain(&out)
     );
@@ -504,8 +504,8 @@ async fn golden_json_of_patches_and_show() {
     let patches = json_of(&certo_db(&["patches", "--json"]));
     assert_eq!(
         patches.as_array().map(Vec::len),
-        Some(17),
-        "18 fixture records, one superseded: {patches}"
+        Some(21),
+        "22 fixture records, one superseded: {patches}"
     );
     golden(
         "patches",

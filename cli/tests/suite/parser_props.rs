@@ -276,4 +276,68 @@ proptest! {
             prop_assert_eq!(&other[0].digest, &from_text[0].digest);
         }
     }
+
+    /// The tracker's labels (any of a field's, in any case and with `_` or spaces) and its
+    /// platform and node type spellings read exactly like Certo's keys: the same digest.
+    #[test]
+    fn tracker_labels_and_spellings_read_like_certos_keys(
+        g in gen_record(),
+        picks in proptest::collection::vec(any::<u16>(), 24),
+    ) {
+        let canonical: serde_json::Value = serde_json::from_str(&g.json()).expect("json");
+        let mut pick = picks.into_iter().cycle();
+        let mut next = move |n: usize| usize::from(pick.next().unwrap_or(0)) % n.max(1);
+        let mut tracker = serde_json::Map::new();
+        for (key, value) in canonical.as_object().expect("object") {
+            let labels: Vec<&str> = patch::labels::LABELS
+                .iter()
+                .filter(|(_, f)| f == key)
+                .map(|(l, _)| *l)
+                .collect();
+            let label = labels[next(labels.len())];
+            let spelled = match next(3) {
+                0 => label.to_uppercase(),
+                1 => label.replace(' ', "_"),
+                _ => patch::text::spell_label(label),
+            };
+            let value = match key.as_str() {
+                "platforms" => serde_json::json!(value
+                    .as_array()
+                    .expect("list")
+                    .iter()
+                    .map(|p| {
+                        let p = catalogue().platform(p.as_str().expect("label")).expect("platform");
+                        let all: Vec<&String> = std::iter::once(&p.label).chain(&p.aliases).collect();
+                        all[next(all.len())].clone()
+                    })
+                    .collect::<Vec<_>>()),
+                "node_types" => serde_json::json!(value
+                    .as_array()
+                    .expect("list")
+                    .iter()
+                    .map(|n| {
+                        let n = catalogue()
+                            .release("3.2")
+                            .and_then(|r| r.node_type(n.as_str().expect("name")))
+                            .expect("node type");
+                        let all: Vec<&String> = std::iter::once(&n.name).chain(&n.aliases).collect();
+                        all[next(all.len())].clone()
+                    })
+                    .collect::<Vec<_>>()),
+                "release" => serde_json::json!(["3.2", "gLite 3.2", "3.2.0", "glite 3.2"][next(4)]),
+                _ => value.clone(),
+            };
+            tracker.insert(spelled, value);
+        }
+        let canonical_text = canonical.to_string();
+        let tracker_text = serde_json::Value::Object(tracker).to_string();
+        let a = patch::load("c.json", canonical_text.as_bytes(), None, catalogue())
+            .map_err(|e| format!("{canonical_text}\n{e:?}"))
+            .expect("Certo's keys");
+        let b = patch::load("t.json", tracker_text.as_bytes(), None, catalogue())
+            .map_err(|e| format!("{tracker_text}\n{e:?}"))
+            .expect("the tracker's labels");
+        prop_assert_eq!(&a[0].record, &b[0].record, "{}", tracker_text);
+        prop_assert_eq!(&a[0].digest, &b[0].digest);
+    }
 }

@@ -38,7 +38,19 @@ async fn fixtures_are_stored_and_listed() {
         .list_patches(Some(PatchState::Submitted), None)
         .await
         .expect("list");
-    assert_eq!(current.len(), records.len() - 1);
+    // Two records the tracker has past or out of certification (3522 Certified, 3523
+    // Rejected) are stored and shown, not queued.
+    let recorded = db
+        .store
+        .list_patches(Some(PatchState::Recorded), None)
+        .await
+        .expect("list");
+    let recorded: Vec<(u64, &str)> = recorded
+        .iter()
+        .map(|r| (r.patch_id, r.record.status.as_str()))
+        .collect();
+    assert_eq!(recorded, [(3522, "Certified"), (3523, "Rejected")]);
+    assert_eq!(current.len(), records.len() - 1 - recorded.len());
     let only_31 = db
         .store
         .list_patches(None, Some("3.1"))
@@ -330,7 +342,16 @@ async fn the_cli_lists_and_shows_patches_as_json() {
         String::from_utf8_lossy(&out.stderr)
     );
     let list: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).expect("json");
-    assert!(list.iter().all(|p| p["state"] == "submitted"));
+    assert!(
+        list.iter()
+            .all(|p| p["state"] == "submitted" || p["state"] == "recorded"),
+        "{list:?}"
+    );
+    assert_eq!(
+        list.iter().filter(|p| p["state"] == "recorded").count(),
+        2,
+        "{list:?}"
+    );
     assert!(
         list.iter()
             .any(|p| p["patch_id"] == 3456 && p["revision"] == 2)

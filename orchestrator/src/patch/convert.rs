@@ -10,17 +10,6 @@ use super::{
 };
 use crate::catalogue::{Catalogue, Release};
 
-/// Tracker statuses a record may carry (compared ignoring case).
-pub const STATUSES: &[&str] = &[
-    "Open",
-    "Ready for Integration",
-    "Ready for Certification",
-    "In Certification",
-    "Certified",
-    "Rejected",
-    "Obsolete",
-];
-
 /// The message for a record that lists neither packages nor configuration changes.
 pub const CHANGES_NOTHING: &str =
     "the patch changes nothing: it lists no packages and no configuration changes";
@@ -38,10 +27,20 @@ const FIELDS: &[&str] = &[
     "config_changes",
     "submitter",
     "description",
+    "externals",
+    "metapackage_changes",
+    "assigned_to",
+    "priority",
+    "release_path",
+    "release_notes",
+    "installation",
+    "certification_report",
 ];
 
 struct Ctx<'a> {
     errors: Vec<Diagnostic>,
+    /// What is legal but worth a look (exit 0, on stderr).
+    warnings: Vec<Diagnostic>,
     catalogue: &'a Catalogue,
     format: SourceFormat,
 }
@@ -49,6 +48,102 @@ struct Ctx<'a> {
 impl Ctx<'_> {
     fn err(&mut self, pos: Pos, field: impl Into<String>, message: impl Into<String>) {
         self.errors.push(Diagnostic::new(pos, field, message));
+    }
+
+    fn warn(&mut self, pos: Pos, field: impl Into<String>, message: impl Into<String>) {
+        self.warnings.push(Diagnostic::new(pos, field, message));
+    }
+
+    /// The record's top-level fields by the field each key names (Certo's key or one of the
+    /// tracker's labels). An unknown key is an error that names the nearest label; when one
+    /// is near, the value is read as that field too (if it is not given otherwise), so the
+    /// rest of its errors come out in the same round and no "missing" error for it.
+    fn fields<'n>(&mut self, node: &'n Node) -> Option<HashMap<&'static str, (&'n Key, &'n Node)>> {
+        let Value::Map(entries) = &node.value else {
+            self.err(
+                node.pos,
+                "",
+                format!("expected a mapping, found {}", node.kind()),
+            );
+            return None;
+        };
+        let mut out: HashMap<&'static str, (&Key, &Node)> = HashMap::new();
+        let mut guessed: Vec<&'static str> = Vec::new();
+        for (key, value) in entries {
+            let field = match super::labels::field_of(&key.name) {
+                Some(f) => f,
+                None => {
+                    let guess = super::labels::nearest_label(&key.name);
+                    self.err(
+                        key.pos,
+                        shorten(&key.name),
+                        match guess {
+                            Some((label, _)) => format!(
+                                "unknown field `{}` (did you mean `{}`?)",
+                                shorten(&key.name),
+                                self.spell(label)
+                            ),
+                            None => format!(
+                                "unknown field `{}` (expected one of: {}, or a tracker label such as Summary, Platform, Affected metapackages, RPM names, Externals, Metapackage changes, Associated bugs, Submitted by)",
+                                shorten(&key.name),
+                                FIELDS.join(", ")
+                            ),
+                        },
+                    );
+                    match guess {
+                        Some((_, f)) if !out.contains_key(f) => {
+                            guessed.push(f);
+                            out.insert(f, (key, value));
+                        }
+                        _ => {}
+                    }
+                    continue;
+                }
+            };
+            if let Some((first, _)) = out.get(field) {
+                if let Some(i) = guessed.iter().position(|g| *g == field) {
+                    // The real field wins over a guess.
+                    guessed.remove(i);
+                    out.insert(field, (key, value));
+                    continue;
+                }
+                self.err(
+                    key.pos,
+                    field,
+                    format!(
+                        "`{}` gives {} again (first as `{}` at {})",
+                        shorten(&key.name),
+                        field,
+                        shorten(&first.name),
+                        first.pos
+                    ),
+                );
+                continue;
+            }
+            out.insert(field, (key, value));
+        }
+        Some(out)
+    }
+
+    /// A normalised label as this record's form writes it.
+    fn spell(&self, label: &str) -> String {
+        match self.format {
+            SourceFormat::Text => super::text::spell_label(label),
+            _ => super::labels::LABELS
+                .iter()
+                .find(|(l, _)| *l == label)
+                .map_or_else(
+                    || label.to_string(),
+                    |(l, f)| {
+                        // Certo's own key when the label is one, else the tracker's label.
+                        if l.replace(' ', "_") == *f {
+                            f.to_string()
+                        } else {
+                            super::text::spell_label(l)
+                        }
+                    },
+                ),
+        }
     }
 
     /// How a field is called in the record's own form (for messages).
@@ -118,6 +213,39 @@ impl Ctx<'_> {
             return None;
         }
         Some(text_trimmed)
+    }
+
+    /// Free text (several lines, tabs allowed), bounded, in canonical form: no trailing
+    /// white space on a line, no blank lines before or after.
+    fn free_text(&mut self, node: &Node, field: &str, what: &str) -> Option<String> {
+        let d = self.text(node, field, what)?;
+        if let Some(c) = d
+            .chars()
+            .find(|c| c.is_control() && *c != '\n' && *c != '\t')
+        {
+            self.err(
+                node.pos,
+                field,
+                format!(
+                    "control character {} is not allowed in {what}",
+                    c.escape_unicode()
+                ),
+            );
+            return None;
+        }
+        if d.chars().count() > limits::MAX_DESCRIPTION_CHARS {
+            self.err(
+                node.pos,
+                field,
+                format!(
+                    "{what} is longer than {} characters",
+                    limits::MAX_DESCRIPTION_CHARS
+                ),
+            );
+            return None;
+        }
+        let lines: Vec<&str> = d.lines().map(str::trim_end).collect();
+        Some(lines.join("\n").trim_matches('\n').to_string())
     }
 
     fn number(&mut self, node: &Node, field: &str, what: &str, max: u64) -> Option<u64> {
@@ -317,9 +445,27 @@ pub fn parse_package_file(file: &str) -> Result<PackageFileName, String> {
                 shorten(name)
             ));
         }
-        if !version_ok(version) || !version.starts_with(|c: char| c.is_ascii_digit()) {
+        // A version is whatever RPM allows (no `-`; letters, digits, `.`, `+`, `~`, `_`,
+        // `^`): `VDT1.6.1x86_rhas_4` is one. One without a digit is a part of the name,
+        // and the file has no release: `gridsite-shared-1.1.18.1.i386.rpm`.
+        let digit = |s: &str| s.chars().any(|c| c.is_ascii_digit());
+        if !digit(version) && !digit(release) {
             return Err(format!(
-                "expected `name-version-release.arch.rpm`; the version `{}` does not start with a digit or has characters other than letters, digits, `.`, `+`, `~`, `_`, `^`",
+                "expected `name-version-release.arch.rpm`, found no version and no release (`{}` and `{}` have no digit)",
+                shorten(version),
+                shorten(release)
+            ));
+        }
+        if !digit(version) && version_ok(version) {
+            return Err(format!(
+                "expected `name-version-release.arch.rpm`, found no release: read that way the version would be `{}` and the release `{}`",
+                shorten(version),
+                shorten(release)
+            ));
+        }
+        if !version_ok(version) {
+            return Err(format!(
+                "expected `name-version-release.arch.rpm`; the version `{}` has characters other than letters, digits, `.`, `+`, `~`, `_`, `^`",
                 shorten(version)
             ));
         }
@@ -381,21 +527,253 @@ pub fn parse_package_file(file: &str) -> Result<PackageFileName, String> {
             PackageFormat::Deb,
         ));
     }
+    // `name-version-release.arch` without its `.rpm`, or `name_version_arch` without `.deb`.
+    const ARCHS: &[&str] = &[
+        "noarch", "i386", "i486", "i586", "i686", "x86_64", "ia64", "ppc", "ppc64", "src",
+    ];
+    if let Some((_, last)) = file.rsplit_once('.')
+        && ARCHS.contains(&last)
+    {
+        return Err(format!(
+            "the file name ends in `.{last}`, without `.rpm`: expected `name-version-release.arch.rpm`"
+        ));
+    }
+    if file.matches('_').count() >= 2
+        && file
+            .rsplit_once('_')
+            .is_some_and(|(_, a)| ["all", "amd64", "i386", "arm64", "armhf"].contains(&a))
+    {
+        return Err("the file name has no `.deb`: expected `name_version_arch.deb`".into());
+    }
     Err("expected a file name ending in `.rpm` or `.deb`".into())
 }
 
+/// Reads one list of package files (`packages`, or the tracker's `externals`) into
+/// `packages`. An external that is also in the package list marks that package external.
+fn read_packages(
+    cx: &mut Ctx<'_>,
+    node: &Node,
+    list: &str,
+    external: bool,
+    packages: &mut Vec<(Package, Pos)>,
+) {
+    for (i, item) in cx
+        .items(node, list, limits::MAX_PACKAGES)
+        .into_iter()
+        .enumerate()
+    {
+        let field = format!("{list}[{i}]");
+        let (file_node, sha_node, repo_node, url_node) = match &item.value {
+            Value::Map(_) => {
+                let Some(entries) =
+                    cx.entries(item, &field, &["file", "sha256", "repository", "url"])
+                else {
+                    continue;
+                };
+                let Some((_, file_node)) = entries.get("file") else {
+                    cx.err(
+                        item.pos,
+                        join(&field, "file"),
+                        "required field `file` (the package file name) is missing",
+                    );
+                    continue;
+                };
+                (
+                    *file_node,
+                    entries.get("sha256").map(|e| e.1),
+                    entries.get("repository").map(|e| e.1),
+                    entries.get("url").map(|e| e.1),
+                )
+            }
+            _ => (item, None, None, None),
+        };
+        let file_field = if matches!(item.value, Value::Map(_)) {
+            join(&field, "file")
+        } else {
+            field.clone()
+        };
+        let Some(file) = cx.text(file_node, &file_field, "a package file name") else {
+            continue;
+        };
+        let file = file.trim();
+        if file.chars().count() > limits::MAX_NAME_CHARS {
+            cx.err(
+                file_node.pos,
+                file_field,
+                format!(
+                    "package file name is longer than {} characters",
+                    limits::MAX_NAME_CHARS
+                ),
+            );
+            continue;
+        }
+        let parsed = match parse_package_file(file) {
+            Ok(parsed) => Some(parsed),
+            Err(why) => {
+                cx.err(
+                    file_node.pos,
+                    file_field.clone(),
+                    format!("`{}`: {why}", shorten(file)),
+                );
+                None
+            }
+        };
+        let sha256 = match sha_node.filter(|n| n.value != Value::Null) {
+            None => None,
+            Some(n) => {
+                let f = join(&field, "sha256");
+                cx.text(n, &f, "a SHA-256 digest").and_then(|s| {
+                    let s = s.trim();
+                    if s.len() == 64 && s.chars().all(|c| c.is_ascii_hexdigit()) {
+                        Some(s.to_ascii_lowercase())
+                    } else {
+                        cx.err(
+                            n.pos,
+                            f,
+                            format!("expected 64 hexadecimal digits, found `{}`", shorten(s)),
+                        );
+                        None
+                    }
+                })
+            }
+        };
+        let repo = repo_node.filter(|n| n.value != Value::Null);
+        let url = url_node.filter(|n| n.value != Value::Null);
+        let source = match (repo, url) {
+            (Some(r), Some(_)) => {
+                cx.err(
+                    r.pos,
+                    join(&field, "repository"),
+                    "give either `repository` or `url`, not both",
+                );
+                None
+            }
+            (Some(n), None) => {
+                let f = join(&field, "repository");
+                cx.line(n, &f, "a repository path", limits::MAX_NAME_CHARS)
+                    .and_then(|p| match check_path(p, false) {
+                        Ok(()) => Some(PackageSource::Repository(p.to_string())),
+                        Err(why) => {
+                            cx.err(n.pos, f, format!("repository path `{}` {why}", shorten(p)));
+                            None
+                        }
+                    })
+            }
+            (None, Some(n)) => {
+                let f = join(&field, "url");
+                cx.line(n, &f, "a URL", limits::MAX_URL_CHARS)
+                    .and_then(|u| {
+                        let rest = u
+                            .strip_prefix("https://")
+                            .or_else(|| u.strip_prefix("http://"));
+                        match rest {
+                            Some(rest)
+                                if !rest.is_empty()
+                                    && !rest.starts_with('/')
+                                    && !u.chars().any(char::is_whitespace) =>
+                            {
+                                match url_problem(rest) {
+                                    None => Some(PackageSource::Url(u.to_string())),
+                                    Some(why) => {
+                                        cx.err(n.pos, f, why);
+                                        None
+                                    }
+                                }
+                            }
+                            _ => {
+                                cx.err(
+                                    n.pos,
+                                    f,
+                                    format!(
+                                        "expected an http:// or https:// URL, found `{}`",
+                                        shorten(u)
+                                    ),
+                                );
+                                None
+                            }
+                        }
+                    })
+            }
+            (None, None) => Some(PackageSource::Release),
+        };
+        let (
+            Some(PackageFileName {
+                name,
+                version,
+                release: rel,
+                arch,
+                format: pformat,
+            }),
+            Some(source),
+        ) = (parsed, source)
+        else {
+            continue;
+        };
+        if external && let Some((p, _)) = packages.iter_mut().find(|(p, _)| p.file == file) {
+            // Listed under RPM names and under Externals: one package, from outside.
+            p.external = true;
+            continue;
+        }
+        if let Some((_, first)) = packages.iter().find(|(p, _)| p.file == file) {
+            cx.err(
+                file_node.pos,
+                file_field,
+                format!("package {file} is listed twice (first at {first})"),
+            );
+            continue;
+        }
+        if let Some((other, first)) = packages
+            .iter()
+            .find(|(p, _)| p.name == name && p.arch == arch && p.format == pformat)
+        {
+            cx.err(
+                file_node.pos,
+                file_field,
+                format!(
+                    "package {name} ({arch}) is listed twice, as {} (at {first}) and as {file}",
+                    other.file
+                ),
+            );
+            continue;
+        }
+        if external {
+            cx.warn(
+                file_node.pos,
+                file_field.clone(),
+                format!("{file} is listed under Externals but not under RPM names"),
+            );
+        }
+        packages.push((
+            Package {
+                file: file.to_string(),
+                name,
+                version,
+                release: rel,
+                arch,
+                format: pformat,
+                source,
+                sha256,
+                external,
+            },
+            file_node.pos,
+        ));
+    }
+}
+
 /// Converts and validates one record tree.
+/// Returns the record with its warnings, or every error.
 pub fn record_from_tree(
     tree: &Node,
     catalogue: &Catalogue,
     format: SourceFormat,
-) -> Result<PatchRecord, Vec<Diagnostic>> {
+) -> Result<(PatchRecord, Vec<Diagnostic>), Vec<Diagnostic>> {
     let mut cx = Ctx {
         errors: Vec::new(),
+        warnings: Vec::new(),
         catalogue,
         format,
     };
-    let Some(fields) = cx.entries(tree, "", FIELDS) else {
+    let Some(fields) = cx.fields(tree) else {
         return Err(cx.errors);
     };
     let get = |name: &str| fields.get(name).map(|(_, node)| *node);
@@ -445,45 +823,56 @@ pub fn record_from_tree(
         None => Some("Ready for Certification".to_string()),
         Some(n) => cx
             .line(n, "status", "a status", limits::MAX_NAME_CHARS)
-            .and_then(
-                |s| match STATUSES.iter().find(|known| known.eq_ignore_ascii_case(s)) {
-                    Some(known) => Some((*known).to_string()),
-                    None => {
-                        cx.err(
-                            n.pos,
-                            "status",
-                            format!(
-                                "unknown status `{}` (expected one of: {})",
-                                shorten(s),
-                                STATUSES.join(", ")
-                            ),
-                        );
-                        None
-                    }
-                },
-            ),
+            .and_then(|s| match super::labels::status(s) {
+                Some((known, _)) => Some(known.to_string()),
+                None => {
+                    let names: Vec<&str> =
+                        super::labels::STATUSES.iter().map(|(k, _)| *k).collect();
+                    let hint = super::labels::hint(s, names.iter().copied(), &names);
+                    cx.err(
+                        n.pos,
+                        "status",
+                        format!("unknown status `{}` ({hint})", shorten(s)),
+                    );
+                    None
+                }
+            }),
     };
+    let mut release_update = None;
     let release: Option<&Release> =
         get("release")
             .filter(|n| n.value != Value::Null)
             .and_then(|n| {
                 let s = cx.line(n, "release", "a release", limits::MAX_NAME_CHARS)?;
-                match catalogue.release(s) {
-                    Some(r) => Some(r),
-                    None => {
-                        let known: Vec<&str> = catalogue
-                            .releases
-                            .iter()
-                            .map(|r| r.label.as_str())
-                            .collect();
+                let known: Vec<&str> = catalogue
+                    .releases
+                    .iter()
+                    .map(|r| r.label.as_str())
+                    .collect();
+                let spelled = match super::labels::release(s) {
+                    Ok(spelled) => spelled,
+                    Err(why) => {
+                        let hint = format!("expected one of: {}", known.join(", "));
                         cx.err(
                             n.pos,
                             "release",
-                            format!(
-                                "unknown release `{}` (expected one of: {})",
-                                shorten(s),
-                                known.join(", ")
-                            ),
+                            format!("unknown release `{}`: {why} ({hint})", shorten(s)),
+                        );
+                        return None;
+                    }
+                };
+                match catalogue.release(&spelled.name) {
+                    Some(r) => {
+                        release_update = spelled.update;
+                        Some(r)
+                    }
+                    None => {
+                        // Release numbers one digit apart are different releases: no guess.
+                        let hint = format!("expected one of: {}", known.join(", "));
+                        cx.err(
+                            n.pos,
+                            "release",
+                            format!("unknown release `{}` ({hint})", shorten(s)),
                         );
                         None
                     }
@@ -503,25 +892,43 @@ pub fn record_from_tree(
             else {
                 continue;
             };
-            let label = label.to_string();
-            if cx.catalogue.platform(&label).is_none() {
+            // The tracker's and the build system's spellings name the catalogue's label.
+            let Some(platform) = cx.catalogue.platform_spelled(label) else {
                 let known: Vec<&str> = cx
                     .catalogue
                     .platforms
                     .iter()
                     .map(|p| p.label.as_str())
                     .collect();
+                let spellings = cx
+                    .catalogue
+                    .platforms
+                    .iter()
+                    .flat_map(|p| std::iter::once(&p.label).chain(&p.aliases))
+                    .map(String::as_str);
+                let hint = match super::labels::nearest(label, spellings) {
+                    Some(near) => {
+                        let of = cx
+                            .catalogue
+                            .platform_spelled(near)
+                            .map_or(near, |p| p.label.as_str());
+                        let near = if of == near {
+                            format!("`{near}`")
+                        } else {
+                            format!("`{near}` ({of})")
+                        };
+                        format!("did you mean {near}? known: {}", known.join(", "))
+                    }
+                    None => format!("expected one of: {}", known.join(", ")),
+                };
                 cx.err(
                     item.pos,
                     field,
-                    format!(
-                        "unknown platform `{}` (expected one of: {})",
-                        shorten(&label),
-                        known.join(", ")
-                    ),
+                    format!("unknown platform `{}` ({hint})", shorten(label)),
                 );
                 continue;
-            }
+            };
+            let label = platform.label.clone();
             if let Some(r) = release
                 && !r.platforms.contains(&label)
             {
@@ -560,17 +967,61 @@ pub fn record_from_tree(
             let Some(name) = cx.line(item, &field, "a node type", limits::MAX_NAME_CHARS) else {
                 continue;
             };
-            let Some(r) = release else { continue };
+            let Some(r) = release else {
+                // The release is wrong or missing: still say whether the name is a node type
+                // of any release, so one round lists every error.
+                let releases = &cx.catalogue.releases;
+                if !releases
+                    .iter()
+                    .any(|r| r.node_type(name).is_some() || r.known_unbuilt(name))
+                {
+                    let names = releases
+                        .iter()
+                        .flat_map(|r| &r.node_types)
+                        .flat_map(|n| std::iter::once(&n.name).chain(&n.aliases))
+                        .map(String::as_str);
+                    let hint = match super::labels::nearest(name, names) {
+                        Some(near) => format!(" (did you mean `{near}`?)"),
+                        None => String::new(),
+                    };
+                    cx.err(
+                        item.pos,
+                        field,
+                        format!(
+                            "unknown node type `{}` in every release{hint}",
+                            shorten(name)
+                        ),
+                    );
+                }
+                continue;
+            };
             let Some(nt) = r.node_type(name) else {
+                if r.known_unbuilt(name) {
+                    cx.err(
+                        item.pos,
+                        field,
+                        format!(
+                            "node type {} of {}: known gLite node type, not built by this catalogue's recipes",
+                            shorten(name),
+                            r.label
+                        ),
+                    );
+                    continue;
+                }
                 let known: Vec<&str> = r.node_types.iter().map(|n| n.name.as_str()).collect();
+                let names = r
+                    .node_types
+                    .iter()
+                    .flat_map(|n| std::iter::once(&n.name).chain(&n.aliases))
+                    .map(String::as_str);
+                let hint = super::labels::hint(name, names, &known);
                 cx.err(
                     item.pos,
                     field,
                     format!(
-                        "unknown node type `{}` for {} (expected one of: {})",
+                        "unknown node type `{}` for {} ({hint})",
                         shorten(name),
                         r.label,
-                        known.join(", ")
                     ),
                 );
                 continue;
@@ -684,197 +1135,13 @@ pub fn record_from_tree(
         }
     }
 
-    // Packages.
+    // Packages, then the externals (which the tracker lists under RPM names too).
     let mut packages: Vec<(Package, Pos)> = Vec::new();
     if let Some(node) = get("packages") {
-        for (i, item) in cx
-            .items(node, "packages", limits::MAX_PACKAGES)
-            .into_iter()
-            .enumerate()
-        {
-            let field = format!("packages[{i}]");
-            let (file_node, sha_node, repo_node, url_node) = match &item.value {
-                Value::Map(_) => {
-                    let Some(entries) =
-                        cx.entries(item, &field, &["file", "sha256", "repository", "url"])
-                    else {
-                        continue;
-                    };
-                    let Some((_, file_node)) = entries.get("file") else {
-                        cx.err(
-                            item.pos,
-                            join(&field, "file"),
-                            "required field `file` (the package file name) is missing",
-                        );
-                        continue;
-                    };
-                    (
-                        *file_node,
-                        entries.get("sha256").map(|e| e.1),
-                        entries.get("repository").map(|e| e.1),
-                        entries.get("url").map(|e| e.1),
-                    )
-                }
-                _ => (item, None, None, None),
-            };
-            let file_field = if matches!(item.value, Value::Map(_)) {
-                join(&field, "file")
-            } else {
-                field.clone()
-            };
-            let Some(file) = cx.text(file_node, &file_field, "a package file name") else {
-                continue;
-            };
-            let file = file.trim();
-            if file.chars().count() > limits::MAX_NAME_CHARS {
-                cx.err(
-                    file_node.pos,
-                    file_field,
-                    format!(
-                        "package file name is longer than {} characters",
-                        limits::MAX_NAME_CHARS
-                    ),
-                );
-                continue;
-            }
-            let parsed = match parse_package_file(file) {
-                Ok(parsed) => Some(parsed),
-                Err(why) => {
-                    cx.err(
-                        file_node.pos,
-                        file_field.clone(),
-                        format!("`{}`: {why}", shorten(file)),
-                    );
-                    None
-                }
-            };
-            let sha256 = match sha_node.filter(|n| n.value != Value::Null) {
-                None => None,
-                Some(n) => {
-                    let f = join(&field, "sha256");
-                    cx.text(n, &f, "a SHA-256 digest").and_then(|s| {
-                        let s = s.trim();
-                        if s.len() == 64 && s.chars().all(|c| c.is_ascii_hexdigit()) {
-                            Some(s.to_ascii_lowercase())
-                        } else {
-                            cx.err(
-                                n.pos,
-                                f,
-                                format!("expected 64 hexadecimal digits, found `{}`", shorten(s)),
-                            );
-                            None
-                        }
-                    })
-                }
-            };
-            let repo = repo_node.filter(|n| n.value != Value::Null);
-            let url = url_node.filter(|n| n.value != Value::Null);
-            let source = match (repo, url) {
-                (Some(r), Some(_)) => {
-                    cx.err(
-                        r.pos,
-                        join(&field, "repository"),
-                        "give either `repository` or `url`, not both",
-                    );
-                    None
-                }
-                (Some(n), None) => {
-                    let f = join(&field, "repository");
-                    cx.line(n, &f, "a repository path", limits::MAX_NAME_CHARS)
-                        .and_then(|p| match check_path(p, false) {
-                            Ok(()) => Some(PackageSource::Repository(p.to_string())),
-                            Err(why) => {
-                                cx.err(n.pos, f, format!("repository path `{}` {why}", shorten(p)));
-                                None
-                            }
-                        })
-                }
-                (None, Some(n)) => {
-                    let f = join(&field, "url");
-                    cx.line(n, &f, "a URL", limits::MAX_URL_CHARS)
-                        .and_then(|u| {
-                            let rest = u
-                                .strip_prefix("https://")
-                                .or_else(|| u.strip_prefix("http://"));
-                            match rest {
-                                Some(rest)
-                                    if !rest.is_empty()
-                                        && !rest.starts_with('/')
-                                        && !u.chars().any(char::is_whitespace) =>
-                                {
-                                    match url_problem(rest) {
-                                        None => Some(PackageSource::Url(u.to_string())),
-                                        Some(why) => {
-                                            cx.err(n.pos, f, why);
-                                            None
-                                        }
-                                    }
-                                }
-                                _ => {
-                                    cx.err(
-                                        n.pos,
-                                        f,
-                                        format!(
-                                            "expected an http:// or https:// URL, found `{}`",
-                                            shorten(u)
-                                        ),
-                                    );
-                                    None
-                                }
-                            }
-                        })
-                }
-                (None, None) => Some(PackageSource::Release),
-            };
-            let (
-                Some(PackageFileName {
-                    name,
-                    version,
-                    release: rel,
-                    arch,
-                    format: pformat,
-                }),
-                Some(source),
-            ) = (parsed, source)
-            else {
-                continue;
-            };
-            if let Some((_, first)) = packages.iter().find(|(p, _)| p.file == file) {
-                cx.err(
-                    file_node.pos,
-                    file_field,
-                    format!("package {file} is listed twice (first at {first})"),
-                );
-                continue;
-            }
-            if let Some((other, first)) = packages
-                .iter()
-                .find(|(p, _)| p.name == name && p.arch == arch && p.format == pformat)
-            {
-                cx.err(
-                    file_node.pos,
-                    file_field,
-                    format!(
-                        "package {name} ({arch}) is listed twice, as {} (at {first}) and as {file}",
-                        other.file
-                    ),
-                );
-                continue;
-            }
-            packages.push((
-                Package {
-                    file: file.to_string(),
-                    name,
-                    version,
-                    release: rel,
-                    arch,
-                    format: pformat,
-                    source,
-                    sha256,
-                },
-                file_node.pos,
-            ));
-        }
+        read_packages(&mut cx, node, "packages", false, &mut packages);
+    }
+    if let Some(node) = get("externals") {
+        read_packages(&mut cx, node, "externals", true, &mut packages);
     }
 
     // Packages against platforms: each package must install on at least one
@@ -1051,6 +1318,175 @@ pub fn record_from_tree(
             config_changes.push((ConfigChange { file, key, value }, item.pos));
         }
     }
+    // Metapackage changes: `NODE_TYPE: FILE`, a package already in production that the
+    // patch adds to that node type's metapackage.
+    let mut metapackage_changes: Vec<super::MetapackageChange> = Vec::new();
+    if let Some(node) = get("metapackage_changes") {
+        for (i, item) in cx
+            .items(node, "metapackage_changes", limits::MAX_PACKAGES)
+            .into_iter()
+            .enumerate()
+        {
+            let field = format!("metapackage_changes[{i}]");
+            let Some(entries) = cx.entries(item, &field, &["node_type", "file"]) else {
+                continue;
+            };
+            let (Some((_, nt_node)), Some((_, file_node))) =
+                (entries.get("node_type"), entries.get("file"))
+            else {
+                cx.err(
+                    item.pos,
+                    field,
+                    "expected `node_type` and `file` (text form: `NODE_TYPE: PACKAGE_FILE`)",
+                );
+                continue;
+            };
+            let nt_field = join(&field, "node_type");
+            let file_field = join(&field, "file");
+            let nt = cx.line(nt_node, &nt_field, "a node type", limits::MAX_NAME_CHARS);
+            let file = cx.line(
+                file_node,
+                &file_field,
+                "a package file name",
+                limits::MAX_NAME_CHARS,
+            );
+            let (Some(nt), Some(file)) = (nt, file) else {
+                continue;
+            };
+            let node_type = match release.map(|r| (r, r.node_type(nt))) {
+                Some((_, Some(t))) => {
+                    if !node_types.iter().any(|(n, _)| *n == t.name) {
+                        cx.err(
+                            nt_node.pos,
+                            nt_field,
+                            format!(
+                                "node type {} is not among the patch's node types ({})",
+                                t.name,
+                                node_types
+                                    .iter()
+                                    .map(|(n, _)| n.as_str())
+                                    .collect::<Vec<_>>()
+                                    .join(", ")
+                            ),
+                        );
+                        continue;
+                    }
+                    t.name.clone()
+                }
+                Some((r, None)) => {
+                    cx.err(
+                        nt_node.pos,
+                        nt_field,
+                        format!("unknown node type `{}` for {}", shorten(nt), r.label),
+                    );
+                    continue;
+                }
+                None => continue,
+            };
+            match parse_package_file(file) {
+                Ok(p) => metapackage_changes.push(super::MetapackageChange {
+                    node_type,
+                    file: file.to_string(),
+                    name: p.name,
+                    version: p.version,
+                    release: p.release,
+                    arch: p.arch,
+                }),
+                Err(why) => cx.err(
+                    file_node.pos,
+                    file_field,
+                    format!("`{}`: {why}", shorten(file)),
+                ),
+            }
+        }
+    }
+
+    // The tracker's other fields, kept as they are written.
+    let assigned_to = get("assigned_to")
+        .filter(|n| n.value != Value::Null)
+        .and_then(|n| cx.line(n, "assigned_to", "a name", limits::MAX_NAME_CHARS))
+        .map(str::to_string);
+    let priority = get("priority")
+        .filter(|n| n.value != Value::Null)
+        .and_then(|n| {
+            let p = cx.line(n, "priority", "a priority", limits::MAX_NAME_CHARS)?;
+            // `5 - Normal`: a digit, then the priority's name.
+            let (digit, name) = p
+                .split_once('-')
+                .map(|(d, n)| (d.trim(), n.trim()))
+                .unwrap_or((p, ""));
+            if digit.len() == 1 && digit.as_bytes()[0].is_ascii_digit() {
+                Some(if name.is_empty() {
+                    digit.to_string()
+                } else {
+                    format!("{digit} - {name}")
+                })
+            } else {
+                cx.err(
+                    n.pos,
+                    "priority",
+                    format!(
+                        "expected a priority such as `5 - Normal` or `9 - Immediate`, found `{}`",
+                        shorten(p)
+                    ),
+                );
+                None
+            }
+        });
+    let release_path = get("release_path")
+        .filter(|n| n.value != Value::Null)
+        .and_then(|n| {
+            let p = cx.line(n, "release_path", "a release path", limits::MAX_NAME_CHARS)?;
+            match p.to_ascii_lowercase().as_str() {
+                "standard" => Some(super::ReleasePath::Standard),
+                "internal" => Some(super::ReleasePath::Internal),
+                _ => {
+                    cx.err(
+                        n.pos,
+                        "release_path",
+                        format!(
+                            "unknown release path `{}` (expected Standard or Internal)",
+                            shorten(p)
+                        ),
+                    );
+                    None
+                }
+            }
+        });
+    let mut free_text = |field: &str, what: &str| -> String {
+        get(field)
+            .filter(|n| n.value != Value::Null)
+            .and_then(|n| cx.free_text(n, field, what))
+            .unwrap_or_default()
+    };
+    let release_notes = free_text("release_notes", "the release notes");
+    let installation = free_text("installation", "the installation notes");
+    let certification_report = free_text("certification_report", "the certification report");
+
+    // Legal, but worth a look.
+    let archs: Vec<&str> = {
+        let mut a: Vec<&str> = platforms
+            .iter()
+            .filter_map(|(l, _)| cx.catalogue.platform(l).map(|p| p.arch.as_str()))
+            .collect();
+        a.sort_unstable();
+        a.dedup();
+        a
+    };
+    if archs.len() > 1
+        && let Some(node) = get("platforms")
+    {
+        cx.warn(
+            node.pos,
+            "platforms",
+            format!(
+                "the record spans {} architectures ({}): the tracker opens one patch per architecture",
+                archs.len(),
+                archs.join(", ")
+            ),
+        );
+    }
+
     let count = |name: &str| {
         get(name).map_or(0, |n| match &n.value {
             Value::Seq(items) => items.len(),
@@ -1058,11 +1494,23 @@ pub fn record_from_tree(
             _ => 1,
         })
     };
-    let reported = cx
-        .errors
+    let reported = cx.errors.iter().any(|e| {
+        [
+            "packages",
+            "externals",
+            "metapackage_changes",
+            "config_changes",
+        ]
         .iter()
-        .any(|e| e.field.starts_with("packages") || e.field.starts_with("config_changes"));
-    if count("packages") + count("config_changes") == 0 && !reported {
+        .any(|f| e.field.starts_with(f))
+    });
+    if count("packages")
+        + count("externals")
+        + count("metapackage_changes")
+        + count("config_changes")
+        == 0
+        && !reported
+    {
         cx.err(tree.pos, "packages", CHANGES_NOTHING);
     }
 
@@ -1146,7 +1594,16 @@ pub fn record_from_tree(
             config_changes: config_changes.into_iter().map(|(c, _)| c).collect(),
             submitter,
             description,
-        }),
+            release_update,
+            metapackage_changes,
+            assigned_to,
+            priority,
+            release_path,
+            release_notes,
+            installation,
+            certification_report,
+        })
+        .map(|r| (r, cx.warnings)),
         _ => {
             cx.err(tree.pos, "record", "the record is incomplete");
             Err(cx.errors)

@@ -8,8 +8,11 @@
 pub mod convert;
 pub mod doc;
 mod json;
+pub mod labels;
 pub mod limits;
 pub mod text;
+#[cfg(test)]
+mod tracker_tests;
 
 use std::fmt;
 use std::path::Path;
@@ -94,6 +97,50 @@ pub struct Package {
     pub source: PackageSource,
     /// Lower-case hex SHA-256 of the package file, when the record gives it.
     pub sha256: Option<String>,
+    /// Listed under the tracker's Externals: from outside the release (e.g. VDT).
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub external: bool,
+}
+
+fn is_false(b: &bool) -> bool {
+    !b
+}
+
+/// A release update, as in `3.1.0 Update 71` or `gLite 3.2 Security Update 01`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReleaseUpdate {
+    pub number: u32,
+    pub security: bool,
+}
+
+impl fmt::Display for ReleaseUpdate {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.security {
+            write!(f, "Security Update {:02}", self.number)
+        } else {
+            write!(f, "Update {:02}", self.number)
+        }
+    }
+}
+
+/// A package already in production that the patch adds to a node type's metapackage
+/// (the tracker's Metapackage changes: `lcg-CE: glite-security-voms-api-cpp-1.8.3-3.slc4.i386.rpm`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MetapackageChange {
+    /// The node type, as the catalogue names it.
+    pub node_type: String,
+    pub file: String,
+    pub name: String,
+    pub version: String,
+    pub release: String,
+    pub arch: String,
+}
+
+/// The tracker's Release Path.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ReleasePath {
+    Standard,
+    Internal,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -129,9 +176,43 @@ pub struct PatchRecord {
     pub config_changes: Vec<ConfigChange>,
     pub submitter: String,
     pub description: String,
+    // What the tracker records beside (absent from the canonical form when not given, so a
+    // record that does not use them keeps its digest).
+    /// The release's update, e.g. `Update 71` of 3.1.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub release_update: Option<ReleaseUpdate>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub metapackage_changes: Vec<MetapackageChange>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub assigned_to: Option<String>,
+    /// e.g. `5 - Normal`, `9 - Immediate`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub priority: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub release_path: Option<ReleasePath>,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub release_notes: String,
+    /// Installation & configuration notes.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub installation: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub certification_report: String,
 }
 
 impl PatchRecord {
+    /// Where the record's status stands in the lifecycle.
+    pub fn stage(&self) -> labels::Stage {
+        labels::status(&self.status).map_or(labels::Stage::Certification, |(_, s)| s)
+    }
+
+    /// The release as the tracker writes it, e.g. `3.1 Update 71`.
+    pub fn release_shown(&self) -> String {
+        match &self.release_update {
+            Some(u) => format!("{} {u}", self.release),
+            None => self.release.clone(),
+        }
+    }
+
     /// SHA-256 over the canonical JSON encoding of the record: the same content
     /// has the same digest whichever form it was written in.
     pub fn content_digest(&self) -> String {
@@ -190,6 +271,36 @@ pub struct LoadedRecord {
     pub file: String,
     pub pos: Pos,
     pub format: SourceFormat,
+    /// What is legal but worth a look (`FILE:LINE:COL: warning: …` on stderr, exit 0).
+    pub warnings: Vec<Diagnostic>,
+}
+
+impl LoadedRecord {
+    /// What the record's status means for Certo, when it is not "certify this": a record
+    /// already past certification, rejected or obsolete is stored and shown, not queued.
+    pub fn note(&self) -> Option<String> {
+        let r = &self.record;
+        match r.stage() {
+            labels::Stage::Certification => None,
+            labels::Stage::Before => Some(format!(
+                "patch {} is {}: stored and shown, not queued for certification until it is Ready for Certification",
+                r.id, r.status
+            )),
+            labels::Stage::Past => Some(format!(
+                "patch {} is {}: already past certification; stored and shown, not queued for certification",
+                r.id, r.status
+            )),
+            labels::Stage::Closed => Some(format!(
+                "patch {} is {}: stored and shown, not queued for certification",
+                r.id, r.status
+            )),
+        }
+    }
+
+    /// Whether the record asks for certification (its status is that stage's).
+    pub fn wants_certification(&self) -> bool {
+        self.record.stage() == labels::Stage::Certification
+    }
 }
 
 /// Reads every record of one file and validates it against the catalogue.
@@ -294,7 +405,14 @@ pub fn load(
         let item_errors_here = errors.iter().any(|e| {
             e.line >= tree.pos.line
                 && e.line < end
-                && (e.field.starts_with("packages") || e.field.starts_with("config_changes"))
+                && [
+                    "packages",
+                    "externals",
+                    "metapackage_changes",
+                    "config_changes",
+                ]
+                .iter()
+                .any(|f| e.field.starts_with(f))
         });
         match convert::record_from_tree(tree, catalogue, format) {
             // An item the text parser already refused is not "nothing".
@@ -305,13 +423,20 @@ pub fn load(
                 );
             }
             Ok(_) if item_errors_here => {}
-            Ok(record) => records.push(LoadedRecord {
-                digest: record.content_digest(),
-                record,
-                file: file.to_string(),
-                pos: tree.pos,
-                format,
-            }),
+            Ok((record, mut warnings)) => {
+                for w in &mut warnings {
+                    w.file = file.to_string();
+                }
+                warnings.sort_by_key(|w| (w.line, w.col));
+                records.push(LoadedRecord {
+                    digest: record.content_digest(),
+                    record,
+                    file: file.to_string(),
+                    pos: tree.pos,
+                    format,
+                    warnings,
+                })
+            }
             Err(mut errs) => errors.append(&mut errs),
         }
     }

@@ -17,7 +17,7 @@
 //! names, so that one converter validates all three forms.
 
 use super::doc::{Key, Node, Pos, Value};
-use super::{Diagnostic, limits};
+use super::{Diagnostic, labels, limits};
 
 /// How a text-form key maps to a record field, and how its values are read.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -32,37 +32,35 @@ enum Shape {
     Packages,
     /// Configuration changes: `FILE: KEY=VALUE`, one per indented line.
     ConfigChanges,
+    /// Metapackage changes: `NODE_TYPE: FILE [FILE...]`, on the key's line or indented lines.
+    MetapackageChanges,
     /// Free text: the key's line and every indented line after it.
     Text,
 }
 
-/// The text form's keys (normalised: lower case, single spaces) and their fields.
-const KEYS: &[(&str, &str, Shape)] = &[
-    ("patch", "id", Shape::Single),
-    ("revision", "revision", Shape::Single),
-    ("title", "title", Shape::Single),
-    ("status", "status", Shape::Single),
-    ("release", "release", Shape::Single),
-    ("platforms", "platforms", Shape::List),
-    ("node types", "node_types", Shape::List),
-    ("bugs", "bugs", Shape::Bugs),
-    ("rpms", "packages", Shape::Packages),
-    ("debs", "packages", Shape::Packages),
-    ("packages", "packages", Shape::Packages),
-    (
-        "configuration changes",
-        "config_changes",
-        Shape::ConfigChanges,
-    ),
-    ("submitter", "submitter", Shape::Single),
-    ("description", "description", Shape::Text),
-];
+/// How each record field's values are written in the text form.
+fn shape_of(field: &str) -> Shape {
+    match field {
+        "platforms" | "node_types" => Shape::List,
+        "bugs" => Shape::Bugs,
+        "packages" | "externals" => Shape::Packages,
+        "config_changes" => Shape::ConfigChanges,
+        "metapackage_changes" => Shape::MetapackageChanges,
+        "description" | "release_notes" | "installation" | "certification_report" => Shape::Text,
+        _ => Shape::Single,
+    }
+}
 
-/// Text-form names of the record fields, for messages.
+/// Text-form names of the record fields, for messages: the first label that names it.
 pub fn text_key_for(field: &str) -> Option<&'static str> {
-    KEYS.iter()
-        .find(|(_, f, _)| *f == field)
-        .map(|(k, _, _)| *k)
+    let key = match field {
+        "id" => "patch",
+        "packages" => "rpms",
+        "config_changes" => "configuration changes",
+        "node_types" => "node types",
+        _ => labels::LABELS.iter().find(|(_, f)| *f == field)?.0,
+    };
+    Some(key)
 }
 
 struct Field {
@@ -163,8 +161,37 @@ fn bug_item(item: &str, pos: Pos) -> Node {
     map(pos, vec![("id", scalar(item, pos))])
 }
 
-/// Parses one package item: `FILE [sha256:HEX] [repo:PATH | url:URL]`.
-fn package_item(item: &str, pos: Pos, errors: &mut Vec<Diagnostic>, index: usize) -> Node {
+/// Whether a word names a package file (what the tracker lists, several to a line).
+fn is_package_file(word: &str) -> bool {
+    !word.contains(':') && (word.ends_with(".rpm") || word.ends_with(".deb"))
+}
+
+/// Splits on white space and commas; yields each word with its character offset.
+fn split_words(s: &str) -> Vec<(usize, &str)> {
+    let mut out = Vec::new();
+    let mut start = None;
+    for (i, c) in s.char_indices().chain(std::iter::once((s.len(), ' '))) {
+        let sep = c.is_whitespace() || c == ',';
+        match (start, sep) {
+            (None, false) => start = Some(i),
+            (Some(from), true) => {
+                out.push((s[..from].chars().count(), &s[from..i]));
+                start = None;
+            }
+            _ => {}
+        }
+    }
+    out
+}
+
+/// Parses one package item: `FILE [sha256:HEX] [repo:PATH | url:URL]` of list `list`.
+fn package_item(
+    item: &str,
+    pos: Pos,
+    errors: &mut Vec<Diagnostic>,
+    list: &str,
+    index: usize,
+) -> Node {
     let mut entries = Vec::new();
     let mut offset = 0usize;
     for (n, word) in item.split_whitespace().enumerate() {
@@ -194,7 +221,7 @@ fn package_item(item: &str, pos: Pos, errors: &mut Vec<Diagnostic>, index: usize
             _ => {
                 errors.push(Diagnostic::new(
                     wpos,
-                    format!("packages[{index}]"),
+                    format!("{list}[{index}]"),
                     format!(
                         "unexpected `{}` after the package file name (expected `sha256:HEX`, `repo:PATH` or `url:URL`)",
                         limits::shorten(word)
@@ -206,7 +233,7 @@ fn package_item(item: &str, pos: Pos, errors: &mut Vec<Diagnostic>, index: usize
         if entries.iter().any(|(name, _)| *name == field) {
             errors.push(Diagnostic::new(
                 wpos,
-                format!("packages[{index}].{field}"),
+                format!("{list}[{index}].{field}"),
                 format!("`{field}` given twice"),
             ));
             continue;
@@ -310,10 +337,56 @@ impl Field {
                 }
             }
             Shape::Packages => {
-                if !text.is_empty() {
+                if text.is_empty() {
+                    return;
+                }
+                // The tracker lists several files on a line (spaces or commas between them);
+                // Certo's own form gives one file per line, with its tags after it.
+                let words = split_words(text);
+                if words.len() > 1 && words.iter().all(|(_, w)| is_package_file(w)) {
+                    for (offset, word) in words {
+                        let index = self.items_len();
+                        let wpos = Pos {
+                            line: pos.line,
+                            col: pos.col + offset as u32,
+                        };
+                        let node = package_item(word, wpos, errors, self.canonical, index);
+                        self.push_item(node);
+                    }
+                } else {
                     let index = self.items_len();
-                    let node = package_item(text, pos, errors, index);
+                    let node = package_item(text, pos, errors, self.canonical, index);
                     self.push_item(node);
+                }
+            }
+            Shape::MetapackageChanges => {
+                if text.is_empty() {
+                    return;
+                }
+                let index = self.items_len();
+                let Some((nt, files)) = text.split_once(':') else {
+                    errors.push(Diagnostic::new(
+                        pos,
+                        format!("metapackage_changes[{index}]"),
+                        "expected `NODE_TYPE: PACKAGE_FILE`, found no `:` after a node type"
+                            .to_string(),
+                    ));
+                    return;
+                };
+                let base = nt.chars().count() + 1;
+                for (offset, file) in split_words(files) {
+                    let fpos = Pos {
+                        line: pos.line,
+                        col: pos.col + (base + offset) as u32,
+                    };
+                    let item = map(
+                        pos,
+                        vec![
+                            ("node_type", scalar(nt.trim(), pos)),
+                            ("file", scalar(file, fpos)),
+                        ],
+                    );
+                    self.push_item(item);
                 }
             }
             Shape::ConfigChanges => {
@@ -375,6 +448,14 @@ impl Field {
             self.node,
         )
     }
+}
+
+/// A normalised label as a person writes it: its first letter capitalised.
+pub fn spell_label(label: &str) -> String {
+    let mut c = label.chars();
+    c.next()
+        .map(|f| f.to_uppercase().collect::<String>() + c.as_str())
+        .unwrap_or_default()
 }
 
 /// Parses a text-form file into one positioned tree per record. Errors found
@@ -458,23 +539,38 @@ pub fn parse_text(src: &str) -> (Vec<Node>, Vec<Diagnostic>) {
             skipping = true;
             continue;
         };
-        let normalised = raw_key
-            .split_whitespace()
-            .collect::<Vec<_>>()
-            .join(" ")
-            .to_lowercase();
-        let Some(&(_, canonical, shape)) = KEYS.iter().find(|(k, _, _)| *k == normalised) else {
-            errors.push(Diagnostic::new(
-                pos,
-                limits::shorten(raw_key.trim()),
-                format!(
-                    "unknown key `{}` (expected one of: Patch, Revision, Title, Status, Release, Platforms, Node types, Bugs, RPMs, Configuration changes, Submitter, Description)",
-                    limits::shorten(raw_key.trim())
-                ),
-            ));
-            skipping = true;
-            continue;
+        let canonical = match labels::field_of(raw_key) {
+            Some(field) => field,
+            None => {
+                // A near miss is named, and read as what it probably meant, so that the
+                // record's other errors (and not a "missing" one for that field) come out
+                // in the same round; the record is refused for the unknown key anyway.
+                let guess = labels::nearest_label(raw_key);
+                errors.push(Diagnostic::new(
+                    pos,
+                    limits::shorten(raw_key.trim()),
+                    match guess {
+                        Some((label, _)) => format!(
+                            "unknown key `{}` (did you mean `{}`?)",
+                            limits::shorten(raw_key.trim()),
+                            spell_label(label)
+                        ),
+                        None => format!(
+                            "unknown key `{}` (expected one of: Patch, Revision, Title, Status, Release, Platforms, Node types, Bugs, RPMs, Configuration changes, Submitter, Description, or a tracker label such as Summary, Platform, Affected metapackages, RPM names, Externals, Metapackage changes, Associated bugs, Submitted by, Assigned to, Priority, Release Path, Release notes, Installation & configuration, Certification report)",
+                            limits::shorten(raw_key.trim())
+                        ),
+                    },
+                ));
+                match guess {
+                    Some((_, field)) if !fields.iter().any(|(k, _)| k.name == field) => field,
+                    _ => {
+                        skipping = true;
+                        continue;
+                    }
+                }
+            }
         };
+        let shape = shape_of(canonical);
         if fields.iter().any(|(k, _)| k.name == canonical) {
             errors.push(Diagnostic::new(
                 pos,

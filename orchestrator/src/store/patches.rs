@@ -22,16 +22,24 @@ use crate::patch::{Diagnostic, LoadedRecord, PatchRecord};
 pub enum PatchState {
     /// Stored and current; waiting for certification.
     Submitted,
+    /// Stored and current, shown, but not for certification: the tracker's status says it is
+    /// not ready for it yet, already past it, rejected or obsolete.
+    Recorded,
     /// A higher revision of the same patch replaced it.
     Superseded,
 }
 
 impl PatchState {
-    pub const ALL: &[PatchState] = &[PatchState::Submitted, PatchState::Superseded];
+    pub const ALL: &[PatchState] = &[
+        PatchState::Submitted,
+        PatchState::Recorded,
+        PatchState::Superseded,
+    ];
 
     pub fn as_str(self) -> &'static str {
         match self {
             PatchState::Submitted => "submitted",
+            PatchState::Recorded => "recorded",
             PatchState::Superseded => "superseded",
         }
     }
@@ -281,8 +289,10 @@ impl Store {
                 format: rec.format.as_str(),
                 state: if in_batch_successor.is_some() {
                     PatchState::Superseded
-                } else {
+                } else if rec.wants_certification() {
                     PatchState::Submitted
+                } else {
+                    PatchState::Recorded
                 },
                 superseded_by: in_batch_successor,
             });

@@ -413,3 +413,57 @@ async fn the_cli_lists_and_shows_patches_as_json() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("unknown state `bogus`"));
     db.drop_db().await.expect("drop");
 }
+
+/// The same patch written with the tracker's labels and spellings and with Certo's keys is
+/// one record to the store (the second submit is a no-op) and `show` prints it alike.
+#[tokio::test]
+async fn a_tracker_spelled_record_stores_and_shows_like_certos_own() {
+    let db = common::scratch().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let certo_form = dir.path().join("certo.yaml");
+    std::fs::write(
+        &certo_form,
+        "id: 3620\nrevision: 1\ntitle: CREAM 1.12 for SL5\nstatus: In Certification\nrelease: \"3.2\"\n\
+         platforms: [sl5_x86_64]\nnode_types: [glite-CE]\nbugs: [50001]\n\
+         packages: [glite-ce-cream-1.12.0-3.sl5.x86_64.rpm]\nsubmitter: asmith\n",
+    )
+    .expect("write");
+    let tracker_form = dir.path().join("tracker.txt");
+    std::fs::write(
+        &tracker_form,
+        "Patch: 3620\nRevision: 1\nSummary: CREAM 1.12 for SL5\nStatus: in certification\nRelease: 3.2.0\n\
+         Platform: SL5 x86_64\nAffected metapackages: glite-CREAM\nAssociated bugs: 50001\n\
+         RPM names: glite-ce-cream-1.12.0-3.sl5.x86_64.rpm\nSubmitted by: asmith\n",
+    )
+    .expect("write");
+    let out = common::certo(&db.url, &["submit", certo_form.to_str().expect("utf-8")]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let shown_before = common::certo(&db.url, &["show", "3620", "--json"]);
+    let out = common::certo(&db.url, &["submit", tracker_form.to_str().expect("utf-8")]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.starts_with("unchanged  patch 3620 r1 (already stored with the same content)"),
+        "{stdout}"
+    );
+    let shown_after = common::certo(&db.url, &["show", "3620", "--json"]);
+    assert_eq!(
+        String::from_utf8_lossy(&shown_before.stdout),
+        String::from_utf8_lossy(&shown_after.stdout)
+    );
+    let shown: serde_json::Value = serde_json::from_slice(&shown_after.stdout).expect("json");
+    let text = shown.to_string();
+    assert!(
+        text.contains("\"glite-CE\"") && text.contains("\"sl5_x86_64\""),
+        "{text}"
+    );
+    db.drop_db().await.expect("drop");
+}

@@ -457,6 +457,69 @@ async fn a_patch_id_above_u32_max_is_built_and_stored_as_itself() {
     db.drop_db().await.expect("drop");
 }
 
+/// A metapackage change (the tracker's "Metapackage changes": a package already in production
+/// that the patch adds to a node type) installs that package from the release's production
+/// repository into the node type's image; one that is not in production is refused, saying so.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_metapackage_change_installs_a_production_package_and_a_missing_one_is_refused() {
+    let db = common::scratch().await;
+    let data = shared_data();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let record = |id: u32, file: &str| {
+        format!(
+            "Patch: {id}\nRevision: 1\nSummary: the LDAP provider on the WN\nRelease: 3.2.0\n\
+             Platform: SL5/64bit\nAffected metapackages: glite-WN\nMetapackage changes:\n  \
+             glite-WN: {file}\nSubmitted by: tester\n"
+        )
+    };
+    let ok = test_patch(
+        dir.path(),
+        "meta.txt",
+        &record(3630, "glite-info-provider-ldap-1.4.1-1.noarch.rpm"),
+    );
+    let target = |p: &str| {
+        vec![
+            "--release".to_owned(),
+            "3.2".to_owned(),
+            "--platform".to_owned(),
+            "sl5_x86_64".to_owned(),
+            "--node-type".to_owned(),
+            "glite-WN".to_owned(),
+            "--patch".to_owned(),
+            p.to_owned(),
+        ]
+    };
+    let args = target(&ok);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let (out, v) = build(&db.url, &data, &args);
+    assert!(out.status.success(), "build failed: {v}");
+    let image = PathBuf::from(v["path"].as_str().expect("path"));
+    let installed = rpm_installed(&image);
+    assert!(
+        installed
+            .iter()
+            .any(|p| p == "glite-info-provider-ldap 1.4.1-1"),
+        "{installed:?}"
+    );
+
+    let missing = test_patch(
+        dir.path(),
+        "missing.txt",
+        &record(3631, "glite-info-provider-ldap-9.9.9-1.noarch.rpm"),
+    );
+    let args = target(&missing);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let v = failing_build(&db.url, &data, &args);
+    let message = v["error"]["message"].as_str().unwrap_or_default();
+    assert!(
+        message.contains(
+            "metapackage change glite-info-provider-ldap-9.9.9-1.noarch.rpm: the package is not in the release's production repository"
+        ),
+        "{v}"
+    );
+    db.drop_db().await.expect("drop");
+}
+
 /// Writes a one-record patch file for failure tests.
 fn test_patch(dir: &Path, name: &str, body: &str) -> String {
     let path = dir.join(name);

@@ -210,7 +210,7 @@ pub fn plan(request: &ImageRequest, world: &Path) -> Result<Vec<LayerPlan>, Buil
                         location: RepoLocation::DebFlat(updates_dir.clone()),
                     });
                 }
-                let install = patch_files(patch, world, "deb", &updates_dir)?;
+                let install = patch_files(patch, world, "deb", &updates_dir, &glite_dir)?;
                 let config = patch_config(patch)?;
                 push(
                     LayerKind::Patch,
@@ -303,7 +303,7 @@ pub fn plan(request: &ImageRequest, world: &Path) -> Result<Vec<LayerPlan>, Buil
                         location: RepoLocation::Rpm(updates_dir.clone()),
                     });
                 }
-                let install = patch_files(patch, world, "rpm", &updates_dir)?;
+                let install = patch_files(patch, world, "rpm", &updates_dir, &glite_dir)?;
                 let config = patch_config(patch)?;
                 push(
                     LayerKind::Patch,
@@ -350,6 +350,7 @@ fn patch_files(
     world: &Path,
     family: &str,
     updates_dir: &Path,
+    production_dir: &Path,
 ) -> Result<Vec<Install>, BuildError> {
     let mut out = Vec::new();
     for package in &patch.packages {
@@ -362,6 +363,20 @@ fn patch_files(
             .map_err(|why| fail(Phase::Fetch, format!("file name {:?}: {why}", package.file)))?;
         let dir = match &package.source {
             PackageSource::Release => updates_dir.to_owned(),
+            PackageSource::Production => {
+                // A metapackage change: the package must already be in production.
+                if !production_dir.join(&package.file).is_file() {
+                    return Err(fail(
+                        Phase::Resolve,
+                        format!(
+                            "metapackage change {}: the package is not in the release's production repository {}",
+                            package.file,
+                            production_dir.display()
+                        ),
+                    ));
+                }
+                production_dir.to_owned()
+            }
             PackageSource::Repository(path) => {
                 crate::request::safe_relative(path).map_err(|why| {
                     fail(Phase::Fetch, format!("repository path {path:?}: {why}"))

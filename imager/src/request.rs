@@ -97,6 +97,9 @@ pub struct PatchPackage {
 pub enum PackageSource {
     /// The release's update repository for the platform.
     Release,
+    /// The release's production repository for the platform (what the node types are built
+    /// from): a package already in production that a patch adds to a metapackage.
+    Production,
     /// A repository path relative to the repository root.
     Repository(String),
     /// A URL.

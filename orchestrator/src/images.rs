@@ -50,16 +50,6 @@ pub enum TargetError {
         node_type: String,
         targets: String,
     },
-    /// The imager cannot yet install a package from the release's production repository
-    /// into a node type's image: refused rather than built without it.
-    #[error(
-        "patch {id} r{revision} has metapackage changes ({changes}): building them into an image is not supported yet"
-    )]
-    MetapackageChanges {
-        id: u64,
-        revision: u32,
-        changes: String,
-    },
 }
 
 /// The image request for one target of the catalogue, with an optional patch on top.
@@ -172,19 +162,7 @@ pub fn request(
                     targets: p.node_types.join(", "),
                 });
             }
-            if !p.metapackage_changes.is_empty() {
-                return Err(TargetError::MetapackageChanges {
-                    id: p.id,
-                    revision: p.revision,
-                    changes: p
-                        .metapackage_changes
-                        .iter()
-                        .map(|m| format!("{}: {}", m.node_type, m.file))
-                        .collect::<Vec<_>>()
-                        .join(", "),
-                });
-            }
-            Some(patch_layer(p, plat))
+            Some(patch_layer(p, plat, &nt.name))
         }
     };
     Ok(ImageRequest {
@@ -200,13 +178,17 @@ pub fn request(
     })
 }
 
-/// The part of a patch that applies to one platform: its packages of the platform's
-/// family and architectures, and all its configuration changes.
-fn patch_layer(p: &PatchRecord, plat: &catalogue::Platform) -> PatchLayer {
-    let packages = p
+/// The part of a patch that applies to one platform and node type: its packages of the
+/// platform's family and architectures, the metapackage changes of that node type (packages
+/// from the release's production repository), and all its configuration changes.
+fn patch_layer(p: &PatchRecord, plat: &catalogue::Platform, node_type: &str) -> PatchLayer {
+    let fits = |format: PackageFormat, arch: &str| {
+        format == plat.family && plat.package_archs.iter().any(|a| a == arch)
+    };
+    let mut packages: Vec<PatchPackage> = p
         .packages
         .iter()
-        .filter(|pkg| pkg.format == plat.family && plat.package_archs.contains(&pkg.arch))
+        .filter(|pkg| fits(pkg.format, &pkg.arch))
         .map(|pkg| PatchPackage {
             file: pkg.file.clone(),
             name: pkg.name.clone(),
@@ -218,6 +200,25 @@ fn patch_layer(p: &PatchRecord, plat: &catalogue::Platform) -> PatchLayer {
             sha256: pkg.sha256.clone(),
         })
         .collect();
+    packages.extend(
+        p.metapackage_changes
+            .iter()
+            .filter(|m| m.node_type == node_type)
+            .filter(|m| {
+                let format = if m.file.ends_with(".deb") {
+                    PackageFormat::Deb
+                } else {
+                    PackageFormat::Rpm
+                };
+                fits(format, &m.arch)
+            })
+            .map(|m| PatchPackage {
+                file: m.file.clone(),
+                name: m.name.clone(),
+                source: PackageSource::Production,
+                sha256: None,
+            }),
+    );
     PatchLayer {
         id: p.id,
         revision: p.revision,

@@ -288,7 +288,7 @@ async fn build_images(
     let mut images_ready = Vec::new();
     let started = std::time::Instant::now();
     for record in newest.values() {
-        for target in certo_orchestrator::app::patches::targets(record) {
+        for target in certo_orchestrator::app::patches::targets(ctx.catalogue(), record) {
             let (platform, node_type) = (&target.platform, &target.node_type);
             let label = format!("{} r{} {platform} {node_type}", record.id, record.revision);
             let req = match certo_orchestrator::app::images::request(

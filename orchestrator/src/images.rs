@@ -235,12 +235,20 @@ fn patch_layer(p: &PatchRecord, plat: &catalogue::Platform, node_type: &str) -> 
     }
 }
 
-/// Every (platform, node type) a patch needs an image for, in record order.
-pub fn patch_targets(p: &PatchRecord) -> Vec<(String, String)> {
+/// Every (platform, node type) a patch needs an image for, in record order: the
+/// combinations of its platforms and node types that the catalogue offers.
+pub fn patch_targets(catalogue: &Catalogue, p: &PatchRecord) -> Vec<(String, String)> {
+    let release = catalogue.release(&p.release);
     let mut out = Vec::new();
     for platform in &p.platforms {
         for node_type in &p.node_types {
-            out.push((platform.clone(), node_type.clone()));
+            let offered = release.is_some_and(|r| {
+                r.node_type(node_type)
+                    .is_some_and(|nt| nt.available_on(r, platform))
+            });
+            if offered {
+                out.push((platform.clone(), node_type.clone()));
+            }
         }
     }
     out

@@ -72,9 +72,10 @@ pub struct Target {
     pub node_type: String,
 }
 
-/// Every target of a patch: each platform × each node type, in record order.
-pub fn targets(p: &PatchRecord) -> Vec<Target> {
-    crate::images::patch_targets(p)
+/// Every target of a patch: each combination of its platforms and node types that the
+/// catalogue offers, in record order.
+pub fn targets(catalogue: &crate::catalogue::Catalogue, p: &PatchRecord) -> Vec<Target> {
+    crate::images::patch_targets(catalogue, p)
         .into_iter()
         .map(|(platform, node_type)| Target {
             release: p.release.clone(),

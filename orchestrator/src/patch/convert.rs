@@ -1034,19 +1034,61 @@ pub fn record_from_tree(
                 );
                 continue;
             }
-            for (platform, _) in &platforms {
-                if !nt.available_on(r, platform) {
-                    cx.err(
-                        item.pos,
-                        field.clone(),
+            // Platforms and node types are independent lists, as in the tracker: the record's
+            // targets are the combinations the catalogue offers. A node type offered on none of
+            // the record's platforms is an error; one offered on some is certified on those.
+            if !platforms.is_empty() && !platforms.iter().any(|(p, _)| nt.available_on(r, p)) {
+                let listed: Vec<&str> = platforms.iter().map(|(p, _)| p.as_str()).collect();
+                let built: Vec<&str> = r
+                    .platforms
+                    .iter()
+                    .filter(|p| nt.available_on(r, p))
+                    .map(String::as_str)
+                    .collect();
+                cx.err(
+                    item.pos,
+                    field.clone(),
+                    if listed.len() == 1 {
                         format!(
-                            "node type {} of {} is not available on {platform}",
-                            nt.name, r.label
+                            "node type {} of {} is not available on {}",
+                            nt.name, r.label, listed[0]
+                        )
+                    } else {
+                        format!(
+                            "node type {} of {} is available on none of {} (it is built for {})",
+                            nt.name,
+                            r.label,
+                            listed.join(", "),
+                            built.join(", ")
+                        )
+                    },
+                );
+            }
+            node_types.push((nt.name.clone(), item.pos));
+        }
+        // A platform on which none of the record's node types is offered has no target.
+        if let Some(r) = release
+            && !node_types.is_empty()
+        {
+            for (i, (platform, pos)) in platforms.iter().enumerate() {
+                let offered = node_types.iter().any(|(n, _)| {
+                    r.node_type(n)
+                        .is_some_and(|nt| nt.available_on(r, platform))
+                });
+                // Reported once, with the node type's error, when there is a single platform.
+                if !offered && platforms.len() > 1 {
+                    let names: Vec<&str> = node_types.iter().map(|(n, _)| n.as_str()).collect();
+                    cx.err(
+                        *pos,
+                        format!("platforms[{i}]"),
+                        format!(
+                            "platform {platform} offers none of the record's node types in {} ({})",
+                            r.label,
+                            names.join(", ")
                         ),
                     );
                 }
             }
-            node_types.push((nt.name.clone(), item.pos));
         }
     }
 
@@ -1205,6 +1247,27 @@ pub fn record_from_tree(
                     format!(
                         "platform {label} takes {} packages, but the patch lists none",
                         family.family_name()
+                    ),
+                );
+                continue;
+            }
+            // Else its patch layer would install nothing, and the target would be certified
+            // on the bare baseline.
+            let archs = cx
+                .catalogue
+                .platform(label)
+                .map(|p| p.package_archs.clone())
+                .unwrap_or_default();
+            if !packages
+                .iter()
+                .any(|(p, _)| p.format == *family && archs.contains(&p.arch))
+            {
+                cx.err(
+                    **pos,
+                    format!("platforms[{i}]"),
+                    format!(
+                        "none of the patch's packages installs on {label} (it takes {}): its image would be the baseline's",
+                        archs.join(", ")
                     ),
                 );
             }

@@ -334,3 +334,44 @@ fn tracker_only_fields_are_kept_and_absent_ones_keep_the_digest() {
     old.sort_unstable();
     assert_eq!(keys, old);
 }
+
+#[test]
+fn platforms_and_node_types_are_independent_lists_and_targets_are_what_the_catalogue_offers() {
+    // WMS 3.2 is built on x86_64 only: a record for both SL5 architectures with the CE and
+    // the WMS is an ordinary tracker record; WMS is certified on x86_64 alone.
+    let text = "id: 3640\nrevision: 1\ntitle: CE and WMS\nrelease: \"3.2\"\n\
+        platforms: [sl5_i386, sl5_x86_64]\nnode_types: [glite-CE, glite-WMS]\n\
+        packages: [glite-ce-common-1.12.0-1.noarch.rpm]\nsubmitter: j\n";
+    let r = one(text, SourceFormat::Yaml);
+    let targets: Vec<(String, String)> =
+        crate::images::patch_targets(&Catalogue::builtin(), &r.record);
+    let targets: Vec<(&str, &str)> = targets
+        .iter()
+        .map(|(p, n)| (p.as_str(), n.as_str()))
+        .collect();
+    assert_eq!(
+        targets,
+        [
+            ("sl5_i386", "glite-CE"),
+            ("sl5_x86_64", "glite-CE"),
+            ("sl5_x86_64", "glite-WMS")
+        ]
+    );
+    // A node type offered on none of the platforms, and a platform offering none of the
+    // node types, are refused.
+    let text = "id: 3641\nrevision: 1\ntitle: WMS on i386\nrelease: \"3.2\"\n\
+        platforms: [sl5_i386, deb12_i386]\nnode_types: [glite-WMS]\n\
+        packages: [glite-ui-clients-3.2.8-1.noarch.rpm, glite-ui-clients_3.2.8-1_all.deb]\nsubmitter: j\n";
+    let e = errors(text, SourceFormat::Yaml);
+    assert!(
+        e.iter().any(|m| m.contains(
+            "node type glite-WMS of gLite 3.2 is available on none of sl5_i386, deb12_i386 (it is built for sl5_x86_64, deb12_x86_64)"
+        )),
+        "{e:?}"
+    );
+    assert!(
+        e.iter()
+            .any(|m| m.contains("platform sl5_i386 offers none of the record's node types")),
+        "{e:?}"
+    );
+}

@@ -1367,14 +1367,25 @@ pub fn record_from_tree(
             let (Some(file), Some(key), Some(value)) = (file, key, value) else {
                 continue;
             };
-            if let Some((_, first)) = config_changes
+            // `site-info.def` is YAIM's `/opt/glite/yaim/etc/site-info.def`: one file, two
+            // spellings (how the imager places a relative name).
+            let in_image = |f: &str| match f.strip_prefix('/') {
+                Some(abs) => abs.to_string(),
+                None => format!("{}/{f}", certo_imager::request::YAIM_ETC),
+            };
+            if let Some((other, first)) = config_changes
                 .iter()
-                .find(|(c, _)| c.file == file && c.key == key)
+                .find(|(c, _)| in_image(&c.file) == in_image(&file) && c.key == key)
             {
+                let same = if other.file == file {
+                    String::new()
+                } else {
+                    format!(" (as {}: the same file)", other.file)
+                };
                 cx.err(
                     item.pos,
                     field,
-                    format!("{key} in {file} is changed twice (first at {first})"),
+                    format!("{key} in {file} is changed twice (first at {first}{same})"),
                 );
                 continue;
             }

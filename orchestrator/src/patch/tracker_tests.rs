@@ -375,3 +375,15 @@ fn platforms_and_node_types_are_independent_lists_and_targets_are_what_the_catal
         "{e:?}"
     );
 }
+
+#[test]
+fn a_key_set_twice_through_two_spellings_of_one_file_is_refused() {
+    let text = "Patch: 3650\nRevision: 1\nTitle: t\nRelease: 3.2\nPlatforms: sl5_x86_64\nNode types: glite-WN\n\
+        Configuration changes:\n  site-info.def: WN_LIST=/a\n  /opt/glite/yaim/etc/site-info.def: WN_LIST=/b\nSubmitter: j\n";
+    let e = errors(text, SourceFormat::Text);
+    assert_eq!(e.len(), 1, "{e:?}");
+    assert!(
+        e[0].contains("WN_LIST in /opt/glite/yaim/etc/site-info.def is changed twice (first at 8:3 (as site-info.def: the same file))"),
+        "{e:?}"
+    );
+}

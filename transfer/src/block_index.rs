@@ -618,7 +618,11 @@ impl BlockIndex {
             offset: 0,
             len: bytes.len(),
         };
-        read_hashed(&mut input, Width::Full)?.verified()
+        // The encoding is at hand: its length is real, and the block list is allocated once
+        // its count fits it.
+        let mut blocks = Reserving(Vec::new());
+        let head = read_hashed(&mut input, Width::Full, &mut blocks)?;
+        head.with(blocks.0).verified()
     }
 
     /// Encodes the index in the compact form: the same header with magic `CRTOCIX` and
@@ -715,9 +719,12 @@ impl BlockIndex {
 ///
 /// It is read from any [`Read`], a zstd decoder for instance, field by field as the bytes
 /// come: they are never held whole, and nothing is expanded into another form first. What it
-/// holds is the blocks (40 bytes each), allocated once the header's count has passed every
-/// bound ([`MAX_IMAGE_BLOCKS`], and the bytes the encoding has for them); resolving them
-/// ([`resolve`](Self::resolve)) replaces the prefixes in place.
+/// holds is the blocks (40 bytes each), in a list that grows as their records arrive (never
+/// reserved from the header's count, which a frame may declare the bytes for and not hold);
+/// resolving them ([`resolve`](Self::resolve)) replaces the prefixes in place. A host reads
+/// an index from outside twice: first without keeping its blocks
+/// ([`check_compact`](Self::check_compact), [`check_session`](Self::check_session)), and
+/// only if that finds it would be accepted, to keep them.
 #[derive(Debug)]
 pub struct PrefixIndex {
     /// The blocks, each non-zero one holding its prefix followed by zero bytes; the digest is
@@ -740,10 +747,50 @@ impl PrefixIndex {
             offset: 0,
             len,
         };
+        let mut blocks = Vec::new();
+        let head = read_hashed(&mut input, Width::Prefix, &mut blocks)?;
         Ok(Self {
-            index: read_hashed(&mut input, Width::Prefix)?,
+            index: head.with(blocks),
             fault: None,
         })
+    }
+
+    /// Reads a compact index as [`read_compact`](Self::read_compact) does, with the same
+    /// errors, but keeps none of its blocks: each is resolved as it comes (`resolve` is
+    /// given runs of up to [`CHECK_RUN`] blocks, see [`resolve_run`]) and goes into the
+    /// image digest. What [`resolve`](Self::resolve) would find ([`Checked::outcome`]) is
+    /// so known for what the index costs to read, before anything is held for its blocks.
+    pub fn check_compact(
+        reader: impl Read,
+        len: usize,
+        resolve: impl FnMut(&mut [BlockEntry]) -> usize,
+    ) -> Result<Checked, IndexError> {
+        let mut input = Input {
+            reader,
+            offset: 0,
+            len,
+        };
+        let mut check = Checker::new(resolve);
+        let head = read_hashed(&mut input, Width::Prefix, &mut check)?;
+        Ok(check.finish(head, None))
+    }
+
+    /// [`check_compact`](Self::check_compact) for a session index, with the errors of
+    /// [`read_session`](Self::read_session).
+    pub fn check_session(
+        reader: impl Read,
+        len: usize,
+        asked: &[[u8; PREFIX_LEN]],
+        resolve: impl FnMut(&mut [BlockEntry]) -> usize,
+    ) -> Result<Checked, IndexError> {
+        let mut input = Input {
+            reader,
+            offset: 0,
+            len,
+        };
+        let mut check = Checker::new(resolve);
+        let (head, fault) = read_session(&mut input, asked, &mut check)?;
+        Ok(check.finish(head, fault))
     }
 
     /// Reads a session index ([`BlockIndex::to_session_bytes`]) of `len` bytes from `reader`
@@ -762,7 +809,12 @@ impl PrefixIndex {
             offset: 0,
             len,
         };
-        read_session(&mut input, asked)
+        let mut blocks = Vec::new();
+        let (head, fault) = read_session(&mut input, asked, &mut blocks)?;
+        Ok(Self {
+            index: head.with(blocks),
+            fault,
+        })
     }
 
     /// How the image was cut.
@@ -790,19 +842,187 @@ impl PrefixIndex {
             return Err(fault);
         }
         let mut index = self.index;
-        let mut unresolved = 0usize;
-        for block in index.blocks.iter_mut().filter(|b| !b.zero) {
-            let mut prefix = [0u8; PREFIX_LEN];
-            prefix.copy_from_slice(&block.hash[..PREFIX_LEN]);
-            match resolve(&prefix) {
-                Some(hash) => block.hash = hash,
-                None => unresolved += 1,
-            }
-        }
+        let unresolved = resolve_run(&mut index.blocks, &mut resolve);
         if unresolved > 0 {
             return Ok(Resolved::Unresolved(unresolved));
         }
         index.verified().map(Resolved::Index)
+    }
+}
+
+/// Resolves each non-zero block of `blocks` (read from a compact or session form: its hash
+/// is its prefix followed by zero bytes) with `resolve`, in place; returns how many
+/// `resolve` did not know (those keep their prefix).
+pub fn resolve_run(
+    blocks: &mut [BlockEntry],
+    mut resolve: impl FnMut(&[u8; PREFIX_LEN]) -> Option<[u8; 32]>,
+) -> usize {
+    let mut unresolved = 0usize;
+    for block in blocks.iter_mut().filter(|b| !b.zero) {
+        let mut prefix = [0u8; PREFIX_LEN];
+        prefix.copy_from_slice(&block.hash[..PREFIX_LEN]);
+        match resolve(&prefix) {
+            Some(hash) => block.hash = hash,
+            None => unresolved += 1,
+        }
+    }
+    unresolved
+}
+
+/// Blocks a [`PrefixIndex::check_compact`] or [`PrefixIndex::check_session`] resolves at a
+/// time (160 KiB of them).
+pub const CHECK_RUN: usize = 4096;
+
+/// What reading a compact or session index without keeping its blocks found
+/// ([`PrefixIndex::check_compact`], [`PrefixIndex::check_session`]).
+#[derive(Debug)]
+pub struct Checked {
+    fault: Option<IndexError>,
+    unresolved: usize,
+    image_digest: [u8; 32],
+    computed: [u8; 32],
+}
+
+impl Checked {
+    /// What [`PrefixIndex::resolve`] of the same index, against the same resolver, gives,
+    /// without the index: `Ok(0)` for an index that resolves whole and matches its digest,
+    /// `Ok(n)` when `n` prefixes are unknown, and the error it is refused for.
+    pub fn outcome(self) -> Result<usize, IndexError> {
+        if let Some(fault) = self.fault {
+            return Err(fault);
+        }
+        if self.unresolved > 0 {
+            return Ok(self.unresolved);
+        }
+        if self.computed != self.image_digest {
+            return Err(IndexError::DigestMismatch {
+                found: hex::encode(self.image_digest),
+                computed: hex::encode(self.computed),
+            });
+        }
+        Ok(0)
+    }
+}
+
+/// Where a decoder puts the blocks it reads, in order.
+trait Blocks {
+    /// The image length, once the header is read (before any block).
+    fn start(&mut self, _image_len: u64) {}
+    /// The header's count fits the encoding, which is really at hand.
+    fn reserve(&mut self, _count: usize) {}
+    fn push(&mut self, block: BlockEntry);
+    /// A fault was found: no block is kept, and none follows.
+    fn discard(&mut self);
+}
+
+/// A block list that grows as blocks arrive: never more than a fixed multiple of what was
+/// decoded, whatever a header announces.
+impl Blocks for Vec<BlockEntry> {
+    fn push(&mut self, block: BlockEntry) {
+        Vec::push(self, block);
+    }
+
+    fn discard(&mut self) {
+        *self = Vec::new();
+    }
+}
+
+/// A block list allocated at the count once the encoding, held whole, has the bytes for it.
+struct Reserving(Vec<BlockEntry>);
+
+impl Blocks for Reserving {
+    fn reserve(&mut self, count: usize) {
+        self.0.reserve_exact(count);
+    }
+
+    fn push(&mut self, block: BlockEntry) {
+        self.0.push(block);
+    }
+
+    fn discard(&mut self) {
+        self.0 = Vec::new();
+    }
+}
+
+/// The blocks of a [`Checked`] index: resolved a run at a time, fed into the digest,
+/// dropped.
+struct Checker<F> {
+    resolve: F,
+    run: Vec<BlockEntry>,
+    digest: Sha256,
+    unresolved: usize,
+}
+
+impl<F: FnMut(&mut [BlockEntry]) -> usize> Checker<F> {
+    fn new(resolve: F) -> Self {
+        Self {
+            resolve,
+            run: Vec::with_capacity(CHECK_RUN),
+            digest: Sha256::new(),
+            unresolved: 0,
+        }
+    }
+
+    fn flush(&mut self) {
+        if self.run.is_empty() {
+            return;
+        }
+        self.unresolved += (self.resolve)(&mut self.run);
+        // With a prefix unknown the digest cannot be checked (resolving is what fails).
+        if self.unresolved == 0 {
+            for b in &self.run {
+                self.digest.update(b.len.to_be_bytes());
+                self.digest.update(b.hash);
+            }
+        }
+        self.run.clear();
+    }
+
+    fn finish(mut self, head: Head, fault: Option<IndexError>) -> Checked {
+        self.flush();
+        Checked {
+            fault,
+            unresolved: self.unresolved,
+            image_digest: head.image_digest,
+            computed: self.digest.finalize().into(),
+        }
+    }
+}
+
+impl<F: FnMut(&mut [BlockEntry]) -> usize> Blocks for Checker<F> {
+    fn start(&mut self, image_len: u64) {
+        self.digest.update(DIGEST_DOMAIN);
+        self.digest.update(image_len.to_be_bytes());
+    }
+
+    fn push(&mut self, block: BlockEntry) {
+        self.run.push(block);
+        if self.run.len() == CHECK_RUN {
+            self.flush();
+        }
+    }
+
+    fn discard(&mut self) {
+        self.run = Vec::new();
+        self.unresolved = 0;
+    }
+}
+
+/// What an index's header says, besides its count.
+struct Head {
+    chunking: Chunking,
+    image_len: u64,
+    image_digest: [u8; 32],
+}
+
+impl Head {
+    fn with(self, blocks: Vec<BlockEntry>) -> BlockIndex {
+        BlockIndex {
+            chunking: self.chunking,
+            image_len: self.image_len,
+            image_digest: self.image_digest,
+            blocks,
+        }
     }
 }
 
@@ -819,7 +1039,11 @@ enum Width {
 /// hashes), in this order: magic, version, chunking, size, the header's fields, the count
 /// (at most [`MAX_IMAGE_BLOCKS`], and for fixed blocks the image length's), the bytes for the
 /// blocks, each chunk length, their sum, and nothing after the last block.
-fn read_hashed<R: Read>(input: &mut Input<R>, width: Width) -> Result<BlockIndex, IndexError> {
+fn read_hashed<R: Read>(
+    input: &mut Input<R>,
+    width: Width,
+    blocks: &mut impl Blocks,
+) -> Result<Head, IndexError> {
     let (magic_ref, version_ref, width) = match width {
         Width::Full => (MAGIC, FORMAT_VERSION, 32),
         Width::Prefix => (COMPACT_MAGIC, COMPACT_VERSION, PREFIX_LEN),
@@ -860,24 +1084,24 @@ fn read_hashed<R: Read>(input: &mut Input<R>, width: Width) -> Result<BlockIndex
     let mut zeros = ZeroHashes::default();
     let mut hash = [0u8; 32];
     let hash = &mut hash[..width];
-    let blocks = match chunking {
+    blocks.start(image_len);
+    match chunking {
         Chunking::Fixed { block_size } => {
             check_block_count(count, image_len, block_size)?;
             // count <= MAX_IMAGE_BLOCKS, so count * 32 cannot overflow.
             input.need("block hashes", count * width as u64)?;
-            let mut blocks = Vec::with_capacity(count as usize);
+            blocks.reserve(count as usize);
             for i in 0..count {
                 input.fill(hash)?;
                 let len = fixed_len(i, count, image_len, block_size);
                 blocks.push(zeros.read_entry(hash, len));
             }
-            blocks
         }
         Chunking::ContentDefined { avg } => {
             input.need("blocks", count * (4 + width as u64))?;
+            blocks.reserve(count as usize);
             let max = ChunkParams::new(avg).max as u32;
             let mut total = 0u64;
-            let mut blocks = Vec::with_capacity(count as usize);
             for i in 0..count {
                 let at = input.offset;
                 let len = u32::from_be_bytes(input.array("block length")?);
@@ -895,15 +1119,13 @@ fn read_hashed<R: Read>(input: &mut Input<R>, width: Width) -> Result<BlockIndex
             if total != image_len {
                 return Err(lengths_do_not_add_up(count, total, image_len));
             }
-            blocks
         }
-    };
+    }
     input.at_end()?;
-    Ok(BlockIndex {
+    Ok(Head {
         chunking,
         image_len,
         image_digest,
-        blocks,
     })
 }
 
@@ -917,7 +1139,8 @@ fn read_hashed<R: Read>(input: &mut Input<R>, width: Width) -> Result<BlockIndex
 fn read_session<R: Read>(
     input: &mut Input<R>,
     asked: &[[u8; PREFIX_LEN]],
-) -> Result<PrefixIndex, IndexError> {
+    blocks: &mut impl Blocks,
+) -> Result<(Head, Option<IndexError>), IndexError> {
     let bad = |offset: usize, problem: String| IndexError::BadSessionIndex { offset, problem };
     let magic = input.array::<7>("magic")?;
     if &magic != SESSION_MAGIC {
@@ -977,7 +1200,9 @@ fn read_session<R: Read>(
         Chunking::ContentDefined { avg } if fault.is_none() => ChunkParams::new(avg).max as u32,
         _ => 0,
     };
-    let mut blocks = Vec::with_capacity(if fault.is_none() { count as usize } else { 0 });
+    // The blocks arrive as records do (a count that fits the bytes a frame declares is no
+    // reason to hold anything yet).
+    blocks.start(image_len);
     let mut zeros = ZeroHashes::default();
     let mut total = 0u64;
     // New blocks so far: the next one takes asked[next].
@@ -994,7 +1219,7 @@ fn read_session<R: Read>(
                         offset: at,
                         problem: format!("length {len} is not within 1..={max}"),
                     });
-                    blocks = Vec::new();
+                    blocks.discard();
                 }
                 total += u64::from(len);
                 len
@@ -1043,17 +1268,16 @@ fn read_session<R: Read>(
     if fault.is_none() && matches!(chunking, Chunking::ContentDefined { .. }) && total != image_len
     {
         fault = Some(lengths_do_not_add_up(count, total, image_len));
-        blocks = Vec::new();
+        blocks.discard();
     }
-    Ok(PrefixIndex {
-        index: BlockIndex {
+    Ok((
+        Head {
             chunking,
             image_len,
             image_digest,
-            blocks,
         },
         fault,
-    })
+    ))
 }
 
 /// Length of block `i` of `count` fixed-size blocks of an `image_len`-byte image: the last one

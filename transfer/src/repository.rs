@@ -36,7 +36,8 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 use serde::{Deserialize, Serialize};
 
 use crate::block_index::{
-    BlockIndex, IndexError, MAX_BLOCK_LEN, PREFIX_LEN, PrefixIndex, Resolved, sha256,
+    BlockEntry, BlockIndex, Checked, IndexError, MAX_BLOCK_LEN, PREFIX_LEN, PrefixIndex, Resolved,
+    sha256,
 };
 use crate::wire::{WireError, validate_name};
 
@@ -487,6 +488,27 @@ impl Repository {
         }
     }
 
+    /// Resolves a run of blocks read from a compact or session index against the store
+    /// ([`crate::block_index::resolve_run`]), the store locked once for the run.
+    pub fn resolve_run(&self, blocks: &mut [BlockEntry]) -> usize {
+        let s = self.lock_state();
+        crate::block_index::resolve_run(blocks, |p| s.prefixes.get(p).copied().flatten())
+    }
+
+    /// What [`commit_prefixes`](Self::commit_prefixes) of the index `checked` was read from
+    /// (resolved with [`resolve_run`](Self::resolve_run)) would be refused for, if anything:
+    /// an index refused so costs no more than reading it.
+    pub fn check_prefixes(&self, name: &str, checked: Checked) -> Result<(), RepoError> {
+        validate_name(name)?;
+        match checked.outcome()? {
+            0 => Ok(()),
+            missing => Err(RepoError::Incomplete {
+                name: name.to_string(),
+                missing,
+            }),
+        }
+    }
+
     /// Verifies and stores blocks; blocks already present are skipped. Either every new
     /// block of the call is appended, or (on any error) none is.
     pub fn store_blocks<'a>(
@@ -514,8 +536,11 @@ impl Repository {
     /// [`Batch::decode`](crate::wire::Batch::decode) computed from their bytes (so they are
     /// not hashed a second time); see [`store_blocks`](Self::store_blocks).
     pub fn store_batch(&self, batch: &crate::wire::Batch) -> Result<StoreOutcome, RepoError> {
-        // Batch::decode refused empty blocks and blocks longer than MAX_BLOCK_LEN.
-        self.append_blocks(batch.blocks())
+        // Batch::decode refused empty blocks and blocks longer than MAX_BLOCK_LEN, and kept
+        // a repeated block once: its repeats are present.
+        let mut outcome = self.append_blocks(batch.blocks())?;
+        outcome.present += batch.repeats();
+        Ok(outcome)
     }
 
     /// Appends blocks whose hashes are known to match their bytes.

@@ -488,7 +488,14 @@ async fn commit_image(
         let manifest = match query.form {
             CommitForm::Full => repo.commit(&name, &body)?,
             // Both decoded as they are decompressed: what the commit holds is the index.
+            // Each read twice: first keeping none of its blocks, each resolved as it comes
+            // and fed into the digest, so that an index refused (its digest, its blocks
+            // missing, its structure) has cost what reading it costs, whatever it expands
+            // to; then, to be committed, keeping them.
             CommitForm::Compact => {
+                let checked = wire::check_compact_index(&body, |run| repo.resolve_run(run))?
+                    .map_err(RepoError::Index)?;
+                repo.check_prefixes(&name, checked)?;
                 let index = wire::read_compact_index(&body)?.map_err(RepoError::Index)?;
                 repo.commit_prefixes(&name, index)?
             }
@@ -496,12 +503,16 @@ async fn commit_image(
                 let asked = asked.as_deref().map_or(&[][..], Vec::as_slice);
                 // Not damage on the way (the zstd frame's checksum held): the session and
                 // the index disagree, and only a repair round (the full index) can help.
-                let index = wire::read_session_index(&body, asked)?.map_err(|e| {
+                let misfit = |e: crate::block_index::IndexError| {
                     ApiError::new(
                         StatusCode::CONFLICT,
                         format!("the session index does not fit the push session: {e}"),
                     )
-                })?;
+                };
+                let checked = wire::check_session_index(&body, asked, |run| repo.resolve_run(run))?
+                    .map_err(misfit)?;
+                repo.check_prefixes(&name, checked)?;
+                let index = wire::read_session_index(&body, asked)?.map_err(misfit)?;
                 repo.commit_prefixes(&name, index)?
             }
         };

@@ -21,8 +21,10 @@
 
 use std::io::Read;
 
+use sha2::Digest;
+
 use crate::block_index::{
-    Encoding, HEADER_LEN, IndexError, MAX_BLOCK_LEN, PREFIX_LEN, PrefixIndex, sha256,
+    BlockEntry, Checked, Encoding, HEADER_LEN, IndexError, MAX_BLOCK_LEN, PREFIX_LEN, PrefixIndex,
 };
 
 /// Magic opening a decompressed batch (version 2).
@@ -149,8 +151,8 @@ pub fn decode_query<const N: usize>(body: &[u8]) -> Result<Vec<[u8; N]>, WireErr
 pub fn decompress_limited(body: &[u8], limit: usize) -> Result<Vec<u8>, WireError> {
     check_frame(body).map_err(WireError::BadBatch)?;
     // The frame says how large it is (Certo's sender always pledges it): a frame over the
-    // limit is refused before anything is decompressed, and the buffer is allocated once,
-    // at its size (a growing buffer can take twice what it holds).
+    // limit is refused before anything is decompressed. The buffer grows as bytes come: a
+    // frame may declare more than it holds.
     let declared = match zstd::zstd_safe::get_frame_content_size(body) {
         Ok(Some(n)) if n > limit as u64 => return Err(WireError::BatchTooLarge),
         Ok(Some(n)) => n as usize,
@@ -163,7 +165,7 @@ pub fn decompress_limited(body: &[u8], limit: usize) -> Result<Vec<u8>, WireErro
     let mut dec = zstd::stream::Decoder::new(body)
         .map_err(|e| WireError::BadBatch(format!("not a zstd frame: {e}")))?
         .single_frame();
-    let mut raw = Vec::with_capacity(declared + 1);
+    let mut raw = Vec::with_capacity(declared.min(body.len()) + 1);
     (&mut dec)
         .take(declared as u64 + 1)
         .read_to_end(&mut raw)
@@ -201,6 +203,30 @@ pub fn read_session_index(
 ) -> Result<Result<PrefixIndex, IndexError>, WireError> {
     read_index(body, Encoding::Session, |input, len| {
         PrefixIndex::read_session(input, len, asked)
+    })
+}
+
+/// Reads a zstd-compressed compact index as [`read_compact_index`] does, with the same
+/// errors, keeping none of its blocks ([`PrefixIndex::check_compact`]): a host learns what
+/// the index would be refused for before it holds anything for its blocks.
+pub fn check_compact_index(
+    body: &[u8],
+    resolve: impl FnMut(&mut [BlockEntry]) -> usize,
+) -> Result<Result<Checked, IndexError>, WireError> {
+    read_index(body, Encoding::Compact, |input, len| {
+        PrefixIndex::check_compact(input, len, resolve)
+    })
+}
+
+/// [`check_compact_index`] for a session index ([`read_session_index`],
+/// [`PrefixIndex::check_session`]).
+pub fn check_session_index(
+    body: &[u8],
+    asked: &[[u8; PREFIX_LEN]],
+    resolve: impl FnMut(&mut [BlockEntry]) -> usize,
+) -> Result<Result<Checked, IndexError>, WireError> {
+    read_index(body, Encoding::Session, |input, len| {
+        PrefixIndex::check_session(input, len, asked, resolve)
     })
 }
 
@@ -352,41 +378,200 @@ pub fn encode_batch<'a>(
     compress(&raw, level)
 }
 
-/// A decoded, verified batch: the decompressed bytes and where each block lies in them.
+/// A decoded, verified batch: its distinct blocks, each with the hash computed from its
+/// bytes, and their bytes one after another.
 #[derive(Debug)]
 pub struct Batch {
     raw: Vec<u8>,
     blocks: Vec<([u8; 32], std::ops::Range<usize>)>,
+    /// Blocks that repeated one of `blocks` (kept once).
+    repeats: usize,
 }
 
-/// Reads a decompressed batch field by field, naming what is short.
-struct Fields<'a> {
-    raw: &'a [u8],
+/// Decompressed bytes read at a time while a batch is hashed or skipped.
+const BATCH_READ_BUFFER: usize = 64 << 10;
+
+/// A zstd frame read as it is decompressed, with the offset of what comes next and the
+/// content size the frame declares: a field that size cannot hold is refused before it is
+/// read, with the messages of a batch decompressed whole.
+struct Stream<'a> {
+    dec: std::io::BufReader<zstd::stream::read::Decoder<'a, &'a [u8]>>,
     at: usize,
+    declared: usize,
+    /// The decoder failed: nothing more is read from it.
+    broken: bool,
 }
 
-impl Fields<'_> {
-    fn take(&mut self, n: usize, what: &str) -> Result<std::ops::Range<usize>, WireError> {
-        if self.raw.len() - self.at < n {
-            return Err(WireError::BadBatch(format!(
-                "{what} needs {n} bytes at offset {} but only {} remain",
-                self.at,
-                self.raw.len() - self.at
-            )));
-        }
-        self.at += n;
-        Ok(self.at - n..self.at)
+/// Bytes a [`Stream`] buffers (a batch of tiny blocks is read a few bytes at a time).
+const STREAM_BUFFER: usize = 16 << 10;
+
+impl<'a> Stream<'a> {
+    fn new(body: &'a [u8], declared: usize) -> Result<Self, WireError> {
+        let dec = zstd::stream::read::Decoder::with_buffer(body)
+            .map_err(|e| WireError::BadBatch(format!("not a zstd frame: {e}")))?
+            .single_frame();
+        Ok(Self {
+            dec: std::io::BufReader::with_capacity(STREAM_BUFFER, dec),
+            at: 0,
+            declared,
+            broken: false,
+        })
     }
 
-    fn length(&mut self, position: usize) -> Result<usize, WireError> {
-        let l = self.take(4, "block length")?;
-        let len = u32::from_be_bytes(self.raw[l].try_into().unwrap_or_default());
-        if len == 0 || len > MAX_BLOCK_LEN {
+    fn holds_other(&self) -> WireError {
+        WireError::BadBatch(format!(
+            "the zstd frame holds other than the {} bytes it says",
+            self.declared
+        ))
+    }
+
+    fn failed(&mut self, e: std::io::Error) -> WireError {
+        self.broken = true;
+        if e.kind() == std::io::ErrorKind::UnexpectedEof {
+            self.holds_other()
+        } else {
+            WireError::BadBatch(format!("zstd decompression failed: {e}"))
+        }
+    }
+
+    /// Refuses `what` of `n` bytes if the declared content cannot hold it.
+    fn need(&self, n: usize, what: &str) -> Result<(), WireError> {
+        let left = self.declared - self.at;
+        if left < n {
             return Err(WireError::BadBatch(format!(
-                "block {position} has length {len}, outside 1..={MAX_BLOCK_LEN}"
+                "{what} needs {n} bytes at offset {} but only {left} remain",
+                self.at
             )));
         }
-        Ok(len as usize)
+        Ok(())
+    }
+
+    fn fill(&mut self, buf: &mut [u8]) -> Result<(), WireError> {
+        if let Err(e) = self.dec.read_exact(buf) {
+            return Err(self.failed(e));
+        }
+        self.at += buf.len();
+        Ok(())
+    }
+
+    fn array<const N: usize>(&mut self, what: &str) -> Result<[u8; N], WireError> {
+        self.need(N, what)?;
+        let mut out = [0u8; N];
+        self.fill(&mut out)?;
+        Ok(out)
+    }
+
+    /// Reads `n` bytes (checked by [`need`](Self::need)) through `buf`, handing each piece
+    /// to `each`.
+    fn pass(
+        &mut self,
+        mut n: usize,
+        buf: &mut [u8],
+        mut each: impl FnMut(&[u8]),
+    ) -> Result<(), WireError> {
+        while n > 0 {
+            let piece = &mut buf[..n.min(BATCH_READ_BUFFER)];
+            self.fill(piece)?;
+            each(piece);
+            n -= piece.len();
+        }
+        Ok(())
+    }
+
+    /// Reads the frame to its end (which checks its checksum), returning the bytes that
+    /// were left; more than the frame declares is refused.
+    fn rest(&mut self, buf: &mut [u8]) -> Result<usize, WireError> {
+        let limit = self.declared.saturating_sub(self.at) as u64 + 1;
+        let mut rest = 0usize;
+        let mut frame = (&mut self.dec).take(limit);
+        loop {
+            match frame.read(buf) {
+                Ok(0) => break,
+                Ok(n) => rest += n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(self.failed(e)),
+            }
+        }
+        self.at += rest;
+        if self.at != self.declared {
+            return Err(self.holds_other());
+        }
+        Ok(rest)
+    }
+}
+
+/// A distinct block of a batch: its hash, and where its bytes are in the decompressed batch.
+#[derive(Clone, Copy)]
+struct Distinct {
+    hash: [u8; 32],
+    at: u32,
+    len: u32,
+}
+
+/// The distinct blocks of a batch, first seen first, found by hash: 40 bytes a block in
+/// chunks that never move, and a table of 4 to 8 bytes a block (growing, it holds its old
+/// table and a new one twice as large). A repeated block costs nothing.
+struct DistinctBlocks {
+    chunks: Vec<Vec<Distinct>>,
+    len: usize,
+    /// Open addressing, linear probing: 0 is empty, else 1 + the block's number.
+    table: Vec<u32>,
+    state: std::collections::hash_map::RandomState,
+}
+
+const DISTINCT_CHUNK: usize = 4096;
+
+impl DistinctBlocks {
+    fn new() -> Self {
+        Self {
+            chunks: Vec::new(),
+            len: 0,
+            table: vec![0; 64],
+            state: Default::default(),
+        }
+    }
+
+    fn get(&self, i: usize) -> &Distinct {
+        &self.chunks[i / DISTINCT_CHUNK][i % DISTINCT_CHUNK]
+    }
+
+    fn slot(&self, hash: &[u8; 32], table: &[u32]) -> usize {
+        use std::hash::BuildHasher;
+        (self.state.hash_one(&hash[..8]) as usize) & (table.len() - 1)
+    }
+
+    /// Keeps `block` unless a block of its hash is kept already; true if it was new.
+    fn insert(&mut self, block: Distinct) -> bool {
+        let mut at = self.slot(&block.hash, &self.table);
+        loop {
+            match self.table[at] {
+                0 => break,
+                n if self.get(n as usize - 1).hash == block.hash => return false,
+                _ => at = (at + 1) & (self.table.len() - 1),
+            }
+        }
+        if self.len.is_multiple_of(DISTINCT_CHUNK) {
+            self.chunks.push(Vec::with_capacity(DISTINCT_CHUNK));
+        }
+        self.chunks[self.len / DISTINCT_CHUNK].push(block);
+        self.len += 1;
+        self.table[at] = self.len as u32;
+        if self.len * 2 > self.table.len() {
+            let mut table = vec![0u32; self.table.len() * 2];
+            for n in 1..=self.len {
+                let mut at = self.slot(&self.get(n - 1).hash, &table);
+                while table[at] != 0 {
+                    at = (at + 1) & (table.len() - 1);
+                }
+                table[at] = n as u32;
+            }
+            self.table = table;
+        }
+        true
+    }
+
+    fn iter(&self) -> impl Iterator<Item = &Distinct> {
+        self.chunks.iter().flatten()
     }
 }
 
@@ -394,65 +579,171 @@ impl Batch {
     /// Decompresses (at most [`MAX_BATCH_RAW`] bytes), parses and verifies every block:
     /// its SHA-256 must match the whole hash (version 1) or the hash prefix (version 2)
     /// announced for it.
+    ///
+    /// The batch is never held decompressed, and nothing is allocated from what it
+    /// declares: it is read as it is decompressed, each block's length checked before its
+    /// bytes are read and its bytes hashed as they come (version 2, whose headers all come
+    /// before the bytes, is read by two decoders of the same frame, one at the headers and
+    /// one at the bytes). What is kept of a block is a record of 40 bytes, for the first of
+    /// each distinct block only. Damage on the way (the frame's checksum, read at its end)
+    /// comes before what the batch is refused for. Only then, the batch verified whole, is
+    /// the frame decompressed again to collect the distinct blocks' bytes.
     pub fn decode(body: &[u8]) -> Result<Self, WireError> {
-        let raw = decompress_limited(body, MAX_BATCH_RAW)?;
-        let mut f = Fields { raw: &raw, at: 0 };
-        let magic = f.take(8, "magic")?;
-        let v1 = match &raw[magic] {
-            m if m == BATCH_MAGIC => false,
-            m if m == BATCH_MAGIC_V1 => true,
+        check_frame(body).map_err(WireError::BadBatch)?;
+        let declared = match zstd::zstd_safe::get_frame_content_size(body) {
+            Ok(Some(n)) if n > MAX_BATCH_RAW as u64 => return Err(WireError::BatchTooLarge),
+            Ok(Some(n)) => n as usize,
             _ => {
                 return Err(WireError::BadBatch(
-                    "wrong magic (expected CRTOBAT2 or CRTOBAT1)".into(),
+                    "the zstd frame does not say its content size".into(),
                 ));
             }
         };
-        let count = f.take(4, "block count")?;
-        let count = u32::from_be_bytes(raw[count].try_into().unwrap_or_default()) as usize;
-        // (announced hash or prefix, bytes)
-        let mut announced: Vec<(std::ops::Range<usize>, std::ops::Range<usize>)> =
-            Vec::with_capacity(count.min(1 << 16));
-        if v1 {
-            for position in 0..count {
-                let h = f.take(32, "block hash")?;
-                let len = f.length(position)?;
-                announced.push((h, f.take(len, "block bytes")?));
+        let mut buf = vec![0u8; BATCH_READ_BUFFER];
+        let mut heads = Stream::new(body, declared)?;
+        let mut data = None;
+        let (distinct, repeats) = match verify(body, &mut heads, &mut data, &mut buf) {
+            Ok(found) => found,
+            Err(refused) => {
+                // The frame read to its end: damage first.
+                let last = match data.as_mut() {
+                    Some(data) => data,
+                    None => &mut heads,
+                };
+                if !last.broken {
+                    last.rest(&mut buf)?;
+                }
+                return Err(refused);
             }
-        } else {
-            let mut heads = Vec::with_capacity(count.min(1 << 16));
-            for position in 0..count {
-                let h = f.take(PREFIX_LEN, "block hash prefix")?;
-                heads.push((h, f.length(position)?));
-            }
-            for (h, len) in heads {
-                announced.push((h, f.take(len, "block bytes")?));
-            }
+        };
+        drop((heads, data));
+        // The bytes of the distinct blocks, from the frame decompressed again.
+        let total: usize = distinct.iter().map(|d| d.len as usize).sum();
+        let mut raw = Vec::with_capacity(total);
+        let mut blocks = Vec::with_capacity(distinct.len);
+        let mut again = Stream::new(body, declared)?;
+        for d in distinct.iter() {
+            let skip = d.at as usize - again.at;
+            again.pass(skip, &mut buf, |_| {})?;
+            let start = raw.len();
+            raw.resize(start + d.len as usize, 0);
+            again.fill(&mut raw[start..])?;
+            blocks.push((d.hash, start..raw.len()));
         }
-        if f.at != raw.len() {
-            return Err(WireError::BadBatch(format!(
-                "{} trailing bytes after block {count}",
-                raw.len() - f.at
-            )));
-        }
-        let mut blocks = Vec::with_capacity(announced.len());
-        for (position, (h, data)) in announced.into_iter().enumerate() {
-            let hash = sha256(&raw[data.clone()]);
-            if hash[..h.len()] != raw[h.clone()] {
-                return Err(WireError::HashMismatch {
-                    position,
-                    hash: hex::encode(&raw[h]),
-                    len: data.len(),
-                });
-            }
-            blocks.push((hash, data));
-        }
-        Ok(Self { raw, blocks })
+        Ok(Self {
+            raw,
+            blocks,
+            repeats,
+        })
     }
 
-    /// The blocks: hash (computed on arrival) and bytes.
+    /// The distinct blocks (a repeated block once, at its first place): hash (computed on
+    /// arrival) and bytes.
     pub fn blocks(&self) -> impl ExactSizeIterator<Item = (&[u8; 32], &[u8])> + Clone {
         self.blocks.iter().map(|(h, r)| (h, &self.raw[r.clone()]))
     }
+
+    /// How many blocks of the batch repeated one before them (left out of
+    /// [`blocks`](Self::blocks)).
+    pub fn repeats(&self) -> usize {
+        self.repeats
+    }
+}
+
+/// Pass one of [`Batch::decode`]: reads the batch from `heads` (version 2: its bytes from a
+/// second decoder, left in `data`) and verifies every block, keeping the distinct ones'
+/// records. Returns them and the number of repeats.
+fn verify<'a>(
+    body: &'a [u8],
+    heads: &mut Stream<'a>,
+    data: &mut Option<Stream<'a>>,
+    buf: &mut [u8],
+) -> Result<(DistinctBlocks, usize), WireError> {
+    let magic = heads.array::<8>("magic")?;
+    let v1 = match &magic {
+        m if m == BATCH_MAGIC => false,
+        m if m == BATCH_MAGIC_V1 => true,
+        _ => {
+            return Err(WireError::BadBatch(
+                "wrong magic (expected CRTOBAT2 or CRTOBAT1)".into(),
+            ));
+        }
+    };
+    let count = u32::from_be_bytes(heads.array("block count")?) as usize;
+    let length = |s: &mut Stream<'_>, position: usize| -> Result<usize, WireError> {
+        let len = u32::from_be_bytes(s.array("block length")?);
+        if len == 0 || len > MAX_BLOCK_LEN {
+            return Err(WireError::BadBatch(format!(
+                "block {position} has length {len}, outside 1..={MAX_BLOCK_LEN}"
+            )));
+        }
+        Ok(len as usize)
+    };
+    let (hash_len, what) = if v1 {
+        (32, "block hash")
+    } else {
+        (PREFIX_LEN, "block hash prefix")
+    };
+    if !v1 {
+        // Every header first: where the bytes start. Headers the frame cannot hold are
+        // refused, at the first that does not fit, before any byte of a block is read.
+        let data_at = 12 + count as u64 * (PREFIX_LEN as u64 + 4);
+        if data_at > heads.declared as u64 {
+            for position in 0..count {
+                heads.need(PREFIX_LEN, what)?;
+                heads.pass(PREFIX_LEN, buf, |_| {})?;
+                length(heads, position)?;
+            }
+            return Err(heads.holds_other());
+        }
+        let mut second = Stream::new(body, heads.declared)?;
+        second.pass(data_at as usize, buf, |_| {})?;
+        *data = Some(second);
+    }
+    let mut distinct = DistinctBlocks::new();
+    let mut repeats = 0;
+    let mut announced = [0u8; 32];
+    for position in 0..count {
+        let announced = &mut announced[..hash_len];
+        heads.need(hash_len, what)?;
+        heads.fill(announced)?;
+        let len = length(heads, position)?;
+        let bytes = match data.as_mut() {
+            Some(data) => data,
+            None => &mut *heads,
+        };
+        bytes.need(len, "block bytes")?;
+        let at = bytes.at;
+        let mut hasher = sha2::Sha256::new();
+        bytes.pass(len, buf, |piece| hasher.update(piece))?;
+        let hash: [u8; 32] = hasher.finalize().into();
+        if hash[..hash_len] != *announced {
+            return Err(WireError::HashMismatch {
+                position,
+                hash: hex::encode(announced),
+                len,
+            });
+        }
+        let block = Distinct {
+            hash,
+            at: at as u32,
+            len: len as u32,
+        };
+        if !distinct.insert(block) {
+            repeats += 1;
+        }
+    }
+    let last = match data.as_mut() {
+        Some(data) => data,
+        None => heads,
+    };
+    let rest = last.rest(buf)?;
+    if rest != 0 {
+        return Err(WireError::BadBatch(format!(
+            "{rest} trailing bytes after block {count}"
+        )));
+    }
+    Ok((distinct, repeats))
 }
 
 /// Compares a presented token with the expected one in time independent of where they
@@ -464,6 +755,7 @@ pub fn token_matches(presented: &[u8], expected: &[u8]) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::block_index::sha256;
 
     /// A header for an index of `count` fixed 4 KiB blocks in `encoding`'s magic.
     fn header(magic: &[u8; 7], version: u8, count: u64) -> Vec<u8> {

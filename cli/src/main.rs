@@ -13,6 +13,7 @@ mod patch_cmd;
 mod serve_cmd;
 mod transfer_cmd;
 mod vm_cmd;
+mod workflow_cmd;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -82,6 +83,8 @@ pub enum Command {
     Show(patch_cmd::ShowArgs),
     /// Show the catalogue: releases, platforms and node types.
     Catalogue(catalogue_cmd::CatalogueArgs),
+    /// Workflows as data: check workflow files (`certo workflow check`).
+    Workflow(workflow_cmd::WorkflowArgs),
     /// Manage the embedded PostgreSQL cluster.
     Db(db_cmd::DbArgs),
     /// Run Certo's main job on the embedded default: store the fixture patches and list them.
@@ -240,6 +243,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Patches(args) => patch_cmd::patches(g, args).await,
         Command::Show(args) => patch_cmd::show(g, args).await,
         Command::Catalogue(args) => catalogue_cmd::run(g, args),
+        Command::Workflow(args) => workflow_cmd::run(args),
         Command::Db(args) => db_cmd::run(g, args).await,
         Command::Demo(args) => demo_cmd::run(g, args).await,
         Command::Bench(args) => bench_cmd::run(g, args).await,

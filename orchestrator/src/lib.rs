@@ -7,6 +7,7 @@
 pub mod api;
 pub mod app;
 pub mod catalogue;
+pub mod engine;
 pub mod images;
 pub mod ingest;
 pub mod model;

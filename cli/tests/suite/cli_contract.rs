@@ -651,3 +651,56 @@ async fn golden_json_of_image_build() {
     );
     db.drop_db().await.expect("drop");
 }
+
+// ---------------------------------------------------------------------------------------
+// certo workflow check
+
+#[test]
+fn workflow_check_accepts_the_built_in_workflow_and_lists_every_error_of_a_broken_one() {
+    let dir = reachable_tempdir();
+    let data = dir.path().join("state");
+    let out = certo_embedded(&data, &["workflow", "check"])
+        .output()
+        .expect("run certo");
+    assert_eq!(out.status.code(), Some(0), "{}", explain(&out));
+    assert_eq!(
+        text(&out.stdout).trim(),
+        "workflows/certify.yaml: workflow certify, 11 steps (2 per run, 9 per target): valid"
+    );
+    let broken = dir.path().join("broken.yaml");
+    std::fs::write(
+        &broken,
+        "name: certify\nsteps:\n  - name: build\n    timeout: 2 weeks\n  - name: boot\n    needs: [biuld]\n    timeout: 5m\n    retry: {attempts: 3, on: [luck]}\n",
+    )
+    .expect("write");
+    let out = certo_embedded(&data, &["workflow", "check"])
+        .arg(&broken)
+        .output()
+        .expect("run certo");
+    assert_eq!(out.status.code(), Some(1), "{}", explain(&out));
+    let b = broken.display().to_string();
+    let stderr = text(&out.stderr);
+    let lines: Vec<&str> = stderr.lines().collect();
+    assert_eq!(
+        lines,
+        [
+            format!("{b}:4:14: steps[0].timeout: `2 weeks`: a number without a unit (ms, s, m, h)").as_str(),
+            format!("{b}:6:13: steps.boot.needs: unknown step `biuld` (did you mean `build`?)").as_str(),
+            format!("{b}:8:31: steps[1].retry.on[0]: unknown failure class `luck` (expected one of: infrastructure, timeout, product)").as_str(),
+            "3 error(s)",
+        ],
+        "{}",
+        explain(&out)
+    );
+    let out = certo_embedded(&data, &["workflow", "check", "--json"])
+        .output()
+        .expect("run certo");
+    let v = json_of(&out);
+    assert_eq!(v["valid"], true, "{v}");
+    assert_eq!(
+        v["workflows"][0]["workflow"]["steps"][0]["name"], "plan",
+        "{v}"
+    );
+    // Checking needs no store.
+    assert!(!data.join("postgres").exists());
+}

@@ -117,13 +117,16 @@ pub fn hint<'k>(
 }
 
 /// Of `known`, the one nearest to `wrong` (compared case-insensitively), if it is within
-/// a quarter of the longer one's length (at least 1, at most 3 edits); ties go to the first.
+/// a quarter of the longer one's length (at most 3 edits; names under 4 characters only
+/// differing in case); ties go to the first.
 pub fn nearest<'k>(wrong: &str, known: impl IntoIterator<Item = &'k str>) -> Option<&'k str> {
     let w = wrong.to_lowercase();
     let mut best: Option<(usize, &str)> = None;
     for k in known {
         let d = distance(&w, &k.to_lowercase());
-        let limit = (w.chars().count().max(k.chars().count()) / 4).clamp(1, 3);
+        let longer = w.chars().count().max(k.chars().count());
+        // A name of one to three letters is too short to guess from.
+        let limit = if longer < 4 { 0 } else { (longer / 4).clamp(1, 3) };
         if d <= limit && best.is_none_or(|(bd, _)| d < bd) {
             best = Some((d, k));
         }

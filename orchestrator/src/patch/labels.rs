@@ -126,7 +126,11 @@ pub fn nearest<'k>(wrong: &str, known: impl IntoIterator<Item = &'k str>) -> Opt
         let d = distance(&w, &k.to_lowercase());
         let longer = w.chars().count().max(k.chars().count());
         // A name of one to three letters is too short to guess from.
-        let limit = if longer < 4 { 0 } else { (longer / 4).clamp(1, 3) };
+        let limit = if longer < 4 {
+            0
+        } else {
+            (longer / 4).clamp(1, 3)
+        };
         if d <= limit && best.is_none_or(|(bd, _)| d < bd) {
             best = Some((d, k));
         }

@@ -9,6 +9,7 @@ mod common;
 
 mod cli_contract;
 mod cluster;
+mod engine_store;
 mod fixtures;
 mod hardening;
 mod hosts_api;

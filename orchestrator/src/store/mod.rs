@@ -3,6 +3,7 @@
 //! The schema lives in `migrations/` and is applied on every open.
 
 pub mod cluster;
+pub mod engine;
 mod hosts;
 mod images;
 mod patches;

@@ -257,16 +257,3 @@ pub fn parse_yaml(src: &str) -> Result<Vec<Node>, SyntaxError> {
     }
     Ok(docs)
 }
-
-/// Parses a JSON file: an object (one record) or an array of objects.
-///
-/// The text is read by our own strict RFC 8259 reader (`patch::json`),
-/// which builds the same positioned tree the YAML path builds; any other
-/// top-level value is one record (that the conversion then refuses).
-pub fn parse_json(src: &str) -> Result<Vec<Node>, SyntaxError> {
-    let doc = super::json::parse(src)?;
-    match doc.value {
-        Value::Seq(items) => Ok(items),
-        _ => Ok(vec![doc]),
-    }
-}

@@ -41,6 +41,16 @@ use super::doc::{Key, Node, Pos, SyntaxError, Value};
 use super::limits;
 
 /// Reads one JSON value, the whole of `src`.
+/// Parses a JSON file of patch records: an object (one record) or an array of objects; any
+/// other top-level value is one record (that the conversion then refuses).
+pub fn parse_records(src: &str) -> Result<Vec<Node>, SyntaxError> {
+    let doc = parse(src)?;
+    match doc.value {
+        Value::Seq(items) => Ok(items),
+        _ => Ok(vec![doc]),
+    }
+}
+
 pub fn parse(src: &str) -> Result<Node, SyntaxError> {
     let mut r = Reader::new(src);
     let mut stack: Vec<Frame> = Vec::new();

@@ -371,7 +371,7 @@ pub fn load(
             let parsed = if format == SourceFormat::Yaml {
                 doc::parse_yaml(src)
             } else {
-                doc::parse_json(src)
+                json::parse_records(src)
             };
             match parsed {
                 Ok(trees) => (trees, Vec::new()),

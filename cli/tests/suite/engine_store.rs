@@ -26,6 +26,14 @@ fn targets() -> Vec<String> {
     ]
 }
 
+/// Claims up to `n` steps for `worker` under a 30 s lease.
+async fn claim(store: &certo_orchestrator::store::Store, worker: &str, n: i64) -> Vec<Claim> {
+    store
+        .claim_steps(worker, n, Duration::from_secs(30))
+        .await
+        .expect("claim")
+}
+
 /// Claims and ends steps until none is left, ending each with `end(claim)`; returns the
 /// claims in the order they were made.
 async fn drain(
@@ -34,10 +42,7 @@ async fn drain(
 ) -> Vec<Claim> {
     let mut order = Vec::new();
     for _ in 0..100 {
-        let claims = store
-            .claim_steps("w1", 10, Duration::from_secs(30))
-            .await
-            .expect("claim");
+        let claims = claim(store, "w1", 10).await;
         if claims.is_empty() {
             break;
         }
@@ -139,20 +144,10 @@ async fn a_stale_worker_cannot_write_after_its_lease_was_taken_over() {
     assert_eq!(first.len(), 1);
     assert_eq!(first[0].name, "plan");
     // Within the lease nobody else gets it.
-    assert!(
-        db.store
-            .claim_steps("other", 10, Duration::from_secs(30))
-            .await
-            .expect("claim")
-            .is_empty()
-    );
+    assert!(claim(&db.store, "other", 10).await.is_empty());
     tokio::time::sleep(Duration::from_millis(400)).await;
     // The lease expired (by the database's clock): another worker takes the step over.
-    let second = db
-        .store
-        .claim_steps("fast", 1, Duration::from_secs(30))
-        .await
-        .expect("claim");
+    let second = claim(&db.store, "fast", 1).await;
     assert_eq!(second.len(), 1);
     assert_eq!(
         (second[0].step, second[0].epoch, second[0].attempt),
@@ -189,12 +184,7 @@ async fn a_retried_step_waits_its_delay_and_runs_again_with_a_new_epoch() {
         .create_run(&workflow(), None, &targets())
         .await
         .expect("create");
-    let c = db
-        .store
-        .claim_steps("w", 1, Duration::from_secs(30))
-        .await
-        .expect("claim")
-        .remove(0);
+    let c = claim(&db.store, "w", 1).await.remove(0);
     assert!(
         db.store
             .finish_step(
@@ -207,19 +197,9 @@ async fn a_retried_step_waits_its_delay_and_runs_again_with_a_new_epoch() {
             .await
             .expect("finish")
     );
-    assert!(
-        db.store
-            .claim_steps("w", 5, Duration::from_secs(30))
-            .await
-            .expect("claim")
-            .is_empty()
-    );
+    assert!(claim(&db.store, "w", 5).await.is_empty());
     tokio::time::sleep(Duration::from_millis(450)).await;
-    let again = db
-        .store
-        .claim_steps("w", 5, Duration::from_secs(30))
-        .await
-        .expect("claim");
+    let again = claim(&db.store, "w", 5).await;
     assert_eq!(again.len(), 1);
     assert_eq!(
         (again[0].step, again[0].attempt, again[0].epoch),
@@ -247,10 +227,7 @@ async fn concurrent_workers_never_claim_one_step_twice() {
         tasks.push(tokio::spawn(async move {
             let mut got = Vec::new();
             loop {
-                let claims = store
-                    .claim_steps(&format!("w{w}"), 7, Duration::from_secs(30))
-                    .await
-                    .expect("claim");
+                let claims = claim(&store, &format!("w{w}"), 7).await;
                 if claims.is_empty() {
                     break got;
                 }

@@ -41,7 +41,7 @@ CERTO_NEEDS=(
 # from an Essential, required or important package (cli/tests/fixtures.rs
 # checks that, and that every program the code runs is named here or in CERTO_NEEDS).
 # mmdebstrap runs arch-test for foreign architectures; virt-xml-validate runs xmllint.
-CERTO_BASE=(bash sh test mkfifo dpkg dpkg-query mount umount kill tar cp sha256sum id cpio chroot chown chmod setpriv)
+CERTO_BASE=(bash sh test mkfifo dpkg dpkg-query dpkg-deb mount umount kill tar cp sha256sum id cpio chroot chown chmod setpriv)
 
 certo_install_missing() {
   local need=() entry what pkg

@@ -1247,3 +1247,265 @@ fn every_kind_of_input_change_changes_the_digest_of_that_layer_and_above() {
     assert_ne!(after[2], before[2]);
     assert_ne!(after[3], before[3]);
 }
+
+/// A one-package record on glite-WN of 3.2 for `platform`, the file from `repo:` (relative
+/// to the world's rpm/ or deb/), with `extra` lines (e.g. `Downgrade: allowed`).
+fn one_file_record(id: u32, file: &str, platform: &str, repo: &str, extra: &str) -> String {
+    format!(
+        "Patch: {id}\nRevision: 1\nTitle: image content test {id}\nStatus: Ready for Certification\n\
+         Release: gLite 3.2\nPlatforms: {platform}\nNode types: glite-WN\n{}:\n  {file} repo:{repo}\n\
+         Submitter: tester\n{extra}Description:\n  What the image holds must be what the record says.\n",
+        if file.ends_with(".rpm") {
+            "RPMs"
+        } else {
+            "DEBs"
+        }
+    )
+}
+
+fn wn_target<'a>(platform: &'a str, patch: &'a str) -> [&'a str; 8] {
+    [
+        "--release",
+        "3.2",
+        "--platform",
+        platform,
+        "--node-type",
+        "glite-WN",
+        "--patch",
+        patch,
+    ]
+}
+
+/// `%{SHA256HEADER}` of a package file, as rpm reads it.
+fn rpm_header_digest(file: &Path) -> String {
+    let out = Command::new("rpm")
+        .args(["-qp", "--nosignature", "--qf", "%{SHA256HEADER}"])
+        .arg(file)
+        .output()
+        .expect("run rpm");
+    assert!(out.status.success(), "{out:?}");
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
+/// Hole 1: a patch file with the baseline's exact name-version-release and other content
+/// (the world's rebuilt glite-yaim-core-4.0.11-1) is skipped by dnf ("already installed")
+/// and taken for a downgrade to itself by apt: the build fails at install, naming the
+/// file, the package and both digests (RPM) or versions (Debian), and caches nothing.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_rebuilt_file_of_the_installed_version_is_not_taken_for_it() {
+    let db = common::scratch().await;
+    let data = shared_data();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = "glite-yaim-core-4.0.11-1.noarch.rpm";
+    let p = test_patch(
+        dir.path(),
+        "rebuilt.txt",
+        &one_file_record(9101, file, "sl5_x86_64", "testing-yaim/rebuilt", ""),
+    );
+    let v = failing_build(&db.url, &data, &wn_target("sl5_x86_64", &p));
+    assert_eq!(v["error"]["phase"], "install", "{v}");
+    assert_eq!(v["error"]["layer"], "patch", "{v}");
+    assert_eq!(v["error"]["package"], "glite-yaim-core", "{v}");
+    let installed = rpm_header_digest(&world().join("rpm/glite/3.2/sl5/x86_64").join(file));
+    let rebuilt = rpm_header_digest(&world().join("rpm/testing-yaim/rebuilt").join(file));
+    assert_ne!(installed, rebuilt, "the fixture rebuild must differ");
+    assert_eq!(
+        v["error"]["message"],
+        format!(
+            "{file} is not what is installed: the image has glite-yaim-core-4.0.11-1 with \
+             header digest (SHA-256) {installed}, the file has {rebuilt} (same \
+             name-version-release, other content: the package manager skipped it)"
+        ),
+        "{v}"
+    );
+    // dnf's own words are in the tail.
+    assert!(
+        v["error"]["log_tail"]
+            .as_array()
+            .expect("tail")
+            .iter()
+            .any(|l| l.as_str().is_some_and(
+                |l| l.contains("glite-yaim-core-4.0.11-1.noarch is already installed")
+            )),
+        "{v}"
+    );
+
+    let deb = "glite-yaim-core_4.0.11-1_all.deb";
+    let p = test_patch(
+        dir.path(),
+        "rebuilt-deb.txt",
+        &one_file_record(9102, deb, "deb12_x86_64", "testing-yaim/rebuilt", ""),
+    );
+    let v = failing_build(&db.url, &data, &wn_target("deb12_x86_64", &p));
+    assert_eq!(v["error"]["phase"], "install", "{v}");
+    assert_eq!(v["error"]["package"], "glite-yaim-core", "{v}");
+    assert_eq!(
+        v["error"]["message"],
+        format!(
+            "{deb} is not what is installed: the image has glite-yaim-core 4.0.11-1 from \
+             another package file (same version, other content: apt takes the file for a \
+             downgrade of glite-yaim-core 4.0.11-1 to itself and refuses it); apt-get: E: \
+             Packages were downgraded and -y was used without --allow-downgrades."
+        ),
+        "{v}"
+    );
+    db.drop_db().await.expect("drop");
+}
+
+/// Hole 2, RPM: dnf downgrades glite-yaim-core 4.0.11-1 to the world's 4.0.11-0 without a
+/// word; the build is refused at install, saying which package went from which version to
+/// which. The same record with `Downgrade: allowed` is another patch layer (its digest
+/// differs) and builds, with 4.0.11-0 in the image.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_rpm_downgrade_is_refused_unless_the_record_allows_it() {
+    let db = common::scratch().await;
+    let data = shared_data();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = "glite-yaim-core-4.0.11-0.noarch.rpm";
+    let refused = test_patch(
+        dir.path(),
+        "older.txt",
+        &one_file_record(9103, file, "sl5_x86_64", "testing-yaim/older", ""),
+    );
+    let v = failing_build(&db.url, &data, &wn_target("sl5_x86_64", &refused));
+    assert_eq!(v["error"]["phase"], "install", "{v}");
+    assert_eq!(v["error"]["layer"], "patch", "{v}");
+    assert_eq!(v["error"]["package"], "glite-yaim-core", "{v}");
+    assert_eq!(
+        v["error"]["message"],
+        "downgrade refused: glite-yaim-core 4.0.11-1 → 4.0.11-0 (the record does not allow \
+         downgrades; `allow_downgrade: true` (text form `Downgrade: allowed`) allows them)",
+        "{v}"
+    );
+
+    let allowed = test_patch(
+        dir.path(),
+        "older-allowed.txt",
+        &one_file_record(
+            9103,
+            file,
+            "sl5_x86_64",
+            "testing-yaim/older",
+            "Downgrade: allowed\n",
+        ),
+    );
+    let plan = |p: &str| {
+        let mut args = vec!["image", "plan", "--json"];
+        args.extend(wn_target("sl5_x86_64", p));
+        json_of(&run(&db.url, &data, &args))
+    };
+    let (before, after) = (plan(&refused), plan(&allowed));
+    assert_eq!(
+        layer_digest(&before, "node_type"),
+        layer_digest(&after, "node_type")
+    );
+    assert_ne!(
+        layer_digest(&before, "patch"),
+        layer_digest(&after, "patch"),
+        "the opt-in is an input of the patch layer"
+    );
+    let (out, v) = build(&db.url, &data, &wn_target("sl5_x86_64", &allowed));
+    assert!(
+        out.status.success(),
+        "the allowed downgrade did not build: {v}"
+    );
+    let image = PathBuf::from(v["path"].as_str().expect("path"));
+    let installed = rpm_installed(&image);
+    assert!(
+        installed.iter().any(|p| p == "glite-yaim-core 4.0.11-0"),
+        "{installed:?}"
+    );
+    db.drop_db().await.expect("drop");
+}
+
+/// Hole 2, Debian (and hole 3's apt refusal): apt refuses the downgrade itself, and the
+/// failure now says which package from which version to which and quotes apt's line;
+/// with `Downgrade: allowed` apt is told `--allow-downgrades` and the image has 4.0.11-0.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_debian_downgrade_is_refused_unless_the_record_allows_it() {
+    let db = common::scratch().await;
+    let data = shared_data();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = "glite-yaim-core_4.0.11-0_all.deb";
+    let refused = test_patch(
+        dir.path(),
+        "older-deb.txt",
+        &one_file_record(9104, file, "deb12_x86_64", "testing-yaim/older", ""),
+    );
+    let v = failing_build(&db.url, &data, &wn_target("deb12_x86_64", &refused));
+    assert_eq!(v["error"]["phase"], "install", "{v}");
+    assert_eq!(v["error"]["layer"], "patch", "{v}");
+    assert_eq!(v["error"]["package"], "glite-yaim-core", "{v}");
+    assert_eq!(v["error"]["exit_status"], 100, "{v}");
+    assert_eq!(
+        v["error"]["message"],
+        "downgrade refused: glite-yaim-core 4.0.11-1 → 4.0.11-0 (the record does not allow \
+         downgrades; `allow_downgrade: true` (text form `Downgrade: allowed`) allows them); \
+         apt-get: E: Packages were downgraded and -y was used without --allow-downgrades.",
+        "{v}"
+    );
+
+    let allowed = test_patch(
+        dir.path(),
+        "older-deb-allowed.txt",
+        &one_file_record(
+            9104,
+            file,
+            "deb12_x86_64",
+            "testing-yaim/older",
+            "Downgrade: allowed\n",
+        ),
+    );
+    let (out, v) = build(&db.url, &data, &wn_target("deb12_x86_64", &allowed));
+    assert!(
+        out.status.success(),
+        "the allowed downgrade did not build: {v}"
+    );
+    let image = PathBuf::from(v["path"].as_str().expect("path"));
+    let installed = dpkg_installed(&image);
+    assert!(
+        installed.iter().any(|p| p == "glite-yaim-core 4.0.11-0"),
+        "{installed:?}"
+    );
+    db.drop_db().await.expect("drop");
+}
+
+/// Hole 3: dnf's "cannot install both" names the package and quotes the solver. (A record
+/// cannot hold 3504's and 3505's two versions of glite-info-provider-service at once: the
+/// reader refuses a package listed twice, and so do the layer inputs; their dnf output is
+/// in the parser's unit tests.) Here the world's glite-yaim-core-4.0.10-1 is older than
+/// the installed glite-WN requires (>= 4.0.11): dnf cannot install both it and 4.0.11-1
+/// (nor the update repository's 4.0.12-1).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_solver_refusal_names_the_package_and_quotes_the_solver() {
+    let db = common::scratch().await;
+    let data = shared_data();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let p = test_patch(
+        dir.path(),
+        "too-old.txt",
+        &one_file_record(
+            9105,
+            "glite-yaim-core-4.0.10-1.noarch.rpm",
+            "sl5_x86_64",
+            "testing-yaim/older",
+            "Downgrade: allowed\n",
+        ),
+    );
+    let v = failing_build(&db.url, &data, &wn_target("sl5_x86_64", &p));
+    assert_eq!(v["error"]["phase"], "install", "{v}");
+    assert_eq!(v["error"]["layer"], "patch", "{v}");
+    assert_eq!(v["error"]["package"], "glite-yaim-core", "{v}");
+    assert_eq!(v["error"]["exit_status"], 1, "{v}");
+    assert_eq!(
+        v["error"]["message"],
+        "dnf cannot install glite-yaim-core: problem with installed package \
+         glite-WN-3.2.0-1.noarch; package glite-WN-3.2.0-1.noarch requires glite-yaim-core \
+         >= 4.0.11, but none of the providers can be installed; cannot install both \
+         glite-yaim-core-4.0.10-1.noarch and glite-yaim-core-4.0.11-1.noarch; cannot install \
+         both glite-yaim-core-4.0.10-1.noarch and glite-yaim-core-4.0.12-1.noarch; \
+         conflicting requests",
+        "{v}"
+    );
+    db.drop_db().await.expect("drop");
+}

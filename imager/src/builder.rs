@@ -16,6 +16,7 @@ use crate::mounts;
 use crate::plan::{self, LayerPlan};
 use crate::request::{ImageRequest, Recipe};
 use crate::store::{ImageRecord, LayerRecord, Store, write_record};
+use crate::verify;
 
 /// Image export formats.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -241,12 +242,18 @@ impl Imager {
             }
             mounts::mount_overlay(&lowers, Some((&tree, &work)), &merged)?;
             let result = (|| {
-                match recipe {
+                let before = verify::installed_versions(family, &merged, &scratch)?;
+                let output = match recipe {
                     Recipe::Mmdebstrap { .. } => backend::deb_install(plan, &merged, &mut log)?,
                     Recipe::Dnf { .. } => backend::with_chroot(&merged, &mut log, |log| {
                         backend::dnf_install(plan, recipe, &merged, &scratch, log)
                     })?,
-                }
+                };
+                // The image must hold what the layer asked for: no downgrade the layer
+                // does not allow, and each package file installed as that very file.
+                let after = verify::installed_versions(family, &merged, &scratch)?;
+                verify::check_downgrades(plan, family, &before, &after, &output)?;
+                verify::check_patch_files(plan, family, &merged, &scratch, &output)?;
                 if !plan.config.is_empty() {
                     backend::apply_config(plan, &merged, &mut log)?;
                     backend::with_chroot(&merged, &mut log, |log| {

@@ -18,7 +18,11 @@
 //! | repository state | count, then per repository sorted by id: `bytes(id)`, 32-byte digest  |
 //! | packages         | count, then per package sorted by name: `bytes(name)`, `bytes(version)` |
 //! | config files     | count, then per file sorted by path: `bytes(path)`, `bytes(content)`  |
+//! | downgrades       | nothing when refused (the default); `bytes("allow-downgrade")` when allowed |
 //!
+//! The last field is written only when it differs from the default, so the digests of
+//! layers that do not use it are those of the encoding without it (every field before it
+//! is length-prefixed, so an encoding with it never equals one without).
 //! Sorting compares the UTF-8 bytes of the keys. Duplicate keys, empty keys, an empty
 //! backend and config file paths that are not plain relative paths are refused.
 
@@ -72,6 +76,9 @@ pub struct LayerInputs {
     pub packages: Vec<(String, String)>,
     /// Path relative to the image root, and the file's content.
     pub config_files: Vec<(String, Vec<u8>)>,
+    /// Whether the layer may replace an installed package by an older version (a patch
+    /// record's explicit opt-in); refused otherwise.
+    pub allow_downgrade: bool,
 }
 
 /// Why layer inputs cannot be digested.
@@ -145,6 +152,9 @@ impl LayerInputs {
         for (path, content) in config_files {
             put_bytes(&mut out, path.as_bytes());
             put_bytes(&mut out, content);
+        }
+        if self.allow_downgrade {
+            put_bytes(&mut out, b"allow-downgrade");
         }
         Ok(out)
     }
@@ -324,6 +334,7 @@ mod tests {
                 ("voms-clients".into(), "2.0.8-1_amd64".into()),
             ],
             config_files: vec![("etc/glite/site-info.def".into(), b"SITE_NAME=t\n".to_vec())],
+            allow_downgrade: false,
         }
     }
 
@@ -360,6 +371,7 @@ mod tests {
             |i| i.config_files[0].1.push(b'\n'),
             |i| i.config_files[0].0 = "etc/glite/site-info.conf".into(),
             |i| i.config_files.clear(),
+            |i| i.allow_downgrade = true,
         ];
         let mut seen = HashSet::from([digest(&sample())]);
         for (n, edit) in edits.iter().enumerate() {

@@ -21,6 +21,12 @@ pub enum Phase {
     Unpack,
     /// A package's install script (`%pre`/`%post`, `preinst`/`postinst`).
     Script,
+    /// The install transaction as a whole: the package manager refused it (two versions
+    /// of one package, a downgrade) for a reason no narrower phase names, or the image
+    /// does not hold what the layer asked for (a package file skipped because another
+    /// file of the same name-version-release is installed, a downgrade the record does
+    /// not allow).
+    Install,
     /// Applying or validating a configuration change.
     Configure,
     /// Setting up or tearing down the staging area.
@@ -38,6 +44,7 @@ impl Phase {
             Self::Resolve => "resolve",
             Self::Unpack => "unpack",
             Self::Script => "install script",
+            Self::Install => "install",
             Self::Configure => "configure",
             Self::Stage => "stage",
             Self::Export => "export",

@@ -27,6 +27,8 @@ pub mod repos;
 pub mod request;
 pub mod rooted;
 pub mod store;
+pub mod verify;
+pub mod version;
 
 pub use builder::{Built, Event, Format, Imager, LayerOutcome, image_id};
 pub use digest::{DigestError, LayerDigest, LayerInputs, LayerKind, ParseDigestError};

@@ -64,6 +64,8 @@ pub struct LayerPlan {
     pub digest: LayerDigest,
     /// Human label, e.g. `node-type glite-WN`.
     pub label: String,
+    /// Whether the layer may downgrade an installed package (a patch record's opt-in).
+    pub allow_downgrade: bool,
 }
 
 /// Plans the layers of `request`, bottom to top. `world` is the repository root.
@@ -113,6 +115,9 @@ pub fn plan(request: &ImageRequest, world: &Path) -> Result<Vec<LayerPlan>, Buil
                 None => config_files.push((path.clone(), line.into_bytes())),
             }
         }
+        // Only a patch layer may downgrade, and only when its record says so.
+        let allow_downgrade =
+            kind == LayerKind::Patch && request.patch.as_ref().is_some_and(|p| p.allow_downgrade);
         let inputs = LayerInputs {
             parent,
             kind,
@@ -120,6 +125,7 @@ pub fn plan(request: &ImageRequest, world: &Path) -> Result<Vec<LayerPlan>, Buil
             repository_state,
             packages,
             config_files,
+            allow_downgrade,
         };
         let digest = inputs.digest().map_err(|e| {
             BuildError::new(Phase::Prepare, format!("layer inputs: {e}")).in_layer(kind)
@@ -133,6 +139,7 @@ pub fn plan(request: &ImageRequest, world: &Path) -> Result<Vec<LayerPlan>, Buil
             inputs,
             digest,
             label,
+            allow_downgrade,
         });
         Ok(())
     };

@@ -76,6 +76,11 @@ pub struct PatchLayer {
     pub packages: Vec<PatchPackage>,
     /// Configuration changes, in record order.
     pub config_changes: Vec<ConfigChange>,
+    /// The record allows the patch to replace an installed package by an older version
+    /// (`allow_downgrade: true`, text form `Downgrade: allowed`); otherwise a downgrade
+    /// fails the build.
+    #[serde(default)]
+    pub allow_downgrade: bool,
 }
 
 /// One package file of a patch.

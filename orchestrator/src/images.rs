@@ -232,6 +232,7 @@ fn patch_layer(p: &PatchRecord, plat: &catalogue::Platform, node_type: &str) -> 
                 value: c.value.clone(),
             })
             .collect(),
+        allow_downgrade: p.allow_downgrade,
     }
 }
 

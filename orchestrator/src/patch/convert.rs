@@ -35,6 +35,7 @@ const FIELDS: &[&str] = &[
     "release_notes",
     "installation",
     "certification_report",
+    "allow_downgrade",
 ];
 
 struct Ctx<'a> {
@@ -1527,6 +1528,28 @@ pub fn record_from_tree(
                 }
             }
         });
+    // An explicit opt-in: `true`/`allowed`/`yes`, or `false`/`refused`/`no` (the default).
+    let allow_downgrade = get("allow_downgrade")
+        .filter(|n| n.value != Value::Null)
+        .and_then(|n| {
+            let v = cx.line(n, "allow_downgrade", "`allowed` or `refused`", limits::MAX_NAME_CHARS)?;
+            match super::labels::normalise(v).as_str() {
+                "true" | "yes" | "allowed" | "allow" => Some(true),
+                "false" | "no" | "refused" | "not allowed" => Some(false),
+                _ => {
+                    cx.err(
+                        n.pos,
+                        "allow_downgrade",
+                        format!(
+                            "expected `allowed` (or `true`) to let the patch downgrade an installed package, or `refused` (or `false`), found `{}`",
+                            shorten(v)
+                        ),
+                    );
+                    None
+                }
+            }
+        })
+        .unwrap_or(false);
     let mut free_text = |field: &str, what: &str| -> String {
         get(field)
             .filter(|n| n.value != Value::Null)
@@ -1676,6 +1699,7 @@ pub fn record_from_tree(
             release_notes,
             installation,
             certification_report,
+            allow_downgrade,
         })
         .map(|r| (r, cx.warnings)),
         _ => {

@@ -59,6 +59,11 @@ pub const LABELS: &[(&str, &str)] = &[
     ("installation and configuration", "installation"),
     ("installation", "installation"),
     ("certification report", "certification_report"),
+    // Certo's opt-in to a downgrade (`allow_downgrade: true`, `Downgrade: allowed`).
+    ("allow downgrade", "allow_downgrade"),
+    ("allow downgrades", "allow_downgrade"),
+    ("downgrade", "allow_downgrade"),
+    ("downgrades", "allow_downgrade"),
 ];
 
 /// The field a label names, if any.

@@ -197,6 +197,10 @@ pub struct PatchRecord {
     pub installation: String,
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub certification_report: String,
+    /// The patch may replace an installed package by an older version (`allow_downgrade:
+    /// true`; text form `Downgrade: allowed`). Without it a downgrade fails the image build.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub allow_downgrade: bool,
 }
 
 impl PatchRecord {

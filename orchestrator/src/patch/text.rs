@@ -556,7 +556,7 @@ pub fn parse_text(src: &str) -> (Vec<Node>, Vec<Diagnostic>) {
                             spell_label(label)
                         ),
                         None => format!(
-                            "unknown key `{}` (expected one of: Patch, Revision, Title, Status, Release, Platforms, Node types, Bugs, RPMs, Configuration changes, Submitter, Description, or a tracker label such as Summary, Platform, Affected metapackages, RPM names, Externals, Metapackage changes, Associated bugs, Submitted by, Assigned to, Priority, Release Path, Release notes, Installation & configuration, Certification report)",
+                            "unknown key `{}` (expected one of: Patch, Revision, Title, Status, Release, Platforms, Node types, Bugs, RPMs, Configuration changes, Submitter, Description, Downgrade, or a tracker label such as Summary, Platform, Affected metapackages, RPM names, Externals, Metapackage changes, Associated bugs, Submitted by, Assigned to, Priority, Release Path, Release notes, Installation & configuration, Certification report)",
                             limits::shorten(raw_key.trim())
                         ),
                     },

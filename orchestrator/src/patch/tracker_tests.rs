@@ -387,3 +387,52 @@ fn a_key_set_twice_through_two_spellings_of_one_file_is_refused() {
         "{e:?}"
     );
 }
+
+/// The downgrade opt-in reads alike in YAML, JSON and the text form, is part of the
+/// record's content (its digest), and a value that is neither yes nor no is refused where
+/// it is written.
+#[test]
+fn the_downgrade_opt_in_is_read_in_every_form() {
+    let base = one(&yaml(BASE), SourceFormat::Yaml);
+    assert!(!base.record.allow_downgrade);
+    let mut fields = BASE.to_vec();
+    fields.push(("allow_downgrade", "true"));
+    let y = one(&yaml(&fields), SourceFormat::Yaml);
+    assert!(y.record.allow_downgrade);
+    assert_ne!(y.digest, base.digest);
+
+    let json = serde_json::json!({
+        "id": 3600, "revision": 1, "title": "glite-wn-info 1.2.3-2 for the 3.2 WN",
+        "status": "Ready for Certification", "release": "3.2", "platforms": ["sl5_x86_64"],
+        "node_types": ["glite-WN"], "bugs": [45678],
+        "packages": ["glite-wn-info-1.2.3-2.sl5.x86_64.rpm"], "submitter": "jdoe",
+        "description": "the same patch, written two ways", "allow_downgrade": true,
+    });
+    let j = one(&json.to_string(), SourceFormat::Json);
+    assert_eq!(j.digest, y.digest);
+
+    let text = "Patch: 3600\nRevision: 1\nTitle: glite-wn-info 1.2.3-2 for the 3.2 WN\n\
+                Status: Ready for Certification\nRelease: 3.2\nPlatforms: sl5_x86_64\n\
+                Node types: glite-WN\nBugs: 45678\nRPMs:\n  glite-wn-info-1.2.3-2.sl5.x86_64.rpm\n\
+                Submitter: jdoe\nDowngrade: allowed\nDescription:\n  the same patch, written two ways\n";
+    let t = one(text, SourceFormat::Text);
+    assert_eq!(t.digest, y.digest);
+    // Saying no is the default, and keeps the digest.
+    let no = one(
+        &text.replace("Downgrade: allowed", "Downgrade: refused"),
+        SourceFormat::Text,
+    );
+    assert!(!no.record.allow_downgrade);
+    assert_eq!(no.digest, base.digest);
+
+    let bad = errors(
+        &text.replace("Downgrade: allowed", "Downgrade: maybe"),
+        SourceFormat::Text,
+    );
+    assert_eq!(
+        bad,
+        [
+            "t:12:12: allow_downgrade: expected `allowed` (or `true`) to let the patch downgrade an installed package, or `refused` (or `false`), found `maybe`"
+        ]
+    );
+}

@@ -53,6 +53,11 @@ pub struct Vms {
     /// Locked after `vms` when both are needed.
     starting: Mutex<HashSet<String>>,
     token: String,
+    /// The newest engine epoch seen per run and target (a VM's every attempt): a request
+    /// with an older one comes from a worker that lost its step, and is refused.
+    epochs: Mutex<HashMap<(u64, String), u64>>,
+    /// Boots per domain name.
+    boots: Mutex<HashMap<String, u32>>,
 }
 
 fn text(status: StatusCode, body: impl Into<String>) -> Response {
@@ -113,6 +118,8 @@ impl Vms {
             vms: Mutex::new(HashMap::new()),
             starting: Mutex::new(HashSet::new()),
             token,
+            epochs: Mutex::new(HashMap::new()),
+            boots: Mutex::new(HashMap::new()),
         }
     }
 
@@ -197,6 +204,7 @@ impl Vms {
                 req.memory_mib, req.vcpus, self.memory_mib, self.vcpus
             )));
         }
+        self.fence(&parsed, req.epoch)?;
         // The slot and the name are taken in one step; the reservation is given back if
         // the boot fails, and becomes the VM's entry if it starts.
         let _reservation = self.reserve(&req.name)?;
@@ -277,12 +285,21 @@ impl Vms {
         if let Ok(mut vms) = self.vms.lock() {
             vms.insert(req.name.clone(), entry);
         }
+        let boots = match self.boots.lock() {
+            Ok(mut b) => {
+                let n = b.entry(req.name.clone()).or_insert(0);
+                *n += 1;
+                *n
+            }
+            Err(_) => 0,
+        };
         Ok(VmStatus {
             name: req.name,
             state: HostVmState::Running,
             serial_log: Some(serial.display().to_string()),
             serial_tail: String::new(),
             destroyed: None,
+            boots,
         })
     }
 
@@ -321,8 +338,43 @@ impl Vms {
         }
     }
 
+    /// Refuses a request from an older epoch than the newest seen for the VM's run and
+    /// target; remembers a newer one. Epoch 0 (no engine step) is not fenced.
+    fn fence(&self, name: &DomainName, epoch: u64) -> Result<(), (StatusCode, String)> {
+        if epoch == 0 {
+            return Ok(());
+        }
+        let mut epochs = self.epochs.lock().map_err(|_| {
+            (
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "epochs lock poisoned".to_owned(),
+            )
+        })?;
+        let seen = epochs.entry((name.run, name.target.clone())).or_insert(0);
+        if epoch < *seen {
+            return Err((
+                StatusCode::CONFLICT,
+                format!(
+                    "stale epoch {epoch} for run {} target {}: epoch {} acts for it now",
+                    name.run, name.target, *seen
+                ),
+            ));
+        }
+        *seen = epoch;
+        Ok(())
+    }
+
+    fn boots_of(&self, name: &str) -> u32 {
+        self.boots
+            .lock()
+            .ok()
+            .and_then(|b| b.get(name).copied())
+            .unwrap_or(0)
+    }
+
     fn status(&self, name: &str) -> VmStatus {
         let entry = self.vms.lock().ok().and_then(|v| v.get(name).cloned());
+        let boots = self.boots_of(name);
         match entry {
             Some(e) => VmStatus {
                 name: name.to_owned(),
@@ -330,6 +382,7 @@ impl Vms {
                 serial_log: Some(e.serial_log.display().to_string()),
                 serial_tail: tail(&e.serial_log, 8192),
                 destroyed: None,
+                boots,
             },
             None => VmStatus {
                 name: name.to_owned(),
@@ -337,6 +390,7 @@ impl Vms {
                 serial_log: None,
                 serial_tail: String::new(),
                 destroyed: None,
+                boots,
             },
         }
     }
@@ -498,12 +552,27 @@ async fn status(State(v): State<Arc<Vms>>, _: HostCaller, Path(name): Path<Strin
     axum::Json(v.status(&name)).into_response()
 }
 
-async fn destroy(State(v): State<Arc<Vms>>, _: HostCaller, Path(name): Path<String>) -> Response {
-    if DomainName::parse(&name).is_none() {
+async fn destroy(
+    State(v): State<Arc<Vms>>,
+    _: HostCaller,
+    Path(name): Path<String>,
+    axum::extract::Query(q): axum::extract::Query<HashMap<String, String>>,
+) -> Response {
+    let epoch = match q.get("epoch").map(|e| e.parse::<u64>()) {
+        None => 0,
+        Some(Ok(e)) => e,
+        Some(Err(_)) => {
+            return text(StatusCode::BAD_REQUEST, "epoch: not a number\n");
+        }
+    };
+    let Some(parsed) = DomainName::parse(&name) else {
         return text(
             StatusCode::BAD_REQUEST,
             format!("{name:?} is not a Certo domain name\n"),
         );
+    };
+    if let Err((code, why)) = v.fence(&parsed, epoch) {
+        return text(code, format!("{why}\n"));
     }
     answer(StatusCode::OK, move || v.destroy(&name)).await
 }

@@ -41,6 +41,8 @@ pub enum BenchCommand {
     Image(super::bench_image::ImageBenchArgs),
     /// VM boots: boot requested → joined → tests done, one at a time and N at once.
     Vm(super::bench_vm::VmBenchArgs),
+    /// The workflow engine's overhead: no-op steps through claim and completion, 1-8 workers.
+    Engine(super::bench_engine::EngineBenchArgs),
 }
 
 /// A deterministic generator of small numbers (no need for a random crate).
@@ -126,6 +128,7 @@ pub async fn run(g: &Global, args: BenchArgs) -> anyhow::Result<ExitCode> {
         } => (records, batch, runs, json),
         BenchCommand::Image(a) => return super::bench_image::run(g, a).await,
         BenchCommand::Vm(a) => return super::bench_vm::run(g, a).await,
+        BenchCommand::Engine(a) => return super::bench_engine::run(g, a).await,
     };
     if records == 0 || batch == 0 || runs == 0 {
         bail!("--records, --batch and --runs must be positive");

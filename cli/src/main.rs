@@ -3,6 +3,7 @@
 
 mod agent_cmd;
 mod bench_cmd;
+mod bench_engine;
 mod bench_image;
 mod bench_vm;
 mod catalogue_cmd;
@@ -10,7 +11,9 @@ mod db_cmd;
 mod demo_cmd;
 pub mod image_cmd;
 mod patch_cmd;
+mod run_cmd;
 mod serve_cmd;
+mod stack_cmd;
 mod transfer_cmd;
 mod vm_cmd;
 mod workflow_cmd;
@@ -105,6 +108,21 @@ pub enum Command {
     Agent(agent_cmd::AgentArgs),
     /// Delta-transfer an image to a host's repository: plan, push.
     Transfer(transfer_cmd::TransferArgs),
+    /// Run certification steps: claim them from the store, act, record (several workers on
+    /// several machines share one store).
+    Worker(run_cmd::WorkerArgs),
+    /// List certification runs with their verdicts.
+    Runs(run_cmd::RunsArgs),
+    /// Cancel a patch's running certification (its VMs are still torn down).
+    Cancel(run_cmd::CancelArgs),
+    /// Certify a patch again (all targets, or --failed ones).
+    Rerun(run_cmd::RerunArgs),
+    /// Start this machine's stack in the background: the store, `certo serve`, a host agent, workers.
+    Up(stack_cmd::UpArgs),
+    /// Stop what `certo up` started.
+    Down(stack_cmd::DownArgs),
+    /// Show the stack: its processes, the store, hosts and the engine's queue.
+    Status(stack_cmd::StatusArgs),
 }
 
 impl Global {
@@ -254,6 +272,13 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Vm(args) => vm_cmd::run(g, args).await,
         Command::Agent(args) => agent_cmd::run(g, args).await,
         Command::Transfer(args) => transfer_cmd::run(g, args).await,
+        Command::Worker(args) => run_cmd::worker(g, args).await,
+        Command::Runs(args) => run_cmd::list(g, args).await,
+        Command::Cancel(args) => run_cmd::cancel(g, args).await,
+        Command::Rerun(args) => run_cmd::rerun(g, args).await,
+        Command::Up(args) => stack_cmd::up(g, args).await,
+        Command::Down(args) => stack_cmd::down(g, args).await,
+        Command::Status(args) => stack_cmd::status(g, args).await,
     }
 }
 

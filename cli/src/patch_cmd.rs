@@ -30,6 +30,10 @@ pub struct SubmitArgs {
     /// Print the result as JSON on stdout.
     #[arg(long)]
     pub json: bool,
+    /// Certify the submitted revisions and wait for their verdicts (exit status 0: all
+    /// certified, 1: any rejected, 3: any incomplete).
+    #[arg(long)]
+    pub wait: bool,
 }
 
 #[derive(Debug, Args)]
@@ -169,6 +173,42 @@ pub async fn submit(g: &Global, args: SubmitArgs) -> anyhow::Result<ExitCode> {
     print_remarks(&loaded);
     let store = g.store().await?;
     match store.submit(&loaded.records).await {
+        Ok(reports) if args.wait => {
+            let ctx = g.context()?;
+            let mut ids = Vec::new();
+            for r in &reports {
+                let Some(row) = store.get_patch(r.patch_id, Some(r.revision)).await? else {
+                    continue;
+                };
+                if !row.record.wants_certification_status() {
+                    eprintln!(
+                        "patch {} r{}: tracker status {:?} is not for certification; stored only",
+                        r.patch_id, r.revision, row.record.status
+                    );
+                    continue;
+                }
+                let existing =
+                    certo_orchestrator::app::runs::latest(&store, r.patch_id, Some(r.revision))
+                        .await?;
+                let id = match existing {
+                    Some(run) if run.cancel_reason.is_none() => run.id,
+                    _ => certo_orchestrator::app::runs::start(&ctx, &row.record).await?,
+                };
+                if !args.json {
+                    eprintln!(
+                        "patch {} r{}: run {id} ({})",
+                        r.patch_id,
+                        r.revision,
+                        match r.outcome {
+                            SubmitOutcome::Unchanged => "already stored",
+                            _ => "stored",
+                        }
+                    );
+                }
+                ids.push(id);
+            }
+            super::run_cmd::wait_and_print(&store, &ids, args.json).await
+        }
         Ok(reports) => {
             if args.json {
                 print_json(&json!({"stored": true, "records": reports}))?;
@@ -332,6 +372,15 @@ pub async fn show(g: &Global, args: ShowArgs) -> anyhow::Result<ExitCode> {
     };
     let revisions = store.revisions(id).await?;
     let events = store.events(id).await?;
+    let run = certo_orchestrator::app::runs::latest(&store, id, Some(row.revision)).await?;
+    let run_view = match &run {
+        Some(r) => Some(certo_orchestrator::app::runs::view(&store, r).await?),
+        None => None,
+    };
+    let timeline = match &run {
+        Some(r) => certo_orchestrator::app::runs::timeline(&store, r.id).await?,
+        None => Vec::new(),
+    };
     if args.json {
         let revs: Vec<_> = revisions
             .iter()
@@ -349,6 +398,8 @@ pub async fn show(g: &Global, args: ShowArgs) -> anyhow::Result<ExitCode> {
             "record": row.record,
             "revisions": revs,
             "events": events,
+            "run": run_view,
+            "timeline": timeline,
         }))?;
         return Ok(ExitCode::SUCCESS);
     }
@@ -379,6 +430,45 @@ pub async fn show(g: &Global, args: ShowArgs) -> anyhow::Result<ExitCode> {
             e.kind,
             e.detail
         );
+    }
+    if let (Some(r), Some(v)) = (&run, &run_view) {
+        println!();
+        println!("Verdict:       {}", super::run_cmd::verdict_line(v));
+        for t in v["targets"].as_array().into_iter().flatten() {
+            println!(
+                "  {}/{}/{:<16} {:<10} host {:<12} attempts {}  {:>6.1} s{}",
+                t["release"].as_str().unwrap_or(""),
+                t["platform"].as_str().unwrap_or(""),
+                t["node_type"].as_str().unwrap_or(""),
+                t["outcome"].as_str().unwrap_or(""),
+                t["host"].as_str().unwrap_or("-"),
+                t["attempts"],
+                t["seconds"].as_f64().unwrap_or(0.0),
+                t["reason"]
+                    .as_str()
+                    .map(|r| format!("  {}", super::printable(r)))
+                    .unwrap_or_default()
+            );
+        }
+        println!("Timeline (run {}, {}):", r.id, r.state);
+        for s in &timeline {
+            println!(
+                "  {:<34} {:<10} {:<9} attempt {}  {:<12} {}",
+                if s["target"] == "" {
+                    "(run)"
+                } else {
+                    s["target"].as_str().unwrap_or("")
+                },
+                s["step"].as_str().unwrap_or(""),
+                s["state"].as_str().unwrap_or(""),
+                s["attempt"],
+                s["host"].as_str().unwrap_or("-"),
+                s["seconds"]
+                    .as_f64()
+                    .map(|x| format!("{x:.1} s"))
+                    .unwrap_or_default()
+            );
+        }
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -101,6 +101,9 @@ pub async fn host(g: &Global, a: HostArgs) -> anyhow::Result<ExitCode> {
                 eprintln!("error: host {name} exists already");
                 return Ok(ExitCode::from(EXIT_INVALID));
             }
+            // The workers of this orchestrator call the host's agent with it.
+            let kept = g.context()?.save_host_token(&name, &token)?;
+            tracing::info!(host = %name, file = %kept.display(), "host token kept for the workers");
             match token_file {
                 Some(path) => {
                     use std::io::Write;

@@ -156,6 +156,62 @@ impl Agent {
         self.call(reqwest::Method::DELETE, &format!("/v1/vms/{name}"), None)
             .await
     }
+
+    /// Destroys the VM for a step holding `epoch`: the agent refuses it when it has seen a
+    /// newer epoch for the VM's run and target.
+    pub async fn destroy_at(&self, name: &str, epoch: i64) -> Result<AgentVm> {
+        self.call(
+            reqwest::Method::DELETE,
+            &format!("/v1/vms/{name}?epoch={epoch}"),
+            None,
+        )
+        .await
+    }
+
+    /// Pushes an image file to the host's repository (only the blocks it lacks).
+    pub async fn push(
+        &self,
+        image: &Path,
+        index_cache: Option<&Path>,
+    ) -> Result<(String, certo_transfer::client::PushSummary)> {
+        let name = image_name(image)?;
+        let client = self.transfer_client(index_cache)?;
+        let pushed = client
+            .push(
+                image,
+                certo_transfer::client::PushOptions::new(name.clone()),
+            )
+            .await?;
+        Ok((name, pushed))
+    }
+
+    /// What pushing the image would send: how many of its blocks the host holds.
+    pub async fn plan(
+        &self,
+        image: &Path,
+        index_cache: Option<&Path>,
+    ) -> Result<certo_transfer::client::PlanSummary> {
+        let client = self.transfer_client(index_cache)?;
+        Ok(client
+            .plan(image, certo_transfer::Chunking::default())
+            .await?)
+    }
+
+    fn transfer_client(
+        &self,
+        index_cache: Option<&Path>,
+    ) -> Result<certo_transfer::client::Client> {
+        let mut client = certo_transfer::client::Client::new(
+            &self.base,
+            certo_transfer::Token::new(&self.token)
+                .map_err(|e| VmRunError::Refused(format!("the host token: {e}")))?,
+            certo_transfer::client::RetryPolicy::default(),
+        )?;
+        if let Some(dir) = index_cache {
+            client = client.with_index_cache(certo_transfer::IndexCache::new(dir));
+        }
+        Ok(client)
+    }
 }
 
 /// What to run.
@@ -210,6 +266,22 @@ pub fn callback_bind(agent_url: &str) -> Result<(SocketAddr, String)> {
     }
 }
 
+/// The URL a guest calls for the orchestrator at `orch`: loopback means the agent's
+/// machine, which QEMU's user network shows the guest as 10.0.2.2.
+pub fn guest_callback(orch: &str) -> Result<String> {
+    let mut url = reqwest::Url::parse(orch)
+        .map_err(|e| VmRunError::Refused(format!("orchestrator URL {orch:?}: {e}")))?;
+    if url.host_str().is_some_and(|h| {
+        h == "localhost"
+            || h.parse::<std::net::IpAddr>()
+                .is_ok_and(|ip| ip.is_loopback())
+    }) {
+        url.set_host(Some("10.0.2.2"))
+            .map_err(|e| VmRunError::Refused(format!("orchestrator URL {orch:?}: {e}")))?;
+    }
+    Ok(url.as_str().trim_end_matches('/').to_owned())
+}
+
 /// Runs one VM to its end. The orchestrator API is served in-process for the guest.
 pub async fn run(
     store: &Store,
@@ -230,19 +302,7 @@ pub async fn run(
         Some(_) => return Err(VmRunError::HostToken(host)),
     }
     if let Some(orch) = req.orchestrator {
-        // The guest calls the given orchestrator; loopback means the agent's machine, which
-        // QEMU's user network shows the guest as 10.0.2.2.
-        let mut url = reqwest::Url::parse(orch)
-            .map_err(|e| VmRunError::Refused(format!("orchestrator URL {orch:?}: {e}")))?;
-        if url.host_str().is_some_and(|h| {
-            h == "localhost"
-                || h.parse::<std::net::IpAddr>()
-                    .is_ok_and(|ip| ip.is_loopback())
-        }) {
-            url.set_host(Some("10.0.2.2"))
-                .map_err(|e| VmRunError::Refused(format!("orchestrator URL {orch:?}: {e}")))?;
-        }
-        let callback = url.as_str().trim_end_matches('/').to_owned();
+        let callback = guest_callback(orch)?;
         return run_inner(store, &agent, &host, &callback, req, say).await;
     }
     // Serve the guest API on the address the guest can reach.
@@ -330,6 +390,7 @@ async fn run_inner(
         vcpus: 1,
         // The host's own deadline is a backstop a little after the orchestrator's.
         deadline_seconds: req.timeout.as_secs_f64() + 5.0,
+        epoch: 0,
         guest: GuestSpec {
             url: callback.to_string(),
             vm: name.clone(),
@@ -583,4 +644,190 @@ fn image_name(path: &Path) -> Result<String> {
 /// collides and a restarted agent recognises its own domains.
 pub fn vm_name(run: i64, target: &str, attempt: u32) -> String {
     certo_proto::domain::DomainName::new(run.max(0) as u64, target, attempt).to_string()
+}
+
+/// What a watching engine step waits for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Until {
+    /// The guest harness joined the testbed.
+    Joined,
+    /// The harness moved past a suite (a result of another suite, or its end).
+    SuiteDone(String),
+    /// The harness said done, or the VM ended.
+    Ended,
+}
+
+/// What one booted VM is asked for (an engine step's boot).
+#[derive(Debug, Clone)]
+pub struct Boot<'a> {
+    pub name: &'a str,
+    pub host: &'a str,
+    pub image: &'a str,
+    pub node_type: &'a str,
+    pub patch: Option<(PatchId, i32)>,
+    pub attempt: u32,
+    pub suite: Suite,
+    pub timeout: Duration,
+    pub memory_mib: u32,
+    /// The guest's URL for the orchestrator (see [`guest_callback`]).
+    pub callback: &'a str,
+    /// The fencing epoch of the step that boots (the agent refuses older ones).
+    pub epoch: i64,
+}
+
+/// Boots a VM through its host's agent with a token made for it alone, recording the run;
+/// the VM row ends failed (infrastructure) when the host cannot boot it.
+pub async fn boot(store: &Store, agent: &Agent, b: &Boot<'_>) -> Result<VmRow> {
+    let token = api::new_token().map_err(io("making the VM's token"))?;
+    let deadline = Utc::now() + chrono::Duration::milliseconds(b.timeout.as_millis() as i64);
+    let vm = store
+        .create_vm(&NewVm {
+            name: b.name,
+            host: b.host,
+            image: b.image,
+            node_type: b.node_type,
+            patch: b.patch,
+            attempt: i32::try_from(b.attempt).unwrap_or(i32::MAX),
+            suite: b.suite,
+            token_sha256: &api::token_digest(&token),
+            deadline,
+        })
+        .await?;
+    let spec = BootRequest {
+        name: b.name.to_owned(),
+        image: b.image.to_owned(),
+        memory_mib: u64::from(b.memory_mib),
+        vcpus: 1,
+        deadline_seconds: b.timeout.as_secs_f64() + 5.0,
+        epoch: u64::try_from(b.epoch).unwrap_or(0),
+        guest: GuestSpec {
+            url: b.callback.to_owned(),
+            vm: b.name.to_owned(),
+            token,
+            hang: false,
+            panic: false,
+            crash: false,
+        },
+    };
+    match agent.boot(&spec).await {
+        Ok(booted) => {
+            if let Some(log) = &booted.serial_log {
+                store
+                    .set_serial_log(vm.id, &format!("{}:{log}", b.host))
+                    .await?;
+            }
+            Ok(vm)
+        }
+        Err(e) => {
+            store
+                .finish_vm(
+                    vm.id,
+                    VmState::Failed,
+                    Some(Fault::Infrastructure),
+                    Some(&format!("the host could not boot it: {e}")),
+                    None,
+                )
+                .await?;
+            Err(e)
+        }
+    }
+}
+
+/// Watches a booted VM until `until` holds or the VM ends, doing what the one-shot run does
+/// meanwhile: looking at reported services from outside, explaining a VM that ended without
+/// its harness saying done, destroying it at its deadline, declaring it lost when its agent
+/// stays silent. Returns the VM's row as it stands then.
+pub async fn watch(store: &Store, agent: &Agent, name: &str, until: &Until) -> Result<VmRow> {
+    let mut agent_silent_since: Option<Instant> = None;
+    loop {
+        let row = store
+            .vm(name)
+            .await?
+            .ok_or_else(|| VmRunError::Vanished(name.to_string()))?;
+        if !row.state.is_live() {
+            return Ok(row);
+        }
+        match until {
+            Until::Joined if row.joined_at.is_some() => return Ok(row),
+            Until::SuiteDone(suite) => {
+                let results = store.vm_results(row.id).await?;
+                if results.iter().any(|r| &r.suite != suite) {
+                    return Ok(row);
+                }
+            }
+            _ => {}
+        }
+        if row.state == VmState::Joined {
+            look_at_services(store, agent, &row).await?;
+        }
+        let status = agent.status(name).await.ok();
+        match &status {
+            Some(_) => agent_silent_since = None,
+            None => {
+                let since = *agent_silent_since.get_or_insert_with(Instant::now);
+                if since.elapsed() > AGENT_SILENCE {
+                    let reason = format!(
+                        "the host's agent stopped answering for {:.0} s",
+                        AGENT_SILENCE.as_secs_f64()
+                    );
+                    store
+                        .finish_vm(
+                            row.id,
+                            VmState::Lost,
+                            Some(Fault::Infrastructure),
+                            Some(&reason),
+                            None,
+                        )
+                        .await?;
+                    continue;
+                }
+            }
+        }
+        let agent_timed_out = status
+            .as_ref()
+            .is_some_and(|s| s.state == HostVmState::TimedOut);
+        if let Some(s) = &status
+            && s.state != HostVmState::Running
+            && !agent_timed_out
+        {
+            // Read the row again: the harness may have said done just before the VM ended.
+            let again = store
+                .vm(name)
+                .await?
+                .ok_or_else(|| VmRunError::Vanished(name.to_string()))?;
+            if again.state.is_live() {
+                let (state, fault, reason) = explain_end(&again, &s.serial_tail);
+                store
+                    .finish_vm(again.id, state, Some(fault), Some(&reason), None)
+                    .await?;
+            }
+            continue;
+        }
+        if Utc::now() > row.deadline || agent_timed_out {
+            let _ = agent.destroy(name).await;
+            let reason = format!(
+                "no result by the deadline: destroyed {}",
+                if row.state == VmState::Joined {
+                    "after it joined"
+                } else {
+                    "before it joined"
+                }
+            );
+            store
+                .finish_vm(
+                    row.id,
+                    VmState::TimedOut,
+                    Some(if row.state == VmState::Joined {
+                        Fault::Product
+                    } else {
+                        Fault::Infrastructure
+                    }),
+                    Some(&reason),
+                    None,
+                )
+                .await?;
+            continue;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
 }

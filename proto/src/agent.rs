@@ -16,6 +16,10 @@ pub struct BootRequest {
     pub vcpus: u32,
     /// The host's own deadline, a backstop after the orchestrator's.
     pub deadline_seconds: f64,
+    /// The fencing epoch of the engine step that asks (0: none, a one-shot `certo vm run`).
+    /// The agent refuses a request for a VM of a run and target older than one it has seen.
+    #[serde(default)]
+    pub epoch: u64,
     pub guest: GuestSpec,
 }
 
@@ -86,6 +90,10 @@ pub struct VmStatus {
     /// With a destroy: whether a running domain was destroyed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub destroyed: Option<bool>,
+    /// How many times this agent booted a domain of this name (an effect applied twice
+    /// shows here).
+    #[serde(default)]
+    pub boots: u32,
 }
 
 /// The agent's name, hypervisor and capacity (`GET /v1/info`).

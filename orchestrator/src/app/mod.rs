@@ -10,6 +10,7 @@
 
 pub mod images;
 pub mod patches;
+pub mod runs;
 pub mod vms;
 
 use std::path::{Path, PathBuf};
@@ -141,6 +142,55 @@ impl Context {
         let dest = data.join("world");
         crate::world::build(&dest)?;
         Ok(self.inner.world.get_or_init(|| dest).clone())
+    }
+
+    /// Where the tokens of the hosts this orchestrator's workers call are kept, one file
+    /// per host (mode 0600), written by `certo host add` and `certo up`.
+    pub fn host_tokens_dir(&self) -> PathBuf {
+        self.data_dir().join("host-tokens")
+    }
+
+    /// The token of host `name`, from [`Context::host_tokens_dir`].
+    pub fn host_token(&self, name: &str) -> Result<String, AppError> {
+        let valid = !name.is_empty()
+            && name.len() <= 63
+            && name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
+            && !name.starts_with('.');
+        let path = self.host_tokens_dir().join(name);
+        if !valid {
+            return Err(AppError::Io {
+                what: format!("host name {name:?} cannot name a token file"),
+                source: std::io::Error::from(std::io::ErrorKind::InvalidInput),
+            });
+        }
+        let text = std::fs::read_to_string(&path).map_err(|source| AppError::Io {
+            what: format!("reading host {name}'s token from {}", path.display()),
+            source,
+        })?;
+        Ok(text.lines().next().unwrap_or("").trim().to_owned())
+    }
+
+    /// Keeps host `name`'s token for the workers (mode 0600, replaced atomically).
+    pub fn save_host_token(&self, name: &str, token: &str) -> Result<PathBuf, AppError> {
+        use std::io::Write;
+        use std::os::unix::fs::OpenOptionsExt;
+        let dir = self.host_tokens_dir();
+        let io = |what: String| move |source| AppError::Io { what, source };
+        std::fs::create_dir_all(&dir).map_err(io(format!("creating {}", dir.display())))?;
+        let tmp = dir.join(format!(".{name}.tmp"));
+        let _ = std::fs::remove_file(&tmp);
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&tmp)
+            .map_err(io(format!("creating {}", tmp.display())))?;
+        writeln!(f, "{token}").map_err(io(format!("writing {}", tmp.display())))?;
+        let path = dir.join(name);
+        std::fs::rename(&tmp, &path).map_err(io(format!("renaming to {}", path.display())))?;
+        Ok(path)
     }
 
     /// The imager over the data directory's cache and the package repositories.

@@ -204,6 +204,12 @@ pub struct PatchRecord {
 }
 
 impl PatchRecord {
+    /// Whether the tracker's status asks for certification (other records are stored and
+    /// shown, not certified).
+    pub fn wants_certification_status(&self) -> bool {
+        self.stage() == labels::Stage::Certification
+    }
+
     /// Where the record's status stands in the lifecycle.
     pub fn stage(&self) -> labels::Stage {
         labels::status(&self.status).map_or(labels::Stage::Certification, |(_, s)| s)

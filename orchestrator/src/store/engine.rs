@@ -11,7 +11,11 @@
 //! - **Completion** and the successors it makes runnable are one transaction, which ends with
 //!   one `NOTIFY certo_engine` (no payload) to wake idle workers.
 
+use std::collections::HashMap;
 use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
 
 use super::{Store, StoreError};
 use crate::engine::workflow::{Scope, Workflow};
@@ -30,6 +34,8 @@ pub struct Claim {
     pub name: String,
     pub epoch: i64,
     pub attempt: i32,
+    /// The run's workflow (its retry policies and timeouts apply).
+    pub workflow: String,
 }
 
 /// How a claimed step ended.
@@ -39,6 +45,12 @@ pub enum StepEnd {
     Failed(serde_json::Value),
     /// Failed, to be tried again after the delay (the workflow's retry policy said so).
     Retry {
+        after: Duration,
+        why: serde_json::Value,
+    },
+    /// Not done and not failed: to be taken again after the delay without using an attempt
+    /// (e.g. no host has a free slot yet).
+    Defer {
         after: Duration,
         why: serde_json::Value,
     },
@@ -64,17 +76,32 @@ impl Store {
         patch: Option<(PatchId, i32)>,
         targets: &[String],
     ) -> Result<i64, StoreError> {
+        self.create_run_with_priority(workflow, patch, targets, 0)
+            .await
+    }
+
+    /// Creates a run like [`Store::create_run`], with a claim priority (higher first).
+    pub async fn create_run_with_priority(
+        &self,
+        workflow: &Workflow,
+        patch: Option<(PatchId, i32)>,
+        targets: &[String],
+        priority: i32,
+    ) -> Result<i64, StoreError> {
         let mut tx = self.pool.begin().await?;
         let (run,): (i64,) = sqlx::query_as(
-            "INSERT INTO engine_runs (workflow, patch_id, revision) VALUES ($1, $2, $3) RETURNING id",
+            "INSERT INTO engine_runs (workflow, patch_id, revision, priority, targets)
+             VALUES ($1, $2, $3, $4, $5) RETURNING id",
         )
         .bind(&workflow.name)
         .bind(patch.map(|(p, _)| p.0 as i64))
         .bind(patch.map(|(_, r)| r))
+        .bind(priority)
+        .bind(targets)
         .fetch_one(&mut *tx)
         .await?;
         // Steps come in an order where each follows what it needs (Workflow guarantees it).
-        let mut ids: std::collections::HashMap<(String, String), i64> = Default::default();
+        let mut ids: HashMap<(String, String), i64> = Default::default();
         for step in &workflow.steps {
             let instances: Vec<String> = match step.scope {
                 Scope::Run => vec![String::new()],
@@ -131,34 +158,52 @@ impl Store {
         n: i64,
         lease: Duration,
     ) -> Result<Vec<Claim>, StoreError> {
-        let rows: Vec<(i64, i64, String, String, i64, i32)> = sqlx::query_as(
+        self.claim_steps_of(worker, n, lease, None).await
+    }
+
+    /// Claims like [`Store::claim_steps`], only steps of runs of the given workflows.
+    pub async fn claim_steps_of(
+        &self,
+        worker: &str,
+        n: i64,
+        lease: Duration,
+        workflows: Option<&[String]>,
+    ) -> Result<Vec<Claim>, StoreError> {
+        // Higher-priority runs first (certifiers' runs before sweeps), then by due time.
+        let rows: Vec<(i64, i64, String, String, i64, i32, String)> = sqlx::query_as(
             "UPDATE engine_steps s
-                SET state = 'running', worker = $1, epoch = s.epoch + 1, attempt = s.attempt + 1,
+                SET state = 'running', worker = $1, epoch = nextval('engine_epoch_seq'),
+                    attempt = s.attempt + 1, started_at = now(), finished_at = NULL,
                     lease_until = now() + make_interval(secs => $3)
-               FROM (SELECT id FROM engine_steps
-                      WHERE (state = 'runnable' AND run_after <= now())
-                         OR (state = 'running' AND lease_until < now())
-                      ORDER BY run_after, id
-                      FOR UPDATE SKIP LOCKED
+               FROM (SELECT st.id, r.workflow FROM engine_steps st JOIN engine_runs r ON r.id = st.run_id
+                      WHERE ((st.state = 'runnable' AND st.run_after <= now())
+                             OR (st.state = 'running' AND st.lease_until < now()))
+                        AND ($4::text[] IS NULL OR r.workflow = ANY($4))
+                      ORDER BY r.priority DESC, st.run_id, st.id
+                      FOR UPDATE OF st SKIP LOCKED
                       LIMIT $2) c
               WHERE s.id = c.id
-          RETURNING s.id, s.run_id, s.target, s.name, s.epoch, s.attempt",
+          RETURNING s.id, s.run_id, s.target, s.name, s.epoch, s.attempt, c.workflow",
         )
         .bind(worker)
         .bind(n)
         .bind(lease.as_secs_f64())
+        .bind(workflows)
         .fetch_all(&self.pool)
         .await?;
         Ok(rows
             .into_iter()
-            .map(|(step, run, target, name, epoch, attempt)| Claim {
-                step,
-                run,
-                target,
-                name,
-                epoch,
-                attempt,
-            })
+            .map(
+                |(step, run, target, name, epoch, attempt, workflow)| Claim {
+                    step,
+                    run,
+                    target,
+                    name,
+                    epoch,
+                    attempt,
+                    workflow,
+                },
+            )
             .collect())
     }
 
@@ -181,25 +226,41 @@ impl Store {
     /// idle workers. `false`, and nothing changed, when the claim is stale.
     pub async fn finish_step(&self, claim: &Claim, end: StepEnd) -> Result<bool, StoreError> {
         let mut tx = self.pool.begin().await?;
-        let (state, outcome, after) = match &end {
-            StepEnd::Passed(o) => ("passed", o, 0.0),
-            StepEnd::Failed(o) => ("failed", o, 0.0),
-            StepEnd::Retry { after, why } => ("runnable", why, after.as_secs_f64()),
+        let (state, outcome, after, kind) = match &end {
+            StepEnd::Passed(o) => ("passed", o, 0.0, "passed"),
+            StepEnd::Failed(o) => ("failed", o, 0.0, "failed"),
+            StepEnd::Retry { after, why } => ("runnable", why, after.as_secs_f64(), "retry"),
+            StepEnd::Defer { after, why } => ("runnable", why, after.as_secs_f64(), "defer"),
         };
-        let r = sqlx::query(
-            "UPDATE engine_steps
-                SET state = $3, outcome = $4, worker = NULL, lease_until = NULL,
-                    run_after = now() + make_interval(secs => $5)
-              WHERE id = $1 AND epoch = $2 AND state = 'running'",
+        // The step's own write and its event, in one statement; nothing when stale. The
+        // run's row is locked first: completions within one run are serialised (two last
+        // steps ending at once would each see the other still running, and neither would
+        // wake what needs both), those of different runs are not.
+        let updated: Option<i64> = sqlx::query_scalar(
+            "WITH l AS (SELECT id FROM engine_runs WHERE id = $7 FOR UPDATE),
+             u AS (
+                UPDATE engine_steps
+                   SET state = $3, outcome = $4, worker = NULL, lease_until = NULL,
+                       run_after = now() + make_interval(secs => $5),
+                       finished_at = CASE WHEN $3 = 'runnable' THEN NULL ELSE now() END,
+                       attempt = attempt - CASE WHEN $6 = 'defer' THEN 1 ELSE 0 END
+                 WHERE id = $1 AND epoch = $2 AND state = 'running' AND EXISTS (SELECT 1 FROM l)
+             RETURNING id),
+             e AS (
+                INSERT INTO engine_events (step_id, epoch, kind, detail)
+                SELECT id, $2, $6, $4 FROM u WHERE $6 <> 'defer')
+             SELECT id FROM u",
         )
         .bind(claim.step)
         .bind(claim.epoch)
         .bind(state)
         .bind(outcome)
         .bind(after)
-        .execute(&mut *tx)
+        .bind(kind)
+        .bind(claim.run)
+        .fetch_optional(&mut *tx)
         .await?;
-        if r.rows_affected() != 1 {
+        if updated.is_none() {
             tracing::warn!(
                 step = claim.step,
                 epoch = claim.epoch,
@@ -207,21 +268,35 @@ impl Store {
             );
             return Ok(false);
         }
-        sqlx::query(
-            "INSERT INTO engine_events (step_id, epoch, kind, detail) VALUES ($1, $2, $3, $4)",
-        )
-        .bind(claim.step)
-        .bind(claim.epoch)
-        .bind(if matches!(end, StepEnd::Retry { .. }) {
-            "retry"
-        } else {
-            state
-        })
-        .bind(outcome)
-        .execute(&mut *tx)
-        .await?;
-        advance(&mut tx, claim.run).await?;
-        notify(&mut tx).await?;
+        match kind {
+            // The step itself runs again later: nothing else changes, and nothing is due
+            // now to wake a worker for (pollers find it when it is).
+            "retry" | "defer" => {}
+            // A pass cancels nothing: only its successors may become runnable; when none
+            // does, the run may have ended.
+            "passed" => {
+                let woke = sqlx::query(
+                    "UPDATE engine_steps s SET state = 'runnable', run_after = now()
+                      WHERE s.run_id = $1 AND s.state = 'waiting' AND $2 = ANY(s.needs)
+                        AND NOT EXISTS (SELECT 1 FROM engine_steps d
+                                         WHERE d.id = ANY(s.needs)
+                                           AND (CASE WHEN s.always THEN d.state NOT IN ('passed', 'failed', 'cancelled')
+                                                     ELSE d.state <> 'passed' END))",
+                )
+                .bind(claim.run)
+                .bind(claim.step)
+                .execute(&mut *tx)
+                .await?
+                .rows_affected();
+                if woke > 0 || end_run_if_done(&mut tx, claim.run).await? {
+                    notify(&mut tx).await?;
+                }
+            }
+            _ => {
+                advance(&mut tx, claim.run).await?;
+                notify(&mut tx).await?;
+            }
+        }
         tx.commit().await?;
         Ok(true)
     }
@@ -277,9 +352,16 @@ async fn advance(tx: &mut sqlx::PgConnection, run: i64) -> Result<(), StoreError
     .bind(run)
     .execute(&mut *tx)
     .await?;
-    sqlx::query(
+    end_run_if_done(tx, run).await?;
+    Ok(())
+}
+
+/// Ends the run when none of its steps is left to run: passed when every step passed.
+async fn end_run_if_done(tx: &mut sqlx::PgConnection, run: i64) -> Result<bool, StoreError> {
+    let r = sqlx::query(
         "UPDATE engine_runs r
-            SET state = CASE WHEN EXISTS (SELECT 1 FROM engine_steps s WHERE s.run_id = r.id AND s.state <> 'passed')
+            SET state = CASE WHEN cancel_reason IS NOT NULL THEN 'cancelled'
+                             WHEN EXISTS (SELECT 1 FROM engine_steps s WHERE s.run_id = r.id AND s.state <> 'passed')
                              THEN 'failed' ELSE 'passed' END,
                 finished_at = now()
           WHERE r.id = $1 AND r.state = 'running'
@@ -289,7 +371,7 @@ async fn advance(tx: &mut sqlx::PgConnection, run: i64) -> Result<(), StoreError
     .bind(run)
     .execute(&mut *tx)
     .await?;
-    Ok(())
+    Ok(r.rows_affected() > 0)
 }
 
 async fn notify(tx: &mut sqlx::PgConnection) -> Result<(), StoreError> {
@@ -298,4 +380,475 @@ async fn notify(tx: &mut sqlx::PgConnection) -> Result<(), StoreError> {
         .execute(&mut *tx)
         .await?;
     Ok(())
+}
+
+/// A run as stored.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, sqlx::FromRow)]
+pub struct RunRow {
+    pub id: i64,
+    pub workflow: String,
+    pub patch_id: Option<i64>,
+    pub revision: Option<i32>,
+    pub state: String,
+    pub priority: i32,
+    pub cancel_reason: Option<String>,
+    pub targets: Vec<String>,
+    pub created_at: DateTime<Utc>,
+    pub finished_at: Option<DateTime<Utc>>,
+}
+
+/// A step with what the timeline shows.
+#[derive(Debug, Clone, PartialEq, Serialize, sqlx::FromRow)]
+pub struct StepDetail {
+    pub id: i64,
+    pub target: String,
+    pub name: String,
+    pub state: String,
+    pub attempt: i32,
+    pub epoch: i64,
+    pub host: Option<String>,
+    pub started_at: Option<DateTime<Utc>>,
+    pub finished_at: Option<DateTime<Utc>>,
+    pub outcome: Option<serde_json::Value>,
+}
+
+/// A run's verdict as stored.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, sqlx::FromRow)]
+pub struct VerdictRow {
+    pub run_id: i64,
+    pub patch_id: Option<i64>,
+    pub revision: Option<i32>,
+    pub verdict: String,
+    pub stage: Option<String>,
+    pub target: Option<String>,
+    pub reason: Option<String>,
+    pub detail: serde_json::Value,
+    pub decided_at: DateTime<Utc>,
+}
+
+/// Where a claim stands while its step runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Lease {
+    /// Still this worker's, extended.
+    Held,
+    /// Another worker took the step over (or it ended): stop, write nothing.
+    Lost,
+    /// Still this worker's, but the run was cancelled: stop the step.
+    Cancelled,
+}
+
+/// Consecutive infrastructure failures that quarantine a host.
+pub const QUARANTINE_AFTER: i32 = 3;
+
+impl Store {
+    /// Extends a claim's lease and says whether the worker may go on.
+    pub async fn heartbeat_step(
+        &self,
+        claim: &Claim,
+        lease: Duration,
+    ) -> Result<Lease, StoreError> {
+        let row: Option<(bool,)> = sqlx::query_as(
+            "UPDATE engine_steps s SET lease_until = now() + make_interval(secs => $3)
+               FROM engine_runs r
+              WHERE s.id = $1 AND s.epoch = $2 AND s.state = 'running' AND r.id = s.run_id
+          RETURNING r.cancel_reason IS NOT NULL AND NOT s.always",
+        )
+        .bind(claim.step)
+        .bind(claim.epoch)
+        .bind(lease.as_secs_f64())
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(match row {
+            None => Lease::Lost,
+            Some((true,)) => Lease::Cancelled,
+            Some((false,)) => Lease::Held,
+        })
+    }
+
+    /// Gives a claimed step back unfinished (a worker shutting down): runnable again at once,
+    /// the attempt not counted. `false` when the claim is stale.
+    pub async fn release_step(&self, claim: &Claim) -> Result<bool, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        let r = sqlx::query(
+            "UPDATE engine_steps SET state = 'runnable', worker = NULL, lease_until = NULL,
+                    run_after = now(), attempt = attempt - 1
+              WHERE id = $1 AND epoch = $2 AND state = 'running'",
+        )
+        .bind(claim.step)
+        .bind(claim.epoch)
+        .execute(&mut *tx)
+        .await?;
+        if r.rows_affected() != 1 {
+            return Ok(false);
+        }
+        notify(&mut tx).await?;
+        tx.commit().await?;
+        Ok(true)
+    }
+
+    /// Records which host a claimed step acts on (the timeline shows it).
+    pub async fn set_step_host(&self, claim: &Claim, host: &str) -> Result<bool, StoreError> {
+        let r = sqlx::query(
+            "UPDATE engine_steps SET host = $3 WHERE id = $1 AND epoch = $2 AND state = 'running'",
+        )
+        .bind(claim.step)
+        .bind(claim.epoch)
+        .bind(host)
+        .execute(&self.pool)
+        .await?;
+        Ok(r.rows_affected() == 1)
+    }
+
+    /// A run.
+    pub async fn run(&self, run: i64) -> Result<Option<RunRow>, StoreError> {
+        Ok(sqlx::query_as(
+            "SELECT id, workflow, patch_id, revision, state, priority, cancel_reason, targets,
+                    created_at, finished_at FROM engine_runs WHERE id = $1",
+        )
+        .bind(run)
+        .fetch_optional(&self.pool)
+        .await?)
+    }
+
+    /// Runs, newest first, optionally of one state (running, passed, failed, cancelled) or
+    /// of one patch.
+    pub async fn runs(
+        &self,
+        state: Option<&str>,
+        patch: Option<u64>,
+        limit: i64,
+    ) -> Result<Vec<RunRow>, StoreError> {
+        Ok(sqlx::query_as(
+            "SELECT id, workflow, patch_id, revision, state, priority, cancel_reason, targets,
+                    created_at, finished_at FROM engine_runs
+              WHERE ($1::text IS NULL OR state = $1) AND ($2::bigint IS NULL OR patch_id = $2)
+              ORDER BY id DESC LIMIT $3",
+        )
+        .bind(state)
+        .bind(patch.map(|p| p as i64))
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await?)
+    }
+
+    /// A run's steps with their timeline, in creation order.
+    pub async fn run_timeline(&self, run: i64) -> Result<Vec<StepDetail>, StoreError> {
+        Ok(sqlx::query_as(
+            "SELECT id, target, name, state, attempt, epoch, host, started_at, finished_at, outcome
+               FROM engine_steps WHERE run_id = $1 ORDER BY id",
+        )
+        .bind(run)
+        .fetch_all(&self.pool)
+        .await?)
+    }
+
+    /// What a passed step of a run left for the steps after it (`None` when it did not pass).
+    pub async fn step_output(
+        &self,
+        run: i64,
+        target: &str,
+        name: &str,
+    ) -> Result<Option<serde_json::Value>, StoreError> {
+        Ok(sqlx::query_scalar(
+            "SELECT outcome FROM engine_steps
+              WHERE run_id = $1 AND target = $2 AND name = $3 AND state = 'passed'",
+        )
+        .bind(run)
+        .bind(target)
+        .bind(name)
+        .fetch_optional(&self.pool)
+        .await?
+        .flatten())
+    }
+
+    /// Cancels a running run: its steps not yet started are cancelled (teardown excepted:
+    /// it still runs), running ones stop at their next heartbeat. `false` when the run had
+    /// ended already.
+    pub async fn cancel_run(&self, run: i64, reason: &str) -> Result<bool, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        let r = sqlx::query(
+            "UPDATE engine_runs SET cancel_reason = $2 WHERE id = $1 AND state = 'running'
+                AND cancel_reason IS NULL",
+        )
+        .bind(run)
+        .bind(reason)
+        .execute(&mut *tx)
+        .await?;
+        if r.rows_affected() != 1 {
+            return Ok(false);
+        }
+        sqlx::query(
+            "UPDATE engine_steps SET state = 'cancelled', finished_at = now(),
+                    outcome = jsonb_build_object('cancelled', $2::text)
+              WHERE run_id = $1 AND state IN ('waiting', 'runnable') AND NOT always",
+        )
+        .bind(run)
+        .bind(reason)
+        .execute(&mut *tx)
+        .await?;
+        advance(&mut tx, run).await?;
+        notify(&mut tx).await?;
+        tx.commit().await?;
+        Ok(true)
+    }
+
+    /// Records the intent of a claimed step to act on the world under `key`, before it acts.
+    /// `false` (nothing written) when the claim is stale.
+    pub async fn record_intent(
+        &self,
+        claim: &Claim,
+        key: &str,
+        host: &str,
+    ) -> Result<bool, StoreError> {
+        let r = sqlx::query(
+            "INSERT INTO engine_intents (key, step_id, epoch, host)
+             SELECT $3, id, epoch, $4 FROM engine_steps
+              WHERE id = $1 AND epoch = $2 AND state = 'running'
+             ON CONFLICT (key) DO NOTHING",
+        )
+        .bind(claim.step)
+        .bind(claim.epoch)
+        .bind(key)
+        .bind(host)
+        .execute(&self.pool)
+        .await?;
+        Ok(r.rows_affected() == 1)
+    }
+
+    /// The intents recorded by earlier attempts of a step: (key, host), oldest first.
+    pub async fn intents(&self, step: i64) -> Result<Vec<(String, String)>, StoreError> {
+        Ok(sqlx::query_as(
+            "SELECT key, host FROM engine_intents WHERE step_id = $1 ORDER BY created_at, key",
+        )
+        .bind(step)
+        .fetch_all(&self.pool)
+        .await?)
+    }
+
+    /// The intents of every step of one target of a run.
+    pub async fn target_intents(
+        &self,
+        run: i64,
+        target: &str,
+    ) -> Result<Vec<(String, String)>, StoreError> {
+        Ok(sqlx::query_as(
+            "SELECT i.key, i.host FROM engine_intents i JOIN engine_steps s ON s.id = i.step_id
+              WHERE s.run_id = $1 AND s.target = $2 ORDER BY i.created_at, i.key",
+        )
+        .bind(run)
+        .bind(target)
+        .fetch_all(&self.pool)
+        .await?)
+    }
+
+    /// Holds a VM slot on `host` for a target of a run if the host has one free (counted
+    /// against its registered slots, under a per-host lock); a target holding one already
+    /// keeps it. Returns the host holding the target's slot, or `None`.
+    pub async fn reserve_slot(
+        &self,
+        run: i64,
+        target: &str,
+        host: &str,
+    ) -> Result<Option<String>, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        if let Some(held) = sqlx::query_scalar::<_, String>(
+            "SELECT host FROM engine_placements WHERE run_id = $1 AND target = $2 AND released_at IS NULL",
+        )
+        .bind(run)
+        .bind(target)
+        .fetch_optional(&mut *tx)
+        .await?
+        {
+            return Ok(Some(held));
+        }
+        sqlx::query("SELECT pg_advisory_xact_lock(hashtext('certo-slots:' || $1))")
+            .bind(host)
+            .execute(&mut *tx)
+            .await?;
+        let (slots, held): (Option<i32>, i64) = sqlx::query_as(
+            "SELECT h.slots, (SELECT count(*) FROM engine_placements p
+                               WHERE p.host = h.name AND p.released_at IS NULL)
+               FROM hosts h WHERE h.name = $1",
+        )
+        .bind(host)
+        .fetch_optional(&mut *tx)
+        .await?
+        .unwrap_or((Some(0), 0));
+        if held >= i64::from(slots.unwrap_or(0)) {
+            return Ok(None);
+        }
+        sqlx::query("INSERT INTO engine_placements (run_id, target, host) VALUES ($1, $2, $3)")
+            .bind(run)
+            .bind(target)
+            .bind(host)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(Some(host.to_owned()))
+    }
+
+    /// The host holding a target's slot.
+    pub async fn placement(&self, run: i64, target: &str) -> Result<Option<String>, StoreError> {
+        Ok(sqlx::query_scalar(
+            "SELECT host FROM engine_placements WHERE run_id = $1 AND target = $2 AND released_at IS NULL",
+        )
+        .bind(run)
+        .bind(target)
+        .fetch_optional(&self.pool)
+        .await?)
+    }
+
+    /// Gives a target's slot back (teardown; an infrastructure failure moving it elsewhere).
+    pub async fn release_slot(&self, run: i64, target: &str) -> Result<(), StoreError> {
+        sqlx::query(
+            "UPDATE engine_placements SET released_at = now()
+              WHERE run_id = $1 AND target = $2 AND released_at IS NULL",
+        )
+        .bind(run)
+        .bind(target)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// Slots held per host.
+    pub async fn held_slots(&self) -> Result<HashMap<String, i64>, StoreError> {
+        let rows: Vec<(String, i64)> = sqlx::query_as(
+            "SELECT host, count(*) FROM engine_placements WHERE released_at IS NULL GROUP BY host",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows.into_iter().collect())
+    }
+
+    /// Counts an infrastructure failure against a host; the [`QUARANTINE_AFTER`]th in a row
+    /// quarantines it with `reason`. Returns whether the host is quarantined now.
+    pub async fn host_failed(&self, host: &str, reason: &str) -> Result<bool, StoreError> {
+        let q: Option<bool> = sqlx::query_scalar(
+            "UPDATE hosts SET infra_failures = infra_failures + 1,
+                    quarantined_at = CASE WHEN infra_failures + 1 >= $3 AND quarantined_at IS NULL
+                                          THEN now() ELSE quarantined_at END,
+                    quarantine_reason = CASE WHEN infra_failures + 1 >= $3 AND quarantined_at IS NULL
+                                          THEN $2 ELSE quarantine_reason END
+              WHERE name = $1 RETURNING quarantined_at IS NOT NULL",
+        )
+        .bind(host)
+        .bind(format!(
+            "{QUARANTINE_AFTER} infrastructure failures in a row, the last: {reason}"
+        ))
+        .bind(QUARANTINE_AFTER)
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(q.unwrap_or(false))
+    }
+
+    /// A step passed on a host: its run of infrastructure failures ends.
+    pub async fn host_worked(&self, host: &str) -> Result<(), StoreError> {
+        sqlx::query("UPDATE hosts SET infra_failures = 0 WHERE name = $1 AND infra_failures <> 0")
+            .bind(host)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    /// Takes a host out of quarantine (by command, or after a passing health check).
+    pub async fn unquarantine(&self, host: &str) -> Result<bool, StoreError> {
+        let r = sqlx::query(
+            "UPDATE hosts SET quarantined_at = NULL, quarantine_reason = NULL, infra_failures = 0
+              WHERE name = $1",
+        )
+        .bind(host)
+        .execute(&self.pool)
+        .await?;
+        Ok(r.rows_affected() == 1)
+    }
+
+    /// Records a run's verdict; `false` (nothing written) when the run has one already.
+    pub async fn record_verdict(&self, v: &VerdictRow) -> Result<bool, StoreError> {
+        let r = sqlx::query(
+            "INSERT INTO verdicts (run_id, patch_id, revision, verdict, stage, target, reason, detail)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8) ON CONFLICT (run_id) DO NOTHING",
+        )
+        .bind(v.run_id)
+        .bind(v.patch_id)
+        .bind(v.revision)
+        .bind(&v.verdict)
+        .bind(&v.stage)
+        .bind(&v.target)
+        .bind(&v.reason)
+        .bind(&v.detail)
+        .execute(&self.pool)
+        .await?;
+        Ok(r.rows_affected() == 1)
+    }
+
+    /// A run's verdict.
+    pub async fn verdict(&self, run: i64) -> Result<Option<VerdictRow>, StoreError> {
+        Ok(sqlx::query_as(
+            "SELECT run_id, patch_id, revision, verdict, stage, target, reason, detail, decided_at
+               FROM verdicts WHERE run_id = $1",
+        )
+        .bind(run)
+        .fetch_optional(&self.pool)
+        .await?)
+    }
+
+    /// The baseline results known for an image digest: (suite, name) → status.
+    pub async fn baseline_results(
+        &self,
+        digest: &str,
+    ) -> Result<Vec<(String, String, String)>, StoreError> {
+        Ok(sqlx::query_as(
+            "SELECT suite, name, status FROM baseline_results WHERE image_digest = $1 ORDER BY suite, name",
+        )
+        .bind(digest)
+        .fetch_all(&self.pool)
+        .await?)
+    }
+
+    /// Replaces the baseline results of an image digest with one VM run's, in one transaction.
+    pub async fn record_baseline_results(
+        &self,
+        digest: &str,
+        vm: &str,
+        results: &[(String, String, String, String)],
+    ) -> Result<(), StoreError> {
+        let mut tx = self.pool.begin().await?;
+        sqlx::query("DELETE FROM baseline_results WHERE image_digest = $1")
+            .bind(digest)
+            .execute(&mut *tx)
+            .await?;
+        for (suite, name, status, output) in results {
+            sqlx::query(
+                "INSERT INTO baseline_results (image_digest, suite, name, status, output, vm_name)
+                 VALUES ($1, $2, $3, $4, $5, $6)",
+            )
+            .bind(digest)
+            .bind(suite)
+            .bind(name)
+            .bind(status)
+            .bind(output)
+            .bind(vm)
+            .execute(&mut *tx)
+            .await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+}
+
+impl Store {
+    /// Steps by state, and runs running: what `certo status` shows.
+    pub async fn engine_counts(
+        &self,
+    ) -> Result<std::collections::BTreeMap<String, i64>, StoreError> {
+        let rows: Vec<(String, i64)> = sqlx::query_as(
+            "SELECT 'steps_' || state, count(*) FROM engine_steps
+              WHERE state IN ('runnable', 'running', 'waiting') GROUP BY state
+             UNION ALL SELECT 'runs_running', count(*) FROM engine_runs WHERE state = 'running'",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows.into_iter().collect())
+    }
 }

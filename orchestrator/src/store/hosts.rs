@@ -17,6 +17,9 @@ pub struct HostRow {
     pub vcpus: Option<i32>,
     pub registered_at: Option<DateTime<Utc>>,
     pub last_heartbeat: Option<DateTime<Utc>>,
+    /// Taken out of placement after repeated infrastructure failures, and why.
+    pub quarantined_at: Option<DateTime<Utc>>,
+    pub quarantine_reason: Option<String>,
 }
 
 /// One VM run.
@@ -216,9 +219,12 @@ impl Store {
             Option<i32>,
             Option<DateTime<Utc>>,
             Option<DateTime<Utc>>,
+            Option<DateTime<Utc>>,
+            Option<String>,
         );
         let rows: Vec<Row> = sqlx::query_as(
-            "SELECT name, agent_url, libvirt_uri, slots, memory_mib, vcpus, registered_at, last_heartbeat
+            "SELECT name, agent_url, libvirt_uri, slots, memory_mib, vcpus, registered_at, last_heartbeat,
+                    quarantined_at, quarantine_reason
              FROM hosts ORDER BY name",
         )
         .fetch_all(&self.pool)
@@ -234,6 +240,8 @@ impl Store {
                 vcpus: r.5,
                 registered_at: r.6,
                 last_heartbeat: r.7,
+                quarantined_at: r.8,
+                quarantine_reason: r.9,
             })
             .collect())
     }

@@ -1,0 +1,817 @@
+//! The steps of the certification workflow (`workflows/certify.yaml`), as a worker runs
+//! them. Each step reads what the steps before it left (their outputs in the store), acts,
+//! and says how it ended; the worker's retry policy and the store's fencing do the rest.
+//!
+//! - `plan`: the run's targets (made at submission) and the patches in flight it conflicts
+//!   with.
+//! - `build`: the target's image with the patch, and the same image without it (the
+//!   baseline), from the layer cache where their inputs are unchanged. A package that does
+//!   not install or configure rejects the target at `install` / `configure`.
+//! - `baseline`: the baseline image's test results, cached per image digest; measured on a
+//!   VM when the cache has none.
+//! - `place`: a host with a free slot, preferring the one that holds most of the image's
+//!   blocks; the slot is held until teardown.
+//! - `transfer`: the blocks the host lacks.
+//! - `boot`: the VM, under an intent recorded first (the domain name: run, target,
+//!   attempt); a recovering worker asks the agent about the intent before booting again.
+//!   Waits for the guest to join: a guest silent before joining is the infrastructure's.
+//! - `join`: the guest's reported services, looked at from outside.
+//! - `basic`, `regression`: each test against the baseline's result: failing with the patch
+//!   where it passes without it rejects; failing on both is a known baseline failure.
+//! - `bugs`: an attached bug's regression test must fail on the baseline and pass with the
+//!   patch.
+//! - `teardown`: every domain of the target destroyed, its slot given back (always runs).
+//! - `verdict`: one verdict row for the run.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+
+use super::verdict;
+use super::worker::{Handler, StepCtx, StepFuture, StepOutput};
+use super::workflow::{FailureClass, Workflow};
+use crate::app::{AppError, Context};
+use crate::model::{PatchId, Suite, TestStatus, VmState};
+use crate::patch::PatchRecord;
+use crate::store::engine::VerdictRow;
+use crate::store::{ResultRow, Store, StoreError};
+use crate::vmrun::{self, Agent, Boot, Until, VmRequest, VmRunError};
+
+/// How long a host's last heartbeat may be old for the host to get work.
+pub const HOST_FRESH: Duration = Duration::from_secs(30);
+
+/// The certification steps' settings.
+#[derive(Debug, Clone)]
+pub struct CertifySettings {
+    /// The orchestrator URL guests call (`certo serve`), as the worker reaches it.
+    pub orchestrator: String,
+    /// Memory per VM.
+    pub memory_mib: u32,
+    /// How long a VM may take from boot to the harness's done.
+    pub vm_timeout: Duration,
+}
+
+/// The certification workflow's step handler.
+#[derive(Debug, Clone)]
+pub struct Certify {
+    ctx: Context,
+    settings: CertifySettings,
+    workflow: Workflow,
+}
+
+/// A failure the patch caused: rejects the target at `stage`.
+fn product(stage: &str, reason: impl Into<String>) -> StepOutput {
+    StepOutput::Failed {
+        class: FailureClass::Product,
+        detail: json!({"stage": stage, "reason": reason.into()}),
+    }
+}
+
+fn infra(reason: impl Into<String>) -> StepOutput {
+    StepOutput::failed(FailureClass::Infrastructure, reason)
+}
+
+/// Certo's own failure while running a step (the store, a file): retried as infrastructure.
+#[derive(Debug, thiserror::Error)]
+enum StepError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    App(#[from] AppError),
+    #[error(transparent)]
+    Vm(#[from] VmRunError),
+    #[error("{0}")]
+    Other(String),
+}
+
+type Result<T, E = StepError> = std::result::Result<T, E>;
+
+impl Certify {
+    pub fn new(ctx: Context, settings: CertifySettings) -> Certify {
+        Certify {
+            ctx,
+            settings,
+            workflow: Workflow::certify(),
+        }
+    }
+
+    async fn step(&self, s: &StepCtx) -> Result<StepOutput> {
+        let store = &s.store;
+        let run = store
+            .run(s.claim.run)
+            .await?
+            .ok_or_else(|| StepError::Other(format!("run {} vanished", s.claim.run)))?;
+        let record = match (run.patch_id, run.revision) {
+            (Some(id), Some(rev)) => store
+                .get_patch(id as u64, Some(rev as u32))
+                .await?
+                .map(|p| p.record),
+            _ => None,
+        };
+        let Some(record) = record else {
+            return Ok(infra(format!("run {} has no stored patch record", run.id)));
+        };
+        let target = &s.claim.target;
+        match s.claim.name.as_str() {
+            "plan" => Ok(StepOutput::Passed(json!({
+                "targets": run.targets,
+                "conflicts": [],
+            }))),
+            "build" => self.build(target, &record).await,
+            "baseline" => self.baseline(s, target, &record).await,
+            "place" => self.place(s, target).await,
+            "transfer" => self.transfer(s, target).await,
+            "boot" => self.boot(s, target, &record).await,
+            "join" => self.join(s, target).await,
+            "basic" => self.suite(s, target, "basic").await,
+            "regression" => self.suite(s, target, "regression").await,
+            "bugs" => self.bugs(s, target, &record).await,
+            "teardown" => self.teardown(s, target).await,
+            "verdict" => self.verdict(s).await,
+            other => Ok(infra(format!("the certify workflow has no step {other}"))),
+        }
+    }
+
+    fn agent(&self, host: &str, url: &str) -> Result<Agent> {
+        let token = self.ctx.host_token(host)?;
+        Ok(Agent::new(url, &token)?)
+    }
+
+    async fn output(&self, s: &StepCtx, target: &str, name: &str) -> Result<Value> {
+        s.store
+            .step_output(s.claim.run, target, name)
+            .await?
+            .ok_or_else(|| StepError::Other(format!("step {name} of {target} left no output")))
+    }
+
+    async fn agent_of(&self, s: &StepCtx, target: &str) -> Result<(String, Agent)> {
+        let place = self.output(s, target, "place").await?;
+        let host = str_of(&place, "host");
+        let url = str_of(&place, "agent");
+        let agent = self.agent(&host, &url)?;
+        Ok((host, agent))
+    }
+
+    async fn build(&self, target: &str, record: &PatchRecord) -> Result<StepOutput> {
+        let (release, platform, node_type) = split_target(target);
+        let started = Instant::now();
+        let mut out = json!({});
+        for (key, patch) in [("image", Some(record)), ("baseline", None)] {
+            let req =
+                match crate::app::images::request(&self.ctx, release, platform, node_type, patch) {
+                    Ok(r) => r,
+                    Err(e) => return Ok(product("install", e.to_string())),
+                };
+            let built =
+                crate::app::images::build(&self.ctx, &req, &[certo_imager::Format::Ext4], |_| {})
+                    .await?;
+            match built {
+                Ok(b) => {
+                    let path = b
+                        .image
+                        .ext4()
+                        .map(|a| a.path.display().to_string())
+                        .unwrap_or_default();
+                    out[key] = json!({
+                        "digest": b.image.digest,
+                        "path": path,
+                        "cached": b.image_cached,
+                        "layers": b.layers.iter().map(|(l, o)| json!({
+                            "digest": l.digest,
+                            "outcome": match o { certo_imager::LayerOutcome::Cached => "cached", _ => "built" },
+                        })).collect::<Vec<_>>(),
+                    });
+                }
+                Err(e) => {
+                    use certo_imager::Phase;
+                    let in_patch = e.layer == Some(certo_imager::LayerKind::Patch);
+                    let stage = match e.phase {
+                        Phase::Configure => "configure",
+                        _ => "install",
+                    };
+                    // Fetch: the record names where its packages are; if Certo cannot take
+                    // them from there, the patch cannot be installed as written.
+                    let product_phase = matches!(
+                        e.phase,
+                        Phase::Fetch
+                            | Phase::Resolve
+                            | Phase::Unpack
+                            | Phase::Script
+                            | Phase::Install
+                            | Phase::Configure
+                    );
+                    if patch.is_some() && in_patch && product_phase {
+                        return Ok(StepOutput::Failed {
+                            class: FailureClass::Product,
+                            detail: json!({"stage": stage, "reason": e.to_string(),
+                                           "package": e.package, "log_tail": e.log_tail}),
+                        });
+                    }
+                    return Ok(StepOutput::Failed {
+                        class: FailureClass::Infrastructure,
+                        detail: json!({"reason": format!("the {} image: {e}", if patch.is_some() { "patch" } else { "baseline" }),
+                                       "log_tail": e.log_tail}),
+                    });
+                }
+            }
+        }
+        out["seconds"] = json!(started.elapsed().as_secs_f64());
+        Ok(StepOutput::Passed(out))
+    }
+
+    /// Picks a host for `image`: fresh, not quarantined, with a free slot, holding most of
+    /// the image's blocks (ties: most free slots). `Ok(None)`: every live host is full.
+    async fn pick_host(
+        &self,
+        store: &Store,
+        image: &Path,
+        avoid: &[String],
+    ) -> Result<Option<(String, String, Value)>, StepOutput> {
+        let hosts = store.list_hosts().await.map_err(|e| infra(e.to_string()))?;
+        let held = store.held_slots().await.map_err(|e| infra(e.to_string()))?;
+        let now = chrono::Utc::now();
+        let live: Vec<_> = hosts
+            .into_iter()
+            .filter(|h| h.agent_url.is_some() && h.quarantined_at.is_none())
+            .filter(|h| {
+                h.last_heartbeat
+                    .is_some_and(|t| (now - t).to_std().unwrap_or_default() < HOST_FRESH)
+            })
+            .filter(|h| !avoid.contains(&h.name))
+            .collect();
+        if live.is_empty() {
+            return Err(infra(
+                "no host is up: no registered agent sent a heartbeat in the last 30 s (or every one is quarantined)",
+            ));
+        }
+        let mut best: Option<(i64, i64, String, String, Value)> = None;
+        for h in &live {
+            let free = i64::from(h.slots.unwrap_or(0)) - held.get(&h.name).copied().unwrap_or(0);
+            if free <= 0 {
+                continue;
+            }
+            let url = h.agent_url.clone().unwrap_or_default();
+            let Ok(agent) = self.agent(&h.name, &url) else {
+                continue;
+            };
+            let (reused, distinct) = match agent.plan(image, Some(&self.index_cache())).await {
+                Ok(p) => (p.blocks_reused as i64, p.blocks_distinct as i64),
+                Err(e) => {
+                    tracing::warn!(host = %h.name, error = %e, "cannot plan a transfer to the host");
+                    continue;
+                }
+            };
+            let key = (reused, free);
+            if best.as_ref().is_none_or(|b| key > (b.0, b.1)) {
+                best = Some((
+                    reused,
+                    free,
+                    h.name.clone(),
+                    url,
+                    json!({"blocks_held": reused, "blocks": distinct, "free_slots": free}),
+                ));
+            }
+        }
+        Ok(best.map(|(_, _, name, url, v)| (name, url, v)))
+    }
+
+    fn index_cache(&self) -> PathBuf {
+        self.ctx.data_dir().join("index-cache")
+    }
+
+    async fn place(&self, s: &StepCtx, target: &str) -> Result<StepOutput> {
+        let build = self.output(s, target, "build").await?;
+        let image = PathBuf::from(str_of(&build["image"], "path"));
+        if let Some(host) = s.store.placement(s.claim.run, target).await? {
+            // A recovering worker: the slot is held already.
+            let url = host_url(&s.store, &host).await?;
+            return Ok(StepOutput::Passed(json!({"host": host, "agent": url})));
+        }
+        let picked = match self.pick_host(&s.store, &image, &[]).await {
+            Ok(p) => p,
+            Err(out) => return Ok(out),
+        };
+        let Some((host, url, mut detail)) = picked else {
+            return Ok(StepOutput::Defer {
+                after: Duration::from_secs(2),
+                why: json!({"reason": "every host's slots are in use"}),
+            });
+        };
+        match s.store.reserve_slot(s.claim.run, target, &host).await? {
+            Some(h) if h == host => {
+                s.store.set_step_host(&s.claim, &host).await?;
+                detail["host"] = json!(host);
+                detail["agent"] = json!(url);
+                Ok(StepOutput::Passed(detail))
+            }
+            _ => Ok(StepOutput::Defer {
+                after: Duration::from_millis(500),
+                why: json!({"reason": format!("host {host}'s last slot went to another target")}),
+            }),
+        }
+    }
+
+    async fn transfer(&self, s: &StepCtx, target: &str) -> Result<StepOutput> {
+        let build = self.output(s, target, "build").await?;
+        let image = PathBuf::from(str_of(&build["image"], "path"));
+        let (host, agent) = self.agent_of(s, target).await?;
+        s.store.set_step_host(&s.claim, &host).await?;
+        let started = Instant::now();
+        match agent.push(&image, Some(&self.index_cache())).await {
+            Ok((name, pushed)) => {
+                s.store.host_worked(&host).await?;
+                Ok(StepOutput::Passed(json!({
+                    "host": host, "image": name, "bytes_sent": pushed.bytes_sent,
+                    "blocks_reused": pushed.blocks_reused,
+                    "seconds": started.elapsed().as_secs_f64(),
+                })))
+            }
+            Err(e) => {
+                let q = s.store.host_failed(&host, &e.to_string()).await?;
+                Ok(infra(format!(
+                    "pushing the image to {host}: {e}{}",
+                    if q { " (host quarantined)" } else { "" }
+                )))
+            }
+        }
+    }
+
+    async fn boot(&self, s: &StepCtx, target: &str, record: &PatchRecord) -> Result<StepOutput> {
+        let (host, agent) = self.agent_of(s, target).await?;
+        let transfer = self.output(s, target, "transfer").await?;
+        s.store.set_step_host(&s.claim, &host).await?;
+        // Recovery: an earlier attempt of this step recorded an intent. A domain that still
+        // runs with a live run is adopted; anything else is destroyed before booting anew.
+        for (key, on) in s.store.intents(s.claim.step).await? {
+            let row = s.store.vm(&key).await?;
+            let status = agent.status(&key).await.ok();
+            let running = status
+                .as_ref()
+                .is_some_and(|st| st.state == crate::model::HostVmState::Running);
+            if on == host
+                && running
+                && let Some(row) = row.as_ref().filter(|r| r.state.is_live())
+            {
+                tracing::info!(vm = %key, "recovering the boot step: the VM runs, adopting it");
+                let row = vmrun::watch(&s.store, &agent, &row.name, &Until::Joined).await?;
+                return Ok(self.joined_or_not(&row, &host));
+            }
+            if let Ok(a) = self.agent(&on, &host_url(&s.store, &on).await?) {
+                let _ = a.destroy_at(&key, s.claim.epoch).await;
+            }
+            if let Some(r) = row.filter(|r| r.state.is_live()) {
+                s.store
+                    .finish_vm(
+                        r.id,
+                        VmState::Lost,
+                        Some(crate::model::Fault::Infrastructure),
+                        Some("its boot step was taken over by another worker"),
+                        None,
+                    )
+                    .await?;
+            }
+        }
+        let name = vmrun::vm_name(s.claim.run, target, s.claim.attempt.max(1) as u32);
+        if !s.store.record_intent(&s.claim, &name, &host).await? {
+            return Ok(infra("the step's claim is stale (another worker holds it)"));
+        }
+        let (_, _, node_type) = split_target(target);
+        let callback = vmrun::guest_callback(&self.settings.orchestrator)?;
+        let image = str_of(&transfer, "image");
+        let booted = vmrun::boot(
+            &s.store,
+            &agent,
+            &Boot {
+                name: &name,
+                host: &host,
+                image: &image,
+                node_type,
+                patch: Some((PatchId(record.id), record.revision as i32)),
+                attempt: s.claim.attempt.max(1) as u32,
+                suite: Suite::All,
+                timeout: self.settings.vm_timeout,
+                memory_mib: self.settings.memory_mib,
+                callback: &callback,
+                epoch: s.claim.epoch,
+            },
+        )
+        .await;
+        if let Err(e) = booted {
+            let q = s.store.host_failed(&host, &e.to_string()).await?;
+            return Ok(infra(format!(
+                "{host} could not boot {name}: {e}{}",
+                if q { " (host quarantined)" } else { "" }
+            )));
+        }
+        let row = vmrun::watch(&s.store, &agent, &name, &Until::Joined).await?;
+        Ok(self.joined_or_not(&row, &host))
+    }
+
+    fn joined_or_not(&self, row: &crate::store::VmRow, host: &str) -> StepOutput {
+        if row.joined_at.is_some() {
+            StepOutput::Passed(json!({
+                "vm": row.name, "host": host, "hostname": row.hostname,
+                "seconds_to_join": row.joined_at.map(|j| (j - row.requested_at).num_milliseconds() as f64 / 1000.0),
+            }))
+        } else {
+            infra(format!(
+                "{} did not join the testbed: {}",
+                row.name,
+                row.reason.clone().unwrap_or_else(|| row.state.to_string())
+            ))
+        }
+    }
+
+    async fn join(&self, s: &StepCtx, target: &str) -> Result<StepOutput> {
+        let boot = self.output(s, target, "boot").await?;
+        let (host, agent) = self.agent_of(s, target).await?;
+        s.store.set_step_host(&s.claim, &host).await?;
+        let name = str_of(&boot, "vm");
+        // The harness reports its services, then runs the tests: the first result (or the
+        // end) means the services are reported and looked at.
+        let row = vmrun::watch(&s.store, &agent, &name, &Until::SuiteDone(String::new())).await?;
+        let services = s.store.services(None).await?;
+        let mine: Vec<Value> = services
+            .iter()
+            .filter(|sv| sv.owner_vm == Some(row.id))
+            .map(|sv| json!({"name": sv.name, "endpoint": sv.endpoint}))
+            .collect();
+        if !row.state.is_live() && row.state != VmState::Done {
+            let reason = row.reason.clone().unwrap_or_default();
+            if reason.contains("cannot report: service") {
+                return Ok(product(
+                    "join",
+                    format!("{name}: a service the harness reported is not there: {reason}"),
+                ));
+            }
+            if row.fault == Some(crate::model::Fault::Product) {
+                return Ok(product("join", format!("{name}: {reason}")));
+            }
+            return Ok(infra(format!("{name} ended while joining: {reason}")));
+        }
+        Ok(StepOutput::Passed(json!({"vm": name, "services": mine})))
+    }
+
+    async fn baseline_of(&self, store: &Store, digest: &str) -> Result<BTreeMap<String, String>> {
+        Ok(store
+            .baseline_results(digest)
+            .await?
+            .into_iter()
+            .map(|(suite, name, status)| (format!("{suite}/{name}"), status))
+            .collect())
+    }
+
+    async fn baseline(
+        &self,
+        s: &StepCtx,
+        target: &str,
+        record: &PatchRecord,
+    ) -> Result<StepOutput> {
+        let _ = record;
+        let build = self.output(s, target, "build").await?;
+        let digest = str_of(&build["baseline"], "digest");
+        let known = self.baseline_of(&s.store, &digest).await?;
+        if !known.is_empty() {
+            return Ok(StepOutput::Passed(
+                json!({"digest": digest, "cached": true, "tests": known.len()}),
+            ));
+        }
+        // Measure it: a VM of the baseline image, on a slot of its own.
+        let image = PathBuf::from(str_of(&build["baseline"], "path"));
+        let key = format!("{target}#baseline");
+        let host = match s.store.placement(s.claim.run, &key).await? {
+            Some(h) => h,
+            None => {
+                let picked = match self.pick_host(&s.store, &image, &[]).await {
+                    Ok(p) => p,
+                    Err(out) => return Ok(out),
+                };
+                let Some((host, _, _)) = picked else {
+                    return Ok(StepOutput::Defer {
+                        after: Duration::from_secs(2),
+                        why: json!({"reason": "every host's slots are in use"}),
+                    });
+                };
+                match s.store.reserve_slot(s.claim.run, &key, &host).await? {
+                    Some(h) => h,
+                    None => {
+                        return Ok(StepOutput::Defer {
+                            after: Duration::from_millis(500),
+                            why: json!({"reason": "the slot went to another target"}),
+                        });
+                    }
+                }
+            }
+        };
+        s.store.set_step_host(&s.claim, &host).await?;
+        let url = host_url(&s.store, &host).await?;
+        let token = self.ctx.host_token(&host)?;
+        let (_, _, node_type) = split_target(target);
+        let cache = self.index_cache();
+        let out = vmrun::run(
+            &s.store,
+            &url,
+            &token,
+            &VmRequest {
+                image: &image,
+                node_type,
+                patch: None,
+                suite: Suite::All,
+                timeout: self.settings.vm_timeout,
+                memory_mib: self.settings.memory_mib,
+                orchestrator: Some(&self.settings.orchestrator),
+                fault: None,
+                index_cache: Some(&cache),
+            },
+            &|_| {},
+        )
+        .await;
+        s.store.release_slot(s.claim.run, &key).await?;
+        let out = match out {
+            Ok(o) => o,
+            Err(e) => return Ok(infra(format!("the baseline VM on {host}: {e}"))),
+        };
+        if out.vm.state != VmState::Done || out.tests.is_empty() {
+            return Ok(infra(format!(
+                "the baseline VM {} ended {} before reporting its tests: {}",
+                out.vm.name,
+                out.vm.state,
+                out.vm.reason.unwrap_or_default()
+            )));
+        }
+        let rows: Vec<(String, String, String, String)> = out
+            .tests
+            .iter()
+            .map(|t| {
+                (
+                    t.suite.clone(),
+                    t.name.clone(),
+                    t.status.to_string(),
+                    t.output.clone(),
+                )
+            })
+            .collect();
+        s.store
+            .record_baseline_results(&digest, &out.vm.name, &rows)
+            .await?;
+        Ok(StepOutput::Passed(json!({
+            "digest": digest, "cached": false, "tests": rows.len(), "vm": out.vm.name,
+        })))
+    }
+
+    async fn suite(&self, s: &StepCtx, target: &str, suite: &str) -> Result<StepOutput> {
+        let boot = self.output(s, target, "boot").await?;
+        let build = self.output(s, target, "build").await?;
+        let (host, agent) = self.agent_of(s, target).await?;
+        s.store.set_step_host(&s.claim, &host).await?;
+        let name = str_of(&boot, "vm");
+        let until = if suite == "basic" {
+            Until::SuiteDone("basic".into())
+        } else {
+            Until::Ended
+        };
+        let row = vmrun::watch(&s.store, &agent, &name, &until).await?;
+        let results = s.store.vm_results(row.id).await?;
+        let baseline = self
+            .baseline_of(&s.store, &str_of(&build["baseline"], "digest"))
+            .await?;
+        let mine: Vec<&ResultRow> = results.iter().filter(|r| r.suite == suite).collect();
+        let mut known = Vec::new();
+        let mut regressions = Vec::new();
+        for r in &mine {
+            if r.status == TestStatus::Pass {
+                continue;
+            }
+            let key = format!("{}/{}", r.suite, r.name);
+            if baseline.get(&key).is_some_and(|b| b != "pass") {
+                known.push(key);
+            } else {
+                regressions.push((key, first_line(&r.output)));
+            }
+        }
+        let tests: Vec<Value> = mine
+            .iter()
+            .map(|r| json!({"name": r.name, "status": r.status.to_string(), "seconds": r.seconds}))
+            .collect();
+        if let Some((key, line)) = regressions.first() {
+            return Ok(StepOutput::Failed {
+                class: FailureClass::Product,
+                detail: json!({
+                    "stage": suite,
+                    "reason": format!("{key} fails with the patch and passes on the baseline: {line}"),
+                    "tests": tests, "known_failures": known,
+                    "regressions": regressions.iter().map(|(k, _)| k).collect::<Vec<_>>(),
+                }),
+            });
+        }
+        let ended_badly = !row.state.is_live() && row.state != VmState::Done;
+        let suite_ran = !mine.is_empty();
+        if ended_badly && (suite == "regression" || !suite_ran) {
+            let reason = row.reason.clone().unwrap_or_default();
+            if row.fault == Some(crate::model::Fault::Product) {
+                return Ok(product(suite, format!("{name}: {reason}")));
+            }
+            return Ok(infra(format!(
+                "{name} ended during the {suite} suite: {reason}"
+            )));
+        }
+        // A node type may have no test in a suite (the UI has no regression test): the
+        // harness said so and finished; that is not a failure.
+        Ok(StepOutput::Passed(json!({
+            "vm": name, "tests": tests, "known_failures": known,
+            "note": (!suite_ran).then(|| format!("{target} has no {suite} test")),
+        })))
+    }
+
+    async fn bugs(&self, s: &StepCtx, target: &str, record: &PatchRecord) -> Result<StepOutput> {
+        let boot = self.output(s, target, "boot").await?;
+        let build = self.output(s, target, "build").await?;
+        let name = str_of(&boot, "vm");
+        let row = s
+            .store
+            .vm(&name)
+            .await?
+            .ok_or_else(|| StepError::Other(format!("VM {name} vanished")))?;
+        let results = s.store.vm_results(row.id).await?;
+        let baseline = self
+            .baseline_of(&s.store, &str_of(&build["baseline"], "digest"))
+            .await?;
+        let mut bugs = Vec::new();
+        let mut not_fixed = None;
+        for bug in &record.bugs {
+            let test = bug
+                .regression_test
+                .clone()
+                .unwrap_or_else(|| format!("bug{}", bug.id));
+            let test = test.trim_start_matches("regression/").to_owned();
+            let key = format!("regression/{test}");
+            let with = results
+                .iter()
+                .find(|r| r.suite == "regression" && r.name == test)
+                .map(|r| r.status.to_string());
+            let without = baseline.get(&key).cloned();
+            let (fixed, evidence) = match (without.as_deref(), with.as_deref()) {
+                (None, None) => (
+                    Value::Null,
+                    format!("not verified: {target} has no regression test {test}"),
+                ),
+                (Some(b), Some("pass")) if b != "pass" => (
+                    json!(true),
+                    format!("{key}: fail on baseline, pass with the patch"),
+                ),
+                (_, Some(w)) if w != "pass" => {
+                    not_fixed.get_or_insert(format!(
+                        "bug {} is not fixed: {key} fails with the patch{}",
+                        bug.id,
+                        if without.as_deref().is_some_and(|b| b != "pass") {
+                            " as on the baseline"
+                        } else {
+                            ""
+                        }
+                    ));
+                    (
+                        json!(false),
+                        format!(
+                            "{key}: {} on baseline, {w} with the patch",
+                            without.as_deref().unwrap_or("not run")
+                        ),
+                    )
+                }
+                (b, w) => (
+                    Value::Null,
+                    format!(
+                        "not verified: {key} {} on the baseline and {} with the patch",
+                        b.unwrap_or("did not run"),
+                        w.unwrap_or("did not run")
+                    ),
+                ),
+            };
+            bugs.push(
+                json!({"id": bug.id, "fixed": fixed, "evidence": evidence, "target": target}),
+            );
+        }
+        if let Some(reason) = not_fixed {
+            return Ok(StepOutput::Failed {
+                class: FailureClass::Product,
+                detail: json!({"stage": "bug", "reason": reason, "bugs": bugs}),
+            });
+        }
+        Ok(StepOutput::Passed(json!({"bugs": bugs})))
+    }
+
+    async fn teardown(&self, s: &StepCtx, target: &str) -> Result<StepOutput> {
+        let mut destroyed = Vec::new();
+        for (key, host) in s.store.target_intents(s.claim.run, target).await? {
+            let url = host_url(&s.store, &host).await?;
+            let agent = self.agent(&host, &url)?;
+            match agent.destroy_at(&key, s.claim.epoch).await {
+                Ok(st) => {
+                    destroyed.push(json!({"vm": key, "host": host, "destroyed": st.destroyed}))
+                }
+                Err(e) => return Ok(infra(format!("destroying {key} on {host}: {e}"))),
+            }
+            if let Some(r) = s.store.vm(&key).await?.filter(|r| r.state.is_live()) {
+                s.store
+                    .finish_vm(
+                        r.id,
+                        VmState::Failed,
+                        None,
+                        Some("torn down before its harness said done (the run ended or was cancelled)"),
+                        None,
+                    )
+                    .await?;
+            }
+        }
+        s.store.release_slot(s.claim.run, target).await?;
+        Ok(StepOutput::Passed(json!({"destroyed": destroyed})))
+    }
+
+    async fn verdict(&self, s: &StepCtx) -> Result<StepOutput> {
+        let run = s
+            .store
+            .run(s.claim.run)
+            .await?
+            .ok_or_else(|| StepError::Other("run vanished".into()))?;
+        let steps = s.store.run_timeline(run.id).await?;
+        let d = verdict::decide(&run, &steps);
+        let detail = d.to_json(&run);
+        s.store
+            .record_verdict(&VerdictRow {
+                run_id: run.id,
+                patch_id: run.patch_id,
+                revision: run.revision,
+                verdict: d.verdict.clone(),
+                stage: d.stage.clone(),
+                target: d.target.clone(),
+                reason: d.reason.clone(),
+                detail: detail.clone(),
+                decided_at: chrono::Utc::now(),
+            })
+            .await?;
+        tracing::info!(run = run.id, patch = ?run.patch_id, verdict = %d.verdict, "run decided");
+        Ok(StepOutput::Passed(
+            json!({"verdict": d.verdict, "line": d.line()}),
+        ))
+    }
+}
+
+impl Handler for Certify {
+    fn workflows(&self) -> Vec<Workflow> {
+        vec![self.workflow.clone()]
+    }
+
+    fn run(&self, step: StepCtx) -> StepFuture {
+        let this = self.clone();
+        Box::pin(async move {
+            match this.step(&step).await {
+                Ok(out) => out,
+                Err(e) => infra(format!("{}: {e}", step.claim.name)),
+            }
+        })
+    }
+}
+
+async fn host_url(store: &Store, host: &str) -> Result<String> {
+    store
+        .list_hosts()
+        .await?
+        .into_iter()
+        .find(|h| h.name == host)
+        .and_then(|h| h.agent_url)
+        .ok_or_else(|| StepError::Other(format!("host {host} has no agent URL")))
+}
+
+fn str_of(v: &Value, key: &str) -> String {
+    v.get(key)
+        .and_then(Value::as_str)
+        .unwrap_or_default()
+        .to_owned()
+}
+
+fn first_line(s: &str) -> String {
+    s.lines()
+        .find(|l| l.starts_with("FAIL") || l.starts_with("ERROR"))
+        .or_else(|| s.lines().find(|l| !l.trim().is_empty()))
+        .unwrap_or("")
+        .trim()
+        .chars()
+        .take(300)
+        .collect()
+}
+
+/// `release/platform/node_type`.
+pub fn split_target(t: &str) -> (&str, &str, &str) {
+    let mut p = t.splitn(3, '/');
+    (
+        p.next().unwrap_or(""),
+        p.next().unwrap_or(""),
+        p.next().unwrap_or(""),
+    )
+}
+
+/// The target string of a (release, platform, node type).
+pub fn target_key(release: &str, platform: &str, node_type: &str) -> String {
+    format!("{release}/{platform}/{node_type}")
+}

@@ -1,0 +1,329 @@
+//! A worker: claims runnable steps from the store, runs each with its [`Handler`] under
+//! the step's timeout while a heartbeat keeps its lease, and ends it: passed, failed, or
+//! to be retried after the delay the workflow's retry policy gives for its failure class.
+//!
+//! Idle workers sleep until a `NOTIFY certo_engine` (sent by every transaction that makes a
+//! step runnable) or the poll interval, whichever comes first: the notification is an
+//! optimisation, polling the guarantee. A worker killed at any instant loses nothing: its
+//! claims' leases expire and other workers take the steps over with a higher epoch, and
+//! whatever the killed worker still writes is refused by its stale epoch.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use serde_json::{Value, json};
+use tokio::task::JoinSet;
+
+use super::workflow::{FailureClass, Workflow};
+use crate::store::engine::{Claim, Lease, NOTIFY_CHANNEL, StepEnd};
+use crate::store::{Store, StoreError};
+
+/// What a step handler returns.
+pub type StepFuture = Pin<Box<dyn Future<Output = StepOutput> + Send>>;
+
+/// How a step's work ended.
+#[derive(Debug, Clone, PartialEq)]
+pub enum StepOutput {
+    /// Done; the value is what later steps (and the timeline) read.
+    Passed(Value),
+    /// Failed, of a class the step's retry policy may retry.
+    Failed { class: FailureClass, detail: Value },
+    /// Neither: to be taken again after `after` without using an attempt.
+    Defer { after: Duration, why: Value },
+}
+
+impl StepOutput {
+    /// A failure with a reason line.
+    pub fn failed(class: FailureClass, reason: impl Into<String>) -> StepOutput {
+        StepOutput::Failed {
+            class,
+            detail: json!({ "reason": reason.into() }),
+        }
+    }
+}
+
+/// What a handler is given: the claim it acts for (its epoch fences every write) and the
+/// store.
+#[derive(Debug, Clone)]
+pub struct StepCtx {
+    pub claim: Claim,
+    pub store: Store,
+    pub worker: String,
+}
+
+/// Runs the steps of the workflows a worker serves.
+pub trait Handler: Send + Sync + 'static {
+    /// The workflows whose steps this handler runs.
+    fn workflows(&self) -> Vec<Workflow>;
+    /// Runs one claimed step.
+    fn run(&self, step: StepCtx) -> StepFuture;
+}
+
+/// How a worker works.
+#[derive(Debug, Clone)]
+pub struct WorkerConfig {
+    /// The worker's name in the store (host name and pid by default).
+    pub name: String,
+    /// Steps run at once.
+    pub concurrency: usize,
+    /// How long a claim holds without a heartbeat (heartbeats every third of it).
+    pub lease: Duration,
+    /// The longest an idle worker sleeps without a notification.
+    pub poll: Duration,
+}
+
+impl WorkerConfig {
+    pub fn new(name: impl Into<String>) -> WorkerConfig {
+        WorkerConfig {
+            name: name.into(),
+            concurrency: 4,
+            lease: Duration::from_secs(30),
+            poll: Duration::from_secs(2),
+        }
+    }
+}
+
+/// Counters a worker keeps (benchmarks, `certo status`).
+#[derive(Debug, Default)]
+pub struct WorkerStats {
+    pub claimed: AtomicU64,
+    pub finished: AtomicU64,
+    pub stale: AtomicU64,
+}
+
+/// A worker over a store and a handler.
+pub struct Worker {
+    shared: Arc<Shared>,
+}
+
+struct Shared {
+    store: Store,
+    config: WorkerConfig,
+    handler: Arc<dyn Handler>,
+    workflows: HashMap<String, Workflow>,
+    stats: Arc<WorkerStats>,
+}
+
+impl std::fmt::Debug for Worker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Worker")
+            .field("config", &self.shared.config)
+            .field(
+                "workflows",
+                &self.shared.workflows.keys().collect::<Vec<_>>(),
+            )
+            .finish_non_exhaustive()
+    }
+}
+
+enum Ended {
+    Output(StepOutput),
+    /// The lease went to another worker: write nothing.
+    Lost,
+    Cancelled,
+}
+
+impl Worker {
+    pub fn new(store: Store, config: WorkerConfig, handler: Arc<dyn Handler>) -> Worker {
+        let workflows = handler
+            .workflows()
+            .into_iter()
+            .map(|w| (w.name.clone(), w))
+            .collect();
+        Worker {
+            shared: Arc::new(Shared {
+                store,
+                config,
+                handler,
+                workflows,
+                stats: Arc::new(WorkerStats::default()),
+            }),
+        }
+    }
+
+    pub fn stats(&self) -> Arc<WorkerStats> {
+        self.shared.stats.clone()
+    }
+
+    /// Works until `shutdown` resolves; then gives back the steps it holds unfinished (they
+    /// are runnable again at once, their attempt not counted).
+    pub async fn run(self, shutdown: impl Future<Output = ()>) -> Result<(), StoreError> {
+        let me = self.shared;
+        let names: Vec<String> = me.workflows.keys().cloned().collect();
+        let mut listener = match sqlx::postgres::PgListener::connect_with(me.store.pool()).await {
+            Ok(mut l) => match l.listen(NOTIFY_CHANNEL).await {
+                Ok(()) => Some(l),
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot LISTEN: polling only");
+                    None
+                }
+            },
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot open a listening connection: polling only");
+                None
+            }
+        };
+        tokio::pin!(shutdown);
+        let mut running: JoinSet<Result<(), StoreError>> = JoinSet::new();
+        let mut held: HashMap<tokio::task::Id, Claim> = HashMap::new();
+        loop {
+            let free = me.config.concurrency.saturating_sub(running.len());
+            if free > 0 {
+                let claims = me
+                    .store
+                    .claim_steps_of(&me.config.name, free as i64, me.config.lease, Some(&names))
+                    .await?;
+                for claim in claims {
+                    me.stats.claimed.fetch_add(1, Ordering::Relaxed);
+                    tracing::info!(run = claim.run, target = %claim.target, step = %claim.name,
+                        attempt = claim.attempt, epoch = claim.epoch, worker = %me.config.name, "step claimed");
+                    // The task runs the step and ends it: completions of several steps go
+                    // to the store at once, over the pool's connections.
+                    let work = me.run_one(claim.clone());
+                    let (shared, c) = (me.clone(), claim.clone());
+                    let id = running
+                        .spawn(async move { shared.end(&c, work.await).await })
+                        .id();
+                    held.insert(id, claim);
+                }
+            }
+            // Full: wait for a step to end. Else: for a step to end, a notification, or
+            // the poll interval.
+            tokio::select! {
+                biased;
+                _ = &mut shutdown => break,
+                Some(done) = running.join_next_with_id() => match done {
+                    Ok((id, result)) => {
+                        held.remove(&id);
+                        result?;
+                    }
+                    Err(e) => {
+                        let why = if e.is_panic() { "the step's code panicked" } else { "the step's task was cancelled" };
+                        if let Some(claim) = held.remove(&e.id()) {
+                            me.end(&claim, Ended::Output(StepOutput::failed(FailureClass::Infrastructure, why))).await?;
+                        }
+                    }
+                },
+                _ = wait_notified(&mut listener), if free > 0 => {}
+                _ = tokio::time::sleep(me.config.poll), if free > 0 => {}
+            }
+        }
+        running.abort_all();
+        while running.join_next().await.is_some() {}
+        for claim in held.values() {
+            if me.store.release_step(claim).await? {
+                tracing::info!(run = claim.run, step = %claim.name, target = %claim.target, "step given back at shutdown");
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Shared {
+    fn run_one(&self, claim: Claim) -> impl Future<Output = Ended> + Send + 'static {
+        let store = self.store.clone();
+        let lease = self.config.lease;
+        let timeout = self
+            .workflows
+            .get(&claim.workflow)
+            .and_then(|w| w.step(&claim.name))
+            .map_or(Duration::from_secs(3600), |s| s.timeout);
+        let fut = self.handler.run(StepCtx {
+            claim: claim.clone(),
+            store: store.clone(),
+            worker: self.config.name.clone(),
+        });
+        async move {
+            tokio::pin!(fut);
+            let mut beat = tokio::time::interval(lease / 3);
+            beat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            beat.tick().await;
+            let deadline = tokio::time::sleep(timeout);
+            tokio::pin!(deadline);
+            loop {
+                tokio::select! {
+                    out = &mut fut => return Ended::Output(out),
+                    _ = &mut deadline => {
+                        return Ended::Output(StepOutput::failed(
+                            FailureClass::Timeout,
+                            format!("{} did not end within its timeout of {}", claim.name, human(timeout)),
+                        ));
+                    }
+                    _ = beat.tick() => match store.heartbeat_step(&claim, lease).await {
+                        Ok(Lease::Held) => {}
+                        Ok(Lease::Lost) => return Ended::Lost,
+                        Ok(Lease::Cancelled) => return Ended::Cancelled,
+                        Err(e) => tracing::warn!(error = %e, step = claim.step, "heartbeat failed; the lease runs on"),
+                    }
+                }
+            }
+        }
+    }
+
+    async fn end(&self, claim: &Claim, ended: Ended) -> Result<(), StoreError> {
+        let end = match ended {
+            Ended::Lost => {
+                self.stats.stale.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(run = claim.run, step = %claim.name, epoch = claim.epoch, "lease lost: another worker holds the step");
+                return Ok(());
+            }
+            Ended::Cancelled => {
+                StepEnd::Failed(json!({"cancelled": true, "reason": "the run was cancelled"}))
+            }
+            Ended::Output(StepOutput::Passed(v)) => StepEnd::Passed(v),
+            Ended::Output(StepOutput::Defer { after, why }) => StepEnd::Defer { after, why },
+            Ended::Output(StepOutput::Failed { class, mut detail }) => {
+                if let Value::Object(m) = &mut detail {
+                    m.insert("class".into(), json!(class));
+                    m.insert("attempt".into(), json!(claim.attempt));
+                }
+                let retry = self
+                    .workflows
+                    .get(&claim.workflow)
+                    .and_then(|w| w.step(&claim.name))
+                    .and_then(|s| s.retry.delay_before(claim.attempt as u32 + 1, class));
+                match retry {
+                    Some(after) => StepEnd::Retry { after, why: detail },
+                    None => StepEnd::Failed(detail),
+                }
+            }
+        };
+        tracing::info!(run = claim.run, target = %claim.target, step = %claim.name, attempt = claim.attempt,
+            end = match &end { StepEnd::Passed(_) => "passed", StepEnd::Failed(_) => "failed", StepEnd::Retry{..} => "retry", StepEnd::Defer{..} => "defer" },
+            "step ended");
+        if self.store.finish_step(claim, end).await? {
+            self.stats.finished.fetch_add(1, Ordering::Relaxed);
+        } else {
+            self.stats.stale.fetch_add(1, Ordering::Relaxed);
+        }
+        Ok(())
+    }
+}
+
+async fn wait_notified(listener: &mut Option<sqlx::postgres::PgListener>) {
+    match listener {
+        Some(l) => {
+            if let Err(e) = l.recv().await {
+                tracing::warn!(error = %e, "the notification connection failed; polling");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        }
+        None => std::future::pending().await,
+    }
+}
+
+/// `90 s`, `5 min`, `1 h`.
+pub fn human(d: Duration) -> String {
+    let s = d.as_secs();
+    if s >= 3600 && s.is_multiple_of(3600) {
+        format!("{} h", s / 3600)
+    } else if s >= 60 && s.is_multiple_of(60) {
+        format!("{} min", s / 60)
+    } else {
+        format!("{:.0} s", d.as_secs_f64())
+    }
+}

@@ -13,7 +13,10 @@ ALTER TABLE engine_steps
 ALTER TABLE engine_runs
     ADD COLUMN priority          integer NOT NULL DEFAULT 0,
     ADD COLUMN cancel_reason     text,
-    ADD COLUMN targets           text[] NOT NULL DEFAULT '{}';
+    ADD COLUMN targets           text[] NOT NULL DEFAULT '{}',
+    -- Patches in flight at submission that touch the same packages or node types on the
+    -- same release and platform: [{patch, revision, run, platforms, packages, node_types}].
+    ADD COLUMN conflicts         jsonb NOT NULL DEFAULT '[]';
 
 -- An intent: written before a step acts on the world (boots a VM), under a key that names
 -- the effect (the domain name: run, target, attempt). A worker recovering the step asks the

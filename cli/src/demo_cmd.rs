@@ -1,8 +1,10 @@
-//! `certo demo`: the main job on the embedded default. At this stage of the
-//! project: start the store, submit the fixture patches, list them, and build
-//! the VM images every fixture patch needs (real mmdebstrap / dnf builds, cached).
+//! `certo demo`: the main job on the embedded default. Starts this machine's stack (`certo
+//! up`: the embedded store, `certo serve`, a host agent over libvirt, workers), checks the
+//! malformed fixture records are refused, certifies 3213 revision 1 alone (its bug is
+//! claimed, not fixed), then every fixture patch, on real VMs, and prints one verdict line
+//! per patch revision and a summary. Warm caches (image layers, baseline results, blocks
+//! on the host) make a second run fast.
 
-use certo_orchestrator::model::{TestStatus, VmState};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -18,15 +20,21 @@ pub struct DemoArgs {
     /// The fixture folder (holds patches/valid and patches/invalid).
     #[arg(long, env = "CERTO_FIXTURES", value_name = "DIR", default_value_os_t = default_fixtures_dir())]
     pub fixtures: PathBuf,
-    /// Skip building the images the fixture patches need (and booting them).
+    /// Store and list the fixture patches only (no images, no VMs, no verdicts).
     #[arg(long)]
     pub no_images: bool,
-    /// Build the images but boot no VM.
-    #[arg(long)]
-    pub no_vms: bool,
     /// The libvirt connection the demo's host agent boots VMs through.
     #[arg(long, default_value = "qemu:///system")]
     pub libvirt: String,
+    /// VMs at once on the demo's host.
+    #[arg(long, default_value_t = 2)]
+    pub slots: usize,
+    /// Leave the stack running at the end (`certo status`, `certo down`).
+    #[arg(long)]
+    pub keep_up: bool,
+    /// Print the verdicts as JSON (`{"runs": [...]}`) at the end.
+    #[arg(long)]
+    pub json: bool,
 }
 
 pub async fn run(g: &Global, args: DemoArgs) -> anyhow::Result<ExitCode> {
@@ -105,237 +113,131 @@ pub async fn run(g: &Global, args: DemoArgs) -> anyhow::Result<ExitCode> {
     if args.no_images {
         return Ok(listed);
     }
-    let ready = build_images(&ctx, &loaded.records).await?;
-    if args.no_vms || ready.is_empty() {
-        return Ok(ExitCode::SUCCESS);
-    }
-    boot_images(g, &ctx, &ready, &args.libvirt).await
+    certify(g, &ctx, &args, &loaded.records).await
 }
 
-/// Boots every ready image on a host agent of this machine (two at a time), runs its
-/// harness with all suites, and prints the results.
-async fn boot_images(
+/// Certifies the fixture patches through the stack: 3213 r1 alone first, then the rest.
+async fn certify(
     g: &Global,
     ctx: &certo_orchestrator::app::Context,
-    ready: &[(String, certo_imager::ImageRecord)],
-    libvirt: &str,
-) -> anyhow::Result<ExitCode> {
-    use std::io::BufRead;
-    println!("== Booting the images under QEMU through a host agent on this machine ({libvirt})");
-    let dir = g.data_dir().join("demo-host");
-    std::fs::create_dir_all(&dir)?;
-    let token = certo_orchestrator::api::new_token()?;
-    let exe = std::env::current_exe()?;
-    let mut agent = std::process::Command::new(&exe)
-        .arg("--data-dir")
-        .arg(g.data_dir())
-        .args([
-            "agent",
-            "--listen",
-            "127.0.0.1:0",
-            "--name",
-            "demo-host",
-            "--slots",
-            "2",
-            "--libvirt",
-            libvirt,
-            "--repo",
-        ])
-        .arg(dir.join("repo"))
-        .env("CERTO_TOKEN", &token)
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .context("starting the demo's host agent")?;
-    let mut line = String::new();
-    if let Some(out) = agent.stdout.take() {
-        std::io::BufReader::new(out).read_line(&mut line)?;
-    }
-    let Some(url) = line.trim().strip_prefix("listening on ").map(str::to_owned) else {
-        let _ = agent.kill();
-        anyhow::bail!("the demo's host agent did not start: {line:?}");
-    };
-    // A host token of its own: the demo's host is registered under it.
-    ctx.store()
-        .await?
-        .set_host_token("demo-host", &certo_orchestrator::api::token_digest(&token))
-        .await?;
-    let started = std::time::Instant::now();
-    let (mut done, mut other) = (0, 0);
-    for pair in ready.chunks(2) {
-        let mut tasks = Vec::new();
-        for (label, image) in pair {
-            let Some(path) = image.ext4().map(|a| a.path.clone()) else {
-                continue;
-            };
-            let (ctx, url, token, label, node_type) = (
-                ctx.clone(),
-                url.clone(),
-                token.clone(),
-                label.clone(),
-                image.node_type.clone(),
-            );
-            let patch = image
-                .patch
-                .map(|(id, rev)| (certo_orchestrator::model::PatchId(id), rev as i32));
-            tasks.push(tokio::spawn(async move {
-                let out = certo_orchestrator::app::vms::run(
-                    &ctx,
-                    &url,
-                    &token,
-                    &certo_orchestrator::vmrun::VmRequest {
-                        image: &path,
-                        node_type: &node_type,
-                        patch,
-                        suite: certo_orchestrator::model::Suite::All,
-                        timeout: std::time::Duration::from_secs(240),
-                        memory_mib: 384,
-                        orchestrator: None,
-                        fault: None,
-                        index_cache: None,
-                    },
-                    &|_| {},
-                )
-                .await;
-                (label, out)
-            }));
-        }
-        for t in tasks {
-            let (label, out) = t.await?;
-            match out {
-                Ok(o) => {
-                    if o.vm.state == VmState::Done {
-                        done += 1;
-                    } else {
-                        other += 1;
-                    }
-                    let passed = o
-                        .tests
-                        .iter()
-                        .filter(|t| t.status == TestStatus::Pass)
-                        .count();
-                    let failed: Vec<String> = o
-                        .tests
-                        .iter()
-                        .filter(|t| t.status != TestStatus::Pass)
-                        .map(|t| format!("{}/{} {}", t.suite, t.name, t.status))
-                        .collect();
-                    println!(
-                        "   {label:<40} {:<9} {passed}/{} tests pass{}{}",
-                        o.vm.state,
-                        o.tests.len(),
-                        if failed.is_empty() {
-                            String::new()
-                        } else {
-                            format!("; {}", failed.join(", "))
-                        },
-                        o.vm.reason.map(|r| format!(" ({r})")).unwrap_or_default()
-                    );
-                }
-                Err(e) => {
-                    other += 1;
-                    println!("   {label:<40} ERROR {e:#}");
-                }
-            }
-        }
-    }
-    let _ = agent.kill();
-    let _ = agent.wait();
-    println!(
-        "   {done} VMs ran their suites to the end, {other} did not; {:.0} s. Results: certo's vm_results table; `certo testbed ls`, `certo host ls`.",
-        started.elapsed().as_secs_f64()
-    );
-    Ok(ExitCode::SUCCESS)
-}
-
-/// Builds the image of every (platform, node type) of the newest revision of each patch.
-async fn build_images(
-    ctx: &certo_orchestrator::app::Context,
+    args: &DemoArgs,
     records: &[certo_orchestrator::patch::LoadedRecord],
-) -> anyhow::Result<Vec<(String, certo_imager::ImageRecord)>> {
-    use std::collections::BTreeMap;
-    let mut newest: BTreeMap<u64, &certo_orchestrator::patch::PatchRecord> = BTreeMap::new();
-    // Records the tracker has past certification, rejected or not yet ready are stored, not
-    // certified: no images for them.
-    let mut not_for_certification = Vec::new();
-    for r in records {
-        if !r.wants_certification() {
-            not_for_certification.push(format!("{} ({})", r.record.id, r.record.status));
+) -> anyhow::Result<ExitCode> {
+    use certo_orchestrator::app::runs;
+    println!(
+        "== Starting the stack (certo up): the store, certo serve, a host agent over {} with {} VM slots, a worker",
+        args.libvirt, args.slots
+    );
+    let up = super::stack_cmd::up(
+        g,
+        super::stack_cmd::UpArgs {
+            workers: 1,
+            concurrency: 8,
+            slots: args.slots,
+            libvirt: args.libvirt.clone(),
+            listen: "127.0.0.1:0".into(),
+            host: "local".into(),
+            memory_mib: 4096,
+        },
+    )
+    .await?;
+    if up != ExitCode::SUCCESS {
+        return Ok(up);
+    }
+    let store = ctx.store().await?;
+    let started = std::time::Instant::now();
+    // 3213 r1 alone: a later revision would cancel its run.
+    let mut order: Vec<&certo_orchestrator::patch::PatchRecord> = Vec::new();
+    let alone: Vec<_> = records
+        .iter()
+        .filter(|r| r.record.id == 3213 && r.record.revision == 1)
+        .map(|r| &r.record)
+        .collect();
+    let rest: Vec<_> = records
+        .iter()
+        .filter(|r| !(r.record.id == 3213 && r.record.revision == 1))
+        .filter(|r| r.wants_certification())
+        .map(|r| &r.record)
+        .collect();
+    let mut views = Vec::new();
+    for (title, batch) in [
+        ("3213 revision 1 alone (a bug claimed, not fixed)", alone),
+        ("every other fixture patch", rest),
+    ] {
+        if batch.is_empty() {
             continue;
         }
-        let e = newest.entry(r.record.id).or_insert(&r.record);
-        if r.record.revision > e.revision {
-            *e = &r.record;
-        }
-    }
-    println!("== Building the images the fixture patches need");
-    if !not_for_certification.is_empty() {
         println!(
-            "   not for certification (stored and shown only): {}",
-            not_for_certification.join(", ")
+            "== Certifying {title}: {} revision(s), on real VMs",
+            batch.len()
         );
-    }
-    println!(
-        "   package repositories: building the fixture world (rpmbuild, dpkg-deb, createrepo_c)"
-    );
-    let imager = ctx.imager()?;
-    println!(
-        "   image cache: {} (repositories: {})",
-        imager.store().root().display(),
-        imager.world().display()
-    );
-    let (mut ready, mut refused, mut skipped) = (0, 0, 0);
-    let mut images_ready = Vec::new();
-    let started = std::time::Instant::now();
-    for record in newest.values() {
-        for target in certo_orchestrator::app::patches::targets(ctx.catalogue(), record) {
-            let (platform, node_type) = (&target.platform, &target.node_type);
-            let label = format!("{} r{} {platform} {node_type}", record.id, record.revision);
-            let req = match certo_orchestrator::app::images::request(
-                ctx,
-                &target.release,
-                platform,
-                node_type,
-                Some(record),
-            ) {
-                Ok(r) => r,
-                Err(e) => {
-                    skipped += 1;
-                    println!("   {label:<40} not a target: {e}");
-                    continue;
-                }
+        let mut ids = Vec::new();
+        for record in batch {
+            let existing = runs::latest(store, record.id, Some(record.revision)).await?;
+            let id = match existing {
+                Some(r) if r.cancel_reason.is_none() => r.id,
+                _ => runs::start(ctx, record).await?,
             };
-            match super::image_cmd::build_one(ctx, &req, &[], true).await? {
-                Ok(built) => {
-                    ready += 1;
-                    images_ready.push((label.clone(), built.image.clone()));
-                    let how: Vec<&str> = built
-                        .layers
-                        .iter()
-                        .map(|(_, o)| match o {
-                            certo_imager::LayerOutcome::Cached => "cached",
-                            _ => "built",
-                        })
-                        .collect();
+            if let Some(run) = store.run(id).await? {
+                for c in run.conflicts.as_array().into_iter().flatten() {
                     println!(
-                        "   {label:<40} ready   {}  {:>6.1} s  (layers: {})",
-                        &built.image.digest[..16],
-                        built.seconds,
-                        how.join(", ")
+                        "   patch {} r{} conflicts with patch {} r{} in flight (packages {}, node types {})",
+                        record.id,
+                        record.revision,
+                        c["patch"],
+                        c["revision"],
+                        c["packages"],
+                        c["node_types"]
                     );
                 }
-                Err(e) => {
-                    refused += 1;
-                    println!("   {label:<40} REFUSED {e}");
-                }
+            }
+            order.push(record);
+            ids.push(id);
+        }
+        let _ = super::run_cmd::wait_and_print(store, &ids, true, false).await?;
+        for id in ids {
+            if let Some(v) = store.verdict(id).await? {
+                views.push(v.detail);
             }
         }
     }
-    let layers = imager.store().layers().map(|l| l.len()).unwrap_or(0);
-    let images = imager.store().images().map(|l| l.len()).unwrap_or(0);
+    let count = |v: &str| views.iter().filter(|r| r["verdict"] == v).count();
+    let mut stages: std::collections::BTreeMap<String, usize> = Default::default();
+    for v in views.iter().filter(|r| r["verdict"] == "rejected") {
+        *stages
+            .entry(v["stage"].as_str().unwrap_or("?").to_owned())
+            .or_default() += 1;
+    }
+    let fixed: usize = views
+        .iter()
+        .map(|v| {
+            v["bugs"]
+                .as_array()
+                .map_or(0, |b| b.iter().filter(|b| b["fixed"] == true).count())
+        })
+        .sum();
     println!(
-        "   {ready} images ready, {refused} refused at image-build time, {skipped} combinations not offered; {layers} layers and {images} images in the cache; {:.0} s",
+        "== Summary: {} patch revisions: {} certified, {} rejected ({}), {} incomplete, {} cancelled; {fixed} bug(s) verified fixed; {:.0} s",
+        views.len(),
+        count("certified"),
+        count("rejected"),
+        stages
+            .iter()
+            .map(|(s, n)| format!("{n} at {s}"))
+            .collect::<Vec<_>>()
+            .join(", "),
+        count("incomplete"),
+        count("cancelled"),
         started.elapsed().as_secs_f64()
     );
-    Ok(images_ready)
+    println!(
+        "   `certo show PATCH` prints a verdict with its timeline; `certo runs` lists the runs"
+    );
+    if args.json {
+        super::print_json(&serde_json::json!({ "runs": views }))?;
+    }
+    if !args.keep_up {
+        super::stack_cmd::down(g, super::stack_cmd::DownArgs { keep_store: true }).await?;
+    }
+    Ok(ExitCode::SUCCESS)
 }

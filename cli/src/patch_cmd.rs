@@ -207,7 +207,7 @@ pub async fn submit(g: &Global, args: SubmitArgs) -> anyhow::Result<ExitCode> {
                 }
                 ids.push(id);
             }
-            super::run_cmd::wait_and_print(&store, &ids, args.json).await
+            super::run_cmd::wait_and_print(&store, &ids, !args.json, args.json).await
         }
         Ok(reports) => {
             if args.json {

@@ -203,7 +203,7 @@ pub async fn rerun(g: &Global, a: RerunArgs) -> anyhow::Result<ExitCode> {
         }
         return Ok(ExitCode::SUCCESS);
     }
-    wait_and_print(ctx.store().await?, &[run], a.json).await
+    wait_and_print(ctx.store().await?, &[run], !a.json, a.json).await
 }
 
 /// Waits for every run's verdict, showing progress on a terminal; prints one line per run
@@ -212,6 +212,7 @@ pub async fn rerun(g: &Global, a: RerunArgs) -> anyhow::Result<ExitCode> {
 pub async fn wait_and_print(
     store: &Store,
     ids: &[i64],
+    lines: bool,
     json_out: bool,
 ) -> anyhow::Result<ExitCode> {
     let started = Instant::now();
@@ -226,8 +227,8 @@ pub async fn wait_and_print(
             }
             if let Some(v) = store.verdict(*id).await? {
                 bar.inc(1);
-                if !json_out {
-                    bar.suspend(|| println!("{}", verdict_line(&v.detail)));
+                if lines {
+                    bar.suspend(|| println!("   {}", verdict_line(&v.detail)));
                 }
                 views[i] = Some(v.detail);
             } else {

@@ -39,6 +39,19 @@ impl SimulatedHost {
         slots: usize,
         wrap: impl FnOnce(Arc<dyn Hypervisor>) -> Arc<dyn Hypervisor>,
     ) -> SimulatedHost {
+        Self::start_registered(name, token, slots, None, wrap).await
+    }
+
+    /// Like [`SimulatedHost::start`]; with `orchestrator`, the agent registers with it and
+    /// sends heartbeats every second, as a deployed agent does (the engine places work on
+    /// registered hosts with fresh heartbeats).
+    pub async fn start_registered(
+        name: &str,
+        token: &str,
+        slots: usize,
+        orchestrator: Option<String>,
+        wrap: impl FnOnce(Arc<dyn Hypervisor>) -> Arc<dyn Hypervisor>,
+    ) -> SimulatedHost {
         let dir = crate::target_tmp().join(format!("agent-{name}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display()));
@@ -59,9 +72,9 @@ impl SimulatedHost {
             memory_mib: 4096,
             vcpus: 2,
             vm_dir: dir.join("vms"),
-            orchestrator: None,
+            orchestrator,
             advertise: None,
-            heartbeat: Duration::from_secs(5),
+            heartbeat: Duration::from_secs(1),
         };
         let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();

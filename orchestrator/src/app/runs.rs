@@ -48,6 +48,7 @@ async fn start_targets(
                 .await?;
         }
     }
+    let conflicts = conflicts_in_flight(store, record).await?;
     let run = store
         .create_run_with_priority(
             &Workflow::certify(),
@@ -56,6 +57,9 @@ async fn start_targets(
             10,
         )
         .await?;
+    if !conflicts.is_empty() {
+        store.set_run_conflicts(run, &json!(conflicts)).await?;
+    }
     tracing::info!(
         run,
         patch = record.id,
@@ -174,4 +178,65 @@ pub async fn rerun(ctx: &Context, patch: u64, failed_only: bool) -> Result<i64, 
         )));
     }
     start_targets(ctx, &row.record, Some(&failed)).await
+}
+
+/// What two records both touch on the same release: the platforms they share, and there
+/// the package names and node types they share. `None` when they touch nothing in common.
+pub fn overlap(a: &PatchRecord, b: &PatchRecord) -> Option<Value> {
+    if a.release != b.release {
+        return None;
+    }
+    let platforms: Vec<&String> = a
+        .platforms
+        .iter()
+        .filter(|p| b.platforms.contains(p))
+        .collect();
+    if platforms.is_empty() {
+        return None;
+    }
+    let mut packages: Vec<&str> = a
+        .packages
+        .iter()
+        .map(|p| p.name.as_str())
+        .filter(|n| b.packages.iter().any(|q| q.name == *n))
+        .collect();
+    packages.sort_unstable();
+    packages.dedup();
+    let node_types: Vec<&String> = a
+        .node_types
+        .iter()
+        .filter(|n| b.node_types.contains(n))
+        .collect();
+    if packages.is_empty() && node_types.is_empty() {
+        return None;
+    }
+    Some(json!({"platforms": platforms, "packages": packages, "node_types": node_types}))
+}
+
+/// The runs in flight (running) of other patches that overlap `record`, oldest first.
+pub async fn conflicts_in_flight(
+    store: &Store,
+    record: &PatchRecord,
+) -> Result<Vec<Value>, StoreError> {
+    let mut out = Vec::new();
+    let mut running = store.runs(Some("running"), None, 1000).await?;
+    running.sort_by_key(|r| r.id);
+    for r in running {
+        let (Some(pid), Some(rev)) = (r.patch_id, r.revision) else {
+            continue;
+        };
+        if pid as u64 == record.id || r.cancel_reason.is_some() {
+            continue;
+        }
+        let Some(other) = store.get_patch(pid as u64, Some(rev as u32)).await? else {
+            continue;
+        };
+        if let Some(mut o) = overlap(record, &other.record) {
+            o["patch"] = json!(pid);
+            o["revision"] = json!(rev);
+            o["run"] = json!(r.id);
+            out.push(o);
+        }
+    }
+    Ok(out)
 }

@@ -129,6 +129,7 @@ impl Certify {
             "regression" => self.suite(s, target, "regression").await,
             "bugs" => self.bugs(s, target, &record).await,
             "teardown" => self.teardown(s, target).await,
+            "combined" => self.combined(s, target, &record, &run).await,
             "verdict" => self.verdict(s).await,
             other => Ok(infra(format!("the certify workflow has no step {other}"))),
         }
@@ -156,6 +157,12 @@ impl Certify {
 
     async fn build(&self, target: &str, record: &PatchRecord) -> Result<StepOutput> {
         let (release, platform, node_type) = split_target(target);
+        // The first use builds the package repositories of the fixture world: not on the
+        // async threads.
+        let ctx = self.ctx.clone();
+        tokio::task::spawn_blocking(move || ctx.imager())
+            .await
+            .map_err(|e| StepError::Other(e.to_string()))??;
         let started = Instant::now();
         let mut out = json!({});
         for (key, patch) in [("image", Some(record)), ("baseline", None)] {
@@ -481,53 +488,12 @@ impl Certify {
         // Measure it: a VM of the baseline image, on a slot of its own.
         let image = PathBuf::from(str_of(&build["baseline"], "path"));
         let key = format!("{target}#baseline");
-        let host = match s.store.placement(s.claim.run, &key).await? {
-            Some(h) => h,
-            None => {
-                let picked = match self.pick_host(&s.store, &image, &[]).await {
-                    Ok(p) => p,
-                    Err(out) => return Ok(out),
-                };
-                let Some((host, _, _)) = picked else {
-                    return Ok(StepOutput::Defer {
-                        after: Duration::from_secs(2),
-                        why: json!({"reason": "every host's slots are in use"}),
-                    });
-                };
-                match s.store.reserve_slot(s.claim.run, &key, &host).await? {
-                    Some(h) => h,
-                    None => {
-                        return Ok(StepOutput::Defer {
-                            after: Duration::from_millis(500),
-                            why: json!({"reason": "the slot went to another target"}),
-                        });
-                    }
-                }
-            }
+        let host = match self.slot_for(s, &key, &image).await? {
+            Ok(h) => h,
+            Err(out) => return Ok(out),
         };
-        s.store.set_step_host(&s.claim, &host).await?;
-        let url = host_url(&s.store, &host).await?;
-        let token = self.ctx.host_token(&host)?;
         let (_, _, node_type) = split_target(target);
-        let cache = self.index_cache();
-        let out = vmrun::run(
-            &s.store,
-            &url,
-            &token,
-            &VmRequest {
-                image: &image,
-                node_type,
-                patch: None,
-                suite: Suite::All,
-                timeout: self.settings.vm_timeout,
-                memory_mib: self.settings.memory_mib,
-                orchestrator: Some(&self.settings.orchestrator),
-                fault: None,
-                index_cache: Some(&cache),
-            },
-            &|_| {},
-        )
-        .await;
+        let out = self.run_self_contained(s, &host, &image, node_type).await;
         s.store.release_slot(s.claim.run, &key).await?;
         let out = match out {
             Ok(o) => o,
@@ -645,7 +611,14 @@ impl Certify {
                 .regression_test
                 .clone()
                 .unwrap_or_else(|| format!("bug{}", bug.id));
-            let test = test.trim_start_matches("regression/").to_owned();
+            // Named as the record likes: `bug40410`, `regression/bug40410`,
+            // `glite-LB/bug40410`, `bug40410.sh`: the test is the last part.
+            let test = test
+                .rsplit('/')
+                .next()
+                .unwrap_or(&test)
+                .trim_end_matches(".sh")
+                .to_owned();
             let key = format!("regression/{test}");
             let with = results
                 .iter()
@@ -699,6 +672,233 @@ impl Certify {
             });
         }
         Ok(StepOutput::Passed(json!({"bugs": bugs})))
+    }
+
+    /// The patch on top of the earlier patches in flight it conflicts with on this target:
+    /// the combination must install and pass the tests this patch passes alone. Patches
+    /// that fail alone on the target are left out (their own runs say why).
+    async fn combined(
+        &self,
+        s: &StepCtx,
+        target: &str,
+        record: &PatchRecord,
+        run: &crate::store::engine::RunRow,
+    ) -> Result<StepOutput> {
+        let (release, platform, node_type) = split_target(target);
+        let mut earlier = Vec::new();
+        let mut skipped = Vec::new();
+        for c in run.conflicts.as_array().into_iter().flatten() {
+            let on_target = c["platforms"]
+                .as_array()
+                .is_some_and(|ps| ps.iter().any(|p| p == platform));
+            if !on_target {
+                continue;
+            }
+            let (Some(pid), Some(rev)) = (c["patch"].as_u64(), c["revision"].as_u64()) else {
+                continue;
+            };
+            let Some(row) = s.store.get_patch(pid, Some(rev as u32)).await? else {
+                continue;
+            };
+            // An earlier patch that fails alone here is not this patch's conflict.
+            if let Some(other) = crate::app::runs::latest(&s.store, pid, Some(rev as u32)).await? {
+                let v = crate::app::runs::view(&s.store, &other).await?;
+                let failed_alone = v["targets"].as_array().into_iter().flatten().any(|t| {
+                    t["platform"] == platform
+                        && t["node_type"] == node_type
+                        && t["outcome"] == "failed"
+                });
+                if failed_alone {
+                    skipped.push(format!("{pid} r{rev} (fails alone)"));
+                    continue;
+                }
+            }
+            earlier.push(row.record);
+        }
+        if earlier.is_empty() {
+            return Ok(StepOutput::Passed(
+                json!({"checked": false, "skipped": skipped}),
+            ));
+        }
+        let names: Vec<String> = earlier
+            .iter()
+            .map(|r| format!("{} r{}", r.id, r.revision))
+            .collect();
+        let with = names.join(", ");
+        // Earlier patches first, this one on top: a file named twice is one file; the same
+        // package in two versions cannot be both.
+        let mut merged = record.clone();
+        merged.packages.clear();
+        merged.config_changes.clear();
+        for r in earlier.iter().chain(std::iter::once(record)) {
+            for p in &r.packages {
+                if !merged.packages.iter().any(|q| q.file == p.file) {
+                    merged.packages.push(p.clone());
+                }
+            }
+            for c in &r.config_changes {
+                merged
+                    .config_changes
+                    .retain(|d| !(d.file == c.file && d.key == c.key));
+                merged.config_changes.push(c.clone());
+            }
+        }
+        let mut seen = BTreeMap::new();
+        for p in &merged.packages {
+            if let Some(other) = seen.insert(p.name.clone(), p.file.clone()) {
+                return Ok(product(
+                    "conflict",
+                    format!(
+                        "conflicts with patch {with}: the combined image fails at install: {} and {} are two versions of {} and cannot be installed together",
+                        other, p.file, p.name
+                    ),
+                ));
+            }
+        }
+        let req = match crate::app::images::request(
+            &self.ctx,
+            release,
+            platform,
+            node_type,
+            Some(&merged),
+        ) {
+            Ok(r) => r,
+            Err(e) => {
+                return Ok(product(
+                    "conflict",
+                    format!("conflicts with patch {with}: the combined image cannot be made: {e}"),
+                ));
+            }
+        };
+        let built =
+            crate::app::images::build(&self.ctx, &req, &[certo_imager::Format::Ext4], |_| {})
+                .await?;
+        let image = match built {
+            Ok(b) => b.image.ext4().map(|a| a.path.clone()).unwrap_or_default(),
+            Err(e) if e.layer == Some(certo_imager::LayerKind::Patch) => {
+                return Ok(product(
+                    "conflict",
+                    format!(
+                        "conflicts with patch {with}: the combined image fails at {}: {e}",
+                        e.phase.as_str()
+                    ),
+                ));
+            }
+            Err(e) => return Ok(infra(format!("the combined image: {e}"))),
+        };
+        // Its tests, against this patch's own.
+        let boot = self.output(s, target, "boot").await?;
+        let alone = match s.store.vm(&str_of(&boot, "vm")).await? {
+            Some(row) => s.store.vm_results(row.id).await?,
+            None => Vec::new(),
+        };
+        let key = format!("{target}#combined");
+        let host = match self.slot_for(s, &key, &image).await? {
+            Ok(h) => h,
+            Err(out) => return Ok(out),
+        };
+        let out = self.run_self_contained(s, &host, &image, node_type).await;
+        s.store.release_slot(s.claim.run, &key).await?;
+        let out = match out {
+            Ok(o) => o,
+            Err(e) => return Ok(infra(format!("the combined VM on {host}: {e}"))),
+        };
+        for t in &out.tests {
+            let passed_alone = alone
+                .iter()
+                .any(|a| a.suite == t.suite && a.name == t.name && a.status == TestStatus::Pass);
+            if t.status != TestStatus::Pass && passed_alone {
+                return Ok(product(
+                    "conflict",
+                    format!(
+                        "conflicts with patch {with}: {}/{} fails on the combination and passes with this patch alone: {}",
+                        t.suite,
+                        t.name,
+                        first_line(&t.output)
+                    ),
+                ));
+            }
+        }
+        if out.vm.state != VmState::Done {
+            return Ok(infra(format!(
+                "the combined VM {} ended {}: {}",
+                out.vm.name,
+                out.vm.state,
+                out.vm.reason.clone().unwrap_or_default()
+            )));
+        }
+        Ok(StepOutput::Passed(
+            json!({"checked": true, "with": names, "skipped": skipped, "vm": out.vm.name}),
+        ))
+    }
+
+    /// A slot for a self-contained VM of a step (baseline, combination): the one it holds,
+    /// or a new one; `Err(output)` to defer or fail the step.
+    async fn slot_for(
+        &self,
+        s: &StepCtx,
+        key: &str,
+        image: &Path,
+    ) -> Result<Result<String, StepOutput>> {
+        if let Some(h) = s.store.placement(s.claim.run, key).await? {
+            return Ok(Ok(h));
+        }
+        let picked = match self.pick_host(&s.store, image, &[]).await {
+            Ok(p) => p,
+            Err(out) => return Ok(Err(out)),
+        };
+        let Some((host, _, _)) = picked else {
+            return Ok(Err(StepOutput::Defer {
+                after: Duration::from_secs(2),
+                why: json!({"reason": "every host's slots are in use"}),
+            }));
+        };
+        Ok(match s.store.reserve_slot(s.claim.run, key, &host).await? {
+            Some(h) => {
+                s.store.set_step_host(&s.claim, &h).await?;
+                Ok(h)
+            }
+            None => Err(StepOutput::Defer {
+                after: Duration::from_millis(500),
+                why: json!({"reason": "the slot went to another target"}),
+            }),
+        })
+    }
+
+    /// One VM through its whole life (push, boot, tests, teardown) on `host`.
+    async fn run_self_contained(
+        &self,
+        s: &StepCtx,
+        host: &str,
+        image: &Path,
+        node_type: &str,
+    ) -> Result<vmrun::VmOutcome, VmRunError> {
+        let url = host_url(&s.store, host)
+            .await
+            .map_err(|e| VmRunError::Refused(e.to_string()))?;
+        let token = self
+            .ctx
+            .host_token(host)
+            .map_err(|e| VmRunError::Refused(e.to_string()))?;
+        let cache = self.index_cache();
+        vmrun::run(
+            &s.store,
+            &url,
+            &token,
+            &VmRequest {
+                image,
+                node_type,
+                patch: None,
+                suite: Suite::All,
+                timeout: self.settings.vm_timeout,
+                memory_mib: self.settings.memory_mib,
+                orchestrator: Some(&self.settings.orchestrator),
+                fault: None,
+                index_cache: Some(&cache),
+            },
+            &|_| {},
+        )
+        .await
     }
 
     async fn teardown(&self, s: &StepCtx, target: &str) -> Result<StepOutput> {

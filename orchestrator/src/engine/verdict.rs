@@ -19,6 +19,7 @@ pub const TARGET_STEPS: &[&str] = &[
     "basic",
     "regression",
     "bugs",
+    "combined",
 ];
 
 /// One target's outcome.
@@ -61,14 +62,7 @@ pub fn decide(run: &RunRow, steps: &[StepDetail]) -> Decision {
     let mut targets = Vec::new();
     let mut bugs = Vec::new();
     let mut known: Vec<String> = Vec::new();
-    let mut conflicts = Vec::new();
-    if let Some(plan) = steps
-        .iter()
-        .find(|s| s.target.is_empty() && s.name == "plan")
-        && let Some(Value::Array(c)) = plan.outcome.as_ref().and_then(|o| o.get("conflicts"))
-    {
-        conflicts = c.clone();
-    }
+    let conflicts = run.conflicts.as_array().cloned().unwrap_or_default();
     for target in &run.targets {
         let mine: Vec<&StepDetail> = steps.iter().filter(|s| &s.target == target).collect();
         let mut parts = target.splitn(3, '/');
@@ -223,7 +217,8 @@ impl Decision {
             "targets": self.targets,
             "bugs": self.bugs,
             "known_failures": self.known_failures,
-            "conflicts_with": self.conflicts_with,
+            "conflicts_with": self.conflicts_with.iter().filter_map(|c| c.get("patch")).collect::<Vec<_>>(),
+            "conflicts": self.conflicts_with,
         })
     }
 
@@ -278,6 +273,7 @@ mod tests {
             priority: 0,
             cancel_reason: None,
             targets: targets.iter().map(|t| t.to_string()).collect(),
+            conflicts: json!([]),
             created_at: Utc::now(),
             finished_at: None,
         }
@@ -342,6 +338,29 @@ mod tests {
             d.line(),
             "rejected at install on 3.2/sl5_i386/glite-WN: the %post script of x exited with status 1"
         );
+    }
+
+    #[test]
+    fn a_combination_failing_where_each_alone_passes_rejects_at_conflict() {
+        let mut steps = passing(T1);
+        let at = steps
+            .iter()
+            .position(|s| s.name == "combined")
+            .expect("combined");
+        steps[at] = step(
+            T1,
+            "combined",
+            "failed",
+            json!({"class": "product", "stage": "conflict", "reason": "conflicts with patch 3504 r1: ..."}),
+        );
+        let mut r = run(&[T1]);
+        r.conflicts = json!([{"patch": 3504, "revision": 1}]);
+        let d = decide(&r, &steps);
+        assert_eq!(
+            (d.verdict.as_str(), d.stage.as_deref()),
+            ("rejected", Some("conflict"))
+        );
+        assert_eq!(d.to_json(&r)["conflicts_with"], json!([3504]));
     }
 
     #[test]

@@ -238,7 +238,10 @@ impl Shared {
             worker: self.config.name.clone(),
         });
         async move {
-            tokio::pin!(fut);
+            // The step's work runs as a task of its own, so that work that blocks its thread
+            // (a build's synchronous parts) never stops the heartbeat here; it is aborted
+            // with this future (timeout, lost lease, cancel, shutdown).
+            let mut work = AbortOnDrop(tokio::spawn(fut));
             let mut beat = tokio::time::interval(lease / 3);
             beat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             beat.tick().await;
@@ -246,7 +249,12 @@ impl Shared {
             tokio::pin!(deadline);
             loop {
                 tokio::select! {
-                    out = &mut fut => return Ended::Output(out),
+                    out = &mut work.0 => return Ended::Output(out.unwrap_or_else(|e| {
+                        StepOutput::failed(
+                            FailureClass::Infrastructure,
+                            if e.is_panic() { "the step's code panicked" } else { "the step's task was cancelled" },
+                        )
+                    })),
                     _ = &mut deadline => {
                         return Ended::Output(StepOutput::failed(
                             FailureClass::Timeout,
@@ -301,6 +309,15 @@ impl Shared {
             self.stats.stale.fetch_add(1, Ordering::Relaxed);
         }
         Ok(())
+    }
+}
+
+/// Aborts the task when dropped.
+struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
+
+impl<T> Drop for AbortOnDrop<T> {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 

@@ -393,6 +393,7 @@ pub struct RunRow {
     pub priority: i32,
     pub cancel_reason: Option<String>,
     pub targets: Vec<String>,
+    pub conflicts: serde_json::Value,
     pub created_at: DateTime<Utc>,
     pub finished_at: Option<DateTime<Utc>>,
 }
@@ -441,6 +442,20 @@ pub enum Lease {
 pub const QUARANTINE_AFTER: i32 = 3;
 
 impl Store {
+    /// Records the patches in flight a run conflicts with (found at submission).
+    pub async fn set_run_conflicts(
+        &self,
+        run: i64,
+        conflicts: &serde_json::Value,
+    ) -> Result<(), StoreError> {
+        sqlx::query("UPDATE engine_runs SET conflicts = $2 WHERE id = $1")
+            .bind(run)
+            .bind(conflicts)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
     /// Extends a claim's lease and says whether the worker may go on.
     pub async fn heartbeat_step(
         &self,
@@ -503,7 +518,7 @@ impl Store {
     pub async fn run(&self, run: i64) -> Result<Option<RunRow>, StoreError> {
         Ok(sqlx::query_as(
             "SELECT id, workflow, patch_id, revision, state, priority, cancel_reason, targets,
-                    created_at, finished_at FROM engine_runs WHERE id = $1",
+                    conflicts, created_at, finished_at FROM engine_runs WHERE id = $1",
         )
         .bind(run)
         .fetch_optional(&self.pool)
@@ -520,7 +535,7 @@ impl Store {
     ) -> Result<Vec<RunRow>, StoreError> {
         Ok(sqlx::query_as(
             "SELECT id, workflow, patch_id, revision, state, priority, cancel_reason, targets,
-                    created_at, finished_at FROM engine_runs
+                    conflicts, created_at, finished_at FROM engine_runs
               WHERE ($1::text IS NULL OR state = $1) AND ($2::bigint IS NULL OR patch_id = $2)
               ORDER BY id DESC LIMIT $3",
         )

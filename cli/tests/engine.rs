@@ -1,0 +1,536 @@
+//! The workflow engine end to end: `certo worker` processes claim the certification steps of
+//! submitted patches from PostgreSQL and drive real image builds, a host agent and guests to
+//! a verdict. Two kinds of host: the test kit's agent over libvirt's test driver with
+//! simulated guests (the chaos test: workers killed with SIGKILL at every step boundary and
+//! inside a step), and `certo up`'s real agent over qemu:///system (every verdict kind on
+//! real VMs). Root only (image builds; scripts/test).
+
+mod common;
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+use certo_testkit::target_tmp as tmp;
+use common::world;
+
+/// Data directory shared with the imager tests (their cached layers are reused).
+fn data() -> PathBuf {
+    tmp().join("imager-shared")
+}
+
+fn fixture(name: &str) -> String {
+    certo_testkit::workspace()
+        .join("fixtures/patches/valid")
+        .join(name)
+        .display()
+        .to_string()
+}
+
+fn certo(db: &str, args: &[&str]) -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_certo"));
+    c.arg("--data-dir")
+        .arg(data())
+        .arg("--repos")
+        .arg(world())
+        .args(args)
+        .env("DATABASE_URL", db)
+        .env_remove("CERTO_CATALOGUE")
+        .env_remove("CERTO_TOKEN")
+        .env_remove("CERTO_ORCHESTRATOR");
+    c
+}
+
+fn run(db: &str, args: &[&str]) -> Output {
+    certo(db, args).output().expect("certo")
+}
+
+fn json_of(out: &Output) -> Value {
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "not JSON ({e}): {}\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
+    })
+}
+
+/// A `certo worker` process; killed (SIGKILL) when dropped.
+struct WorkerProc(Child);
+
+impl WorkerProc {
+    fn start(db: &str, orchestrator: &str, name: &str) -> WorkerProc {
+        let log = std::fs::File::create(tmp().join(format!("engine-{name}.log"))).expect("log");
+        let child = certo(
+            db,
+            &[
+                "worker",
+                "--orchestrator",
+                orchestrator,
+                "--lease",
+                "2",
+                "--poll",
+                "0.2",
+                "--concurrency",
+                "4",
+                "--vm-timeout",
+                "60",
+                "--name",
+                name,
+            ],
+        )
+        .env("CERTO_LOG", "info,sqlx=warn")
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .expect("certo worker");
+        WorkerProc(child)
+    }
+
+    fn kill(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+impl Drop for WorkerProc {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+async fn verdict_of(store: &certo_orchestrator::store::Store, run: i64, within: Duration) -> Value {
+    let started = Instant::now();
+    loop {
+        if let Some(v) = store.verdict(run).await.expect("verdict") {
+            return v.detail;
+        }
+        assert!(
+            started.elapsed() < within,
+            "run {run} got no verdict within {within:?}: {:?}",
+            store.run_timeline(run).await.expect("timeline")
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+fn rerun(db: &str, patch: &str) -> i64 {
+    let out = run(db, &["rerun", patch, "--json"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    json_of(&out)["run"].as_i64().expect("run id")
+}
+
+/// What must be the same whatever happened to the workers: the verdict and each target's
+/// outcome and stage.
+fn essence(v: &Value) -> Value {
+    serde_json::json!({
+        "verdict": v["verdict"], "stage": v["stage"], "target": v["target"],
+        "targets": v["targets"].as_array().map(|ts| ts.iter().map(|t| serde_json::json!(
+            [t["release"], t["platform"], t["node_type"], t["outcome"], t["stage"]])).collect::<Vec<_>>()),
+    })
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_worker_killed_at_every_step_boundary_and_inside_a_step_changes_no_verdict() {
+    let db = certo_testkit::scratch_db().await;
+    let api = certo_testkit::api_server(&db.store, Duration::from_secs(10)).await;
+    // A host the engine may place work on: registered, sending heartbeats, its token kept
+    // where the workers read it.
+    let token = certo_orchestrator::api::new_token().expect("token");
+    let host_name = format!("chaos{}", std::process::id());
+    db.store
+        .add_host(&host_name, &certo_orchestrator::api::token_digest(&token))
+        .await
+        .expect("add host");
+    let tokens = data().join("host-tokens");
+    std::fs::create_dir_all(&tokens).expect("token dir");
+    std::fs::write(tokens.join(&host_name), format!("{token}\n")).expect("token file");
+    let host = certo_testkit::agent::SimulatedHost::start_registered(
+        &host_name,
+        &token,
+        4,
+        Some(api.base.clone()),
+        |hv| hv,
+    )
+    .await;
+    let started = Instant::now();
+    while !db
+        .store
+        .list_hosts()
+        .await
+        .expect("hosts")
+        .iter()
+        .any(|h| h.name == host_name && h.last_heartbeat.is_some())
+    {
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "the agent never registered"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let out = run(&db.url, &["submit", &fixture("3509-two-records.yaml")]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // The undisturbed run says what the verdict is.
+    let reference = {
+        let _w = WorkerProc::start(&db.url, &api.base, "calm");
+        let id = rerun(&db.url, "3509");
+        verdict_of(&db.store, id, Duration::from_secs(300)).await
+    };
+    assert_eq!(reference["verdict"], "certified", "{reference:#}");
+
+    // The same patch again, with the worker killed after every step that ends and once in
+    // the middle of the boot step (its VM started, the step not ended); a new worker takes
+    // over each time once the dead one's lease has expired.
+    let id = rerun(&db.url, "3509");
+    let mut worker = WorkerProc::start(&db.url, &api.base, "chaos-0");
+    let (mut kills, mut seen, mut killed_inside) = (0, 0i64, false);
+    let started = Instant::now();
+    while db.store.verdict(id).await.expect("verdict").is_none() {
+        assert!(
+            started.elapsed() < Duration::from_secs(300),
+            "no verdict after {kills} kills"
+        );
+        let ended: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM engine_events e JOIN engine_steps s ON s.id = e.step_id
+              WHERE s.run_id = $1 AND e.kind IN ('passed', 'failed')",
+        )
+        .bind(id)
+        .fetch_one(db.store.pool())
+        .await
+        .expect("events");
+        let booting: bool = sqlx::query_scalar(
+            "SELECT EXISTS (SELECT 1 FROM engine_steps s JOIN engine_intents i ON i.step_id = s.id
+                             WHERE s.run_id = $1 AND s.name = 'boot' AND s.state = 'running')",
+        )
+        .bind(id)
+        .fetch_one(db.store.pool())
+        .await
+        .expect("booting");
+        let inside = booting && !killed_inside;
+        if ended > seen || inside {
+            killed_inside |= inside;
+            seen = ended;
+            worker.kill();
+            kills += 1;
+            worker = WorkerProc::start(&db.url, &api.base, &format!("chaos-{kills}"));
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    drop(worker);
+    let chaos = verdict_of(&db.store, id, Duration::from_secs(1)).await;
+    assert_eq!(essence(&chaos), essence(&reference), "{chaos:#}");
+    assert!(killed_inside, "the boot step was never caught running");
+    let steps = db.store.run_timeline(id).await.expect("timeline").len() as i64;
+    assert!(kills >= steps - 1, "{kills} kills for {steps} steps");
+    let verdicts: i64 = sqlx::query_scalar("SELECT count(*) FROM verdicts WHERE run_id = $1")
+        .bind(id)
+        .fetch_one(db.store.pool())
+        .await
+        .expect("count");
+    assert_eq!(verdicts, 1);
+    // Every domain the run asked for was booted once at most and none is left running.
+    let agent = certo_orchestrator::vmrun::Agent::new(&host.url, &token).expect("agent client");
+    let intents: Vec<(String,)> = sqlx::query_as(
+        "SELECT i.key FROM engine_intents i JOIN engine_steps s ON s.id = i.step_id WHERE s.run_id = $1",
+    )
+    .bind(id)
+    .fetch_all(db.store.pool())
+    .await
+    .expect("intents");
+    assert!(!intents.is_empty());
+    for (name,) in intents {
+        let st = agent.status(&name).await.expect("status");
+        assert!(st.boots <= 1, "{name} booted {} times", st.boots);
+        assert_ne!(
+            st.state,
+            certo_orchestrator::model::HostVmState::Running,
+            "{name} leaked"
+        );
+    }
+    let held = db.store.held_slots().await.expect("slots");
+    assert!(held.values().all(|n| *n == 0), "slots still held: {held:?}");
+    drop(host);
+    let _ = std::fs::remove_file(tokens.join(&host_name));
+    db.drop_db().await.expect("drop");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_stale_epoch_is_refused_by_the_agent() {
+    let token = certo_orchestrator::api::new_token().expect("token");
+    let host = certo_testkit::agent::SimulatedHost::start("epochs", &token, 2, |hv| hv).await;
+    let agent = certo_orchestrator::vmrun::Agent::new(&host.url, &token).expect("agent client");
+    let name = certo_orchestrator::vmrun::vm_name(77, "3.2/sl5_x86_64/glite-WN", 1);
+    // Boot for epoch 9, as a worker holding the boot step would.
+    let img = common::small_image(&host.dir.join("small.img"), 1);
+    let (image, _) = agent.push(&img, None).await.expect("push");
+    let spec = |epoch: u64| certo_proto_boot(&name, &image, epoch);
+    agent.boot(&spec(9)).await.expect("boot at epoch 9");
+    // A worker that lost its claim (epoch 4) cannot tear it down...
+    let err = agent.destroy_at(&name, 4).await.expect_err("stale destroy");
+    assert!(err.to_string().contains("stale epoch 4"), "{err}");
+    assert_eq!(
+        agent.status(&name).await.expect("status").state,
+        certo_orchestrator::model::HostVmState::Running
+    );
+    // ...nor boot the next attempt; the current holder (epoch 12) can.
+    let next = certo_orchestrator::vmrun::vm_name(77, "3.2/sl5_x86_64/glite-WN", 2);
+    let mut again = certo_proto_boot(&next, &image, 5);
+    let err = agent.boot(&again).await.expect_err("stale boot");
+    assert!(err.to_string().contains("409"), "{err}");
+    agent
+        .destroy_at(&name, 12)
+        .await
+        .expect("destroy at epoch 12");
+    again.epoch = 12;
+    let booted = agent.boot(&again).await.expect("boot at epoch 12");
+    assert_eq!(booted.boots, 1);
+    agent.destroy_at(&next, 12).await.expect("teardown");
+}
+
+fn certo_proto_boot(name: &str, image: &str, epoch: u64) -> certo_proto::agent::BootRequest {
+    certo_proto::agent::BootRequest {
+        name: name.to_owned(),
+        image: image.to_owned(),
+        memory_mib: 256,
+        vcpus: 1,
+        deadline_seconds: 60.0,
+        epoch,
+        guest: certo_proto::agent::GuestSpec {
+            url: "http://127.0.0.1:9".into(),
+            vm: name.to_owned(),
+            token: "t".repeat(43),
+            hang: true,
+            panic: false,
+            crash: false,
+        },
+    }
+}
+
+fn verdicts_by_patch(v: &Value) -> std::collections::BTreeMap<(u64, u64), Value> {
+    v["runs"]
+        .as_array()
+        .expect("runs")
+        .iter()
+        .map(|r| {
+            (
+                (
+                    r["patch"].as_u64().expect("patch"),
+                    r["revision"].as_u64().expect("revision"),
+                ),
+                r.clone(),
+            )
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn certo_up_and_submit_wait_reach_every_verdict_on_real_vms() {
+    certo_testkit::ensure_libvirtd();
+    let db = certo_testkit::scratch_db().await;
+    let host = format!("up{}", std::process::id());
+    let out = run(
+        &db.url,
+        &[
+            "up",
+            "--listen",
+            "127.0.0.1:0",
+            "--slots",
+            "2",
+            "--host",
+            &host,
+        ],
+    );
+    assert!(
+        out.status.success(),
+        "{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let down = || run(&db.url, &["down", "--keep-store"]);
+
+    // 3213 revision 1 alone: its bug is claimed, not fixed.
+    let out = run(
+        &db.url,
+        &["submit", &fixture("3213-lb-r1.txt"), "--wait", "--json"],
+    );
+    let v = json_of(&out);
+    assert_eq!(out.status.code(), Some(1), "{v:#}");
+    let r1 = &verdicts_by_patch(&v)[&(3213, 1)];
+    assert_eq!(
+        (r1["verdict"].as_str(), r1["stage"].as_str()),
+        (Some("rejected"), Some("bug")),
+        "{r1:#}"
+    );
+    assert!(
+        r1["reason"]
+            .as_str()
+            .unwrap_or("")
+            .contains("bug 40410 is not fixed"),
+        "{r1:#}"
+    );
+
+    let files = [
+        "3213-lb-r2.yaml",
+        "3509-two-records.yaml",
+        "3211-ui-broken-postinst.yaml",
+        "3212-ce-bad-config.json",
+        "3504-info-provider-a.yaml",
+        "3505-info-provider-b.txt",
+    ];
+    let mut args = vec!["submit".to_owned()];
+    args.extend(files.iter().map(|f| fixture(f)));
+    args.extend(["--wait".to_owned(), "--json".to_owned()]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let out = run(&db.url, &args);
+    let v = json_of(&out);
+    // Rejections among them: exit status 1.
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "{v:#}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let by = verdicts_by_patch(&v);
+    let verdict = |p: u64, r: u64| -> (&str, Option<&str>) {
+        let x = &by[&(p, r)];
+        (x["verdict"].as_str().unwrap_or("?"), x["stage"].as_str())
+    };
+    assert_eq!(
+        verdict(3213, 2),
+        ("certified", None),
+        "{:#}",
+        by[&(3213, 2)]
+    );
+    let bug = &by[&(3213, 2)]["bugs"][0];
+    assert_eq!(
+        (bug["id"].as_u64(), bug["fixed"].as_bool()),
+        (Some(40410), Some(true)),
+        "{bug:#}"
+    );
+    assert!(
+        bug["evidence"]
+            .as_str()
+            .unwrap_or("")
+            .contains("fail on baseline, pass with the patch")
+    );
+    assert_eq!(
+        verdict(3509, 1),
+        ("certified", None),
+        "{:#}",
+        by[&(3509, 1)]
+    );
+    assert_eq!(
+        verdict(3211, 1),
+        ("rejected", Some("install")),
+        "{:#}",
+        by[&(3211, 1)]
+    );
+    assert!(
+        by[&(3211, 1)]["reason"]
+            .as_str()
+            .unwrap_or("")
+            .contains("glite-ui-postinst-broken")
+    );
+    assert_eq!(
+        verdict(3212, 1),
+        ("rejected", Some("configure")),
+        "{:#}",
+        by[&(3212, 1)]
+    );
+    assert!(
+        by[&(3212, 1)]["reason"]
+            .as_str()
+            .unwrap_or("")
+            .contains("CE_GATEKEEPER_PORT")
+    );
+    assert_eq!(
+        verdict(3504, 1),
+        ("certified", None),
+        "{:#}",
+        by[&(3504, 1)]
+    );
+    assert_eq!(
+        verdict(3505, 1),
+        ("rejected", Some("conflict")),
+        "{:#}",
+        by[&(3505, 1)]
+    );
+    assert_eq!(by[&(3505, 1)]["conflicts_with"], serde_json::json!([3504]));
+    assert!(
+        by[&(3505, 1)]["reason"]
+            .as_str()
+            .unwrap_or("")
+            .contains("3504")
+    );
+    for ((p, r), x) in &by {
+        for t in x["targets"].as_array().expect("targets") {
+            assert!(
+                t["host"].is_string() || t["outcome"] != "passed",
+                "{p} r{r}: {t}"
+            );
+        }
+    }
+
+    // show carries the latest run; runs lists them; the timeline has hosts and attempts.
+    let out = run(&db.url, &["show", "3505", "--json"]);
+    let shown = json_of(&out);
+    assert_eq!(shown["run"]["verdict"], "rejected");
+    assert!(
+        shown["timeline"]
+            .as_array()
+            .is_some_and(|t| t.iter().any(|s| s["step"] == "combined"))
+    );
+    let out = run(&db.url, &["runs", "--json"]);
+    assert!(
+        json_of(&out)["runs"]
+            .as_array()
+            .is_some_and(|r| r.len() >= 8)
+    );
+    let text = String::from_utf8_lossy(&run(&db.url, &["show", "3213"]).stdout).into_owned();
+    assert!(
+        text.contains("Verdict:") && text.contains("Timeline"),
+        "{text}"
+    );
+
+    // Nothing left running: every domain of these runs is gone, every slot given back.
+    let intents: Vec<(String,)> = sqlx::query_as("SELECT key FROM engine_intents")
+        .fetch_all(db.store.pool())
+        .await
+        .expect("intents");
+    let running = String::from_utf8_lossy(
+        &Command::new("virsh")
+            .args(["-c", "qemu:///system", "list", "--name"])
+            .output()
+            .expect("virsh")
+            .stdout,
+    )
+    .into_owned();
+    for (name,) in &intents {
+        assert!(
+            !running.lines().any(|l| l.trim() == name),
+            "{name} still runs"
+        );
+    }
+    let held = db.store.held_slots().await.expect("slots");
+    assert!(held.values().all(|n| *n == 0), "slots still held: {held:?}");
+    let out = down();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let status = json_of(&run(&db.url, &["status", "--json"]));
+    assert_eq!(status["up"], false);
+    db.drop_db().await.expect("drop");
+}

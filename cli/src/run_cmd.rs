@@ -9,8 +9,8 @@ use clap::Args;
 use serde_json::{Value, json};
 
 use super::{EXIT_FAILURE, EXIT_INVALID, Global, print_json};
+use certo_orchestrator::app::certify::{Certify, CertifySettings};
 use certo_orchestrator::app::runs;
-use certo_orchestrator::engine::certify::{Certify, CertifySettings};
 use certo_orchestrator::engine::worker::{Worker, WorkerConfig};
 use certo_orchestrator::store::Store;
 

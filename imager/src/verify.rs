@@ -501,7 +501,8 @@ fn deb_file_problem(
         }
     };
     let _ = std::fs::remove_dir_all(&work);
-    let image = crate::backend::open_root(root)?;
+    let image = crate::rooted::ImageRoot::open(root)
+        .map_err(|e| BuildError::io(format!("opening {}", root.display()), e))?;
     let ours = [
         format!("var/lib/dpkg/info/{pkg}:{inst_arch}.md5sums"),
         format!("var/lib/dpkg/info/{pkg}.md5sums"),

@@ -8,6 +8,7 @@
 //! - [`vms`]: find the image a VM boots; run one VM (push, boot, wait, tear down) and
 //!   record it.
 
+pub mod certify;
 pub mod images;
 pub mod patches;
 pub mod runs;

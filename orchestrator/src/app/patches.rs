@@ -84,3 +84,18 @@ pub fn targets(catalogue: &crate::catalogue::Catalogue, p: &PatchRecord) -> Vec<
         })
         .collect()
 }
+
+/// `release/platform/node_type`.
+pub fn split_target(t: &str) -> (&str, &str, &str) {
+    let mut p = t.splitn(3, '/');
+    (
+        p.next().unwrap_or(""),
+        p.next().unwrap_or(""),
+        p.next().unwrap_or(""),
+    )
+}
+
+/// The target string of a (release, platform, node type).
+pub fn target_key(release: &str, platform: &str, node_type: &str) -> String {
+    format!("{release}/{platform}/{node_type}")
+}

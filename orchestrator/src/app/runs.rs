@@ -27,7 +27,7 @@ async fn start_targets(
     let store = ctx.store().await?;
     let mut targets: Vec<String> = super::patches::targets(ctx.catalogue(), record)
         .into_iter()
-        .map(|t| crate::engine::certify::target_key(&t.release, &t.platform, &t.node_type))
+        .map(|t| super::patches::target_key(&t.release, &t.platform, &t.node_type))
         .collect();
     if let Some(only) = only {
         targets.retain(|t| only.contains(t));

@@ -1,5 +1,5 @@
 //! The steps of the certification workflow (`workflows/certify.yaml`), as a worker runs
-//! them. Each step reads what the steps before it left (their outputs in the store), acts,
+//! them: the application's operations (images, VM runs, verdicts) as the engine's handler. Each step reads what the steps before it left (their outputs in the store), acts,
 //! and says how it ended; the worker's retry policy and the store's fencing do the rest.
 //!
 //! - `plan`: the run's targets (made at submission) and the patches in flight it conflicts
@@ -29,10 +29,11 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
-use super::verdict;
-use super::worker::{Handler, StepCtx, StepFuture, StepOutput};
-use super::workflow::{FailureClass, Workflow};
-use crate::app::{AppError, Context};
+use super::patches::split_target;
+use super::{AppError, Context};
+use crate::engine::verdict;
+use crate::engine::worker::{Handler, StepCtx, StepFuture, StepOutput};
+use crate::engine::workflow::{FailureClass, Workflow};
 use crate::model::{PatchId, Suite, TestStatus, VmState};
 use crate::patch::PatchRecord;
 use crate::store::engine::VerdictRow;
@@ -166,13 +167,12 @@ impl Certify {
         let started = Instant::now();
         let mut out = json!({});
         for (key, patch) in [("image", Some(record)), ("baseline", None)] {
-            let req =
-                match crate::app::images::request(&self.ctx, release, platform, node_type, patch) {
-                    Ok(r) => r,
-                    Err(e) => return Ok(product("install", e.to_string())),
-                };
+            let req = match super::images::request(&self.ctx, release, platform, node_type, patch) {
+                Ok(r) => r,
+                Err(e) => return Ok(product("install", e.to_string())),
+            };
             let built =
-                crate::app::images::build(&self.ctx, &req, &[certo_imager::Format::Ext4], |_| {})
+                super::images::build(&self.ctx, &req, &[certo_imager::Format::Ext4], |_| {})
                     .await?;
             match built {
                 Ok(b) => {
@@ -701,8 +701,8 @@ impl Certify {
                 continue;
             };
             // An earlier patch that fails alone here is not this patch's conflict.
-            if let Some(other) = crate::app::runs::latest(&s.store, pid, Some(rev as u32)).await? {
-                let v = crate::app::runs::view(&s.store, &other).await?;
+            if let Some(other) = super::runs::latest(&s.store, pid, Some(rev as u32)).await? {
+                let v = super::runs::view(&s.store, &other).await?;
                 let failed_alone = v["targets"].as_array().into_iter().flatten().any(|t| {
                     t["platform"] == platform
                         && t["node_type"] == node_type
@@ -755,24 +755,20 @@ impl Certify {
                 ));
             }
         }
-        let req = match crate::app::images::request(
-            &self.ctx,
-            release,
-            platform,
-            node_type,
-            Some(&merged),
-        ) {
-            Ok(r) => r,
-            Err(e) => {
-                return Ok(product(
-                    "conflict",
-                    format!("conflicts with patch {with}: the combined image cannot be made: {e}"),
-                ));
-            }
-        };
+        let req =
+            match super::images::request(&self.ctx, release, platform, node_type, Some(&merged)) {
+                Ok(r) => r,
+                Err(e) => {
+                    return Ok(product(
+                        "conflict",
+                        format!(
+                            "conflicts with patch {with}: the combined image cannot be made: {e}"
+                        ),
+                    ));
+                }
+            };
         let built =
-            crate::app::images::build(&self.ctx, &req, &[certo_imager::Format::Ext4], |_| {})
-                .await?;
+            super::images::build(&self.ctx, &req, &[certo_imager::Format::Ext4], |_| {}).await?;
         let image = match built {
             Ok(b) => b.image.ext4().map(|a| a.path.clone()).unwrap_or_default(),
             Err(e) if e.layer == Some(certo_imager::LayerKind::Patch) => {
@@ -999,19 +995,4 @@ fn first_line(s: &str) -> String {
         .chars()
         .take(300)
         .collect()
-}
-
-/// `release/platform/node_type`.
-pub fn split_target(t: &str) -> (&str, &str, &str) {
-    let mut p = t.splitn(3, '/');
-    (
-        p.next().unwrap_or(""),
-        p.next().unwrap_or(""),
-        p.next().unwrap_or(""),
-    )
-}
-
-/// The target string of a (release, platform, node type).
-pub fn target_key(release: &str, platform: &str, node_type: &str) -> String {
-    format!("{release}/{platform}/{node_type}")
 }

@@ -70,11 +70,19 @@ pub enum HostCommand {
         #[arg(long, value_name = "FILE")]
         token_file: Option<PathBuf>,
     },
-    /// List the hosts: registration, capacity, last heartbeat.
+    /// List the hosts: registration, capacity, last heartbeat, quarantine.
     Ls {
         #[arg(long)]
         json: bool,
     },
+    /// Take a host out of placement, with the reason (it keeps its running VMs).
+    Quarantine {
+        name: String,
+        #[arg(long)]
+        reason: String,
+    },
+    /// Give a quarantined host work again.
+    Release { name: String },
 }
 
 fn valid_host_name(name: &str) -> bool {
@@ -139,8 +147,29 @@ pub async fn host(g: &Global, a: HostArgs) -> anyhow::Result<ExitCode> {
                             .map(|t| t.format("%Y-%m-%d %H:%M:%S").to_string())
                             .unwrap_or_else(|| "never".into())
                     );
+                    if let Some(why) = &h.quarantine_reason {
+                        println!("{:<16} QUARANTINED: {}", "", super::printable(why));
+                    }
                 }
             }
+            Ok(ExitCode::SUCCESS)
+        }
+        HostCommand::Quarantine { name, reason } => {
+            let store = g.store().await?;
+            if !store.quarantine(&name, &reason).await? {
+                eprintln!("error: no host {name}");
+                return Ok(ExitCode::from(EXIT_INVALID));
+            }
+            println!("host {name} quarantined: no new work goes to it");
+            Ok(ExitCode::SUCCESS)
+        }
+        HostCommand::Release { name } => {
+            let store = g.store().await?;
+            if !store.unquarantine(&name).await? {
+                eprintln!("error: no host {name}");
+                return Ok(ExitCode::from(EXIT_INVALID));
+            }
+            println!("host {name} gets work again");
             Ok(ExitCode::SUCCESS)
         }
     }

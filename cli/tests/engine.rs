@@ -142,38 +142,8 @@ async fn a_worker_killed_at_every_step_boundary_and_inside_a_step_changes_no_ver
     let api = certo_testkit::api_server(&db.store, Duration::from_secs(10)).await;
     // A host the engine may place work on: registered, sending heartbeats, its token kept
     // where the workers read it.
-    let token = certo_orchestrator::api::new_token().expect("token");
     let host_name = format!("chaos{}", std::process::id());
-    db.store
-        .add_host(&host_name, &certo_orchestrator::api::token_digest(&token))
-        .await
-        .expect("add host");
-    let tokens = data().join("host-tokens");
-    std::fs::create_dir_all(&tokens).expect("token dir");
-    std::fs::write(tokens.join(&host_name), format!("{token}\n")).expect("token file");
-    let host = certo_testkit::agent::SimulatedHost::start_registered(
-        &host_name,
-        &token,
-        4,
-        Some(api.base.clone()),
-        |hv| hv,
-    )
-    .await;
-    let started = Instant::now();
-    while !db
-        .store
-        .list_hosts()
-        .await
-        .expect("hosts")
-        .iter()
-        .any(|h| h.name == host_name && h.last_heartbeat.is_some())
-    {
-        assert!(
-            started.elapsed() < Duration::from_secs(20),
-            "the agent never registered"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let (host, token) = registered_host(&db, &api, &host_name, 4, |hv| hv).await;
     let out = run(&db.url, &["submit", &fixture("3509-two-records.yaml")]);
     assert!(
         out.status.success(),
@@ -261,7 +231,7 @@ async fn a_worker_killed_at_every_step_boundary_and_inside_a_step_changes_no_ver
     let held = db.store.held_slots().await.expect("slots");
     assert!(held.values().all(|n| *n == 0), "slots still held: {held:?}");
     drop(host);
-    let _ = std::fs::remove_file(tokens.join(&host_name));
+    let _ = std::fs::remove_file(data().join("host-tokens").join(&host_name));
     db.drop_db().await.expect("drop");
 }
 
@@ -532,5 +502,94 @@ async fn certo_up_and_submit_wait_reach_every_verdict_on_real_vms() {
     );
     let status = json_of(&run(&db.url, &["status", "--json"]));
     assert_eq!(status["up"], false);
+    db.drop_db().await.expect("drop");
+}
+
+/// A host of the test kit (simulated guests) registered with `api`, its token kept where
+/// the workers read it; returns it when its heartbeat has reached the store.
+async fn registered_host(
+    db: &certo_orchestrator::store::scratch::ScratchDb,
+    api: &certo_testkit::ApiServer,
+    name: &str,
+    slots: usize,
+    wrap: impl FnOnce(
+        std::sync::Arc<dyn certo_hosts::hypervisor::Hypervisor>,
+    ) -> std::sync::Arc<dyn certo_hosts::hypervisor::Hypervisor>,
+) -> (certo_testkit::agent::SimulatedHost, String) {
+    let token = certo_orchestrator::api::new_token().expect("token");
+    db.store
+        .add_host(name, &certo_orchestrator::api::token_digest(&token))
+        .await
+        .expect("add host");
+    let tokens = data().join("host-tokens");
+    std::fs::create_dir_all(&tokens).expect("token dir");
+    std::fs::write(tokens.join(name), format!("{token}\n")).expect("token file");
+    let host = certo_testkit::agent::SimulatedHost::start_registered(
+        name,
+        &token,
+        slots,
+        Some(api.base.clone()),
+        wrap,
+    )
+    .await;
+    let started = Instant::now();
+    while !db
+        .store
+        .list_hosts()
+        .await
+        .expect("hosts")
+        .iter()
+        .any(|h| h.name == name && h.last_heartbeat.is_some())
+    {
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "{name} never registered"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    (host, token)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_boot_failing_on_one_host_is_retried_on_another_and_never_rejects() {
+    let db = certo_testkit::scratch_db().await;
+    let api = certo_testkit::api_server(&db.store, Duration::from_secs(10)).await;
+    let pid = std::process::id();
+    let (bad_name, good_name) = (format!("broken{pid}"), format!("healthy{pid}"));
+    // The broken host has more free slots: placement picks it first.
+    let (bad, _) = registered_host(&db, &api, &bad_name, 4, |hv| {
+        let f = certo_testkit::hypervisor::Faulty::new(hv);
+        f.fail_start
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        std::sync::Arc::new(f)
+    })
+    .await;
+    let (good, _) = registered_host(&db, &api, &good_name, 1, |hv| hv).await;
+    let out = run(&db.url, &["submit", &fixture("3509-two-records.yaml")]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let _w = WorkerProc::start(&db.url, &api.base, "mover");
+    let id = rerun(&db.url, "3509");
+    let v = verdict_of(&db.store, id, Duration::from_secs(300)).await;
+    assert_eq!(v["verdict"], "certified", "{v:#}");
+    assert_eq!(v["targets"][0]["host"], good_name.as_str(), "{v:#}");
+    let timeline = db.store.run_timeline(id).await.expect("timeline");
+    let boot = timeline.iter().find(|s| s.name == "boot").expect("boot");
+    assert_eq!(boot.host.as_deref(), Some(good_name.as_str()));
+    assert!(boot.attempt >= 2, "{boot:?}");
+    let hosts = db.store.list_hosts().await.expect("hosts");
+    let failures: i32 = sqlx::query_scalar("SELECT infra_failures FROM hosts WHERE name = $1")
+        .bind(&bad_name)
+        .fetch_one(db.store.pool())
+        .await
+        .expect("failures");
+    assert!(failures >= 1, "{hosts:?}");
+    drop((bad, good));
+    for n in [&bad_name, &good_name] {
+        let _ = std::fs::remove_file(data().join("host-tokens").join(n));
+    }
     db.drop_db().await.expect("drop");
 }

@@ -74,6 +74,14 @@ fn infra(reason: impl Into<String>) -> StepOutput {
     StepOutput::failed(FailureClass::Infrastructure, reason)
 }
 
+/// An infrastructure failure on `host` (the retry goes elsewhere when it can).
+fn infra_on(host: &str, reason: impl Into<String>) -> StepOutput {
+    StepOutput::Failed {
+        class: FailureClass::Infrastructure,
+        detail: json!({"reason": reason.into(), "host": host}),
+    }
+}
+
 /// Certo's own failure while running a step (the store, a file): retried as infrastructure.
 #[derive(Debug, thiserror::Error)]
 enum StepError {
@@ -148,12 +156,68 @@ impl Certify {
             .ok_or_else(|| StepError::Other(format!("step {name} of {target} left no output")))
     }
 
+    /// The host holding the target's slot (placement, or where a retry moved it) and a
+    /// client of its agent.
     async fn agent_of(&self, s: &StepCtx, target: &str) -> Result<(String, Agent)> {
-        let place = self.output(s, target, "place").await?;
-        let host = str_of(&place, "host");
-        let url = str_of(&place, "agent");
+        let host = match s.store.placement(s.claim.run, target).await? {
+            Some(h) => h,
+            None => str_of(&self.output(s, target, "place").await?, "host"),
+        };
+        let url = host_url(&s.store, &host).await?;
         let agent = self.agent(&host, &url)?;
         Ok((host, agent))
+    }
+
+    /// After an infrastructure failure on `host`, the next attempt goes to another host when
+    /// one has a free slot: the slot moves and the image is pushed there. Returns the host
+    /// and the repository image name to use.
+    async fn move_after_failure(
+        &self,
+        s: &StepCtx,
+        target: &str,
+        host: &str,
+        image_name: String,
+    ) -> Result<Result<(String, Agent, String), StepOutput>> {
+        let failed_here = s
+            .store
+            .last_retry_host(s.claim.step)
+            .await?
+            .is_some_and(|h| h == host);
+        let agent = self.agent(host, &host_url(&s.store, host).await?)?;
+        if !failed_here {
+            return Ok(Ok((host.to_owned(), agent, image_name)));
+        }
+        let build = self.output(s, target, "build").await?;
+        let image = PathBuf::from(str_of(&build["image"], "path"));
+        let picked = match self.pick_host(&s.store, &image, &[host.to_owned()]).await {
+            Ok(Some(p)) => p,
+            // No other host can take it now: try again where it is.
+            _ => return Ok(Ok((host.to_owned(), agent, image_name))),
+        };
+        let (other, url, _) = picked;
+        s.store.release_slot(s.claim.run, target).await?;
+        if s.store
+            .reserve_slot(s.claim.run, target, &other)
+            .await?
+            .as_deref()
+            != Some(other.as_str())
+        {
+            // Raced for the slot: keep the old host (its slot is taken back).
+            s.store.reserve_slot(s.claim.run, target, host).await?;
+            return Ok(Ok((host.to_owned(), agent, image_name)));
+        }
+        let moved = self.agent(&other, &url)?;
+        tracing::info!(run = s.claim.run, %target, from = %host, to = %other, "retrying on another host");
+        match moved.push(&image, Some(&self.index_cache())).await {
+            Ok((name, _)) => Ok(Ok((other, moved, name))),
+            Err(e) => {
+                let _ = s.store.host_failed(&other, &e.to_string()).await?;
+                Ok(Err(StepOutput::Failed {
+                    class: FailureClass::Infrastructure,
+                    detail: json!({"reason": format!("pushing the image to {other}: {e}"), "host": other}),
+                }))
+            }
+        }
     }
 
     async fn build(&self, target: &str, record: &PatchRecord) -> Result<StepOutput> {
@@ -346,8 +410,15 @@ impl Certify {
     }
 
     async fn boot(&self, s: &StepCtx, target: &str, record: &PatchRecord) -> Result<StepOutput> {
-        let (host, agent) = self.agent_of(s, target).await?;
+        let (host, _) = self.agent_of(s, target).await?;
         let transfer = self.output(s, target, "transfer").await?;
+        let (host, agent, image) = match self
+            .move_after_failure(s, target, &host, str_of(&transfer, "image"))
+            .await?
+        {
+            Ok(moved) => moved,
+            Err(out) => return Ok(out),
+        };
         s.store.set_step_host(&s.claim, &host).await?;
         // Recovery: an earlier attempt of this step recorded an intent. A domain that still
         // runs with a live run is adopted; anything else is destroyed before booting anew.
@@ -386,7 +457,6 @@ impl Certify {
         }
         let (_, _, node_type) = split_target(target);
         let callback = vmrun::guest_callback(&self.settings.orchestrator)?;
-        let image = str_of(&transfer, "image");
         let booted = vmrun::boot(
             &s.store,
             &agent,
@@ -407,12 +477,21 @@ impl Certify {
         .await;
         if let Err(e) = booted {
             let q = s.store.host_failed(&host, &e.to_string()).await?;
-            return Ok(infra(format!(
-                "{host} could not boot {name}: {e}{}",
-                if q { " (host quarantined)" } else { "" }
-            )));
+            return Ok(StepOutput::Failed {
+                class: FailureClass::Infrastructure,
+                detail: json!({
+                    "reason": format!("{host} could not boot {name}: {e}{}", if q { " (host quarantined)" } else { "" }),
+                    "host": host,
+                }),
+            });
         }
         let row = vmrun::watch(&s.store, &agent, &name, &Until::Joined).await?;
+        if row.joined_at.is_none() {
+            // A guest silent before joining: the host's fault as far as we can tell.
+            s.store.host_failed(&host, "a guest did not join").await?;
+        } else {
+            s.store.host_worked(&host).await?;
+        }
         Ok(self.joined_or_not(&row, &host))
     }
 
@@ -423,11 +502,17 @@ impl Certify {
                 "seconds_to_join": row.joined_at.map(|j| (j - row.requested_at).num_milliseconds() as f64 / 1000.0),
             }))
         } else {
-            infra(format!(
-                "{} did not join the testbed: {}",
-                row.name,
-                row.reason.clone().unwrap_or_else(|| row.state.to_string())
-            ))
+            StepOutput::Failed {
+                class: FailureClass::Infrastructure,
+                detail: json!({
+                    "reason": format!(
+                        "{} did not join the testbed: {}",
+                        row.name,
+                        row.reason.clone().unwrap_or_else(|| row.state.to_string())
+                    ),
+                    "host": host,
+                }),
+            }
         }
     }
 
@@ -497,15 +582,21 @@ impl Certify {
         s.store.release_slot(s.claim.run, &key).await?;
         let out = match out {
             Ok(o) => o,
-            Err(e) => return Ok(infra(format!("the baseline VM on {host}: {e}"))),
+            Err(e) => return Ok(infra_on(&host, format!("the baseline VM on {host}: {e}"))),
         };
         if out.vm.state != VmState::Done || out.tests.is_empty() {
-            return Ok(infra(format!(
-                "the baseline VM {} ended {} before reporting its tests: {}",
-                out.vm.name,
-                out.vm.state,
-                out.vm.reason.unwrap_or_default()
-            )));
+            if out.vm.fault == Some(crate::model::Fault::Infrastructure) {
+                s.store.host_failed(&host, "a baseline VM failed").await?;
+            }
+            return Ok(infra_on(
+                &host,
+                format!(
+                    "the baseline VM {} ended {} before reporting its tests: {}",
+                    out.vm.name,
+                    out.vm.state,
+                    out.vm.reason.unwrap_or_default()
+                ),
+            ));
         }
         let rows: Vec<(String, String, String, String)> = out
             .tests
@@ -743,18 +834,6 @@ impl Certify {
                 merged.config_changes.push(c.clone());
             }
         }
-        let mut seen = BTreeMap::new();
-        for p in &merged.packages {
-            if let Some(other) = seen.insert(p.name.clone(), p.file.clone()) {
-                return Ok(product(
-                    "conflict",
-                    format!(
-                        "conflicts with patch {with}: the combined image fails at install: {} and {} are two versions of {} and cannot be installed together",
-                        other, p.file, p.name
-                    ),
-                ));
-            }
-        }
         let req =
             match super::images::request(&self.ctx, release, platform, node_type, Some(&merged)) {
                 Ok(r) => r,
@@ -767,6 +846,20 @@ impl Certify {
                     ));
                 }
             };
+        // Of the packages that install on this platform, one name in two files is two
+        // versions of one package: they cannot both be installed.
+        let mut seen = BTreeMap::new();
+        for p in req.patch.iter().flat_map(|l| l.packages.iter()) {
+            if let Some(other) = seen.insert(p.name.clone(), p.file.clone()) {
+                return Ok(product(
+                    "conflict",
+                    format!(
+                        "conflicts with patch {with}: the combined image fails at install: {} and {} are two versions of {} and cannot be installed together",
+                        other, p.file, p.name
+                    ),
+                ));
+            }
+        }
         let built =
             super::images::build(&self.ctx, &req, &[certo_imager::Format::Ext4], |_| {}).await?;
         let image = match built {
@@ -797,7 +890,7 @@ impl Certify {
         s.store.release_slot(s.claim.run, &key).await?;
         let out = match out {
             Ok(o) => o,
-            Err(e) => return Ok(infra(format!("the combined VM on {host}: {e}"))),
+            Err(e) => return Ok(infra_on(&host, format!("the combined VM on {host}: {e}"))),
         };
         for t in &out.tests {
             let passed_alone = alone
@@ -839,7 +932,18 @@ impl Certify {
         if let Some(h) = s.store.placement(s.claim.run, key).await? {
             return Ok(Ok(h));
         }
-        let picked = match self.pick_host(&s.store, image, &[]).await {
+        // After an infrastructure failure on a host, another host if one is free.
+        let avoid: Vec<String> = s
+            .store
+            .last_retry_host(s.claim.step)
+            .await?
+            .into_iter()
+            .collect();
+        let picked = match self.pick_host(&s.store, image, &avoid).await {
+            Ok(None) if !avoid.is_empty() => self.pick_host(&s.store, image, &[]).await,
+            other => other,
+        };
+        let picked = match picked {
             Ok(p) => p,
             Err(out) => return Ok(Err(out)),
         };

@@ -219,22 +219,14 @@ pub async fn conflicts_in_flight(
     record: &PatchRecord,
 ) -> Result<Vec<Value>, StoreError> {
     let mut out = Vec::new();
-    let mut running = store.runs(Some("running"), None, 1000).await?;
-    running.sort_by_key(|r| r.id);
-    for r in running {
-        let (Some(pid), Some(rev)) = (r.patch_id, r.revision) else {
-            continue;
-        };
-        if pid as u64 == record.id || r.cancel_reason.is_some() {
+    for (run, other) in store.patches_in_flight().await? {
+        if other.patch_id == record.id {
             continue;
         }
-        let Some(other) = store.get_patch(pid as u64, Some(rev as u32)).await? else {
-            continue;
-        };
         if let Some(mut o) = overlap(record, &other.record) {
-            o["patch"] = json!(pid);
-            o["revision"] = json!(rev);
-            o["run"] = json!(r.id);
+            o["patch"] = json!(other.patch_id);
+            o["revision"] = json!(other.revision);
+            o["run"] = json!(run);
             out.push(o);
         }
     }

@@ -71,13 +71,20 @@ pub fn decide(run: &RunRow, steps: &[StepDetail]) -> Decision {
             parts.next().unwrap_or("").to_owned(),
             parts.next().unwrap_or("").to_owned(),
         );
+        // Where the VM ran: the boot step's host (a retry may have moved it), else where it
+        // was placed.
         let host = mine
             .iter()
-            .find(|s| s.name == "place" && s.state == "passed")
-            .and_then(|s| s.outcome.as_ref())
-            .and_then(|o| o.get("host"))
-            .and_then(Value::as_str)
-            .map(str::to_owned);
+            .find(|s| s.name == "boot" && s.host.is_some())
+            .and_then(|s| s.host.clone())
+            .or_else(|| {
+                mine.iter()
+                    .find(|s| s.name == "place" && s.state == "passed")
+                    .and_then(|s| s.outcome.as_ref())
+                    .and_then(|o| o.get("host"))
+                    .and_then(Value::as_str)
+                    .map(str::to_owned)
+            });
         let attempts = mine
             .iter()
             .find(|s| s.name == "boot")

@@ -766,6 +766,30 @@ impl Store {
         Ok(())
     }
 
+    /// The host the last retried attempt of a step failed on (its failure said so).
+    pub async fn last_retry_host(&self, step: i64) -> Result<Option<String>, StoreError> {
+        Ok(sqlx::query_scalar(
+            "SELECT detail->>'host' FROM engine_events WHERE step_id = $1 AND kind = 'retry'
+              ORDER BY id DESC LIMIT 1",
+        )
+        .bind(step)
+        .fetch_optional(&self.pool)
+        .await?
+        .flatten())
+    }
+
+    /// Quarantines a host by command, with the reason; `false` when there is no such host.
+    pub async fn quarantine(&self, host: &str, reason: &str) -> Result<bool, StoreError> {
+        let r = sqlx::query(
+            "UPDATE hosts SET quarantined_at = now(), quarantine_reason = $2 WHERE name = $1",
+        )
+        .bind(host)
+        .bind(reason)
+        .execute(&self.pool)
+        .await?;
+        Ok(r.rows_affected() == 1)
+    }
+
     /// Takes a host out of quarantine (by command, or after a passing health check).
     pub async fn unquarantine(&self, host: &str) -> Result<bool, StoreError> {
         let r = sqlx::query(

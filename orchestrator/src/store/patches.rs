@@ -403,6 +403,35 @@ impl Store {
         row.map(row_from).transpose()
     }
 
+    /// The patch revisions of the runs still running, with their run ids, oldest run first
+    /// (what a new submission is checked against for conflicts): two queries.
+    pub async fn patches_in_flight(&self) -> Result<Vec<(i64, PatchRow)>, StoreError> {
+        let runs: Vec<(i64, i64, i32)> = sqlx::query_as(
+            "SELECT id, patch_id, revision FROM engine_runs
+              WHERE state = 'running' AND cancel_reason IS NULL
+                AND patch_id IS NOT NULL AND revision IS NOT NULL ORDER BY id",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        let sql = format!(
+            "SELECT {ROW_COLUMNS} FROM patches WHERE (patch_id, revision) IN
+               (SELECT patch_id, revision FROM engine_runs
+                 WHERE state = 'running' AND cancel_reason IS NULL)"
+        );
+        let rows: Vec<RowTuple> = sqlx::query_as(sqlx::AssertSqlSafe(sql))
+            .fetch_all(&self.pool)
+            .await?;
+        let mut by: HashMap<(u64, u32), PatchRow> = HashMap::new();
+        for r in rows {
+            let row = row_from(r)?;
+            by.insert((row.patch_id, row.revision), row);
+        }
+        Ok(runs
+            .into_iter()
+            .filter_map(|(run, p, r)| by.get(&(p as u64, r as u32)).map(|row| (run, row.clone())))
+            .collect())
+    }
+
     /// Every revision number of a patch, oldest first.
     pub async fn revisions(&self, id: u64) -> Result<Vec<(u32, PatchState)>, StoreError> {
         let rows: Vec<(i32, String)> = sqlx::query_as(

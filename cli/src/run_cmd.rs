@@ -299,7 +299,8 @@ pub fn verdict_line(v: &Value) -> String {
         ),
         "certified" => {
             let n = v["targets"].as_array().map_or(0, Vec::len);
-            let fixed: Vec<String> = v["bugs"]
+            // A bug is checked on each target; say it once.
+            let mut fixed: Vec<String> = v["bugs"]
                 .as_array()
                 .map(|b| {
                     b.iter()
@@ -308,6 +309,7 @@ pub fn verdict_line(v: &Value) -> String {
                         .collect()
                 })
                 .unwrap_or_default();
+            fixed.dedup();
             let mut s = format!("certified on {n} target{}", if n == 1 { "" } else { "s" });
             if !fixed.is_empty() {
                 s.push_str(&format!(" ({})", fixed.join(", ")));

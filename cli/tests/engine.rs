@@ -593,3 +593,111 @@ async fn a_boot_failing_on_one_host_is_retried_on_another_and_never_rejects() {
     }
     db.drop_db().await.expect("drop");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn cancel_tears_down_a_newer_revision_supersedes_and_rerun_failed_takes_the_rest() {
+    let db = certo_testkit::scratch_db().await;
+    let api = certo_testkit::api_server(&db.store, Duration::from_secs(10)).await;
+    let name = format!("cancel{}", std::process::id());
+    let (host, token) = registered_host(&db, &api, &name, 2, |hv| hv).await;
+    let out = run(&db.url, &["submit", &fixture("3509-two-records.yaml")]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let _w = WorkerProc::start(&db.url, &api.base, "canceller");
+    // Cancel once the VM is up: the verdict is `cancelled`, the teardown still ran.
+    let id = rerun(&db.url, "3509");
+    let started = Instant::now();
+    loop {
+        let booted: bool = sqlx::query_scalar(
+            "SELECT EXISTS (SELECT 1 FROM engine_steps WHERE run_id = $1 AND name = 'boot' AND state = 'passed')",
+        )
+        .bind(id)
+        .fetch_one(db.store.pool())
+        .await
+        .expect("boot state");
+        if booted {
+            break;
+        }
+        assert!(started.elapsed() < Duration::from_secs(240), "never booted");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let out = run(&db.url, &["cancel", "3509"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v = verdict_of(&db.store, id, Duration::from_secs(60)).await;
+    assert_eq!(v["verdict"], "cancelled", "{v:#}");
+    let timeline = db.store.run_timeline(id).await.expect("timeline");
+    let teardown = timeline
+        .iter()
+        .find(|s| s.name == "teardown")
+        .expect("teardown");
+    assert_eq!(teardown.state, "passed", "{timeline:#?}");
+    let agent = certo_orchestrator::vmrun::Agent::new(&host.url, &token).expect("agent");
+    for (key, _) in db
+        .store
+        .target_intents(id, "3.2/sl5_i386/glite-WN")
+        .await
+        .expect("intents")
+    {
+        let st = agent.status(&key).await.expect("status");
+        assert_ne!(
+            st.state,
+            certo_orchestrator::model::HostVmState::Running,
+            "{key} left running"
+        );
+    }
+    // Nothing more to cancel.
+    assert_eq!(run(&db.url, &["cancel", "3509"]).status.code(), Some(1));
+    // The cancelled target again: --failed takes exactly it, and certifies it.
+    let out = run(&db.url, &["rerun", "3509", "--failed", "--wait", "--json"]);
+    let again = json_of(&out);
+    assert_eq!(out.status.code(), Some(0), "{again:#}");
+    assert_eq!(again["runs"][0]["verdict"], "certified");
+    assert_eq!(
+        again["runs"][0]["targets"].as_array().map(Vec::len),
+        Some(1)
+    );
+    // Every target passed now: nothing to rerun.
+    let out = run(&db.url, &["rerun", "3509", "--failed"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("nothing to rerun"));
+
+    // A newer revision cancels the run of the older one: a second revision of 3509 whose
+    // title alone changed.
+    let id = rerun(&db.url, "3509");
+    let r2 = tmp().join(format!("3509-r2-{}.yaml", std::process::id()));
+    let text = std::fs::read_to_string(fixture("3509-two-records.yaml")).expect("fixture");
+    let first = text.split("\n---").next().expect("first record");
+    std::fs::write(
+        &r2,
+        first
+            .replace("revision: 1", "revision: 2")
+            .replace("title: ", "title: (r2) "),
+    )
+    .expect("r2");
+    let out = run(
+        &db.url,
+        &["submit", &r2.display().to_string(), "--wait", "--json"],
+    );
+    let v2 = json_of(&out);
+    assert_eq!(v2["runs"][0]["revision"], 2, "{v2:#}");
+    let old = verdict_of(&db.store, id, Duration::from_secs(60)).await;
+    assert_eq!(old["verdict"], "cancelled", "{old:#}");
+    assert!(
+        old["reason"]
+            .as_str()
+            .unwrap_or("")
+            .contains("superseded by revision 2"),
+        "{old:#}"
+    );
+    let _ = std::fs::remove_file(&r2);
+    drop(host);
+    let _ = std::fs::remove_file(data().join("host-tokens").join(&name));
+    db.drop_db().await.expect("drop");
+}

@@ -328,6 +328,8 @@ async fn wait_notified(listener: &mut Option<sqlx::postgres::PgListener>) {
                 tracing::warn!(error = %e, "the notification connection failed; polling");
                 tokio::time::sleep(Duration::from_secs(1)).await;
             }
+            // One claim answers every notification that came meanwhile.
+            while l.next_buffered().is_some() {}
         }
         None => std::future::pending().await,
     }

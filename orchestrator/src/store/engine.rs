@@ -891,3 +891,21 @@ impl Store {
         Ok(rows.into_iter().collect())
     }
 }
+
+impl Store {
+    /// The ports of a VM's services looked at from outside, with what they said: (service,
+    /// port, evidence), for answered probes.
+    pub async fn answered_probes(&self, vm_id: i64) -> Result<Vec<(String, u16, String)>, StoreError> {
+        let rows: Vec<(String, i32, Option<String>)> = sqlx::query_as(
+            "SELECT service, port, evidence FROM vm_service_probes
+              WHERE vm_id = $1 AND outcome = 'answered' ORDER BY service",
+        )
+        .bind(vm_id)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows
+            .into_iter()
+            .filter_map(|(s, p, e)| Some((s, u16::try_from(p).ok()?, e.unwrap_or_default())))
+            .collect())
+    }
+}

@@ -199,6 +199,23 @@ pub enum TestbedCommand {
     },
     /// Run one health-check round now.
     Check,
+    /// Serve a shared top BDII (banner `dn: mds-vo-name=NAME,o=grid`, `GlueServiceUniqueID:
+    /// NAME:PORT`) and register it as a shared service if it is not; the first stdout line
+    /// is `listening on ADDR`, then one line per client line heard (nothing changes).
+    ServeBdii {
+        /// The top BDII's name, which the slices must not take over.
+        #[arg(long, default_value = "testbed-bdii.certo")]
+        name: String,
+        /// Address to listen on (port 0 picks one; the address is printed).
+        #[arg(long, default_value = "127.0.0.1:2170")]
+        listen: SocketAddr,
+        /// The endpoint to register (default: the address listened on).
+        #[arg(long)]
+        endpoint: Option<String>,
+        /// The node type to register it as.
+        #[arg(long, default_value = "glite-BDII")]
+        node_type: String,
+    },
 }
 
 pub async fn testbed(g: &Global, a: TestbedArgs) -> anyhow::Result<ExitCode> {
@@ -245,6 +262,12 @@ pub async fn testbed(g: &Global, a: TestbedArgs) -> anyhow::Result<ExitCode> {
                 }
             }
         }
+        TestbedCommand::ServeBdii {
+            name,
+            listen,
+            endpoint,
+            node_type,
+        } => return serve_bdii(&store, &name, listen, endpoint, &node_type).await,
         TestbedCommand::Check => {
             api::check_health(&store).await?;
             for s in store.services(None).await? {
@@ -257,5 +280,73 @@ pub async fn testbed(g: &Global, a: TestbedArgs) -> anyhow::Result<ExitCode> {
             }
         }
     }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `certo testbed serve-bdii`: serves the shared top BDII until SIGINT or SIGTERM.
+async fn serve_bdii(
+    store: &certo_orchestrator::store::Store,
+    name: &str,
+    listen: SocketAddr,
+    endpoint: Option<String>,
+    node_type: &str,
+) -> anyhow::Result<ExitCode> {
+    use std::io::Write;
+    if name.is_empty()
+        || !name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
+    {
+        eprintln!("error: name {name:?}: use letters, digits, '.', '_' and '-'");
+        return Ok(ExitCode::from(EXIT_INVALID));
+    }
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .with_context(|| format!("listening on {listen}"))?;
+    let addr = listener.local_addr()?;
+    let endpoint = endpoint.unwrap_or_else(|| addr.to_string());
+    let shared = store.services(None).await?;
+    match shared
+        .iter()
+        .find(|s| s.slice.is_none() && (s.name == name || s.endpoint == endpoint))
+    {
+        Some(s) if s.name == name && s.endpoint == endpoint => {}
+        Some(s) if s.name == name => {
+            store.set_service_endpoint(s.id, &endpoint).await?;
+            tracing::info!(service = name, from = %s.endpoint, to = %endpoint, "shared service moved");
+        }
+        Some(s) => {
+            eprintln!(
+                "error: the shared service {} is registered at {endpoint} already; give another --endpoint",
+                s.name
+            );
+            return Ok(ExitCode::from(EXIT_INVALID));
+        }
+        None => {
+            store
+                .register_service(name, node_type, &endpoint, None, None)
+                .await?;
+        }
+    }
+    println!("listening on {addr}");
+    println!("shared service {name} ({node_type}) at {endpoint}");
+    std::io::stdout().flush()?;
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let shutdown = async move {
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+    };
+    certo_orchestrator::testbed::shared::serve_top_bdii_with(
+        listener,
+        name,
+        shutdown,
+        |peer, line| {
+            println!("heard {peer}: {line} (nothing changed)");
+            let _ = std::io::stdout().flush();
+        },
+    )
+    .await?;
     Ok(ExitCode::SUCCESS)
 }

@@ -1509,3 +1509,141 @@ async fn a_solver_refusal_names_the_package_and_quotes_the_solver() {
     );
     db.drop_db().await.expect("drop");
 }
+
+/// The testbed's protection at image-build time: a package whose install script changes
+/// site configuration that the record's configuration changes do not (the world's
+/// certo-test-site-config rewrites SITE_NAME in site-info.def) fails the build at
+/// `testbed`, naming the file, the key, both values and the package, and caches nothing;
+/// on RPM and on Debian.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_package_script_that_changes_site_configuration_fails_at_testbed() {
+    let db = common::scratch().await;
+    let data = shared_data();
+    let dir = tempfile::tempdir().expect("tempdir");
+    for (id, file, platform, repo) in [
+        (
+            9301,
+            "certo-test-site-config-1.0-1.noarch.rpm",
+            "sl5_x86_64",
+            "testing/sl5/x86_64",
+        ),
+        (
+            9302,
+            "certo-test-site-config_1.0-1_all.deb",
+            "deb12_x86_64",
+            "testing",
+        ),
+    ] {
+        let p = test_patch(
+            dir.path(),
+            &format!("{id}.txt"),
+            &one_file_record(id, file, platform, repo, ""),
+        );
+        let v = failing_build(&db.url, &data, &wn_target(platform, &p));
+        assert_eq!(v["error"]["phase"], "testbed", "{platform}: {v}");
+        assert_eq!(v["error"]["layer"], "patch", "{platform}: {v}");
+        assert_eq!(
+            v["error"]["package"], "certo-test-site-config",
+            "{platform}: {v}"
+        );
+        assert_eq!(
+            v["error"]["message"],
+            "the install script of certo-test-site-config changed the site configuration \
+             beyond the record's configuration changes: /opt/glite/yaim/etc/site-info.def: \
+             SITE_NAME: CERTO-TESTBED → CERTO-ROGUE",
+            "{platform}: {v}"
+        );
+    }
+    // The record may make the same change itself: then the script's change is the record's.
+    let record = one_file_record(
+        9303,
+        "certo-test-site-config-1.0-1.noarch.rpm",
+        "sl5_x86_64",
+        "testing/sl5/x86_64",
+        "Configuration changes:\n  site-info.def: SITE_NAME=CERTO-ROGUE\n",
+    );
+    let p = test_patch(dir.path(), "9303.txt", &record);
+    let (out, v) = build(&db.url, &data, &wn_target("sl5_x86_64", &p));
+    assert!(
+        out.status.success(),
+        "{v}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let failures: Vec<(String, Option<String>)> =
+        sqlx::query_as("SELECT phase, package FROM image_build_failures ORDER BY id")
+            .fetch_all(db.store.pool())
+            .await
+            .expect("query");
+    assert_eq!(
+        failures,
+        [
+            (
+                "testbed".to_owned(),
+                Some("certo-test-site-config".to_owned())
+            ),
+            (
+                "testbed".to_owned(),
+                Some("certo-test-site-config".to_owned())
+            )
+        ]
+    );
+    db.drop_db().await.expect("drop");
+}
+
+/// Patch 3506's %post rewrites BDII_HOST=testbed-bdii.certo, which its record's
+/// configuration change sets too: the image builds (what it does in the testbed is the
+/// guard's to judge). The same packages without that configuration change fail at
+/// `testbed`, naming BDII_HOST and glite-bdii-top-hijack.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_script_change_the_record_makes_too_is_the_records_own() {
+    let db = common::scratch().await;
+    let data = shared_data();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let target = |p: &str| {
+        [
+            "--release",
+            "3.2",
+            "--platform",
+            "sl5_x86_64",
+            "--node-type",
+            "glite-BDII",
+            "--patch",
+            p,
+        ]
+        .map(str::to_owned)
+    };
+    let p = patch("3506-bdii-spoils-testbed.json");
+    let t = target(&p);
+    let t: Vec<&str> = t.iter().map(String::as_str).collect();
+    let (out, v) = build(&db.url, &data, &t);
+    assert!(
+        out.status.success(),
+        "3506 as recorded must build: {v}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let image = PathBuf::from(v["path"].as_str().expect("path"));
+    let site = cat_in_image(&image, "/opt/glite/yaim/etc/site-info.def");
+    assert!(
+        site.lines().any(|l| l == "BDII_HOST=testbed-bdii.certo"),
+        "{site}"
+    );
+
+    let mut record: Value =
+        serde_json::from_str(&std::fs::read_to_string(&p).expect("read 3506")).expect("json");
+    record["id"] = 9306.into();
+    record["config_changes"] = Value::Array(Vec::new());
+    let p = test_patch(dir.path(), "9306.json", &record.to_string());
+    let t = target(&p);
+    let t: Vec<&str> = t.iter().map(String::as_str).collect();
+    let v = failing_build(&db.url, &data, &t);
+    assert_eq!(v["error"]["phase"], "testbed", "{v}");
+    assert_eq!(v["error"]["package"], "glite-bdii-top-hijack", "{v}");
+    assert_eq!(
+        v["error"]["message"],
+        "the install script of glite-bdii-top-hijack changed the site configuration beyond \
+         the record's configuration changes: /opt/glite/yaim/etc/site-info.def: BDII_HOST: \
+         localhost → testbed-bdii.certo",
+        "{v}"
+    );
+    db.drop_db().await.expect("drop");
+}

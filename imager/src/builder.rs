@@ -15,6 +15,7 @@ use crate::export;
 use crate::mounts;
 use crate::plan::{self, LayerPlan};
 use crate::request::{ImageRequest, Recipe};
+use crate::siteconf;
 use crate::store::{ImageRecord, LayerRecord, Store, write_record};
 use crate::verify;
 
@@ -243,6 +244,11 @@ impl Imager {
             mounts::mount_overlay(&lowers, Some((&tree, &work)), &merged)?;
             let result = (|| {
                 let before = verify::installed_versions(family, &merged, &scratch)?;
+                // The patch's package scripts may change site configuration only as the
+                // record's configuration changes do.
+                let site_before = (plan.kind == LayerKind::Patch)
+                    .then(|| siteconf::snapshot(&merged))
+                    .transpose()?;
                 let output = match recipe {
                     Recipe::Mmdebstrap { .. } => backend::deb_install(plan, &merged, &mut log)?,
                     Recipe::Dnf { .. } => backend::with_chroot(&merged, &mut log, |log| {
@@ -254,6 +260,9 @@ impl Imager {
                 let after = verify::installed_versions(family, &merged, &scratch)?;
                 verify::check_downgrades(plan, family, &before, &after, &output)?;
                 verify::check_patch_files(plan, family, &merged, &scratch, &output)?;
+                if let Some(site_before) = &site_before {
+                    siteconf::check(plan, family, &merged, &scratch, site_before, &mut log)?;
+                }
                 if !plan.config.is_empty() {
                     backend::apply_config(plan, &merged, &mut log)?;
                     backend::with_chroot(&merged, &mut log, |log| {

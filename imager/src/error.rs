@@ -29,6 +29,9 @@ pub enum Phase {
     Install,
     /// Applying or validating a configuration change.
     Configure,
+    /// The testbed's protection: the layer's package scripts changed site configuration
+    /// (`site-info.def`, `/etc/glite*`) beyond the record's configuration changes.
+    Testbed,
     /// Setting up or tearing down the staging area.
     Stage,
     /// Writing the image artefacts.
@@ -46,6 +49,7 @@ impl Phase {
             Self::Script => "install script",
             Self::Install => "install",
             Self::Configure => "configure",
+            Self::Testbed => "testbed",
             Self::Stage => "stage",
             Self::Export => "export",
         }

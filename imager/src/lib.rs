@@ -26,6 +26,7 @@ pub mod plan;
 pub mod repos;
 pub mod request;
 pub mod rooted;
+pub mod siteconf;
 pub mod store;
 pub mod verify;
 pub mod version;

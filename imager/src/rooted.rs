@@ -217,6 +217,22 @@ impl ImageRoot {
         Ok(())
     }
 
+    /// The entries of the directory `rel` (resolved inside the image), sorted, each with
+    /// whether it is itself a directory (a link is not: it is not followed).
+    pub fn list_dir(&self, rel: &str) -> io::Result<Vec<(String, bool)>> {
+        let dir = self.resolve(rel, OFlags::RDONLY | OFlags::DIRECTORY)?;
+        let mut out = Vec::new();
+        for name in entries(&dir)? {
+            let is_dir = rustix::fs::statat(&dir, name.as_c_str(), AtFlags::SYMLINK_NOFOLLOW)
+                .is_ok_and(|st| FileType::from_raw_mode(st.st_mode) == FileType::Directory);
+            if let Ok(name) = name.into_string() {
+                out.push((name, is_dir));
+            }
+        }
+        out.sort();
+        Ok(out)
+    }
+
     /// Creates the directory `rel` and its parents (mode 0755), resolving inside the image.
     pub fn create_dir_all(&self, rel: &str) -> io::Result<()> {
         let rel = relative(rel);

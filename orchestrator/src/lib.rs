@@ -13,5 +13,6 @@ pub mod ingest;
 pub mod model;
 pub mod patch;
 pub mod store;
+pub mod testbed;
 pub mod vmrun;
 pub mod world;

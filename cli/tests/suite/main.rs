@@ -15,5 +15,6 @@ mod hardening;
 mod hosts_api;
 mod parser_props;
 mod store;
+mod testbed_guard;
 mod transfer_cli;
 mod vm_lifecycle;

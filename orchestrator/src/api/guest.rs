@@ -200,6 +200,17 @@ async fn service(
         }
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     };
+    // A slice's service that announces a shared service's identity from outside (3506's
+    // top BDII saying it is the testbed's) does not join the testbed, and its run fails.
+    if outcome == ProbeOutcomeKind::Answered {
+        let shared = s.store.services(None).await?;
+        if let Some(line) = crate::testbed::guard::takeover(name, port, &evidence, &shared) {
+            let refusal = format!("{}{line}", crate::testbed::guard::REFUSAL_PREFIX);
+            tracing::warn!(vm = %vm.name, service = name, port, %line, "refused: announces a shared service");
+            s.store.note_vm_reason(vm.id, &refusal).await?;
+            return Err(ApiError::conflict(refusal));
+        }
+    }
     let evidence = first_line(&evidence);
     let detail = match outcome {
         ProbeOutcomeKind::Silent => {
@@ -233,9 +244,22 @@ async fn service(
                 format!("registered {name} at {endpoint}: {detail}\n"),
             ))
         }
-        Err(e @ RegisterError::Shared { .. }) => {
-            tracing::warn!(vm = %vm.name, service = name, "refused: would replace a shared service");
-            Err(ApiError::conflict(e.to_string()))
+        Err(RegisterError::Shared {
+            name,
+            endpoint,
+            shared_name,
+            shared_endpoint,
+        }) => {
+            let refusal = crate::testbed::guard::registration_refusal(
+                &name,
+                &endpoint,
+                &shared_name,
+                &shared_endpoint,
+            );
+            tracing::warn!(vm = %vm.name, service = %name, shared = %shared_name, "refused: would take over a shared service");
+            // The run fails for it, whatever the harness reports later.
+            s.store.note_vm_reason(vm.id, &refusal).await?;
+            Err(ApiError::conflict(refusal))
         }
         Err(RegisterError::Store(e)) => Err(e.into()),
     }
@@ -332,7 +356,20 @@ async fn done(
             vm.name, vm.state
         )));
     }
-    let (state, fault, reason) = if body == "ok" {
+    let (state, fault, reason) = if vm.reason.is_some() && vm.state == VmState::Joined {
+        // The guest API refused to let the slice take over a shared service (the reason
+        // noted then stays first): the patch's fault, whatever the tests said.
+        (
+            VmState::Failed,
+            Some(Fault::Product),
+            (body != "ok").then(|| {
+                format!(
+                    "the harness reported: {}",
+                    body.strip_prefix("error").unwrap_or(body).trim()
+                )
+            }),
+        )
+    } else if body == "ok" {
         // Done; a failed test is the product's fault.
         let failed = s
             .store

@@ -110,12 +110,15 @@ pub struct NewVm<'a> {
 /// Why a service cannot be registered.
 #[derive(Debug, thiserror::Error)]
 pub enum RegisterError {
+    /// The slice's name or endpoint is a shared service's (the text the guest API answers
+    /// with is [`crate::testbed::guard::registration_refusal`]'s).
     #[error(
-        "{name} at {endpoint} would replace the shared testbed service {name} ({shared_endpoint}); a patch's slice cannot take over a service other patches use"
+        "{name} at {endpoint} would take over the shared service {shared_name} at {shared_endpoint}; a patch's slice cannot take over a service other patches use"
     )]
     Shared {
         name: String,
         endpoint: String,
+        shared_name: String,
         shared_endpoint: String,
     },
     #[error(transparent)]
@@ -443,7 +446,11 @@ impl Store {
     ) -> Result<bool, StoreError> {
         let mut tx = self.pool.begin().await?;
         let r = sqlx::query(
-            "UPDATE vm_runs SET state = $2, reason = $3, serial_log = coalesce($4, serial_log), fault = $5,
+            // A reason noted while the run was live (a refused takeover of a shared service,
+            // `note_vm_reason`) stays first.
+            "UPDATE vm_runs SET state = $2,
+                    reason = CASE WHEN reason IS NULL THEN $3 WHEN $3 IS NULL THEN reason ELSE reason || '; ' || $3 END,
+                    serial_log = coalesce($4, serial_log), fault = $5,
                     token_used_up = true, finished_at = now()
              WHERE id = $1 AND state IN ('booting', 'joined')",
         )
@@ -459,6 +466,21 @@ impl Store {
             .execute(&mut *tx)
             .await?;
         tx.commit().await?;
+        Ok(r.rows_affected() == 1)
+    }
+
+    /// Notes why a live run will fail before it ends (the guest API refused to let its slice
+    /// take over a shared service); the first note stays, and [`Store::finish_vm`] keeps it
+    /// before its own reason. False if the run is not live or has a note already.
+    pub async fn note_vm_reason(&self, id: i64, reason: &str) -> Result<bool, StoreError> {
+        let r = sqlx::query(
+            "UPDATE vm_runs SET reason = $2
+              WHERE id = $1 AND state IN ('booting', 'joined') AND reason IS NULL",
+        )
+        .bind(id)
+        .bind(reason)
+        .execute(&self.pool)
+        .await?;
         Ok(r.rows_affected() == 1)
     }
 
@@ -573,18 +595,20 @@ impl Store {
     ) -> Result<i64, RegisterError> {
         let mut tx = self.pool.begin().await.map_err(StoreError::from)?;
         if slice.is_some() {
-            let shared: Option<(String,)> = sqlx::query_as(
-                "SELECT endpoint FROM testbed_services WHERE slice IS NULL AND (name = $1 OR endpoint = $2)",
+            let shared: Option<(String, String)> = sqlx::query_as(
+                "SELECT name, endpoint FROM testbed_services WHERE slice IS NULL AND (name = $1 OR endpoint = $2)
+                 ORDER BY (name = $1) DESC, id LIMIT 1",
             )
             .bind(name)
             .bind(endpoint)
             .fetch_optional(&mut *tx)
             .await
             .map_err(StoreError::from)?;
-            if let Some((shared_endpoint,)) = shared {
+            if let Some((shared_name, shared_endpoint)) = shared {
                 return Err(RegisterError::Shared {
                     name: name.to_owned(),
                     endpoint: endpoint.to_owned(),
+                    shared_name,
                     shared_endpoint,
                 });
             }
@@ -641,6 +665,20 @@ impl Store {
                 last_check: r.8,
             })
             .collect())
+    }
+
+    /// Moves a shared service to another endpoint (a restarted shared service listening
+    /// elsewhere); its health is unknown until the next check.
+    pub async fn set_service_endpoint(&self, id: i64, endpoint: &str) -> Result<(), StoreError> {
+        sqlx::query(
+            "UPDATE testbed_services SET endpoint = $2, health_detail = NULL, last_check = NULL
+              WHERE id = $1 AND slice IS NULL",
+        )
+        .bind(id)
+        .bind(endpoint)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
     }
 
     /// Records a health check; returns whether the health changed.

@@ -58,6 +58,9 @@ struct Stack {
     serve: Proc,
     agent: Proc,
     workers: Vec<Proc>,
+    /// The testbed's shared services (the top BDII every slice uses and none may take over).
+    #[serde(default)]
+    shared: Vec<Proc>,
     host: String,
     started_at: chrono::DateTime<chrono::Utc>,
 }
@@ -68,6 +71,9 @@ struct Proc {
     url: Option<String>,
     log: PathBuf,
 }
+
+/// The shared top BDII `certo up` runs for the testbed.
+pub const SHARED_BDII: &str = "testbed-bdii.certo";
 
 fn stack_dir(g: &Global) -> PathBuf {
     g.data_dir().join("stack")
@@ -236,6 +242,25 @@ pub async fn up(g: &Global, a: UpArgs) -> anyhow::Result<ExitCode> {
     )?;
     let url = serve.url.clone().unwrap_or_default();
     println!("serve:   {url} (pid {})", serve.pid);
+    let bdii = spawn(
+        g,
+        &[
+            "testbed",
+            "serve-bdii",
+            "--name",
+            SHARED_BDII,
+            "--listen",
+            "127.0.0.1:0",
+        ],
+        &[],
+        &dir.join("testbed-bdii.log"),
+        true,
+    )?;
+    println!(
+        "testbed: shared top BDII {SHARED_BDII} at {} (pid {})",
+        bdii.url.as_deref().unwrap_or("?"),
+        bdii.pid
+    );
     let slots = a.slots.to_string();
     let memory = a.memory_mib.to_string();
     let repo = dir.join("repo");
@@ -320,6 +345,7 @@ pub async fn up(g: &Global, a: UpArgs) -> anyhow::Result<ExitCode> {
         serve,
         agent,
         workers,
+        shared: vec![bdii],
         host: a.host.clone(),
         started_at: chrono::Utc::now(),
     };
@@ -341,6 +367,10 @@ pub async fn down(g: &Global, a: DownArgs) -> anyhow::Result<ExitCode> {
         ("workers", stack.workers.iter().map(|w| w.pid).collect()),
         ("agent", vec![stack.agent.pid]),
         ("serve", vec![stack.serve.pid]),
+        (
+            "the testbed's shared services",
+            stack.shared.iter().map(|p| p.pid).collect(),
+        ),
     ];
     for (what, pids) in groups {
         for &p in &pids {
@@ -388,6 +418,9 @@ pub async fn status(g: &Global, a: StatusArgs) -> anyhow::Result<ExitCode> {
             ];
             for (i, w) in s.workers.iter().enumerate() {
                 v.push((format!("worker {i}"), Some(w.clone())));
+            }
+            for p in &s.shared {
+                v.push(("testbed".to_owned(), Some(p.clone())));
             }
             v
         }

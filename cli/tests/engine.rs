@@ -357,6 +357,7 @@ async fn certo_up_and_submit_wait_reach_every_verdict_on_real_vms() {
         "3212-ce-bad-config.json",
         "3504-info-provider-a.yaml",
         "3505-info-provider-b.txt",
+        "3506-bdii-spoils-testbed.json",
     ];
     let mut args = vec!["submit".to_owned()];
     args.extend(files.iter().map(|f| fixture(f)));
@@ -442,6 +443,36 @@ async fn certo_up_and_submit_wait_reach_every_verdict_on_real_vms() {
             .as_str()
             .unwrap_or("")
             .contains("3504")
+    );
+    // 3506 announces the shared top BDII's identity from its slice: stopped at `testbed`,
+    // naming the service; the shared one stays healthy.
+    assert_eq!(
+        verdict(3506, 1),
+        ("rejected", Some("testbed")),
+        "{:#}",
+        by[&(3506, 1)]
+    );
+    assert!(
+        by[&(3506, 1)]["reason"]
+            .as_str()
+            .unwrap_or("")
+            .contains("testbed-bdii.certo"),
+        "{:#}",
+        by[&(3506, 1)]
+    );
+    let shared: Vec<_> = db
+        .store
+        .services(None)
+        .await
+        .expect("services")
+        .into_iter()
+        .filter(|s| s.slice.is_none())
+        .collect();
+    assert!(
+        shared
+            .iter()
+            .any(|s| s.name == "testbed-bdii.certo" && s.healthy),
+        "{shared:?}"
     );
     for ((p, r), x) in &by {
         for t in x["targets"].as_array().expect("targets") {

@@ -260,6 +260,7 @@ impl Certify {
                     let in_patch = e.layer == Some(certo_imager::LayerKind::Patch);
                     let stage = match e.phase {
                         Phase::Configure => "configure",
+                        Phase::Testbed => "testbed",
                         _ => "install",
                     };
                     // Fetch: the record names where its packages are; if Certo cannot take
@@ -272,6 +273,7 @@ impl Certify {
                             | Phase::Script
                             | Phase::Install
                             | Phase::Configure
+                            | Phase::Testbed
                     );
                     if patch.is_some() && in_patch && product_phase {
                         return Ok(StepOutput::Failed {
@@ -516,6 +518,50 @@ impl Certify {
         }
     }
 
+    /// Whether the VM's slice tried to take over a shared testbed service: a registration
+    /// the guest API refused, or a service that announces a shared one's identity when looked
+    /// at from outside — at join, and again now (a patch's service may take a port over after
+    /// the first look). `Some(output)`: rejected at `testbed`, naming the service.
+    async fn testbed_check(
+        &self,
+        s: &StepCtx,
+        agent: &Agent,
+        row: &crate::store::VmRow,
+    ) -> Result<Option<StepOutput>> {
+        if let Some(line) = row
+            .reason
+            .as_deref()
+            .and_then(crate::testbed::refused_registration)
+        {
+            return Ok(Some(product("testbed", format!("{}: {line}", row.name))));
+        }
+        let shared: Vec<_> = s
+            .store
+            .services(None)
+            .await?
+            .into_iter()
+            .filter(|sv| sv.slice.is_none())
+            .collect();
+        if shared.is_empty() {
+            return Ok(None);
+        }
+        for (service, port, evidence) in s.store.answered_probes(row.id).await? {
+            let mut said = vec![evidence];
+            if row.state.is_live()
+                && let Ok(certo_proto::agent::ProbeOutcome::Answered { said: now }) =
+                    agent.probe(&row.name, port).await
+            {
+                said.push(now);
+            }
+            for e in &said {
+                if let Some(line) = crate::testbed::takeover(&service, port, e, &shared) {
+                    return Ok(Some(product("testbed", format!("{}: {line}", row.name))));
+                }
+            }
+        }
+        Ok(None)
+    }
+
     async fn join(&self, s: &StepCtx, target: &str) -> Result<StepOutput> {
         let boot = self.output(s, target, "boot").await?;
         let (host, agent) = self.agent_of(s, target).await?;
@@ -524,6 +570,9 @@ impl Certify {
         // The harness reports its services, then runs the tests: the first result (or the
         // end) means the services are reported and looked at.
         let row = vmrun::watch(&s.store, &agent, &name, &Until::SuiteDone(String::new())).await?;
+        if let Some(out) = self.testbed_check(s, &agent, &row).await? {
+            return Ok(out);
+        }
         let services = s.store.services(None).await?;
         let mine: Vec<Value> = services
             .iter()
@@ -630,6 +679,10 @@ impl Certify {
             Until::Ended
         };
         let row = vmrun::watch(&s.store, &agent, &name, &until).await?;
+        // A takeover of the testbed explains failing tests: it comes first.
+        if let Some(out) = self.testbed_check(s, &agent, &row).await? {
+            return Ok(out);
+        }
         let results = s.store.vm_results(row.id).await?;
         let baseline = self
             .baseline_of(&s.store, &str_of(&build["baseline"], "digest"))

@@ -895,7 +895,10 @@ impl Store {
 impl Store {
     /// The ports of a VM's services looked at from outside, with what they said: (service,
     /// port, evidence), for answered probes.
-    pub async fn answered_probes(&self, vm_id: i64) -> Result<Vec<(String, u16, String)>, StoreError> {
+    pub async fn answered_probes(
+        &self,
+        vm_id: i64,
+    ) -> Result<Vec<(String, u16, String)>, StoreError> {
         let rows: Vec<(String, i32, Option<String>)> = sqlx::query_as(
             "SELECT service, port, evidence FROM vm_service_probes
               WHERE vm_id = $1 AND outcome = 'answered' ORDER BY service",

@@ -665,7 +665,7 @@ fn workflow_check_accepts_the_built_in_workflow_and_lists_every_error_of_a_broke
     assert_eq!(out.status.code(), Some(0), "{}", explain(&out));
     assert_eq!(
         text(&out.stdout).trim(),
-        "workflows/certify.yaml: workflow certify, 12 steps (2 per run, 10 per target): valid"
+        "workflows/certify.yaml: workflow certify, 13 steps (2 per run, 11 per target): valid"
     );
     let broken = dir.path().join("broken.yaml");
     std::fs::write(

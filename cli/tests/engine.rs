@@ -640,22 +640,25 @@ async fn cancel_tears_down_a_newer_revision_supersedes_and_rerun_failed_takes_th
         String::from_utf8_lossy(&out.stderr)
     );
     let _w = WorkerProc::start(&db.url, &api.base, "canceller");
-    // Cancel once the VM is up: the verdict is `cancelled`, the teardown still ran.
+    // Cancel while the boot step runs (its VM asked for): the verdict is `cancelled`, the
+    // teardown still ran. (After boot, a simulated guest may finish every later step before
+    // the cancel lands: then nothing would be left to cancel.)
     let id = rerun(&db.url, "3509");
     let started = Instant::now();
     loop {
-        let booted: bool = sqlx::query_scalar(
-            "SELECT EXISTS (SELECT 1 FROM engine_steps WHERE run_id = $1 AND name = 'boot' AND state = 'passed')",
+        let booting: bool = sqlx::query_scalar(
+            "SELECT EXISTS (SELECT 1 FROM engine_steps s JOIN engine_intents i ON i.step_id = s.id
+                             WHERE s.run_id = $1 AND s.name = 'boot' AND s.state = 'running')",
         )
         .bind(id)
         .fetch_one(db.store.pool())
         .await
         .expect("boot state");
-        if booted {
+        if booting {
             break;
         }
         assert!(started.elapsed() < Duration::from_secs(240), "never booted");
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        tokio::time::sleep(Duration::from_millis(2)).await;
     }
     let out = run(&db.url, &["cancel", "3509"]);
     assert!(

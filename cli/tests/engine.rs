@@ -179,14 +179,7 @@ async fn a_worker_killed_at_every_step_boundary_and_inside_a_step_changes_no_ver
         .fetch_one(db.store.pool())
         .await
         .expect("events");
-        let booting: bool = sqlx::query_scalar(
-            "SELECT EXISTS (SELECT 1 FROM engine_steps s JOIN engine_intents i ON i.step_id = s.id
-                             WHERE s.run_id = $1 AND s.name = 'boot' AND s.state = 'running')",
-        )
-        .bind(id)
-        .fetch_one(db.store.pool())
-        .await
-        .expect("booting");
+        let booting = boot_running(&db.store, id).await;
         let inside = booting && !killed_inside;
         if ended > seen || inside {
             killed_inside |= inside;
@@ -646,14 +639,7 @@ async fn cancel_tears_down_a_newer_revision_supersedes_and_rerun_failed_takes_th
     let id = rerun(&db.url, "3509");
     let started = Instant::now();
     loop {
-        let booting: bool = sqlx::query_scalar(
-            "SELECT EXISTS (SELECT 1 FROM engine_steps s JOIN engine_intents i ON i.step_id = s.id
-                             WHERE s.run_id = $1 AND s.name = 'boot' AND s.state = 'running')",
-        )
-        .bind(id)
-        .fetch_one(db.store.pool())
-        .await
-        .expect("boot state");
+        let booting = boot_running(&db.store, id).await;
         if booting {
             break;
         }
@@ -736,4 +722,16 @@ async fn cancel_tears_down_a_newer_revision_supersedes_and_rerun_failed_takes_th
     drop(host);
     let _ = std::fs::remove_file(data().join("host-tokens").join(&name));
     db.drop_db().await.expect("drop");
+}
+
+/// Whether the run's boot step is running with its intent recorded (its VM asked for).
+async fn boot_running(store: &certo_orchestrator::store::Store, run: i64) -> bool {
+    sqlx::query_scalar(
+        "SELECT EXISTS (SELECT 1 FROM engine_steps s JOIN engine_intents i ON i.step_id = s.id
+                         WHERE s.run_id = $1 AND s.name = 'boot' AND s.state = 'running')",
+    )
+    .bind(run)
+    .fetch_one(store.pool())
+    .await
+    .expect("boot state")
 }

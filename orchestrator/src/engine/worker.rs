@@ -19,7 +19,7 @@ use serde_json::{Value, json};
 use tokio::task::JoinSet;
 
 use super::workflow::{FailureClass, Workflow};
-use crate::store::engine::{Claim, Lease, NOTIFY_CHANNEL, StepEnd};
+use crate::store::engine::{Claim, ClaimAsk, Lease, NOTIFY_CHANNEL, StepEnd};
 use crate::store::{Store, StoreError};
 
 /// What a step handler returns.
@@ -168,44 +168,69 @@ impl Worker {
             }
         };
         tokio::pin!(shutdown);
-        let mut running: JoinSet<Result<(), StoreError>> = JoinSet::new();
+        let mut running: JoinSet<Ended> = JoinSet::new();
         let mut held: HashMap<tokio::task::Id, Claim> = HashMap::new();
+        // Steps that ended since the last round: written together with the next claim.
+        let mut ended: Vec<(Claim, Ended)> = Vec::new();
         loop {
             let free = me.config.concurrency.saturating_sub(running.len());
-            if free > 0 {
-                let claims = me
+            let ends: Vec<(Claim, StepEnd)> = ended
+                .drain(..)
+                .filter_map(|(claim, e)| me.end_of(&claim, e).map(|end| (claim, end)))
+                .collect();
+            if !ends.is_empty() || free > 0 {
+                // One transaction: the ends, their successors, and new claims (which may
+                // be those very successors).
+                let ask = ClaimAsk {
+                    worker: &me.config.name,
+                    n: free as i64,
+                    lease: me.config.lease,
+                    workflows: Some(&names),
+                };
+                let (done, claims) = me
                     .store
-                    .claim_steps_of(&me.config.name, free as i64, me.config.lease, Some(&names))
+                    .finish_and_claim(&ends, (free > 0).then_some(ask))
                     .await?;
+                for ok in done {
+                    let counter = if ok {
+                        &me.stats.finished
+                    } else {
+                        &me.stats.stale
+                    };
+                    counter.fetch_add(1, Ordering::Relaxed);
+                }
                 for claim in claims {
                     me.stats.claimed.fetch_add(1, Ordering::Relaxed);
                     tracing::info!(run = claim.run, target = %claim.target, step = %claim.name,
                         attempt = claim.attempt, epoch = claim.epoch, worker = %me.config.name, "step claimed");
-                    // The task runs the step and ends it: completions of several steps go
-                    // to the store at once, over the pool's connections.
-                    let work = me.run_one(claim.clone());
-                    let (shared, c) = (me.clone(), claim.clone());
-                    let id = running
-                        .spawn(async move { shared.end(&c, work.await).await })
-                        .id();
+                    let id = running.spawn(me.run_one(claim.clone())).id();
                     held.insert(id, claim);
                 }
             }
+            let free = me.config.concurrency.saturating_sub(running.len());
             // Full: wait for a step to end. Else: for a step to end, a notification, or
             // the poll interval.
             tokio::select! {
                 biased;
                 _ = &mut shutdown => break,
-                Some(done) = running.join_next_with_id() => match done {
-                    Ok((id, result)) => {
-                        held.remove(&id);
-                        result?;
-                    }
-                    Err(e) => {
-                        let why = if e.is_panic() { "the step's code panicked" } else { "the step's task was cancelled" };
-                        if let Some(claim) = held.remove(&e.id()) {
-                            me.end(&claim, Ended::Output(StepOutput::failed(FailureClass::Infrastructure, why))).await?;
+                Some(first) = running.join_next_with_id() => {
+                    // Every step that has ended by now goes into the same round.
+                    let mut next = Some(first);
+                    while let Some(done) = next {
+                        match done {
+                            Ok((id, e)) => {
+                                if let Some(claim) = held.remove(&id) {
+                                    ended.push((claim, e));
+                                }
+                            }
+                            Err(e) => {
+                                let why = if e.is_panic() { "the step's code panicked" } else { "the step's task was cancelled" };
+                                if let Some(claim) = held.remove(&e.id()) {
+                                    ended.push((claim, Ended::Output(StepOutput::failed(FailureClass::Infrastructure, why))));
+                                }
+                            }
                         }
+                        next = running.try_join_next_with_id();
                     }
                 },
                 _ = wait_notified(&mut listener), if free > 0 => {}
@@ -214,6 +239,17 @@ impl Worker {
         }
         running.abort_all();
         while running.join_next().await.is_some() {}
+        // Steps that ended are written; those still held are given back.
+        let ends: Vec<(Claim, StepEnd)> = ended
+            .drain(..)
+            .filter_map(|(claim, e)| me.end_of(&claim, e).map(|end| (claim, end)))
+            .collect();
+        for (claim, _) in &ends {
+            held.retain(|_, c| c.step != claim.step);
+        }
+        if !ends.is_empty() {
+            me.store.finish_and_claim(&ends, None).await?;
+        }
         for claim in held.values() {
             if me.store.release_step(claim).await? {
                 tracing::info!(run = claim.run, step = %claim.name, target = %claim.target, "step given back at shutdown");
@@ -272,12 +308,13 @@ impl Shared {
         }
     }
 
-    async fn end(&self, claim: &Claim, ended: Ended) -> Result<(), StoreError> {
+    /// What to write for a step that ended: `None` when its lease went to another worker.
+    fn end_of(&self, claim: &Claim, ended: Ended) -> Option<StepEnd> {
         let end = match ended {
             Ended::Lost => {
                 self.stats.stale.fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(run = claim.run, step = %claim.name, epoch = claim.epoch, "lease lost: another worker holds the step");
-                return Ok(());
+                return None;
             }
             Ended::Cancelled => {
                 StepEnd::Failed(json!({"cancelled": true, "reason": "the run was cancelled"}))
@@ -303,12 +340,7 @@ impl Shared {
         tracing::info!(run = claim.run, target = %claim.target, step = %claim.name, attempt = claim.attempt,
             end = match &end { StepEnd::Passed(_) => "passed", StepEnd::Failed(_) => "failed", StepEnd::Retry{..} => "retry", StepEnd::Defer{..} => "defer" },
             "step ended");
-        if self.store.finish_step(claim, end).await? {
-            self.stats.finished.fetch_add(1, Ordering::Relaxed);
-        } else {
-            self.stats.stale.fetch_add(1, Ordering::Relaxed);
-        }
-        Ok(())
+        Some(end)
     }
 }
 

@@ -169,42 +169,17 @@ impl Store {
         lease: Duration,
         workflows: Option<&[String]>,
     ) -> Result<Vec<Claim>, StoreError> {
-        // Higher-priority runs first (certifiers' runs before sweeps), then by due time.
-        let rows: Vec<(i64, i64, String, String, i64, i32, String)> = sqlx::query_as(
-            "UPDATE engine_steps s
-                SET state = 'running', worker = $1, epoch = nextval('engine_epoch_seq'),
-                    attempt = s.attempt + 1, started_at = now(), finished_at = NULL,
-                    lease_until = now() + make_interval(secs => $3)
-               FROM (SELECT st.id, r.workflow FROM engine_steps st JOIN engine_runs r ON r.id = st.run_id
-                      WHERE ((st.state = 'runnable' AND st.run_after <= now())
-                             OR (st.state = 'running' AND st.lease_until < now()))
-                        AND ($4::text[] IS NULL OR r.workflow = ANY($4))
-                      ORDER BY r.priority DESC, st.run_id, st.id
-                      FOR UPDATE OF st SKIP LOCKED
-                      LIMIT $2) c
-              WHERE s.id = c.id
-          RETURNING s.id, s.run_id, s.target, s.name, s.epoch, s.attempt, c.workflow",
+        let mut conn = self.pool.acquire().await?;
+        claim_in(
+            &mut conn,
+            &ClaimAsk {
+                worker,
+                n,
+                lease,
+                workflows,
+            },
         )
-        .bind(worker)
-        .bind(n)
-        .bind(lease.as_secs_f64())
-        .bind(workflows)
-        .fetch_all(&self.pool)
-        .await?;
-        Ok(rows
-            .into_iter()
-            .map(
-                |(step, run, target, name, epoch, attempt, workflow)| Claim {
-                    step,
-                    run,
-                    target,
-                    name,
-                    epoch,
-                    attempt,
-                    workflow,
-                },
-            )
-            .collect())
+        .await
     }
 
     /// Extends a claim's lease; `false` when the claim is stale (another worker holds the step).
@@ -225,80 +200,203 @@ impl Store {
     /// cancels those that can no longer run), ends the run when nothing is left, and notifies
     /// idle workers. `false`, and nothing changed, when the claim is stale.
     pub async fn finish_step(&self, claim: &Claim, end: StepEnd) -> Result<bool, StoreError> {
-        let mut tx = self.pool.begin().await?;
-        let (state, outcome, after, kind) = match &end {
-            StepEnd::Passed(o) => ("passed", o, 0.0, "passed"),
-            StepEnd::Failed(o) => ("failed", o, 0.0, "failed"),
-            StepEnd::Retry { after, why } => ("runnable", why, after.as_secs_f64(), "retry"),
-            StepEnd::Defer { after, why } => ("runnable", why, after.as_secs_f64(), "defer"),
-        };
-        // The step's own write and its event, in one statement; nothing when stale. The
-        // run's row is locked first: completions within one run are serialised (two last
-        // steps ending at once would each see the other still running, and neither would
-        // wake what needs both), those of different runs are not.
-        let updated: Option<i64> = sqlx::query_scalar(
-            "WITH l AS (SELECT id FROM engine_runs WHERE id = $7 FOR UPDATE),
-             u AS (
-                UPDATE engine_steps
-                   SET state = $3, outcome = $4, worker = NULL, lease_until = NULL,
-                       run_after = now() + make_interval(secs => $5),
-                       finished_at = CASE WHEN $3 = 'runnable' THEN NULL ELSE now() END,
-                       attempt = attempt - CASE WHEN $6 = 'defer' THEN 1 ELSE 0 END
-                 WHERE id = $1 AND epoch = $2 AND state = 'running' AND EXISTS (SELECT 1 FROM l)
-             RETURNING id),
-             e AS (
-                INSERT INTO engine_events (step_id, epoch, kind, detail)
-                SELECT id, $2, $6, $4 FROM u WHERE $6 <> 'defer')
-             SELECT id FROM u",
-        )
-        .bind(claim.step)
-        .bind(claim.epoch)
-        .bind(state)
-        .bind(outcome)
-        .bind(after)
-        .bind(kind)
-        .bind(claim.run)
-        .fetch_optional(&mut *tx)
-        .await?;
-        if updated.is_none() {
-            tracing::warn!(
-                step = claim.step,
-                epoch = claim.epoch,
-                "a stale claim's write refused"
-            );
-            return Ok(false);
+        let (done, _) = self.finish_and_claim(&[(claim.clone(), end)], None).await?;
+        Ok(done[0])
+    }
+
+    /// Ends several claimed steps and then claims more, in one transaction (one commit for
+    /// a worker's whole round): each step's write is fenced by its epoch as in
+    /// [`Store::finish_step`] (`false` in its place when stale), successors are made
+    /// runnable, runs with nothing left are ended, and `next` asks for new claims, which see
+    /// the successors just woken. The transaction notifies idle workers only when it made
+    /// runnable more steps than it claimed itself.
+    pub async fn finish_and_claim(
+        &self,
+        ends: &[(Claim, StepEnd)],
+        next: Option<ClaimAsk<'_>>,
+    ) -> Result<(Vec<bool>, Vec<Claim>), StoreError> {
+        // Lock waits between workers are ordered so as not to deadlock; should PostgreSQL
+        // still find one (a cancel against a completion), the transaction is simply redone.
+        let mut tries = 0;
+        loop {
+            match self.finish_and_claim_once(ends, next).await {
+                Err(StoreError::Db(sqlx::Error::Database(e)))
+                    if tries < 5 && matches!(e.code().as_deref(), Some("40P01" | "40001")) =>
+                {
+                    tries += 1;
+                    tracing::debug!(error = %e, tries, "engine transaction redone");
+                }
+                other => return other,
+            }
         }
-        match kind {
-            // The step itself runs again later: nothing else changes, and nothing is due
-            // now to wake a worker for (pollers find it when it is).
-            "retry" | "defer" => {}
-            // A pass cancels nothing: only its successors may become runnable; when none
-            // does, the run may have ended.
-            "passed" => {
-                let woke = sqlx::query(
+    }
+
+    async fn finish_and_claim_once(
+        &self,
+        ends: &[(Claim, StepEnd)],
+        next: Option<ClaimAsk<'_>>,
+    ) -> Result<(Vec<bool>, Vec<Claim>), StoreError> {
+        let mut tx = self.pool.begin().await?;
+        let mut done = vec![false; ends.len()];
+        let mut woke = 0u64;
+        if !ends.is_empty() {
+            let mut runs: Vec<i64> = ends.iter().map(|(c, _)| c.run).collect();
+            runs.sort_unstable();
+            runs.dedup();
+            let mut ids = Vec::with_capacity(ends.len());
+            let mut epochs = Vec::with_capacity(ends.len());
+            let mut states = Vec::with_capacity(ends.len());
+            let mut outcomes = Vec::with_capacity(ends.len());
+            let mut afters = Vec::with_capacity(ends.len());
+            let mut kinds = Vec::with_capacity(ends.len());
+            let mut step_runs = Vec::with_capacity(ends.len());
+            for (claim, end) in ends {
+                let (state, outcome, after, kind) = match end {
+                    StepEnd::Passed(o) => ("passed", o, 0.0, "passed"),
+                    StepEnd::Failed(o) => ("failed", o, 0.0, "failed"),
+                    StepEnd::Retry { after, why } => {
+                        ("runnable", why, after.as_secs_f64(), "retry")
+                    }
+                    StepEnd::Defer { after, why } => {
+                        ("runnable", why, after.as_secs_f64(), "defer")
+                    }
+                };
+                ids.push(claim.step);
+                epochs.push(claim.epoch);
+                states.push(state);
+                outcomes.push(outcome.clone());
+                afters.push(after);
+                kinds.push(kind);
+                step_runs.push(claim.run);
+            }
+            // One statement: each step's own write and its event (nothing when stale), and
+            // the locks that keep completions of one run from missing each other:
+            // - a pass locks the successors still waiting for it (two passes a successor
+            //   needs both of are serialised, and the later one sees the earlier one's);
+            // - a failure, or a pass nothing needs, may end the run: it locks the run's row
+            //   (taken first, in one order). Completions of other runs, and passes of
+            //   separate chains of one run, do not wait for each other.
+            let updated: Vec<Ended> = sqlx::query_as(
+                "WITH i AS (SELECT * FROM unnest($1::bigint[], $2::bigint[], $3::text[], $4::jsonb[],
+                                                 $5::float8[], $6::text[], $7::bigint[])
+                                       AS t(id, epoch, state, outcome, after, kind, run)),
+                 l AS (SELECT r.id FROM engine_runs r
+                        WHERE r.id IN (SELECT i.run FROM i
+                                        WHERE i.kind = 'failed'
+                                           OR (i.kind = 'passed' AND NOT EXISTS (
+                                                 SELECT 1 FROM engine_steps w
+                                                  WHERE w.run_id = i.run AND i.id = ANY(w.needs))))
+                        ORDER BY r.id FOR UPDATE),
+                 u AS (
+                    UPDATE engine_steps s
+                       SET state = i.state, outcome = i.outcome, worker = NULL, lease_until = NULL,
+                           run_after = now() + make_interval(secs => i.after),
+                           finished_at = CASE WHEN i.state = 'runnable' THEN NULL ELSE now() END,
+                           attempt = s.attempt - CASE WHEN i.kind = 'defer' THEN 1 ELSE 0 END
+                      FROM i
+                     WHERE s.id = i.id AND s.epoch = i.epoch AND s.state = 'running'
+                       AND (SELECT count(*) FROM l) >= 0
+                 RETURNING s.id, s.run_id, i.kind, i.epoch, i.outcome),
+                 e AS (
+                    INSERT INTO engine_events (step_id, epoch, kind, detail)
+                    SELECT id, epoch, kind, outcome FROM u WHERE kind <> 'defer'),
+                 succ AS (
+                    SELECT w.id, w.needs FROM engine_steps w
+                     WHERE w.run_id = ANY($8) AND w.state = 'waiting'
+                       AND w.needs && ARRAY(SELECT id FROM u WHERE kind = 'passed')
+                     ORDER BY w.id FOR UPDATE)
+                 SELECT u.id, u.run_id, u.kind,
+                        (SELECT count(*) FROM succ WHERE u.id = ANY(succ.needs)),
+                        (SELECT array_agg(id) FROM l) || ARRAY(SELECT count(*) FROM succ)
+                   FROM u",
+            )
+            .bind(&ids)
+            .bind(&epochs)
+            .bind(&states)
+            .bind(&outcomes)
+            .bind(&afters)
+            .bind(&kinds)
+            .bind(&step_runs)
+            .bind(&runs)
+            .fetch_all(&mut *tx)
+            .await?;
+            for (i, (claim, _)) in ends.iter().enumerate() {
+                done[i] = updated.iter().any(|(id, ..)| *id == claim.step);
+                if !done[i] {
+                    tracing::warn!(
+                        step = claim.step,
+                        epoch = claim.epoch,
+                        "a stale claim's write refused"
+                    );
+                }
+            }
+            // The runs locked above (the last element is the successors' count, there only
+            // to make the statement lock them all).
+            let mut locked: Vec<i64> = updated
+                .first()
+                .and_then(|(.., l)| l.clone())
+                .unwrap_or_default();
+            locked.pop();
+            // A pass whose successors all ended already (a cancel took them) may end the
+            // run too: its row is locked now, late (a deadlock this way is redone above).
+            let late: Vec<i64> = updated
+                .iter()
+                .filter(|(_, run, k, n, _)| k == "passed" && *n == 0 && !locked.contains(run))
+                .map(|(_, run, ..)| *run)
+                .collect();
+            if !late.is_empty() {
+                sqlx::query("SELECT id FROM engine_runs WHERE id = ANY($1) ORDER BY id FOR UPDATE")
+                    .bind(&late)
+                    .execute(&mut *tx)
+                    .await?;
+                locked.extend(late);
+            }
+            // A retry or a deferral changes nothing else, and nothing is due now to wake a
+            // worker for (pollers find it when it is). A pass cancels nothing: only its
+            // successors may become runnable. A failure may cancel what needs it.
+            let passed: Vec<i64> = updated
+                .iter()
+                .filter(|(_, _, k, n, _)| k == "passed" && *n > 0)
+                .map(|(id, ..)| *id)
+                .collect();
+            if !passed.is_empty() {
+                woke += sqlx::query(
                     "UPDATE engine_steps s SET state = 'runnable', run_after = now()
-                      WHERE s.run_id = $1 AND s.state = 'waiting' AND $2 = ANY(s.needs)
+                      WHERE s.run_id = ANY($1) AND s.state = 'waiting' AND s.needs && $2
                         AND NOT EXISTS (SELECT 1 FROM engine_steps d
                                          WHERE d.id = ANY(s.needs)
                                            AND (CASE WHEN s.always THEN d.state NOT IN ('passed', 'failed', 'cancelled')
                                                      ELSE d.state <> 'passed' END))",
                 )
-                .bind(claim.run)
-                .bind(claim.step)
+                .bind(&runs)
+                .bind(&passed)
                 .execute(&mut *tx)
                 .await?
                 .rows_affected();
-                if woke > 0 || end_run_if_done(&mut tx, claim.run).await? {
-                    notify(&mut tx).await?;
-                }
             }
-            _ => {
-                advance(&mut tx, claim.run).await?;
-                notify(&mut tx).await?;
+            let mut failed_runs: Vec<i64> = updated
+                .iter()
+                .filter(|(_, _, k, ..)| k == "failed")
+                .map(|(_, run, ..)| *run)
+                .collect();
+            failed_runs.sort_unstable();
+            failed_runs.dedup();
+            if !failed_runs.is_empty() {
+                woke += advance(&mut tx, &failed_runs).await?;
+            }
+            if !locked.is_empty() {
+                end_runs_if_done(&mut tx, &locked).await?;
             }
         }
+        let claims = match next {
+            Some(ask) if ask.n > 0 => claim_in(&mut tx, &ask).await?,
+            _ => Vec::new(),
+        };
+        if woke > claims.len() as u64 {
+            notify(&mut tx).await?;
+        }
         tx.commit().await?;
-        Ok(true)
+        Ok((done, claims))
     }
 
     /// The steps of a run, in creation order.
@@ -322,56 +420,118 @@ impl Store {
     }
 }
 
-/// After a step ended: cancels waiting steps that can no longer run (a need failed or was
+/// A step the completion statement ended: id, run, kind, how many of its successors it
+/// locked, and the runs it locked (followed by the successors' count).
+type Ended = (i64, i64, String, i64, Option<Vec<i64>>);
+
+/// What a worker asks to claim: up to `n` steps, under a lease, of the given workflows
+/// (all when `None`).
+#[derive(Debug, Clone, Copy)]
+pub struct ClaimAsk<'a> {
+    pub worker: &'a str,
+    pub n: i64,
+    pub lease: Duration,
+    pub workflows: Option<&'a [String]>,
+}
+
+/// The claim statement: runnable steps whose time has come, and running ones whose lease
+/// expired; each claim raises the step's epoch and starts a new attempt. Higher-priority
+/// runs first (certifiers' runs before sweeps), then the oldest runs.
+async fn claim_in(
+    conn: &mut sqlx::PgConnection,
+    ask: &ClaimAsk<'_>,
+) -> Result<Vec<Claim>, StoreError> {
+    let rows: Vec<(i64, i64, String, String, i64, i32, String)> = sqlx::query_as(
+        "UPDATE engine_steps s
+                SET state = 'running', worker = $1, epoch = nextval('engine_epoch_seq'),
+                    attempt = s.attempt + 1, started_at = now(), finished_at = NULL,
+                    lease_until = now() + make_interval(secs => $3)
+               FROM (SELECT st.id, r.workflow FROM engine_steps st JOIN engine_runs r ON r.id = st.run_id
+                      WHERE ((st.state = 'runnable' AND st.run_after <= now())
+                             OR (st.state = 'running' AND st.lease_until < now()))
+                        AND ($4::text[] IS NULL OR r.workflow = ANY($4))
+                      ORDER BY r.priority DESC, st.run_id, st.id
+                      FOR UPDATE OF st SKIP LOCKED
+                      LIMIT $2) c
+              WHERE s.id = c.id
+          RETURNING s.id, s.run_id, s.target, s.name, s.epoch, s.attempt, c.workflow",
+    )
+    .bind(ask.worker)
+    .bind(ask.n)
+    .bind(ask.lease.as_secs_f64())
+    .bind(ask.workflows)
+    .fetch_all(&mut *conn)
+    .await?;
+    Ok(rows
+        .into_iter()
+        .map(
+            |(step, run, target, name, epoch, attempt, workflow)| Claim {
+                step,
+                run,
+                target,
+                name,
+                epoch,
+                attempt,
+                workflow,
+            },
+        )
+        .collect())
+}
+
+/// After steps of `runs` failed: cancels waiting steps that can no longer run (a need failed or was
 /// cancelled; always-steps excepted), repeatedly, then makes runnable every waiting step
-/// whose needs are met (passed; for an always-step: ended, however), and ends the run when
-/// no step is left to run.
-async fn advance(tx: &mut sqlx::PgConnection, run: i64) -> Result<(), StoreError> {
+/// whose needs are met (passed; for an always-step: ended, however). Returns how many
+/// became runnable.
+async fn advance(tx: &mut sqlx::PgConnection, runs: &[i64]) -> Result<u64, StoreError> {
+    // The waiting steps are locked in the order completions lock successors in.
+    sqlx::query("SELECT id FROM engine_steps WHERE run_id = ANY($1) AND state = 'waiting' ORDER BY id FOR UPDATE")
+        .bind(runs)
+        .execute(&mut *tx)
+        .await?;
     loop {
         let r = sqlx::query(
             "UPDATE engine_steps s SET state = 'cancelled'
-              WHERE s.run_id = $1 AND s.state = 'waiting' AND NOT s.always
+              WHERE s.run_id = ANY($1) AND s.state = 'waiting' AND NOT s.always
                 AND EXISTS (SELECT 1 FROM engine_steps d
                              WHERE d.id = ANY(s.needs) AND d.state IN ('failed', 'cancelled'))",
         )
-        .bind(run)
+        .bind(runs)
         .execute(&mut *tx)
         .await?;
         if r.rows_affected() == 0 {
             break;
         }
     }
-    sqlx::query(
+    let woke = sqlx::query(
         "UPDATE engine_steps s SET state = 'runnable', run_after = now()
-          WHERE s.run_id = $1 AND s.state = 'waiting'
+          WHERE s.run_id = ANY($1) AND s.state = 'waiting'
             AND NOT EXISTS (SELECT 1 FROM engine_steps d
                              WHERE d.id = ANY(s.needs)
                                AND (CASE WHEN s.always THEN d.state NOT IN ('passed', 'failed', 'cancelled')
                                          ELSE d.state <> 'passed' END))",
     )
-    .bind(run)
+    .bind(runs)
     .execute(&mut *tx)
     .await?;
-    end_run_if_done(tx, run).await?;
-    Ok(())
+    Ok(woke.rows_affected())
 }
 
-/// Ends the run when none of its steps is left to run: passed when every step passed.
-async fn end_run_if_done(tx: &mut sqlx::PgConnection, run: i64) -> Result<bool, StoreError> {
+/// Ends those of `runs` none of whose steps is left to run: passed when every step passed.
+async fn end_runs_if_done(tx: &mut sqlx::PgConnection, runs: &[i64]) -> Result<u64, StoreError> {
     let r = sqlx::query(
         "UPDATE engine_runs r
             SET state = CASE WHEN cancel_reason IS NOT NULL THEN 'cancelled'
                              WHEN EXISTS (SELECT 1 FROM engine_steps s WHERE s.run_id = r.id AND s.state <> 'passed')
                              THEN 'failed' ELSE 'passed' END,
                 finished_at = now()
-          WHERE r.id = $1 AND r.state = 'running'
+          WHERE r.id = ANY($1) AND r.state = 'running'
             AND NOT EXISTS (SELECT 1 FROM engine_steps s
                              WHERE s.run_id = r.id AND s.state IN ('waiting', 'runnable', 'running'))",
     )
-    .bind(run)
+    .bind(runs)
     .execute(&mut *tx)
     .await?;
-    Ok(r.rows_affected() > 0)
+    Ok(r.rows_affected())
 }
 
 async fn notify(tx: &mut sqlx::PgConnection) -> Result<(), StoreError> {
@@ -601,7 +761,8 @@ impl Store {
         .bind(reason)
         .execute(&mut *tx)
         .await?;
-        advance(&mut tx, run).await?;
+        advance(&mut tx, &[run]).await?;
+        end_runs_if_done(&mut tx, &[run]).await?;
         notify(&mut tx).await?;
         tx.commit().await?;
         Ok(true)

@@ -24,7 +24,7 @@ use certo_hosts::boot::{BootAssets, BootInputs};
 use certo_hosts::domain_name::DomainName;
 use certo_hosts::guest::GuestConfig;
 use certo_hosts::hypervisor::{DomainSpec, Hypervisor, HypervisorKind, Network, Persistence};
-use certo_proto::agent::{BootRequest, HostInfo, HostVmState, VmStatus};
+use certo_proto::agent::{BootRequest, HealthCheck, HealthReport, HostInfo, HostVmState, VmStatus};
 use certo_transfer::Repository;
 
 /// What the agent knows of one VM it booted.
@@ -147,6 +147,110 @@ impl Vms {
         }
         let a = cached.as_ref().ok_or_else(|| "no boot assets".to_owned())?;
         Ok((a.vmlinux.clone(), a.initramfs.clone()))
+    }
+
+    /// The health check: each thing a boot needs, tried for real. The domain started is a
+    /// transient one of its own (`certo-health-…`, the guest kernel over a blank disk, no
+    /// network), destroyed at once; it takes no slot (a host being checked runs no work).
+    pub fn health(&self) -> HealthReport {
+        let mut checks = Vec::new();
+        let mut check = |name: &str, r: Result<String, String>| {
+            let ok = r.is_ok();
+            checks.push(HealthCheck {
+                check: name.to_owned(),
+                ok,
+                detail: r.unwrap_or_else(|e| e),
+            });
+            ok
+        };
+        let listed = self
+            .hv
+            .list()
+            .map(|d| format!("{} answers ({} domains)", self.hv.kind().as_str(), d.len()))
+            .map_err(|e| format!("listing domains: {e}"));
+        let hv_ok = check("hypervisor", listed);
+        let probe_dir = self.dir.join(format!(".health-{}", std::process::id()));
+        let storage = (|| {
+            for dir in [self.repo.root(), self.dir.as_path()] {
+                let f = dir.join(format!(".health-probe-{}", std::process::id()));
+                std::fs::create_dir_all(dir)
+                    .and_then(|()| std::fs::write(&f, b"certo health check\n"))
+                    .and_then(|()| std::fs::File::open(&f)?.sync_all())
+                    .map_err(|e| format!("writing {}: {e}", f.display()))?;
+                let _ = std::fs::remove_file(&f);
+            }
+            Ok(format!(
+                "{} and {} take files",
+                self.repo.root().display(),
+                self.dir.display()
+            ))
+        })();
+        let storage_ok = check("storage", storage);
+        let assets = self.boot_assets();
+        let assets_ok = check(
+            "boot assets",
+            assets
+                .as_ref()
+                .map(|(k, i)| format!("{} and {}", k.display(), i.display()))
+                .map_err(|e| e.clone()),
+        );
+        let start = if !(hv_ok && storage_ok && assets_ok) {
+            Err("not tried: an earlier check failed".to_owned())
+        } else {
+            let (kernel, initramfs) = assets.unwrap_or_default();
+            self.start_probe(&probe_dir, kernel, initramfs)
+        };
+        let _ = std::fs::remove_dir_all(&probe_dir);
+        let start_ok = check("domain start", start);
+        HealthReport {
+            host: self.name.clone(),
+            healthy: hv_ok && storage_ok && assets_ok && start_ok,
+            checks,
+        }
+    }
+
+    fn start_probe(
+        &self,
+        dir: &std::path::Path,
+        kernel: PathBuf,
+        initramfs: PathBuf,
+    ) -> Result<String, String> {
+        std::fs::create_dir_all(dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
+        let base = dir.join("blank.img");
+        let blank = std::fs::File::create(&base).and_then(|f| f.set_len(1 << 20));
+        blank.map_err(|e| format!("creating {}: {e}", base.display()))?;
+        let disk = dir.join("disk.qcow2");
+        certo_hosts::overlay::create_overlay(&base, &disk).map_err(|e| e.to_string())?;
+        let millis = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis());
+        let name = format!("certo-health-{}-{millis}", self.name);
+        let spec = DomainSpec {
+            name: name.clone(),
+            memory_mib: 64,
+            vcpus: 1,
+            kernel,
+            initramfs,
+            cmdline: "console=ttyS0 panic=-1 certo.health=1".into(),
+            root_disk: disk,
+            base_image: Some(base),
+            owner: Some(self.name.clone()),
+            secret_file: None,
+            serial_log: dir.join("serial.log"),
+            network: Network::None,
+        };
+        let started = Instant::now();
+        self.hv
+            .start(&spec, Persistence::Transient)
+            .map_err(|e| format!("starting {name}: {e}"))?;
+        let took = started.elapsed();
+        match self.hv.destroy(&name) {
+            Ok(_) => Ok(format!(
+                "{name} started in {:.0} ms and was destroyed",
+                took.as_secs_f64() * 1000.0
+            )),
+            Err(e) => Err(format!("{name} started but could not be destroyed: {e}")),
+        }
     }
 
     /// Reserves a slot and the name for a boot, atomically: counted against the slots
@@ -509,6 +613,7 @@ impl axum::extract::FromRequestParts<Arc<Vms>> for HostCaller {
 pub fn router(vms: Arc<Vms>) -> Router {
     Router::new()
         .route("/v1/info", get(info))
+        .route("/v1/health", axum::routing::post(health))
         .route("/v1/vms", axum::routing::post(boot))
         .route("/v1/vms/{name}", get(status).delete(destroy))
         .route("/v1/vms/{name}/probe", axum::routing::post(probe))
@@ -536,6 +641,13 @@ async fn info(State(v): State<Arc<Vms>>, _: HostCaller) -> Response {
         vcpus: v.vcpus,
     })
     .into_response()
+}
+
+async fn health(State(v): State<Arc<Vms>>, _: HostCaller) -> Response {
+    match tokio::task::spawn_blocking(move || v.health()).await {
+        Ok(report) => axum::Json(report).into_response(),
+        Err(e) => text(StatusCode::INTERNAL_SERVER_ERROR, format!("{e}\n")),
+    }
 }
 
 async fn boot(State(v): State<Arc<Vms>>, _: HostCaller, body: axum::body::Bytes) -> Response {

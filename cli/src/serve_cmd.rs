@@ -20,6 +20,10 @@ pub struct ServeArgs {
     /// Seconds between health checks of the shared testbed services.
     #[arg(long, default_value_t = 10.0)]
     pub health_interval: f64,
+    /// Seconds between health checks of quarantined hosts (a host that passes gets work
+    /// again).
+    #[arg(long, default_value_t = 60.0)]
+    pub host_check_interval: f64,
 }
 
 pub async fn serve(g: &Global, a: ServeArgs) -> anyhow::Result<ExitCode> {
@@ -29,6 +33,11 @@ pub async fn serve(g: &Global, a: ServeArgs) -> anyhow::Result<ExitCode> {
         store.clone(),
         g.location(),
         Duration::from_secs(1),
+    ));
+    let rechecks = tokio::spawn(certo_orchestrator::app::hosts::recheck_loop(
+        g.context()?,
+        store.clone(),
+        Duration::from_secs_f64(a.host_check_interval.max(1.0)),
     ));
     let listener = tokio::net::TcpListener::bind(a.listen)
         .await
@@ -51,6 +60,7 @@ pub async fn serve(g: &Global, a: ServeArgs) -> anyhow::Result<ExitCode> {
     )
     .await?;
     supervisor.abort();
+    rechecks.abort();
     Ok(ExitCode::SUCCESS)
 }
 
@@ -83,6 +93,13 @@ pub enum HostCommand {
     },
     /// Give a quarantined host work again.
     Release { name: String },
+    /// Run the host's health check now (its agent starts and destroys a domain); a quarantined
+    /// host that passes gets work again. Exit 0 healthy, 1 unhealthy.
+    Check {
+        name: String,
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 fn valid_host_name(name: &str) -> bool {
@@ -171,6 +188,36 @@ pub async fn host(g: &Global, a: HostArgs) -> anyhow::Result<ExitCode> {
             }
             println!("host {name} gets work again");
             Ok(ExitCode::SUCCESS)
+        }
+        HostCommand::Check { name, json } => {
+            let ctx = g.context()?;
+            let store = ctx.store().await?;
+            let checked = match certo_orchestrator::app::hosts::check(&ctx, store, &name).await {
+                Ok(c) => c,
+                Err(certo_orchestrator::app::AppError::NotFound(m)) => {
+                    eprintln!("error: {m}");
+                    return Ok(ExitCode::from(EXIT_INVALID));
+                }
+                Err(e) => return Err(e.into()),
+            };
+            if json {
+                print_json(&checked)?;
+            } else {
+                println!("{}", super::printable(&checked.line()));
+                for c in checked.report.iter().flat_map(|r| &r.checks) {
+                    println!(
+                        "  {} {:<13} {}",
+                        if c.ok { "ok  " } else { "FAIL" },
+                        c.check,
+                        super::printable(&c.detail)
+                    );
+                }
+            }
+            Ok(if checked.healthy() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
+            })
         }
     }
 }

@@ -520,6 +520,13 @@ async fn certo_up_and_submit_wait_reach_every_verdict_on_real_vms() {
     }
     let held = db.store.held_slots().await.expect("slots");
     assert!(held.values().all(|n| *n == 0), "slots still held: {held:?}");
+    // The real agent's health check: QEMU starts a domain of the guest kernel and destroys it.
+    let out = run(&db.url, &["host", "check", &host]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{text}");
+    assert!(text.contains(&format!("{host}: healthy")), "{text}");
+    assert!(text.contains("ok   domain start"), "{text}");
+    assert!(!text.contains("FAIL"), "{text}");
     let out = down();
     assert!(
         out.status.success(),
@@ -734,4 +741,92 @@ async fn boot_running(store: &certo_orchestrator::store::Store, run: i64) -> boo
     .fetch_one(store.pool())
     .await
     .expect("boot state")
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_quarantined_host_gets_work_again_only_after_a_passing_health_check() {
+    let db = certo_testkit::scratch_db().await;
+    let api = certo_testkit::api_server(&db.store, Duration::from_secs(10)).await;
+    let name = format!("sick{}", std::process::id());
+    // The host's libvirt cannot start domains, as on the host that failed three boots.
+    let faults: std::sync::Arc<
+        std::sync::OnceLock<std::sync::Arc<certo_testkit::hypervisor::Faulty>>,
+    > = Default::default();
+    let slot = faults.clone();
+    let (host, _) = registered_host(&db, &api, &name, 2, move |hv| {
+        let f = std::sync::Arc::new(certo_testkit::hypervisor::Faulty::new(hv));
+        f.fail_start
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        let _ = slot.set(f.clone());
+        f
+    })
+    .await;
+    let faulty = faults.get().expect("the agent's hypervisor").clone();
+    for _ in 0..3 {
+        db.store
+            .host_failed(&name, "the host could not boot a VM")
+            .await
+            .expect("host failed");
+    }
+    let quarantined = |hosts: Vec<certo_orchestrator::store::HostRow>| {
+        hosts
+            .into_iter()
+            .find(|h| h.name == name)
+            .and_then(|h| h.quarantine_reason)
+    };
+    let why = quarantined(db.store.list_hosts().await.expect("hosts")).expect("quarantined");
+    assert!(why.contains("3 infrastructure failures in a row"), "{why}");
+
+    // Still broken: the check says which part fails, and the host stays out of placement.
+    let out = run(&db.url, &["host", "check", &name]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    assert!(text.contains("unhealthy, stays quarantined"), "{text}");
+    assert!(
+        text.contains("FAIL domain start  starting certo-health-"),
+        "{text}"
+    );
+    assert!(text.contains("ok   storage"), "{text}");
+    assert!(text.contains("ok   hypervisor"), "{text}");
+    assert!(
+        quarantined(db.store.list_hosts().await.expect("hosts")).is_some(),
+        "an unhealthy host was released"
+    );
+
+    // Repaired: the periodic check of `certo serve` (one round here) takes it back.
+    faulty
+        .fail_start
+        .store(false, std::sync::atomic::Ordering::SeqCst);
+    let ctx = certo_orchestrator::app::Context::new(certo_orchestrator::app::Settings {
+        data_dir: data(),
+        database_url: Some(db.url.clone()),
+        catalogue: None,
+        repos: None,
+    })
+    .expect("context");
+    let checked = certo_orchestrator::app::hosts::check_quarantined(&ctx, &db.store)
+        .await
+        .expect("checks");
+    assert_eq!(checked.len(), 1, "{checked:?}");
+    assert!(checked[0].released, "{checked:?}");
+    assert_eq!(
+        quarantined(db.store.list_hosts().await.expect("hosts")),
+        None,
+        "a healthy host stayed quarantined"
+    );
+    // And the command on a healthy host: exit 0, every check passed, JSON for scripts.
+    let out = run(&db.url, &["host", "check", &name, "--json"]);
+    assert_eq!(out.status.code(), Some(0));
+    let v = json_of(&out);
+    assert_eq!(v["report"]["healthy"], true, "{v:#}");
+    assert_eq!(v["released"], false, "{v:#}");
+    assert!(
+        v["report"]["checks"]
+            .as_array()
+            .is_some_and(|c| c.len() == 4 && c.iter().all(|c| c["ok"] == true)),
+        "{v:#}"
+    );
+    drop(host);
+    let _ = std::fs::remove_file(data().join("host-tokens").join(&name));
+    db.drop_db().await.expect("drop");
 }

@@ -127,6 +127,11 @@ impl Agent {
         self.call(reqwest::Method::GET, "/v1/info", None).await
     }
 
+    /// Runs the host's health check (it starts and destroys a domain of its own).
+    pub async fn health(&self) -> Result<certo_proto::agent::HealthReport> {
+        self.call(reqwest::Method::POST, "/v1/health", None).await
+    }
+
     /// Boots a VM from a repository image.
     pub async fn boot(&self, spec: &BootRequest) -> Result<AgentVm> {
         self.call(

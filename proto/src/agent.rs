@@ -106,6 +106,26 @@ pub struct HostInfo {
     pub vcpus: u32,
 }
 
+/// One check of a host's health check (`POST /v1/health`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HealthCheck {
+    /// `hypervisor`, `storage`, `boot assets`, `domain start`.
+    pub check: String,
+    pub ok: bool,
+    /// What was done, or why it failed.
+    pub detail: String,
+}
+
+/// A host's health check: what a VM's boot needs, tried for real (the hypervisor answers, the
+/// repository and VM directories take files, the boot assets are there, and a domain starts
+/// and is destroyed).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HealthReport {
+    pub host: String,
+    pub healthy: bool,
+    pub checks: Vec<HealthCheck>,
+}
+
 /// What the orchestrator asks an agent to look at from outside a running guest
 /// (`POST /v1/vms/{name}/probe`): a TCP port the guest says a service listens on.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -9,6 +9,7 @@
 //!   record it.
 
 pub mod certify;
+pub mod hosts;
 pub mod images;
 pub mod patches;
 pub mod runs;
@@ -66,6 +67,9 @@ pub enum AppError {
     },
     #[error("a background task failed: {0}")]
     Task(#[from] tokio::task::JoinError),
+    /// What the operation was asked about does not exist.
+    #[error("{0}")]
+    NotFound(String),
 }
 
 /// The application context: settings, the catalogue, and the store, the package

@@ -111,9 +111,16 @@ impl Retry {
         if n < 2 || n > self.attempts || !self.on.contains(&class) {
             return None;
         }
-        let d =
-            self.initial.as_secs_f64() * self.factor.powi(i32::try_from(n - 2).unwrap_or(i32::MAX));
-        Some(Duration::from_secs_f64(d.min(self.cap.as_secs_f64())))
+        use backon::BackoffBuilder;
+        // The delays of the retries in turn: initial, × factor each time, at most cap.
+        backon::ExponentialBuilder::default()
+            .with_min_delay(self.initial)
+            .with_factor(self.factor as f32)
+            .with_max_delay(self.cap)
+            .with_max_times(self.attempts.saturating_sub(1) as usize)
+            .build()
+            .nth(n as usize - 2)
+            .map(|d| d.min(self.cap))
     }
 }
 

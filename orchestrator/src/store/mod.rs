@@ -169,9 +169,15 @@ impl Store {
 
     /// Connects to a database by URL and applies the migrations.
     pub async fn connect(url: &str) -> Result<Store, StoreError> {
+        Store::connect_sized(url, 8).await
+    }
+
+    /// Connects like [`Store::connect`] with a pool of up to `connections` (a worker running
+    /// many steps at once needs more than the default 8).
+    pub async fn connect_sized(url: &str, connections: u32) -> Result<Store, StoreError> {
         let opts = PgConnectOptions::from_str(url).map_err(StoreError::Url)?;
         let pool = PgPoolOptions::new()
-            .max_connections(8)
+            .max_connections(connections.max(1))
             .acquire_timeout(Duration::from_secs(10))
             .connect_with(opts)
             .await

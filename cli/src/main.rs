@@ -14,6 +14,7 @@ mod patch_cmd;
 mod run_cmd;
 mod serve_cmd;
 mod stack_cmd;
+mod sweep_cmd;
 mod transfer_cmd;
 mod vm_cmd;
 mod workflow_cmd;
@@ -117,6 +118,8 @@ pub enum Command {
     Cancel(run_cmd::CancelArgs),
     /// Certify a patch again (all targets, or --failed ones).
     Rerun(run_cmd::RerunArgs),
+    /// The nightly regression sweeps over the release matrix: run one now, list, show.
+    Sweep(sweep_cmd::SweepArgs),
     /// Start this machine's stack in the background: the store, `certo serve`, a host agent, workers.
     Up(stack_cmd::UpArgs),
     /// Stop what `certo up` started.
@@ -126,8 +129,11 @@ pub enum Command {
 }
 
 impl Global {
+    /// The data directory, absolute (processes started from it, such as `certo up`'s agent,
+    /// and the files handed to libvirt must not depend on the working directory).
     pub fn data_dir(&self) -> PathBuf {
-        self.data_dir.clone().unwrap_or_else(default_data_dir)
+        let dir = self.data_dir.clone().unwrap_or_else(default_data_dir);
+        std::path::absolute(&dir).unwrap_or(dir)
     }
 
     pub fn location(&self) -> Location {
@@ -276,6 +282,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Runs(args) => run_cmd::list(g, args).await,
         Command::Cancel(args) => run_cmd::cancel(g, args).await,
         Command::Rerun(args) => run_cmd::rerun(g, args).await,
+        Command::Sweep(args) => sweep_cmd::run(g, args).await,
         Command::Up(args) => stack_cmd::up(g, args).await,
         Command::Down(args) => stack_cmd::down(g, args).await,
         Command::Status(args) => stack_cmd::status(g, args).await,

@@ -99,9 +99,15 @@ pub async fn worker(g: &Global, a: WorkerArgs) -> anyhow::Result<ExitCode> {
         config.concurrency
     );
     tracing::info!(worker = %name, concurrency = config.concurrency, %orchestrator, "worker started");
+    // Every worker looks at the nightly schedule; each fire time runs once.
+    let scheduler = tokio::spawn(certo_orchestrator::app::sweeps::schedule_loop(
+        ctx.clone(),
+        store.clone(),
+    ));
     Worker::new(store, config, std::sync::Arc::new(handler))
         .run(stopped(stop_rx))
         .await?;
+    scheduler.abort();
     if let Some(srv) = guest_api {
         let _ = srv.await;
     }

@@ -8,7 +8,9 @@ use clap::{Args, Subcommand};
 use serde_json::json;
 
 use super::{EXIT_INVALID, print_json};
-use certo_orchestrator::engine::workflow::{CERTIFY, CERTIFY_PATH, Scope, Workflow};
+use certo_orchestrator::engine::workflow::{
+    CERTIFY, CERTIFY_PATH, NIGHTLY, NIGHTLY_PATH, Scope, Workflow,
+};
 
 #[derive(Debug, Args)]
 pub struct WorkflowArgs {
@@ -18,8 +20,8 @@ pub struct WorkflowArgs {
 
 #[derive(Debug, Subcommand)]
 pub enum WorkflowCommand {
-    /// Validate workflow files (default: the built-in certification workflow,
-    /// workflows/certify.yaml); every error as FILE:LINE:COL: field: message.
+    /// Validate workflow files (default: the built-in ones, workflows/certify.yaml and
+    /// workflows/nightly.yaml); every error as FILE:LINE:COL: field: message.
     Check(CheckArgs),
 }
 
@@ -37,6 +39,7 @@ pub fn run(args: WorkflowArgs) -> anyhow::Result<ExitCode> {
     let mut sources = Vec::new();
     if args.files.is_empty() {
         sources.push((CERTIFY_PATH.to_owned(), CERTIFY.to_owned()));
+        sources.push((NIGHTLY_PATH.to_owned(), NIGHTLY.to_owned()));
     }
     for f in &args.files {
         let meta = std::fs::metadata(f).with_context(|| format!("cannot read {}", f.display()))?;
@@ -80,6 +83,17 @@ pub fn run(args: WorkflowArgs) -> anyhow::Result<ExitCode> {
                 w.steps.len(),
                 w.steps.len() - per_run
             );
+            if let Some(sch) = &w.schedule {
+                println!(
+                    "  schedule `{}` in {}: next fire {}",
+                    sch.cron,
+                    sch.time_zone,
+                    sch.next_after(chrono::Utc::now()).map_or_else(
+                        || "never".to_owned(),
+                        |t| t.format("%Y-%m-%d %H:%M UTC").to_string()
+                    )
+                );
+            }
         }
         if !all_errors.is_empty() {
             eprintln!("{} error(s)", all_errors.len());

@@ -520,6 +520,47 @@ async fn certo_up_and_submit_wait_reach_every_verdict_on_real_vms() {
     }
     let held = db.store.held_slots().await.expect("slots");
     assert!(held.values().all(|n| *n == 0), "slots still held: {held:?}");
+    // A sweep of one cell on real VMs: the baseline's known failure is reported as failing
+    // (no sweep before), the rest passes, and the results are the baseline's now.
+    let out = run(
+        &db.url,
+        &[
+            "sweep",
+            "run",
+            "--cells",
+            "3.2/sl5_i386/glite-WN",
+            "--wait",
+            "--json",
+        ],
+    );
+    let v = json_of(&out);
+    let c = &v["cells"][0];
+    assert_eq!(
+        (c["state"].as_str(), c["class"].as_str()),
+        (Some("ran"), Some("failing")),
+        "{v:#}"
+    );
+    let tests = c["tests"].as_array().expect("tests");
+    assert!(
+        tests
+            .iter()
+            .any(|t| t["name"] == "bug61001" && t["status"] == "fail" && t["class"] == "failing"),
+        "{v:#}"
+    );
+    assert!(
+        tests.iter().filter(|t| t["status"] == "pass").count() >= 2,
+        "{v:#}"
+    );
+    let base = db
+        .store
+        .baseline_results(c["image_digest"].as_str().expect("digest"))
+        .await
+        .expect("baseline");
+    assert!(
+        base.iter()
+            .any(|(_, n, st)| n == "bug61001" && st == "fail"),
+        "{base:?}"
+    );
     // The real agent's health check: QEMU starts a domain of the guest kernel and destroys it.
     let out = run(&db.url, &["host", "check", &host]);
     let text = String::from_utf8_lossy(&out.stdout);
@@ -826,6 +867,119 @@ async fn a_quarantined_host_gets_work_again_only_after_a_passing_health_check() 
             .is_some_and(|c| c.len() == 4 && c.iter().all(|c| c["ok"] == true)),
         "{v:#}"
     );
+    drop(host);
+    let _ = std::fs::remove_file(data().join("host-tokens").join(&name));
+    db.drop_db().await.expect("drop");
+}
+
+/// `certo sweep run --cells CELL --wait --json`: the sweep's view.
+fn sweep(db: &str, cell: &str) -> Value {
+    let out = run(db, &["sweep", "run", "--cells", cell, "--wait", "--json"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    json_of(&out)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sweeps_classify_each_cell_against_the_one_before_and_tell_flaky_from_failing() {
+    let db = certo_testkit::scratch_db().await;
+    let api = certo_testkit::api_server(&db.store, Duration::from_secs(10)).await;
+    let name = format!("sweeper{}", std::process::id());
+    let (host, _) = registered_host(&db, &api, &name, 2, |hv| hv).await;
+    let _w = WorkerProc::start(&db.url, &api.base, "sweep-worker");
+    let cell = "3.2/sl5_i386/glite-WN";
+    let of = |v: &Value| {
+        let c = &v["cells"][0];
+        assert_eq!(c["cell"], cell, "{v:#}");
+        c.clone()
+    };
+    let test = |c: &Value, t: &str| {
+        c["tests"]
+            .as_array()
+            .and_then(|ts| {
+                ts.iter().find(|x| {
+                    format!(
+                        "{}/{}",
+                        x["suite"].as_str().unwrap_or(""),
+                        x["name"].as_str().unwrap_or("")
+                    ) == t
+                })
+            })
+            .cloned()
+            .unwrap_or_else(|| panic!("no test {t}: {c:#}"))
+    };
+
+    // The first sweep: every test passes.
+    let first = sweep(&db.url, cell);
+    let c = of(&first);
+    assert_eq!(
+        (c["state"].as_str(), c["class"].as_str()),
+        (Some("ran"), Some("passing")),
+        "{c:#}"
+    );
+    assert_eq!(first["state"], "passed", "{first:#}");
+    // Its results are the baseline's now.
+    let digest = c["image_digest"].as_str().expect("digest").to_owned();
+    let base = db.store.baseline_results(&digest).await.expect("baseline");
+    assert!(
+        base.iter().any(|(s, _, st)| s == "basic" && st == "pass"),
+        "{base:?}"
+    );
+
+    // A test that fails once, then passes on a fresh VM: flaky, never a pass.
+    host.guest_failures
+        .store(1, std::sync::atomic::Ordering::SeqCst);
+    let c = of(&sweep(&db.url, cell));
+    assert_eq!(c["class"], "flaky", "{c:#}");
+    assert_eq!(test(&c, "basic/simulated")["status"], "flaky", "{c:#}");
+    assert_eq!(c["trend"], serde_json::json!(["pass"]), "{c:#}");
+    // ...and the baseline takes it as failing (a patch failing it is not rejected for it).
+    let base = db.store.baseline_results(&digest).await.expect("baseline");
+    assert!(
+        base.iter()
+            .any(|(s, n, st)| s == "basic" && n == "simulated" && st == "fail"),
+        "{base:?}"
+    );
+
+    // Failing on the retry too (each VM reports two results): newly failing.
+    host.guest_failures
+        .store(4, std::sync::atomic::Ordering::SeqCst);
+    let c = of(&sweep(&db.url, cell));
+    assert_eq!(c["class"], "newly failing", "{c:#}");
+    let t = test(&c, "basic/simulated");
+    assert_eq!(
+        (t["status"].as_str(), t["before"].as_str()),
+        (Some("fail"), Some("flaky")),
+        "{c:#}"
+    );
+
+    // Again: still failing. Then repaired: fixed.
+    host.guest_failures
+        .store(4, std::sync::atomic::Ordering::SeqCst);
+    assert_eq!(of(&sweep(&db.url, cell))["class"], "still failing");
+    let last = sweep(&db.url, cell);
+    let c = of(&last);
+    assert_eq!(c["class"], "fixed", "{c:#}");
+    assert_eq!(
+        c["trend"],
+        serde_json::json!(["pass", "pass", "fail", "fail"]),
+        "{c:#}"
+    );
+
+    // `sweep ls` lists the five, newest first; `sweep show` prints the matrix.
+    let out = run(&db.url, &["sweep", "ls", "--json"]);
+    let ls = json_of(&out);
+    assert_eq!(ls["sweeps"].as_array().map(Vec::len), Some(5), "{ls:#}");
+    assert_eq!(ls["sweeps"][0]["sweep"], last["sweep"], "{ls:#}");
+    let out = run(&db.url, &["sweep", "show"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains(cell) && text.contains("fixed"), "{text}");
+    // Nothing left running on the host, no slot held.
+    let held = db.store.held_slots().await.expect("slots");
+    assert!(held.values().all(|n| *n == 0), "slots still held: {held:?}");
     drop(host);
     let _ = std::fs::remove_file(data().join("host-tokens").join(&name));
     db.drop_db().await.expect("drop");

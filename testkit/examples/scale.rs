@@ -404,6 +404,20 @@ async fn main() {
             busiest_share / even_share
         );
     }
+    let odd: Vec<(String, Option<String>, Option<String>, i64)> = sqlx::query_as(
+        "SELECT verdict, stage, reason, count(*) FROM verdicts WHERE verdict <> 'certified'
+          GROUP BY 1, 2, 3 ORDER BY 4 DESC LIMIT 5",
+    )
+    .fetch_all(store.pool())
+    .await
+    .expect("other verdicts");
+    for (v, stage, reason, n) in &odd {
+        eprintln!(
+            "{n} {v} at {}: {}",
+            stage.as_deref().unwrap_or("-"),
+            reason.as_deref().unwrap_or("-")
+        );
+    }
     if !a.json {
         println!(
             "{defers} deferrals (placement found every slot in use); per step, median / p95 seconds:"

@@ -19,6 +19,9 @@ pub struct SimulatedHost {
     /// Its repository, VM files and test-driver node under here.
     pub dir: PathBuf,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
+    /// Fault injection: while above zero, each test result its guests report fails (see
+    /// [`SimulatedGuests::with_failures`]).
+    pub guest_failures: Arc<std::sync::atomic::AtomicU32>,
 }
 
 impl Drop for SimulatedHost {
@@ -61,7 +64,10 @@ impl SimulatedHost {
         let uri = format!("test://{}", node.display());
         let libvirt = LibvirtHypervisor::connect(&uri)
             .unwrap_or_else(|e| panic!("the test driver at {uri}: {e}"));
-        let hv = wrap(Arc::new(SimulatedGuests::new(Arc::new(libvirt))));
+        let guest_failures: Arc<std::sync::atomic::AtomicU32> = Default::default();
+        let hv = wrap(Arc::new(
+            SimulatedGuests::new(Arc::new(libvirt)).with_failures(guest_failures.clone()),
+        ));
         let settings = AgentSettings {
             listen: ([127, 0, 0, 1], 0).into(),
             repo: dir.join("repo"),
@@ -101,6 +107,7 @@ impl SimulatedHost {
             url: format!("http://{addr}"),
             dir,
             stop: Some(stop_tx),
+            guest_failures,
         }
     }
 }

@@ -21,11 +21,23 @@ use certo_hosts::hypervisor::{
 #[derive(Debug)]
 pub struct SimulatedGuests {
     inner: Arc<dyn Hypervisor>,
+    failures: Arc<std::sync::atomic::AtomicU32>,
 }
 
 impl SimulatedGuests {
     pub fn new(inner: Arc<dyn Hypervisor>) -> Self {
-        SimulatedGuests { inner }
+        SimulatedGuests {
+            inner,
+            failures: Default::default(),
+        }
+    }
+
+    /// Fault injection in the harness: while `failures` is above zero, each test result a
+    /// guest reports is a failure, and counts it down (a test that fails once and then
+    /// passes: set it to 1).
+    pub fn with_failures(mut self, failures: Arc<std::sync::atomic::AtomicU32>) -> Self {
+        self.failures = failures;
+        self
     }
 }
 
@@ -67,7 +79,10 @@ impl Hypervisor for SimulatedGuests {
         if let Some(args) = guest_args(&spec.cmdline) {
             let hv = self.inner.clone();
             let (name, serial) = (spec.name.clone(), spec.serial_log.clone());
-            std::thread::spawn(move || simulated_guest(hv.as_ref(), &name, &args, &serial));
+            let failures = self.failures.clone();
+            std::thread::spawn(move || {
+                simulated_guest(hv.as_ref(), &name, &args, &serial, &failures)
+            });
         }
         Ok(())
     }
@@ -90,7 +105,13 @@ impl Hypervisor for SimulatedGuests {
 }
 
 /// The stand-in harness: join, one passing result per planned suite, log, done, power off.
-fn simulated_guest(hv: &dyn Hypervisor, name: &str, guest: &GuestArgs, serial: &Path) {
+fn simulated_guest(
+    hv: &dyn Hypervisor,
+    name: &str,
+    guest: &GuestArgs,
+    serial: &Path,
+    failures: &std::sync::atomic::AtomicU32,
+) {
     let mut console = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
@@ -147,10 +168,15 @@ fn simulated_guest(hv: &dyn Hypervisor, name: &str, guest: &GuestArgs, serial: &
     for line in plan.lines() {
         if let Some(rest) = line.strip_prefix("test ") {
             let suite = rest.split_whitespace().next().unwrap_or("basic");
-            let _ = call(
-                "/api/v1/guest/result",
-                &format!("{suite} simulated pass 0.0\nsimulated under libvirt's test driver\n"),
-            );
+            let fail = failures
+                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+                .is_ok();
+            let body = if fail {
+                format!("{suite} simulated fail 0.0\nfailed on purpose (fault injection)\n")
+            } else {
+                format!("{suite} simulated pass 0.0\nsimulated under libvirt's test driver\n")
+            };
+            let _ = call("/api/v1/guest/result", &body);
         }
     }
     let _ = call("/api/v1/guest/log", "joined\nall suites run (simulated)\n");
@@ -159,8 +185,22 @@ fn simulated_guest(hv: &dyn Hypervisor, name: &str, guest: &GuestArgs, serial: &
     let _ = hv.destroy(name);
 }
 
-/// A minimal blocking HTTP/1.1 POST (the harness's wget).
+/// A POST as the harness makes it: a busy orchestrator (503, the request refused before it was
+/// handled) is tried again, up to 6 times, 1, 2, … 5 s apart.
 fn http_post(url: &str, token: &str, vm: &str, body: &str) -> std::io::Result<(u16, String)> {
+    let mut tries = 1;
+    loop {
+        let answer = http_post_once(url, token, vm, body)?;
+        if answer.0 != 503 || tries >= 6 {
+            return Ok(answer);
+        }
+        std::thread::sleep(Duration::from_secs(tries));
+        tries += 1;
+    }
+}
+
+/// A minimal blocking HTTP/1.1 POST (the harness's nc).
+fn http_post_once(url: &str, token: &str, vm: &str, body: &str) -> std::io::Result<(u16, String)> {
     let rest = url
         .strip_prefix("http://")
         .ok_or_else(|| std::io::Error::other("only http:// URLs"))?;

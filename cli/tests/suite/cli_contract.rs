@@ -663,9 +663,21 @@ fn workflow_check_accepts_the_built_in_workflow_and_lists_every_error_of_a_broke
         .output()
         .expect("run certo");
     assert_eq!(out.status.code(), Some(0), "{}", explain(&out));
+    let stdout = text(&out.stdout);
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert_eq!(lines.len(), 3, "{stdout}");
     assert_eq!(
-        text(&out.stdout).trim(),
+        lines[0],
         "workflows/certify.yaml: workflow certify, 13 steps (2 per run, 11 per target): valid"
+    );
+    assert_eq!(
+        lines[1],
+        "workflows/nightly.yaml: workflow nightly, 8 steps (2 per run, 6 per target): valid"
+    );
+    assert!(
+        lines[2].starts_with("  schedule `0 2 * * *` in Europe/Zurich: next fire 20")
+            && lines[2].ends_with(" UTC"),
+        "{stdout}"
     );
     let broken = dir.path().join("broken.yaml");
     std::fs::write(

@@ -15,6 +15,7 @@ mod hardening;
 mod hosts_api;
 mod parser_props;
 mod store;
+mod sweep_fires;
 mod testbed_guard;
 mod transfer_cli;
 mod vm_lifecycle;

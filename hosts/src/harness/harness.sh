@@ -76,8 +76,22 @@ fi
 
 ERRORS=
 # post ENDPOINT BODYFILE: POST, response body in $W/resp; non-zero on failure (error on the
-# console). The request is written by printf (a shell builtin: no process shows the key).
+# console). A busy orchestrator (503: it refused the request before handling it) is tried
+# again, up to 6 times over about 20 s: many guests report at once on a large testbed. Other
+# failures are not (the request may have been handled). The request is written by
+# printf (a shell builtin: no process shows the key).
 post() {
+  try=1
+  while :; do
+    post_once "$1" "$2" && return 0
+    [ "${status:-}" = 503 ] || return 1
+    [ "$try" -ge 6 ] && return 1
+    say "POST /api/v1/guest/$1: trying again in $try s"
+    sleep "$try"
+    try=$((try + 1))
+  done
+}
+post_once() {
   rm -f $W/resp $W/raw
   len=$(wc -c < "$2")
   {

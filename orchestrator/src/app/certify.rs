@@ -57,9 +57,10 @@ pub struct CertifySettings {
 /// The certification workflow's step handler.
 #[derive(Debug, Clone)]
 pub struct Certify {
-    ctx: Context,
-    settings: CertifySettings,
+    pub(super) ctx: Context,
+    pub(super) settings: CertifySettings,
     workflow: Workflow,
+    pub(super) nightly: Workflow,
 }
 
 /// A failure the patch caused: rejects the target at `stage`.
@@ -70,21 +71,24 @@ fn product(stage: &str, reason: impl Into<String>) -> StepOutput {
     }
 }
 
-fn infra(reason: impl Into<String>) -> StepOutput {
+pub(super) fn infra(reason: impl Into<String>) -> StepOutput {
     StepOutput::failed(FailureClass::Infrastructure, reason)
 }
 
 /// An infrastructure failure on `host` (the retry goes elsewhere when it can).
-fn infra_on(host: &str, reason: impl Into<String>) -> StepOutput {
+pub(super) fn infra_on(host: &str, reason: impl Into<String>) -> StepOutput {
     StepOutput::Failed {
         class: FailureClass::Infrastructure,
         detail: json!({"reason": reason.into(), "host": host}),
     }
 }
 
+/// A placement candidate: (blocks held, free slots, spread), host, agent URL, detail.
+type Candidate = ((i64, i64, u64), String, String, Value);
+
 /// Certo's own failure while running a step (the store, a file): retried as infrastructure.
 #[derive(Debug, thiserror::Error)]
-enum StepError {
+pub(super) enum StepError {
     #[error(transparent)]
     Store(#[from] StoreError),
     #[error(transparent)]
@@ -95,7 +99,7 @@ enum StepError {
     Other(String),
 }
 
-type Result<T, E = StepError> = std::result::Result<T, E>;
+pub(super) type Result<T, E = StepError> = std::result::Result<T, E>;
 
 impl Certify {
     pub fn new(ctx: Context, settings: CertifySettings) -> Certify {
@@ -103,6 +107,7 @@ impl Certify {
             ctx,
             settings,
             workflow: Workflow::certify(),
+            nightly: Workflow::nightly(),
         }
     }
 
@@ -119,6 +124,9 @@ impl Certify {
                 .map(|p| p.record),
             _ => None,
         };
+        if run.workflow == super::sweeps::WORKFLOW {
+            return self.sweep_step(s, &run).await;
+        }
         let Some(record) = record else {
             return Ok(infra(format!("run {} has no stored patch record", run.id)));
         };
@@ -128,11 +136,11 @@ impl Certify {
                 "targets": run.targets,
                 "conflicts": [],
             }))),
-            "build" => self.build(target, &record).await,
+            "build" => self.build(target, Some(&record)).await,
             "baseline" => self.baseline(s, target, &record).await,
             "place" => self.place(s, target).await,
             "transfer" => self.transfer(s, target).await,
-            "boot" => self.boot(s, target, &record).await,
+            "boot" => self.boot(s, target, Some(&record)).await,
             "join" => self.join(s, target).await,
             "basic" => self.suite(s, target, "basic").await,
             "regression" => self.suite(s, target, "regression").await,
@@ -149,7 +157,7 @@ impl Certify {
         Ok(Agent::new(url, &token)?)
     }
 
-    async fn output(&self, s: &StepCtx, target: &str, name: &str) -> Result<Value> {
+    pub(super) async fn output(&self, s: &StepCtx, target: &str, name: &str) -> Result<Value> {
         s.store
             .step_output(s.claim.run, target, name)
             .await?
@@ -158,7 +166,7 @@ impl Certify {
 
     /// The host holding the target's slot (placement, or where a retry moved it) and a
     /// client of its agent.
-    async fn agent_of(&self, s: &StepCtx, target: &str) -> Result<(String, Agent)> {
+    pub(super) async fn agent_of(&self, s: &StepCtx, target: &str) -> Result<(String, Agent)> {
         let host = match s.store.placement(s.claim.run, target).await? {
             Some(h) => h,
             None => str_of(&self.output(s, target, "place").await?, "host"),
@@ -189,7 +197,10 @@ impl Certify {
         }
         let build = self.output(s, target, "build").await?;
         let image = PathBuf::from(str_of(&build["image"], "path"));
-        let picked = match self.pick_host(&s.store, &image, &[host.to_owned()]).await {
+        let picked = match self
+            .pick_host(&s.store, &image, &[host.to_owned()], s.claim.step)
+            .await
+        {
             Ok(Some(p)) => p,
             // No other host can take it now: try again where it is.
             _ => return Ok(Ok((host.to_owned(), agent, image_name))),
@@ -220,7 +231,13 @@ impl Certify {
         }
     }
 
-    async fn build(&self, target: &str, record: &PatchRecord) -> Result<StepOutput> {
+    /// The target's patch image and its baseline; without a record (a sweep), the baseline
+    /// alone, as both.
+    pub(super) async fn build(
+        &self,
+        target: &str,
+        record: Option<&PatchRecord>,
+    ) -> Result<StepOutput> {
         let (release, platform, node_type) = split_target(target);
         // The first use builds the package repositories of the fixture world: not on the
         // async threads.
@@ -230,7 +247,10 @@ impl Certify {
             .map_err(|e| StepError::Other(e.to_string()))??;
         let started = Instant::now();
         let mut out = json!({});
-        for (key, patch) in [("image", Some(record)), ("baseline", None)] {
+        for (key, patch) in [("image", record), ("baseline", None)] {
+            if key == "image" && patch.is_none() {
+                continue;
+            }
             let req = match super::images::request(&self.ctx, release, platform, node_type, patch) {
                 Ok(r) => r,
                 Err(e) => return Ok(product("install", e.to_string())),
@@ -290,17 +310,22 @@ impl Certify {
                 }
             }
         }
+        if record.is_none() {
+            out["image"] = out["baseline"].clone();
+        }
         out["seconds"] = json!(started.elapsed().as_secs_f64());
         Ok(StepOutput::Passed(out))
     }
 
     /// Picks a host for `image`: fresh, not quarantined, with a free slot, holding most of
-    /// the image's blocks (ties: most free slots). `Ok(None)`: every live host is full.
+    /// the image's blocks (ties: most free slots, then a choice spread by `spread_key`, the
+    /// step). `Ok(None)`: every live host is full.
     async fn pick_host(
         &self,
         store: &Store,
         image: &Path,
         avoid: &[String],
+        spread_key: i64,
     ) -> Result<Option<(String, String, Value)>, StepOutput> {
         let hosts = store.list_hosts().await.map_err(|e| infra(e.to_string()))?;
         let held = store.held_slots().await.map_err(|e| infra(e.to_string()))?;
@@ -319,7 +344,8 @@ impl Certify {
                 "no host is up: no registered agent sent a heartbeat in the last 30 s (or every one is quarantined)",
             ));
         }
-        let mut best: Option<(i64, i64, String, String, Value)> = None;
+        // Every candidate's transfer plan at once (each asks its agent which blocks it holds).
+        let mut plans = tokio::task::JoinSet::new();
         for h in &live {
             let free = i64::from(h.slots.unwrap_or(0)) - held.get(&h.name).copied().unwrap_or(0);
             if free <= 0 {
@@ -329,32 +355,50 @@ impl Certify {
             let Ok(agent) = self.agent(&h.name, &url) else {
                 continue;
             };
-            let (reused, distinct) = match agent.plan(image, Some(&self.index_cache())).await {
+            let (name, image, cache) = (h.name.clone(), image.to_owned(), self.index_cache());
+            plans.spawn(async move {
+                let plan = agent.plan(&image, Some(&cache)).await;
+                (name, url, free, plan)
+            });
+        }
+        // Most blocks held first, then most free slots; among equals, a choice that differs
+        // from target to target (placements made at once do not all fall on one host).
+        let mut best: Option<Candidate> = None;
+        while let Some(joined) = plans.join_next().await {
+            let Ok((name, url, free, plan)) = joined else {
+                continue;
+            };
+            let (reused, distinct) = match plan {
                 Ok(p) => (p.blocks_reused as i64, p.blocks_distinct as i64),
                 Err(e) => {
-                    tracing::warn!(host = %h.name, error = %e, "cannot plan a transfer to the host");
+                    tracing::warn!(host = %name, error = %e, "cannot plan a transfer to the host");
                     continue;
                 }
             };
-            let key = (reused, free);
-            if best.as_ref().is_none_or(|b| key > (b.0, b.1)) {
+            let spread = {
+                use std::hash::{Hash, Hasher};
+                let mut h = std::collections::hash_map::DefaultHasher::new();
+                (spread_key, &name).hash(&mut h);
+                h.finish()
+            };
+            let key = (reused, free, spread);
+            if best.as_ref().is_none_or(|b| key > b.0) {
                 best = Some((
-                    reused,
-                    free,
-                    h.name.clone(),
+                    key,
+                    name,
                     url,
                     json!({"blocks_held": reused, "blocks": distinct, "free_slots": free}),
                 ));
             }
         }
-        Ok(best.map(|(_, _, name, url, v)| (name, url, v)))
+        Ok(best.map(|(_, name, url, v)| (name, url, v)))
     }
 
     fn index_cache(&self) -> PathBuf {
         self.ctx.data_dir().join("index-cache")
     }
 
-    async fn place(&self, s: &StepCtx, target: &str) -> Result<StepOutput> {
+    pub(super) async fn place(&self, s: &StepCtx, target: &str) -> Result<StepOutput> {
         let build = self.output(s, target, "build").await?;
         let image = PathBuf::from(str_of(&build["image"], "path"));
         if let Some(host) = s.store.placement(s.claim.run, target).await? {
@@ -362,7 +406,7 @@ impl Certify {
             let url = host_url(&s.store, &host).await?;
             return Ok(StepOutput::Passed(json!({"host": host, "agent": url})));
         }
-        let picked = match self.pick_host(&s.store, &image, &[]).await {
+        let picked = match self.pick_host(&s.store, &image, &[], s.claim.step).await {
             Ok(p) => p,
             Err(out) => return Ok(out),
         };
@@ -386,7 +430,7 @@ impl Certify {
         }
     }
 
-    async fn transfer(&self, s: &StepCtx, target: &str) -> Result<StepOutput> {
+    pub(super) async fn transfer(&self, s: &StepCtx, target: &str) -> Result<StepOutput> {
         let build = self.output(s, target, "build").await?;
         let image = PathBuf::from(str_of(&build["image"], "path"));
         let (host, agent) = self.agent_of(s, target).await?;
@@ -411,7 +455,12 @@ impl Certify {
         }
     }
 
-    async fn boot(&self, s: &StepCtx, target: &str, record: &PatchRecord) -> Result<StepOutput> {
+    pub(super) async fn boot(
+        &self,
+        s: &StepCtx,
+        target: &str,
+        record: Option<&PatchRecord>,
+    ) -> Result<StepOutput> {
         let (host, _) = self.agent_of(s, target).await?;
         let transfer = self.output(s, target, "transfer").await?;
         let (host, agent, image) = match self
@@ -467,7 +516,7 @@ impl Certify {
                 host: &host,
                 image: &image,
                 node_type,
-                patch: Some((PatchId(record.id), record.revision as i32)),
+                patch: record.map(|r| (PatchId(r.id), r.revision as i32)),
                 attempt: s.claim.attempt.max(1) as u32,
                 suite: Suite::All,
                 timeout: self.settings.vm_timeout,
@@ -595,7 +644,11 @@ impl Certify {
         Ok(StepOutput::Passed(json!({"vm": name, "services": mine})))
     }
 
-    async fn baseline_of(&self, store: &Store, digest: &str) -> Result<BTreeMap<String, String>> {
+    pub(super) async fn baseline_of(
+        &self,
+        store: &Store,
+        digest: &str,
+    ) -> Result<BTreeMap<String, String>> {
         Ok(store
             .baseline_results(digest)
             .await?
@@ -992,8 +1045,10 @@ impl Certify {
             .await?
             .into_iter()
             .collect();
-        let picked = match self.pick_host(&s.store, image, &avoid).await {
-            Ok(None) if !avoid.is_empty() => self.pick_host(&s.store, image, &[]).await,
+        let picked = match self.pick_host(&s.store, image, &avoid, s.claim.step).await {
+            Ok(None) if !avoid.is_empty() => {
+                self.pick_host(&s.store, image, &[], s.claim.step).await
+            }
             other => other,
         };
         let picked = match picked {
@@ -1019,7 +1074,7 @@ impl Certify {
     }
 
     /// One VM through its whole life (push, boot, tests, teardown) on `host`.
-    async fn run_self_contained(
+    pub(super) async fn run_self_contained(
         &self,
         s: &StepCtx,
         host: &str,
@@ -1054,7 +1109,7 @@ impl Certify {
         .await
     }
 
-    async fn teardown(&self, s: &StepCtx, target: &str) -> Result<StepOutput> {
+    pub(super) async fn teardown(&self, s: &StepCtx, target: &str) -> Result<StepOutput> {
         let mut destroyed = Vec::new();
         for (key, host) in s.store.target_intents(s.claim.run, target).await? {
             let url = host_url(&s.store, &host).await?;
@@ -1112,7 +1167,7 @@ impl Certify {
 
 impl Handler for Certify {
     fn workflows(&self) -> Vec<Workflow> {
-        vec![self.workflow.clone()]
+        vec![self.workflow.clone(), self.nightly.clone()]
     }
 
     fn run(&self, step: StepCtx) -> StepFuture {
@@ -1126,7 +1181,7 @@ impl Handler for Certify {
     }
 }
 
-async fn host_url(store: &Store, host: &str) -> Result<String> {
+pub(super) async fn host_url(store: &Store, host: &str) -> Result<String> {
     store
         .list_hosts()
         .await?
@@ -1136,14 +1191,14 @@ async fn host_url(store: &Store, host: &str) -> Result<String> {
         .ok_or_else(|| StepError::Other(format!("host {host} has no agent URL")))
 }
 
-fn str_of(v: &Value, key: &str) -> String {
+pub(super) fn str_of(v: &Value, key: &str) -> String {
     v.get(key)
         .and_then(Value::as_str)
         .unwrap_or_default()
         .to_owned()
 }
 
-fn first_line(s: &str) -> String {
+pub(super) fn first_line(s: &str) -> String {
     s.lines()
         .find(|l| l.starts_with("FAIL") || l.starts_with("ERROR"))
         .or_else(|| s.lines().find(|l| !l.trim().is_empty()))

@@ -13,6 +13,7 @@ pub mod hosts;
 pub mod images;
 pub mod patches;
 pub mod runs;
+pub mod sweeps;
 pub mod vms;
 
 use std::path::{Path, PathBuf};

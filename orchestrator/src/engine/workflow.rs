@@ -21,6 +21,10 @@ use crate::patch::limits::shorten;
 pub const CERTIFY: &str = include_str!("../../../workflows/certify.yaml");
 /// Where [`CERTIFY`] comes from, for messages.
 pub const CERTIFY_PATH: &str = "workflows/certify.yaml";
+/// The nightly regression sweep shipped with Certo, compiled in.
+pub const NIGHTLY: &str = include_str!("../../../workflows/nightly.yaml");
+/// Where [`NIGHTLY`] comes from.
+pub const NIGHTLY_PATH: &str = "workflows/nightly.yaml";
 
 /// Longest timeout a step may have.
 pub const MAX_TIMEOUT: Duration = Duration::from_secs(24 * 3600);
@@ -154,6 +158,110 @@ pub struct Workflow {
     pub name: String,
     pub description: String,
     pub steps: Vec<Step>,
+    /// When runs of it start by themselves (the nightly sweep); `None`: only when asked.
+    pub schedule: Option<Schedule>,
+    /// What a sweep covers (a workflow with a schedule has it).
+    pub sweep: Option<SweepSettings>,
+}
+
+/// A cron schedule in a time zone: 5 fields (minute hour day-of-month month day-of-week).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Schedule {
+    pub cron: String,
+    pub time_zone: String,
+    #[serde(skip)]
+    tz: chrono_tz::Tz,
+    #[serde(skip)]
+    parsed: CronOf,
+}
+
+/// The parsed pattern (compared by its text).
+#[derive(Debug, Clone)]
+struct CronOf(croner::Cron);
+
+impl PartialEq for CronOf {
+    fn eq(&self, other: &Self) -> bool {
+        self.0.pattern.to_string() == other.0.pattern.to_string()
+    }
+}
+
+/// Most fire times one look at a schedule lists (a catch-up after a long outage records the
+/// ones before as skipped, up to this many).
+pub const MAX_FIRES: usize = 10_000;
+
+impl Schedule {
+    /// The first fire time strictly after `t`.
+    pub fn next_after(
+        &self,
+        t: chrono::DateTime<chrono::Utc>,
+    ) -> Option<chrono::DateTime<chrono::Utc>> {
+        self.parsed
+            .0
+            .find_next_occurrence(&t.with_timezone(&self.tz), false)
+            .ok()
+            .map(|d| d.with_timezone(&chrono::Utc))
+    }
+
+    /// The fire times in `(after, until]`, oldest first, at most [`MAX_FIRES`] (the newest
+    /// ones kept).
+    pub fn fires_between(
+        &self,
+        after: chrono::DateTime<chrono::Utc>,
+        until: chrono::DateTime<chrono::Utc>,
+    ) -> Vec<chrono::DateTime<chrono::Utc>> {
+        let mut out = std::collections::VecDeque::new();
+        let mut t = after;
+        while let Some(next) = self.next_after(t) {
+            if next > until {
+                break;
+            }
+            if out.len() == MAX_FIRES {
+                out.pop_front();
+            }
+            out.push_back(next);
+            t = next;
+        }
+        out.into()
+    }
+}
+
+/// What a sweep covers and how it tells flaky from failing.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct SweepSettings {
+    /// `release/platform/node_type` patterns, `*` for any part.
+    pub cells: Vec<String>,
+    pub suites: Vec<String>,
+    /// How often a failing test is run again on a fresh VM.
+    pub flaky_retries: u32,
+    /// Claim priority of its runs (certifiers' are 10).
+    pub priority: i32,
+    /// Sweeps older than this are pruned to their summaries.
+    #[serde(with = "secs")]
+    pub keep: Duration,
+}
+
+impl Default for SweepSettings {
+    /// The whole matrix, regression only, one flakiness retry, priority 0, kept 30 days.
+    fn default() -> Self {
+        SweepSettings {
+            cells: vec!["*/*/*".into()],
+            suites: vec!["regression".into()],
+            flaky_retries: 1,
+            priority: 0,
+            keep: Duration::from_secs(30 * 24 * 3600),
+        }
+    }
+}
+
+impl SweepSettings {
+    /// Whether `cell` (`release/platform/node_type`) is among the cells.
+    pub fn covers(&self, cell: &str) -> bool {
+        let parts: Vec<&str> = cell.split('/').collect();
+        self.cells.iter().any(|p| {
+            let want: Vec<&str> = p.split('/').collect();
+            want.len() == parts.len() && want.iter().zip(&parts).all(|(w, c)| *w == "*" || w == c)
+        })
+    }
 }
 
 impl Workflow {
@@ -161,6 +269,12 @@ impl Workflow {
     pub fn certify() -> Workflow {
         Workflow::parse(CERTIFY_PATH, CERTIFY)
             .expect("the built-in certification workflow is valid (checked by a test)")
+    }
+
+    /// The built-in nightly sweep.
+    pub fn nightly() -> Workflow {
+        Workflow::parse(NIGHTLY_PATH, NIGHTLY)
+            .expect("the built-in nightly workflow is valid (checked by a test)")
     }
 
     pub fn step(&self, name: &str) -> Option<&Step> {
@@ -372,6 +486,181 @@ impl Cx {
         }
     }
 
+    fn schedule(&mut self, node: &Node) -> Option<Schedule> {
+        let m = self.map(node, "schedule", &["cron", "time_zone"])?;
+        let cron = match m.get("cron") {
+            Some((_, n)) => self
+                .scalar(n, "schedule.cron", "a cron pattern")
+                .map(|c| (n.pos, c)),
+            None => {
+                self.err(
+                    node.pos,
+                    "schedule.cron",
+                    "required field `cron` is missing",
+                );
+                None
+            }
+        };
+        let tz = match m.get("time_zone") {
+            None => Some(("UTC".to_owned(), chrono_tz::Tz::UTC)),
+            Some((_, n)) => {
+                let s = self.scalar(n, "schedule.time_zone", "a time zone")?;
+                match s.parse::<chrono_tz::Tz>() {
+                    Ok(tz) => Some((s.to_owned(), tz)),
+                    Err(_) => {
+                        self.err(
+                            n.pos,
+                            "schedule.time_zone",
+                            format!(
+                                "unknown time zone `{}` (a tz database name such as UTC or Europe/Zurich)",
+                                shorten(s)
+                            ),
+                        );
+                        None
+                    }
+                }
+            }
+        };
+        let (pos, text) = cron?;
+        let fields = text.split_whitespace().count();
+        if fields != 5 {
+            self.err(
+                pos,
+                "schedule.cron",
+                format!(
+                    "`{}` has {fields} fields; a schedule has 5: minute hour day-of-month month day-of-week",
+                    shorten(text)
+                ),
+            );
+            return None;
+        }
+        let parsed = match <croner::Cron as std::str::FromStr>::from_str(text) {
+            Ok(c) => c,
+            Err(e) => {
+                self.err(
+                    pos,
+                    "schedule.cron",
+                    format!("`{}` is not a cron pattern: {e}", shorten(text)),
+                );
+                return None;
+            }
+        };
+        let (time_zone, tz) = tz?;
+        let schedule = Schedule {
+            cron: text.to_owned(),
+            time_zone,
+            tz,
+            parsed: CronOf(parsed),
+        };
+        if schedule.next_after(chrono::Utc::now()).is_none() {
+            self.err(
+                pos,
+                "schedule.cron",
+                format!("`{}` never fires", shorten(text)),
+            );
+            return None;
+        }
+        Some(schedule)
+    }
+
+    fn sweep(&mut self, node: &Node) -> Option<SweepSettings> {
+        let m = self.map(
+            node,
+            "sweep",
+            &["cells", "suites", "flaky_retries", "priority", "keep"],
+        )?;
+        let mut ok = true;
+        let mut list = |cx: &mut Cx, key: &str, default: &[&str]| -> Vec<(Pos, String)> {
+            match m.get(key) {
+                None => default
+                    .iter()
+                    .map(|d| (node.pos, (*d).to_owned()))
+                    .collect(),
+                Some((_, n)) => match &n.value {
+                    Value::Seq(items) if !items.is_empty() => items
+                        .iter()
+                        .enumerate()
+                        .filter_map(|(i, it)| {
+                            let f = format!("sweep.{key}[{i}]");
+                            cx.scalar(it, &f, "a name").map(|s| (it.pos, s.to_owned()))
+                        })
+                        .collect(),
+                    _ => {
+                        cx.err(n.pos, format!("sweep.{key}"), "expected a non-empty list");
+                        ok = false;
+                        Vec::new()
+                    }
+                },
+            }
+        };
+        let cells = list(self, "cells", &["*/*/*"]);
+        let suites = list(self, "suites", &["regression"]);
+        for (i, (pos, c)) in cells.iter().enumerate() {
+            let parts: Vec<&str> = c.split('/').collect();
+            if parts.len() != 3 || parts.iter().any(|p| p.is_empty()) {
+                self.err(
+                    *pos,
+                    format!("sweep.cells[{i}]"),
+                    format!(
+                        "`{}` is not release/platform/node_type (`*` for any part)",
+                        shorten(c)
+                    ),
+                );
+                ok = false;
+            }
+        }
+        for (i, (pos, su)) in suites.iter().enumerate() {
+            if !["basic", "regression"].contains(&su.as_str()) {
+                self.err(
+                    *pos,
+                    format!("sweep.suites[{i}]"),
+                    format!("unknown suite `{}` (basic, regression)", shorten(su)),
+                );
+                ok = false;
+            }
+        }
+        let mut number = |cx: &mut Cx, key: &str, default: i64, max: i64| -> i64 {
+            let Some((_, n)) = m.get(key) else {
+                return default;
+            };
+            let Some(s) = cx.scalar(n, &format!("sweep.{key}"), "a number") else {
+                ok = false;
+                return default;
+            };
+            match s.parse::<i64>() {
+                Ok(v) if (0..=max).contains(&v) => v,
+                _ => {
+                    cx.err(
+                        n.pos,
+                        format!("sweep.{key}"),
+                        format!(
+                            "expected a whole number from 0 to {max}, found `{}`",
+                            shorten(s)
+                        ),
+                    );
+                    ok = false;
+                    default
+                }
+            }
+        };
+        let flaky_retries = number(self, "flaky_retries", 1, 5) as u32;
+        let priority = number(self, "priority", 0, 9) as i32;
+        let keep = match m.get("keep") {
+            None => Some(Duration::from_secs(30 * 24 * 3600)),
+            Some((_, n)) => {
+                self.duration(n, "sweep.keep", Duration::from_secs(10 * 365 * 24 * 3600))
+            }
+        };
+        let keep = keep?;
+        ok.then(|| SweepSettings {
+            cells: cells.into_iter().map(|(_, c)| c).collect(),
+            suites: suites.into_iter().map(|(_, c)| c).collect(),
+            flaky_retries,
+            priority,
+            keep,
+        })
+    }
+
     fn retry(&mut self, node: &Node, field: &str) -> Option<Retry> {
         let m = self.map(node, field, &["attempts", "initial", "factor", "cap", "on"])?;
         let f = |k: &str| format!("{field}.{k}");
@@ -494,7 +783,26 @@ impl Cx {
     }
 
     fn workflow(&mut self, tree: &Node) -> Option<Workflow> {
-        let m = self.map(tree, "", &["name", "description", "steps"])?;
+        let m = self.map(
+            tree,
+            "",
+            &["name", "description", "schedule", "sweep", "steps"],
+        )?;
+        let schedule = m.get("schedule").map(|(_, n)| self.schedule(n));
+        let sweep = m.get("sweep").map(|(_, n)| self.sweep(n));
+        match (&schedule, &sweep) {
+            (Some(_), None) => self.err(
+                tree.pos,
+                "sweep",
+                "a workflow with a `schedule` needs `sweep` (the cells it covers)",
+            ),
+            (None, Some(_)) => {
+                if let Some((p, _)) = m.get("sweep") {
+                    self.err(*p, "sweep", "`sweep` needs a `schedule`");
+                }
+            }
+            _ => {}
+        }
         let name = match m.get("name") {
             Some((_, n)) => self.name(n, "name"),
             None => {
@@ -682,6 +990,8 @@ impl Cx {
             name,
             description,
             steps: ordered,
+            schedule: schedule.flatten(),
+            sweep: sweep.flatten(),
         })
     }
 
@@ -806,6 +1116,101 @@ mod tests {
             .iter()
             .map(|e| e.to_string())
             .collect()
+    }
+
+    #[test]
+    fn the_built_in_nightly_sweep_is_valid_scheduled_and_covers_every_cell() {
+        let w = Workflow::nightly();
+        let sch = w.schedule.as_ref().expect("a schedule");
+        assert_eq!(
+            (sch.cron.as_str(), sch.time_zone.as_str()),
+            ("0 2 * * *", "Europe/Zurich")
+        );
+        let sweep = w.sweep.as_ref().expect("sweep settings");
+        assert!(sweep.covers("3.2/sl5_x86_64/glite-WN"));
+        assert_eq!(sweep.priority, 0);
+        assert!(w.step("teardown").is_some_and(|s| s.always));
+        assert!(Workflow::certify().schedule.is_none());
+    }
+
+    #[test]
+    fn fire_times_follow_the_time_zone_through_daylight_saving_changes() {
+        use chrono::TimeZone;
+        let w = Workflow::parse(
+            "n.yaml",
+            "name: n\nschedule: {cron: \"30 2 * * *\", time_zone: Europe/Zurich}\nsweep: {}\n\
+             steps:\n  - {name: a, per: run, timeout: 1m}\n",
+        )
+        .expect("valid");
+        let sch = w.schedule.expect("schedule");
+        // Winter: 02:30 in Zurich is 01:30 UTC; summer: 00:30 UTC.
+        let jan = chrono::Utc.with_ymd_and_hms(2026, 1, 10, 0, 0, 0).unwrap();
+        assert_eq!(
+            sch.next_after(jan),
+            Some(chrono::Utc.with_ymd_and_hms(2026, 1, 10, 1, 30, 0).unwrap())
+        );
+        let jul = chrono::Utc.with_ymd_and_hms(2026, 7, 10, 0, 0, 0).unwrap();
+        assert_eq!(
+            sch.next_after(jul),
+            Some(chrono::Utc.with_ymd_and_hms(2026, 7, 10, 0, 30, 0).unwrap())
+        );
+        // The week of the spring change (29 March 2026 has no 02:30): one fire a day, never two.
+        let fires = sch.fires_between(
+            chrono::Utc.with_ymd_and_hms(2026, 3, 26, 12, 0, 0).unwrap(),
+            chrono::Utc.with_ymd_and_hms(2026, 4, 2, 12, 0, 0).unwrap(),
+        );
+        let days: std::collections::BTreeSet<_> = fires
+            .iter()
+            .map(|f| f.with_timezone(&chrono_tz::Europe::Zurich).date_naive())
+            .collect();
+        assert_eq!(days.len(), fires.len(), "{fires:?}");
+        assert_eq!(fires.len(), 7, "{fires:?}");
+        // That day it fires at the first minute after the skipped hour: 03:00 local.
+        assert_eq!(
+            fires[2],
+            chrono::Utc.with_ymd_and_hms(2026, 3, 29, 1, 0, 0).unwrap()
+        );
+        // The autumn change (25 October: 02:30 comes twice): once that day.
+        let fires = sch.fires_between(
+            chrono::Utc
+                .with_ymd_and_hms(2026, 10, 24, 12, 0, 0)
+                .unwrap(),
+            chrono::Utc
+                .with_ymd_and_hms(2026, 10, 25, 12, 0, 0)
+                .unwrap(),
+        );
+        assert_eq!(fires.len(), 1, "{fires:?}");
+    }
+
+    #[test]
+    fn schedule_and_sweep_errors_are_positioned() {
+        let e = errors(
+            "name: n\nschedule: {cron: \"0 2 * * * *\", time_zone: Mars/Base}\n\
+             sweep: {cells: [3.2/sl5], suites: [smoke], flaky_retries: 9}\n\
+             steps:\n  - {name: a, per: run, timeout: 1m}\n",
+        );
+        assert_eq!(
+            e,
+            vec![
+                "w.yaml:2:18: schedule.cron: `0 2 * * * *` has 6 fields; a schedule has 5: minute hour day-of-month month day-of-week",
+                "w.yaml:2:44: schedule.time_zone: unknown time zone `Mars/Base` (a tz database name such as UTC or Europe/Zurich)",
+                "w.yaml:3:17: sweep.cells[0]: `3.2/sl5` is not release/platform/node_type (`*` for any part)",
+                "w.yaml:3:36: sweep.suites[0]: unknown suite `smoke` (basic, regression)",
+                "w.yaml:3:59: sweep.flaky_retries: expected a whole number from 0 to 5, found `9`",
+            ]
+        );
+        let e = errors(
+            "name: n\nschedule: {cron: \"61 2 * * *\"}\nsteps:\n  - {name: a, per: run, timeout: 1m}\n",
+        );
+        assert_eq!(e.len(), 2, "{e:?}");
+        assert!(
+            e[0].starts_with("w.yaml:1:1: sweep: a workflow with a `schedule` needs `sweep`"),
+            "{e:?}"
+        );
+        assert!(
+            e[1].starts_with("w.yaml:2:18: schedule.cron: `61 2 * * *` is not a cron pattern"),
+            "{e:?}"
+        );
     }
 
     #[test]

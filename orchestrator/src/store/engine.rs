@@ -89,62 +89,7 @@ impl Store {
         priority: i32,
     ) -> Result<i64, StoreError> {
         let mut tx = self.pool.begin().await?;
-        let (run,): (i64,) = sqlx::query_as(
-            "INSERT INTO engine_runs (workflow, patch_id, revision, priority, targets)
-             VALUES ($1, $2, $3, $4, $5) RETURNING id",
-        )
-        .bind(&workflow.name)
-        .bind(patch.map(|(p, _)| p.0 as i64))
-        .bind(patch.map(|(_, r)| r))
-        .bind(priority)
-        .bind(targets)
-        .fetch_one(&mut *tx)
-        .await?;
-        // Steps come in an order where each follows what it needs (Workflow guarantees it).
-        let mut ids: HashMap<(String, String), i64> = Default::default();
-        for step in &workflow.steps {
-            let instances: Vec<String> = match step.scope {
-                Scope::Run => vec![String::new()],
-                Scope::Target => targets.to_vec(),
-            };
-            for target in instances {
-                let mut needs: Vec<i64> = Vec::new();
-                for need in &step.needs {
-                    let scope = workflow.step(need).map_or(Scope::Run, |s| s.scope);
-                    match (scope, step.scope) {
-                        (Scope::Run, _) => needs.extend(ids.get(&(String::new(), need.clone()))),
-                        (Scope::Target, Scope::Target) => {
-                            needs.extend(ids.get(&(target.clone(), need.clone())));
-                        }
-                        // A per-run step after a per-target one waits for every target's.
-                        (Scope::Target, Scope::Run) => {
-                            needs.extend(
-                                targets
-                                    .iter()
-                                    .filter_map(|t| ids.get(&(t.clone(), need.clone()))),
-                            );
-                        }
-                    }
-                }
-                let (id,): (i64,) = sqlx::query_as(
-                    "INSERT INTO engine_steps (run_id, target, name, state, needs, always)
-                     VALUES ($1, $2, $3, $4, $5, $6) RETURNING id",
-                )
-                .bind(run)
-                .bind(&target)
-                .bind(&step.name)
-                .bind(if needs.is_empty() {
-                    "runnable"
-                } else {
-                    "waiting"
-                })
-                .bind(&needs)
-                .bind(step.always)
-                .fetch_one(&mut *tx)
-                .await?;
-                ids.insert((target, step.name.clone()), id);
-            }
-        }
+        let run = create_run_in(&mut tx, workflow, patch, targets, priority).await?;
         notify(&mut tx).await?;
         tx.commit().await?;
         Ok(run)
@@ -420,6 +365,73 @@ impl Store {
     }
 }
 
+/// Creates a run's rows inside the caller's transaction (see [`Store::create_run`]).
+pub(super) async fn create_run_in(
+    conn: &mut sqlx::PgConnection,
+    workflow: &Workflow,
+    patch: Option<(PatchId, i32)>,
+    targets: &[String],
+    priority: i32,
+) -> Result<i64, StoreError> {
+    let (run,): (i64,) = sqlx::query_as(
+        "INSERT INTO engine_runs (workflow, patch_id, revision, priority, targets)
+         VALUES ($1, $2, $3, $4, $5) RETURNING id",
+    )
+    .bind(&workflow.name)
+    .bind(patch.map(|(p, _)| p.0 as i64))
+    .bind(patch.map(|(_, r)| r))
+    .bind(priority)
+    .bind(targets)
+    .fetch_one(&mut *conn)
+    .await?;
+    // Steps come in an order where each follows what it needs (Workflow guarantees it).
+    let mut ids: HashMap<(String, String), i64> = Default::default();
+    for step in &workflow.steps {
+        let instances: Vec<String> = match step.scope {
+            Scope::Run => vec![String::new()],
+            Scope::Target => targets.to_vec(),
+        };
+        for target in instances {
+            let mut needs: Vec<i64> = Vec::new();
+            for need in &step.needs {
+                let scope = workflow.step(need).map_or(Scope::Run, |s| s.scope);
+                match (scope, step.scope) {
+                    (Scope::Run, _) => needs.extend(ids.get(&(String::new(), need.clone()))),
+                    (Scope::Target, Scope::Target) => {
+                        needs.extend(ids.get(&(target.clone(), need.clone())));
+                    }
+                    // A per-run step after a per-target one waits for every target's.
+                    (Scope::Target, Scope::Run) => {
+                        needs.extend(
+                            targets
+                                .iter()
+                                .filter_map(|t| ids.get(&(t.clone(), need.clone()))),
+                        );
+                    }
+                }
+            }
+            let (id,): (i64,) = sqlx::query_as(
+                "INSERT INTO engine_steps (run_id, target, name, state, needs, always)
+                 VALUES ($1, $2, $3, $4, $5, $6) RETURNING id",
+            )
+            .bind(run)
+            .bind(&target)
+            .bind(&step.name)
+            .bind(if needs.is_empty() {
+                "runnable"
+            } else {
+                "waiting"
+            })
+            .bind(&needs)
+            .bind(step.always)
+            .fetch_one(&mut *conn)
+            .await?;
+            ids.insert((target, step.name.clone()), id);
+        }
+    }
+    Ok(run)
+}
+
 /// A step the completion statement ended: id, run, kind, how many of its successors it
 /// locked, and the runs it locked (followed by the successors' count).
 type Ended = (i64, i64, String, i64, Option<Vec<i64>>);
@@ -534,7 +546,7 @@ async fn end_runs_if_done(tx: &mut sqlx::PgConnection, runs: &[i64]) -> Result<u
     Ok(r.rows_affected())
 }
 
-async fn notify(tx: &mut sqlx::PgConnection) -> Result<(), StoreError> {
+pub(super) async fn notify(tx: &mut sqlx::PgConnection) -> Result<(), StoreError> {
     sqlx::query("SELECT pg_notify($1, '')")
         .bind(NOTIFY_CHANNEL)
         .execute(&mut *tx)
@@ -826,41 +838,33 @@ impl Store {
         target: &str,
         host: &str,
     ) -> Result<Option<String>, StoreError> {
+        // The host's slots are counted and one taken under the host's lock (the count is a
+        // statement after the lock, so it sees every placement committed before it).
         let mut tx = self.pool.begin().await?;
-        if let Some(held) = sqlx::query_scalar::<_, String>(
-            "SELECT host FROM engine_placements WHERE run_id = $1 AND target = $2 AND released_at IS NULL",
-        )
-        .bind(run)
-        .bind(target)
-        .fetch_optional(&mut *tx)
-        .await?
-        {
-            return Ok(Some(held));
-        }
         sqlx::query("SELECT pg_advisory_xact_lock(hashtext('certo-slots:' || $1))")
             .bind(host)
             .execute(&mut *tx)
             .await?;
-        let (slots, held): (Option<i32>, i64) = sqlx::query_as(
-            "SELECT h.slots, (SELECT count(*) FROM engine_placements p
-                               WHERE p.host = h.name AND p.released_at IS NULL)
-               FROM hosts h WHERE h.name = $1",
+        let taken: Option<String> = sqlx::query_scalar(
+            "INSERT INTO engine_placements (run_id, target, host)
+             SELECT $1, $2, h.name FROM hosts h
+              WHERE h.name = $3
+                AND (SELECT count(*) FROM engine_placements p
+                      WHERE p.host = h.name AND p.released_at IS NULL) < coalesce(h.slots, 0)
+             ON CONFLICT (run_id, target) WHERE released_at IS NULL DO NOTHING
+             RETURNING host",
         )
+        .bind(run)
+        .bind(target)
         .bind(host)
         .fetch_optional(&mut *tx)
-        .await?
-        .unwrap_or((Some(0), 0));
-        if held >= i64::from(slots.unwrap_or(0)) {
-            return Ok(None);
-        }
-        sqlx::query("INSERT INTO engine_placements (run_id, target, host) VALUES ($1, $2, $3)")
-            .bind(run)
-            .bind(target)
-            .bind(host)
-            .execute(&mut *tx)
-            .await?;
+        .await?;
         tx.commit().await?;
-        Ok(Some(host.to_owned()))
+        if taken.is_some() {
+            return Ok(taken);
+        }
+        // Full, or the target holds a slot already (a recovering step): which one it holds.
+        self.placement(run, target).await
     }
 
     /// The host holding a target's slot.

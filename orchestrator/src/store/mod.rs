@@ -8,6 +8,7 @@ mod hosts;
 mod images;
 mod patches;
 pub mod scratch;
+pub mod sweeps;
 
 use std::path::{Path, PathBuf};
 use std::str::FromStr;

@@ -1,0 +1,148 @@
+//! Scheduled sweeps on a real PostgreSQL: each fire time of the nightly schedule starts one
+//! run whatever the number of workers looking, and fires missed while no worker ran are
+//! recorded as skipped and made up by one catch-up run.
+
+use chrono::{TimeZone, Utc};
+
+use certo_orchestrator::engine::workflow::Workflow;
+
+/// A schedule firing every hour on the hour, in UTC.
+fn hourly() -> Workflow {
+    Workflow::parse(
+        "hourly.yaml",
+        "name: hourly-sweep\nschedule: {cron: \"0 * * * *\", time_zone: UTC}\nsweep: {}\n\
+         steps:\n  - {name: plan, per: run, timeout: 1m}\n  - {name: tests, needs: [plan], timeout: 1m}\n",
+    )
+    .expect("workflow")
+}
+
+fn cells() -> Vec<String> {
+    vec![
+        "3.2/sl5_x86_64/glite-WN".into(),
+        "3.1/sl4_i386/glite-CE".into(),
+    ]
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn two_workers_at_one_fire_time_start_one_sweep() {
+    let db = certo_testkit::scratch_db().await;
+    let w = hourly();
+    let t0 = Utc.with_ymd_and_hms(2026, 12, 1, 9, 59, 30).unwrap();
+    // First look: the schedule becomes known; nothing before it was ever due.
+    assert_eq!(
+        db.store.fire_due(&w, &cells(), t0).await.expect("look"),
+        None
+    );
+    // 10:00 has come: two workers (each its own pool) look at the same instant, many times.
+    let other = certo_orchestrator::store::Store::connect(&db.url)
+        .await
+        .expect("second store");
+    let at = Utc.with_ymd_and_hms(2026, 12, 1, 10, 0, 5).unwrap();
+    let mut looks = Vec::new();
+    for i in 0..8 {
+        let store = if i % 2 == 0 {
+            db.store.clone()
+        } else {
+            other.clone()
+        };
+        let (w, c) = (w.clone(), cells());
+        looks.push(tokio::spawn(
+            async move { store.fire_due(&w, &c, at).await },
+        ));
+    }
+    let mut started = Vec::new();
+    for l in looks {
+        if let Some(f) = l.await.expect("task").expect("look") {
+            started.push(f);
+        }
+    }
+    assert_eq!(started.len(), 1, "{started:?}");
+    assert_eq!(
+        started[0].fire_at,
+        Utc.with_ymd_and_hms(2026, 12, 1, 10, 0, 0).unwrap()
+    );
+    assert!(started[0].skipped.is_empty());
+    let runs = db.store.runs_of("hourly-sweep", 10).await.expect("runs");
+    assert_eq!(runs.len(), 1, "{runs:?}");
+    assert_eq!(runs[0].targets, cells());
+    assert_eq!(runs[0].priority, 0);
+    // Later in the same hour: nothing more.
+    let later = Utc.with_ymd_and_hms(2026, 12, 1, 10, 40, 0).unwrap();
+    assert_eq!(
+        db.store.fire_due(&w, &cells(), later).await.expect("look"),
+        None
+    );
+    let fires = db.store.fires("hourly-sweep", 10).await.expect("fires");
+    assert_eq!(fires.len(), 1, "{fires:?}");
+    assert_eq!(
+        (fires[0].state.as_str(), fires[0].run_id),
+        ("fired", Some(runs[0].id))
+    );
+    db.drop_db().await.expect("drop");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn fires_missed_while_no_worker_ran_are_skipped_and_made_up_by_one_sweep() {
+    let db = certo_testkit::scratch_db().await;
+    let w = hourly();
+    let t0 = Utc.with_ymd_and_hms(2026, 12, 1, 7, 30, 0).unwrap();
+    assert_eq!(
+        db.store.fire_due(&w, &cells(), t0).await.expect("look"),
+        None
+    );
+    let first = db
+        .store
+        .fire_due(
+            &w,
+            &cells(),
+            Utc.with_ymd_and_hms(2026, 12, 1, 8, 0, 1).unwrap(),
+        )
+        .await
+        .expect("look")
+        .expect("08:00 fires");
+    // No worker from 08:00 to 13:20: 09:00 … 12:00 were missed; one catch-up run at 13:00.
+    let back = Utc.with_ymd_and_hms(2026, 12, 1, 13, 20, 0).unwrap();
+    let catch_up = db
+        .store
+        .fire_due(&w, &cells(), back)
+        .await
+        .expect("look")
+        .expect("a catch-up run");
+    assert_eq!(
+        catch_up.fire_at,
+        Utc.with_ymd_and_hms(2026, 12, 1, 13, 0, 0).unwrap()
+    );
+    let missed: Vec<u32> = catch_up
+        .skipped
+        .iter()
+        .map(chrono::Timelike::hour)
+        .collect();
+    assert_eq!(missed, vec![9, 10, 11, 12]);
+    let fires = db.store.fires("hourly-sweep", 20).await.expect("fires");
+    let states: Vec<(u32, &str)> = fires
+        .iter()
+        .map(|f| (chrono::Timelike::hour(&f.fire_at), f.state.as_str()))
+        .collect();
+    assert_eq!(
+        states,
+        vec![
+            (13, "fired"),
+            (12, "skipped"),
+            (11, "skipped"),
+            (10, "skipped"),
+            (9, "skipped"),
+            (8, "fired")
+        ]
+    );
+    let runs = db.store.runs_of("hourly-sweep", 10).await.expect("runs");
+    assert_eq!(
+        runs.iter().map(|r| r.id).collect::<Vec<_>>(),
+        vec![catch_up.run, first.run]
+    );
+    // The sweep knows which fire time it ran for and how many it made up for.
+    assert_eq!(
+        db.store.fire_of_run(catch_up.run).await.expect("fire"),
+        Some((catch_up.fire_at, 4))
+    );
+    db.drop_db().await.expect("drop");
+}

@@ -1,0 +1,371 @@
+//! The nightly regression sweep (`workflows/nightly.yaml`): the regression suites again over
+//! the release matrix, on each cell's baseline image, each night.
+//!
+//! - **Cells**: the catalogue's valid (release, platform, node type) combinations that the
+//!   sweep's `cells` patterns cover.
+//! - **Firing**: every worker looks at the schedule (`schedule_loop`); `Store::fire_due` runs
+//!   each fire time once, and records fires missed while no worker ran as skipped, made up by
+//!   one catch-up run.
+//! - **Steps** (the certification handler's, over the baseline image): plan → build → place →
+//!   transfer → boot → tests → teardown per cell, report per run. `tests` waits for the VM's
+//!   results; a failing test is run again on a fresh VM up to `flaky_retries` times, and one
+//!   that passes then is `flaky`. The results are recorded per cell (`sweep_cells`,
+//!   `sweep_results`) and refresh the baseline results verdicts compare against.
+//! - **Classes** (`view`), per test against the cell's previous sweep that ran: newly failing,
+//!   fixed, still failing, flaky, passing, and `failing` when no sweep before ran it; a cell
+//!   is its worst test's class, or `not run` with the reason.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use chrono::Utc;
+use serde_json::{Value, json};
+
+use super::certify::{Certify, Result, StepError, infra, str_of};
+use super::{AppError, Context};
+use crate::engine::worker::{StepCtx, StepOutput};
+use crate::engine::workflow::{FailureClass, SweepSettings, Workflow};
+use crate::model::TestStatus;
+use crate::store::Store;
+use crate::store::engine::RunRow;
+use crate::store::sweeps::SweepCellRow;
+use crate::vmrun::{self, Until};
+
+/// The sweep workflow's name.
+pub const WORKFLOW: &str = "nightly";
+
+/// The cells of the catalogue the sweep covers, in catalogue order.
+pub fn cells(ctx: &Context, sweep: &SweepSettings) -> Vec<String> {
+    let cat = ctx.catalogue();
+    let mut out = Vec::new();
+    for release in &cat.releases {
+        for platform in &release.platforms {
+            for nt in &release.node_types {
+                let cell = format!("{}/{platform}/{}", release.name, nt.name);
+                if nt.available_on(release, platform) && sweep.covers(&cell) {
+                    out.push(cell);
+                }
+            }
+        }
+    }
+    out
+}
+
+/// Starts a sweep now over the cells `filter` (a `release/platform/node_type` pattern, `*`
+/// for any part) picks among the workflow's; the run's id.
+pub async fn start(ctx: &Context, store: &Store, filter: Option<&str>) -> Result<i64, AppError> {
+    let workflow = Workflow::nightly();
+    let mut sweep = workflow.sweep.clone().unwrap_or_default();
+    let mut targets = cells(ctx, &sweep);
+    if let Some(f) = filter {
+        sweep.cells = f.split(',').map(|s| s.trim().to_owned()).collect();
+        targets.retain(|c| sweep.covers(c));
+    }
+    if targets.is_empty() {
+        return Err(AppError::NotFound(format!(
+            "no cell of the catalogue matches {:?} (cells are release/platform/node_type, `*` for any part)",
+            filter.unwrap_or("*/*/*")
+        )));
+    }
+    let priority = workflow.sweep.as_ref().map_or(0, |s| s.priority);
+    Ok(store
+        .create_run_with_priority(&workflow, None, &targets, priority)
+        .await?)
+}
+
+/// Looks at the nightly schedule at least every minute and at each fire time; the run of a
+/// due fire time is started by exactly one worker (`certo worker` runs this).
+pub async fn schedule_loop(ctx: Context, store: Store) {
+    let workflow = Workflow::nightly();
+    let (Some(schedule), Some(sweep)) = (&workflow.schedule, &workflow.sweep) else {
+        return;
+    };
+    let targets = cells(&ctx, sweep);
+    loop {
+        let now = Utc::now();
+        match store.fire_due(&workflow, &targets, now).await {
+            Ok(Some(f)) => {
+                tracing::info!(run = f.run, fire_at = %f.fire_at, skipped = f.skipped.len(), "nightly sweep started")
+            }
+            Ok(None) => {}
+            Err(e) => tracing::warn!(error = %e, "looking at the nightly schedule failed"),
+        }
+        let next = schedule
+            .next_after(Utc::now())
+            .and_then(|t| (t - Utc::now()).to_std().ok())
+            .unwrap_or(Duration::from_secs(60));
+        tokio::time::sleep(next.min(Duration::from_secs(60)) + Duration::from_millis(200)).await;
+    }
+}
+
+impl Certify {
+    /// One step of a sweep run.
+    pub(super) async fn sweep_step(&self, s: &StepCtx, run: &RunRow) -> Result<StepOutput> {
+        let target = &s.claim.target;
+        match s.claim.name.as_str() {
+            "plan" => Ok(StepOutput::Passed(json!({"cells": run.targets}))),
+            "build" => self.build(target, None).await,
+            "place" => self.place(s, target).await,
+            "transfer" => self.transfer(s, target).await,
+            "boot" => self.boot(s, target, None).await,
+            "tests" => self.sweep_tests(s, target).await,
+            "teardown" => self.teardown(s, target).await,
+            "report" => self.sweep_report(s, run).await,
+            other => Ok(infra(format!("the nightly workflow has no step {other}"))),
+        }
+    }
+
+    async fn sweep_tests(&self, s: &StepCtx, cell: &str) -> Result<StepOutput> {
+        let sweep = self.nightly.sweep.clone().unwrap_or_default();
+        let boot = self.output(s, cell, "boot").await?;
+        let build = self.output(s, cell, "build").await?;
+        let (host, agent) = self.agent_of(s, cell).await?;
+        s.store.set_step_host(&s.claim, &host).await?;
+        let name = str_of(&boot, "vm");
+        let row = vmrun::watch(&s.store, &agent, &name, &Until::Ended).await?;
+        let results: Vec<_> = s
+            .store
+            .vm_results(row.id)
+            .await?
+            .into_iter()
+            .filter(|r| sweep.suites.contains(&r.suite))
+            .collect();
+        if results.is_empty() {
+            return Ok(StepOutput::Failed {
+                class: FailureClass::Infrastructure,
+                detail: json!({"reason": format!("{name} ended {} without reporting a test: {}",
+                    row.state, row.reason.clone().unwrap_or_default()), "host": host}),
+            });
+        }
+        // Failing tests again on fresh VMs: passing then is flaky.
+        let mut status: BTreeMap<(String, String), (String, String)> = results
+            .iter()
+            .map(|r| {
+                let st = if r.status == TestStatus::Pass {
+                    "pass"
+                } else {
+                    "fail"
+                };
+                (
+                    (r.suite.clone(), r.name.clone()),
+                    (st.to_owned(), r.output.clone()),
+                )
+            })
+            .collect();
+        let image = std::path::PathBuf::from(str_of(&build["image"], "path"));
+        let (_, _, node_type) = super::patches::split_target(cell);
+        for attempt in 0..sweep.flaky_retries {
+            if !status.values().any(|(st, _)| st == "fail") {
+                break;
+            }
+            let again = match self.run_self_contained(s, &host, &image, node_type).await {
+                Ok(o) => o,
+                Err(e) => {
+                    tracing::warn!(cell, attempt, error = %e, "a flakiness retry could not run");
+                    break;
+                }
+            };
+            for t in &again.tests {
+                if t.status == TestStatus::Pass
+                    && let Some((st, _)) = status.get_mut(&(t.suite.clone(), t.name.clone()))
+                    && st == "fail"
+                {
+                    *st = "flaky".to_owned();
+                }
+            }
+        }
+        let digest = str_of(&build["image"], "digest");
+        let rows: Vec<(String, String, String, String)> = status
+            .iter()
+            .map(|((suite, n), (st, out))| (suite.clone(), n.clone(), st.clone(), out.clone()))
+            .collect();
+        s.store
+            .record_sweep_cell(
+                &SweepCellRow {
+                    run_id: s.claim.run,
+                    cell: cell.to_owned(),
+                    state: "ran".into(),
+                    reason: None,
+                    image_digest: Some(digest.clone()),
+                    layers: build["image"]["layers"].clone(),
+                },
+                &rows,
+            )
+            .await?;
+        // The baseline results verdicts compare against: a flaky test counts as failing
+        // there (a patch failing it is not rejected for it).
+        let baseline: Vec<(String, String, String, String)> = rows
+            .iter()
+            .map(|(su, n, st, out)| {
+                let st = if st == "pass" { "pass" } else { "fail" };
+                (su.clone(), n.clone(), st.to_owned(), out.clone())
+            })
+            .collect();
+        s.store
+            .record_baseline_results(&digest, &name, &baseline)
+            .await?;
+        let count = |w: &str| rows.iter().filter(|r| r.2 == w).count();
+        Ok(StepOutput::Passed(json!({
+            "vm": name, "tests": rows.len(), "passed": count("pass"),
+            "failed": count("fail"), "flaky": count("flaky"),
+        })))
+    }
+
+    async fn sweep_report(&self, s: &StepCtx, run: &RunRow) -> Result<StepOutput> {
+        // Cells whose tests did not run: recorded with the reason their step gave.
+        let recorded: Vec<String> = s
+            .store
+            .sweep_cells(run.id)
+            .await?
+            .into_iter()
+            .map(|c| c.cell)
+            .collect();
+        let timeline = s.store.run_timeline(run.id).await?;
+        for cell in run.targets.iter().filter(|c| !recorded.contains(c)) {
+            let reason = timeline
+                .iter()
+                .filter(|st| &st.target == cell && st.state != "passed")
+                .find_map(|st| {
+                    st.outcome
+                        .as_ref()
+                        .and_then(|o| o["reason"].as_str())
+                        .map(|r| format!("{}: {r}", st.name))
+                        .or_else(|| {
+                            (st.state == "cancelled").then(|| format!("{}: cancelled", st.name))
+                        })
+                })
+                .unwrap_or_else(|| "its steps did not reach the tests".into());
+            s.store
+                .record_sweep_cell(
+                    &SweepCellRow {
+                        run_id: run.id,
+                        cell: cell.clone(),
+                        state: "not run".into(),
+                        reason: Some(reason),
+                        image_digest: None,
+                        layers: json!([]),
+                    },
+                    &[],
+                )
+                .await?;
+        }
+        let v = view(&s.store, run)
+            .await
+            .map_err(|e| StepError::Other(e.to_string()))?;
+        Ok(StepOutput::Passed(v["summary"].clone()))
+    }
+}
+
+/// A test's class against the cell's previous sweep that ran.
+fn class_of(now: &str, before: Option<&str>) -> &'static str {
+    match (now, before) {
+        ("flaky", _) => "flaky",
+        ("fail", Some("fail")) => "still failing",
+        // No sweep before ran the test: nothing says it is new.
+        ("fail", None) => "failing",
+        ("fail", _) => "newly failing",
+        (_, Some("fail")) => "fixed",
+        _ => "passing",
+    }
+}
+
+/// How bad a class is, for a cell's class (its worst test's).
+fn rank(class: &str) -> u8 {
+    match class {
+        "newly failing" => 5,
+        "still failing" | "failing" => 4,
+        "not run" => 3,
+        "flaky" => 2,
+        "fixed" => 1,
+        _ => 0,
+    }
+}
+
+/// A sweep with each cell and test classified against the cell's previous sweep that ran,
+/// each cell's trend over the sweeps before (newest last), and a summary.
+pub async fn view(store: &Store, run: &RunRow) -> Result<Value, AppError> {
+    let cells = store.sweep_cells(run.id).await?;
+    let results = store.sweep_results(run.id).await?;
+    // The earlier sweeps, newest first.
+    let earlier: Vec<RunRow> = store
+        .runs_of(&run.workflow, 60)
+        .await?
+        .into_iter()
+        .filter(|r| r.id < run.id)
+        .collect();
+    let mut earlier_cells = Vec::new();
+    for r in earlier.iter().take(14) {
+        earlier_cells.push((r.id, store.sweep_cells(r.id).await?));
+    }
+    let mut out_cells = Vec::new();
+    let mut summary: BTreeMap<&str, usize> = BTreeMap::new();
+    for c in &cells {
+        // The previous sweep in which this cell ran.
+        let mut before: BTreeMap<(String, String), String> = BTreeMap::new();
+        let mut trend = Vec::new();
+        let mut found_prev = false;
+        for (rid, ecs) in &earlier_cells {
+            if let Some(ec) = ecs.iter().find(|e| e.cell == c.cell) {
+                if ec.state == "ran" {
+                    let rs = store.sweep_results(*rid).await?;
+                    let failing = rs.iter().any(|r| r.cell == c.cell && r.status == "fail");
+                    trend.push(if failing { "fail" } else { "pass" });
+                    if !found_prev {
+                        found_prev = true;
+                        before = rs
+                            .into_iter()
+                            .filter(|r| r.cell == c.cell)
+                            .map(|r| ((r.suite, r.name), r.status))
+                            .collect();
+                    }
+                } else {
+                    trend.push("not run");
+                }
+            }
+        }
+        trend.reverse();
+        let tests: Vec<Value> = results
+            .iter()
+            .filter(|r| r.cell == c.cell)
+            .map(|r| {
+                let prev = before
+                    .get(&(r.suite.clone(), r.name.clone()))
+                    .map(String::as_str);
+                json!({"suite": r.suite, "name": r.name, "status": r.status,
+                       "class": class_of(&r.status, prev), "before": prev,
+                       "output": r.output})
+            })
+            .collect();
+        let class = if c.state != "ran" {
+            "not run"
+        } else {
+            tests
+                .iter()
+                .filter_map(|t| t["class"].as_str())
+                .max_by_key(|k| rank(k))
+                .map_or("passing", |k| match k {
+                    "newly failing" => "newly failing",
+                    "still failing" => "still failing",
+                    "failing" => "failing",
+                    "flaky" => "flaky",
+                    "fixed" => "fixed",
+                    _ => "passing",
+                })
+        };
+        *summary.entry(class).or_default() += 1;
+        out_cells.push(json!({
+            "cell": c.cell, "state": c.state, "reason": c.reason, "class": class,
+            "image_digest": c.image_digest, "trend": trend, "tests": tests,
+        }));
+    }
+    // Worst first.
+    out_cells.sort_by_key(|c| std::cmp::Reverse(rank(c["class"].as_str().unwrap_or(""))));
+    let fire = store.fire_of_run(run.id).await?;
+    Ok(json!({
+        "sweep": run.id, "state": run.state, "created_at": run.created_at,
+        "finished_at": run.finished_at,
+        "fire_at": fire.map(|f| f.0), "skipped_before": fire.map(|f| f.1),
+        "cells": out_cells,
+        "summary": summary,
+    }))
+}

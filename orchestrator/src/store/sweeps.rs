@@ -1,0 +1,254 @@
+//! Scheduled runs: each fire time of a schedule starts one run, across every worker.
+//!
+//! A worker looking at a schedule locks its row, lists the fire times due since the last one
+//! recorded (or since the schedule became known), starts one run for the newest and records
+//! the older ones as skipped, all in one transaction; the primary key of `sweep_fires`
+//! (schedule, fire time) makes a second start of the same fire time impossible whatever
+//! happens to the lock.
+
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+
+use super::engine::{create_run_in, notify};
+use super::{Store, StoreError};
+use crate::engine::workflow::Workflow;
+
+/// What one look at a schedule started.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Fired {
+    pub run: i64,
+    pub fire_at: DateTime<Utc>,
+    /// Fire times missed while no worker ran, recorded as skipped (this run covers them).
+    pub skipped: Vec<DateTime<Utc>>,
+}
+
+/// A fire time as recorded.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, sqlx::FromRow)]
+pub struct FireRow {
+    pub schedule: String,
+    pub fire_at: DateTime<Utc>,
+    pub state: String,
+    pub run_id: Option<i64>,
+    pub recorded_at: DateTime<Utc>,
+}
+
+impl Store {
+    /// Starts the run of `workflow`'s newest fire time due at `now` over `targets`, unless
+    /// it ran already; fire times between the last recorded one and it are recorded as
+    /// skipped. `None` when nothing is due (or the workflow has no schedule).
+    pub async fn fire_due(
+        &self,
+        workflow: &Workflow,
+        targets: &[String],
+        now: DateTime<Utc>,
+    ) -> Result<Option<Fired>, StoreError> {
+        let (Some(schedule), Some(sweep)) = (&workflow.schedule, &workflow.sweep) else {
+            return Ok(None);
+        };
+        let mut tx = self.pool.begin().await?;
+        // Known since the first look; a changed pattern or zone applies from now on.
+        sqlx::query(
+            "INSERT INTO sweep_schedules (name, cron, time_zone, since) VALUES ($1, $2, $3, $4)
+             ON CONFLICT (name) DO UPDATE
+                SET cron = EXCLUDED.cron, time_zone = EXCLUDED.time_zone,
+                    since = CASE WHEN (sweep_schedules.cron, sweep_schedules.time_zone)
+                                      IS DISTINCT FROM (EXCLUDED.cron, EXCLUDED.time_zone)
+                                 THEN EXCLUDED.since ELSE sweep_schedules.since END",
+        )
+        .bind(&workflow.name)
+        .bind(&schedule.cron)
+        .bind(&schedule.time_zone)
+        .bind(now)
+        .execute(&mut *tx)
+        .await?;
+        let (since, last): (DateTime<Utc>, Option<DateTime<Utc>>) = sqlx::query_as(
+            "SELECT s.since, (SELECT max(fire_at) FROM sweep_fires f WHERE f.schedule = s.name)
+               FROM sweep_schedules s WHERE s.name = $1 FOR UPDATE",
+        )
+        .bind(&workflow.name)
+        .fetch_one(&mut *tx)
+        .await?;
+        let after = last.map_or(since, |l| l.max(since));
+        let mut due = schedule.fires_between(after, now);
+        let Some(fire_at) = due.pop() else {
+            // The schedule is known from now on.
+            tx.commit().await?;
+            return Ok(None);
+        };
+        let run = create_run_in(&mut tx, workflow, None, targets, sweep.priority).await?;
+        let inserted = sqlx::query(
+            "INSERT INTO sweep_fires (schedule, fire_at, state, run_id) VALUES ($1, $2, 'fired', $3)
+             ON CONFLICT DO NOTHING",
+        )
+        .bind(&workflow.name)
+        .bind(fire_at)
+        .bind(run)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        if inserted == 0 {
+            // Another worker started it: the run made here goes with the transaction.
+            return Ok(None);
+        }
+        sqlx::query(
+            "INSERT INTO sweep_fires (schedule, fire_at, state)
+             SELECT $1, t, 'skipped' FROM unnest($2::timestamptz[]) AS t
+             ON CONFLICT DO NOTHING",
+        )
+        .bind(&workflow.name)
+        .bind(&due)
+        .execute(&mut *tx)
+        .await?;
+        notify(&mut tx).await?;
+        tx.commit().await?;
+        tracing::info!(schedule = %workflow.name, %fire_at, run, skipped = due.len(), "scheduled run started");
+        Ok(Some(Fired {
+            run,
+            fire_at,
+            skipped: due,
+        }))
+    }
+
+    /// The newest fire times of a schedule, newest first.
+    pub async fn fires(&self, schedule: &str, limit: i64) -> Result<Vec<FireRow>, StoreError> {
+        Ok(sqlx::query_as(
+            "SELECT schedule, fire_at, state, run_id, recorded_at FROM sweep_fires
+              WHERE schedule = $1 ORDER BY fire_at DESC LIMIT $2",
+        )
+        .bind(schedule)
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await?)
+    }
+}
+
+/// A cell of a sweep as recorded.
+#[derive(Debug, Clone, PartialEq, Serialize, sqlx::FromRow)]
+pub struct SweepCellRow {
+    pub run_id: i64,
+    pub cell: String,
+    pub state: String,
+    pub reason: Option<String>,
+    pub image_digest: Option<String>,
+    pub layers: serde_json::Value,
+}
+
+/// One test of a cell of a sweep.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, sqlx::FromRow)]
+pub struct SweepResultRow {
+    pub run_id: i64,
+    pub cell: String,
+    pub suite: String,
+    pub name: String,
+    pub status: String,
+    pub output: String,
+}
+
+impl Store {
+    /// Records what a sweep found for one cell (replacing an earlier record of that cell in
+    /// that sweep: a step retried writes it again), its results in the same transaction.
+    pub async fn record_sweep_cell(
+        &self,
+        cell: &SweepCellRow,
+        results: &[(String, String, String, String)],
+    ) -> Result<(), StoreError> {
+        let mut tx = self.pool.begin().await?;
+        sqlx::query("DELETE FROM sweep_cells WHERE run_id = $1 AND cell = $2")
+            .bind(cell.run_id)
+            .bind(&cell.cell)
+            .execute(&mut *tx)
+            .await?;
+        sqlx::query(
+            "INSERT INTO sweep_cells (run_id, cell, state, reason, image_digest, layers)
+             VALUES ($1, $2, $3, $4, $5, $6)",
+        )
+        .bind(cell.run_id)
+        .bind(&cell.cell)
+        .bind(&cell.state)
+        .bind(&cell.reason)
+        .bind(&cell.image_digest)
+        .bind(&cell.layers)
+        .execute(&mut *tx)
+        .await?;
+        let (mut suites, mut names, mut statuses, mut outputs) =
+            (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        for (suite, name, status, output) in results {
+            suites.push(suite.as_str());
+            names.push(name.as_str());
+            statuses.push(status.as_str());
+            outputs.push(output.as_str());
+        }
+        sqlx::query(
+            "INSERT INTO sweep_results (run_id, cell, suite, name, status, output)
+             SELECT $1, $2, s, n, st, o FROM unnest($3::text[], $4::text[], $5::text[], $6::text[])
+                    AS t(s, n, st, o)
+             ON CONFLICT DO NOTHING",
+        )
+        .bind(cell.run_id)
+        .bind(&cell.cell)
+        .bind(&suites)
+        .bind(&names)
+        .bind(&statuses)
+        .bind(&outputs)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// The cells a sweep recorded.
+    pub async fn sweep_cells(&self, run: i64) -> Result<Vec<SweepCellRow>, StoreError> {
+        Ok(sqlx::query_as(
+            "SELECT run_id, cell, state, reason, image_digest, layers FROM sweep_cells
+              WHERE run_id = $1 ORDER BY cell",
+        )
+        .bind(run)
+        .fetch_all(&self.pool)
+        .await?)
+    }
+
+    /// The test results a sweep recorded.
+    pub async fn sweep_results(&self, run: i64) -> Result<Vec<SweepResultRow>, StoreError> {
+        Ok(sqlx::query_as(
+            "SELECT run_id, cell, suite, name, status, output FROM sweep_results
+              WHERE run_id = $1 ORDER BY cell, suite, name",
+        )
+        .bind(run)
+        .fetch_all(&self.pool)
+        .await?)
+    }
+
+    /// The runs of a workflow (sweeps), newest first.
+    pub async fn runs_of(
+        &self,
+        workflow: &str,
+        limit: i64,
+    ) -> Result<Vec<super::engine::RunRow>, StoreError> {
+        Ok(sqlx::query_as(
+            "SELECT id, workflow, patch_id, revision, state, priority, cancel_reason, targets,
+                    conflicts, created_at, finished_at
+               FROM engine_runs WHERE workflow = $1 ORDER BY id DESC LIMIT $2",
+        )
+        .bind(workflow)
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await?)
+    }
+
+    /// The fire time a scheduled run was started for, and how many fire times before it
+    /// (after the previous run's) were skipped.
+    pub async fn fire_of_run(&self, run: i64) -> Result<Option<(DateTime<Utc>, i64)>, StoreError> {
+        Ok(sqlx::query_as(
+            "SELECT f.fire_at,
+                    (SELECT count(*) FROM sweep_fires k
+                      WHERE k.schedule = f.schedule AND k.state = 'skipped' AND k.fire_at < f.fire_at
+                        AND k.fire_at > coalesce((SELECT max(p.fire_at) FROM sweep_fires p
+                                                   WHERE p.schedule = f.schedule AND p.state = 'fired'
+                                                     AND p.fire_at < f.fire_at), '-infinity'))
+               FROM sweep_fires f WHERE f.run_id = $1",
+        )
+        .bind(run)
+        .fetch_optional(&self.pool)
+        .await?)
+    }
+}

@@ -33,6 +33,10 @@ CREATE TABLE sweep_cells (
     image_digest  text,
     layers        jsonb NOT NULL DEFAULT '[]',
     recorded_at   timestamptz NOT NULL DEFAULT now(),
+    -- Set by the sweep's report: the cell's class, which outlives the results (retention).
+    class         text,
+    -- The test results were pruned (older than the retention); the summary stays.
+    results_pruned boolean NOT NULL DEFAULT false,
     PRIMARY KEY (run_id, cell)
 );
 
@@ -43,6 +47,9 @@ CREATE TABLE sweep_results (
     name     text NOT NULL,
     status   text NOT NULL CHECK (status IN ('pass', 'fail', 'flaky')),
     output   text NOT NULL DEFAULT '',
+    -- Set by the sweep's report: against the previous sweep then (it stays when that one's
+    -- results are pruned).
+    class    text,
     PRIMARY KEY (run_id, cell, suite, name),
     FOREIGN KEY (run_id, cell) REFERENCES sweep_cells (run_id, cell) ON DELETE CASCADE
 );

@@ -37,6 +37,21 @@ pub enum SweepCommand {
         #[arg(long)]
         json: bool,
     },
+    /// What changed for a cell between its last good sweep and the first bad one: layers,
+    /// repositories' metadata, package versions.
+    Diff {
+        /// release/platform/node_type
+        cell: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Prune sweeps that ended longer ago than the retention (nightly.yaml's `keep`, or
+    /// --older-than) down to their summaries; the last good sweep of each cell keeps its results.
+    Prune {
+        /// e.g. 720h; default: the workflow's `keep`.
+        #[arg(long, value_name = "DURATION")]
+        older_than: Option<String>,
+    },
     /// Show a sweep (the newest by default): each cell's class, its trend over the sweeps
     /// before, and the tests that are not passing.
     Show {
@@ -136,7 +151,99 @@ pub async fn run(g: &Global, a: SweepArgs) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         SweepCommand::Show { id, json } => show(&store, id, json).await,
+        SweepCommand::Diff { cell, json } => match sweeps::diff(&store, &cell).await? {
+            None => {
+                eprintln!(
+                    "error: {cell} never went from good to bad in the sweeps kept (a cell is release/platform/node_type)"
+                );
+                Ok(ExitCode::from(EXIT_INVALID))
+            }
+            Some(d) => {
+                if json {
+                    print_json(&d)?;
+                } else {
+                    println!(
+                        "{cell}: last good sweep {}, first bad sweep {}",
+                        d["last_good"]["sweep"], d["first_bad"]["sweep"]
+                    );
+                    for line in change_lines(&d) {
+                        println!("  {}", printable(&line));
+                    }
+                }
+                Ok(ExitCode::SUCCESS)
+            }
+        },
+        SweepCommand::Prune { older_than } => {
+            let keep = match older_than.as_deref() {
+                None => {
+                    certo_orchestrator::engine::workflow::Workflow::nightly()
+                        .sweep
+                        .unwrap_or_default()
+                        .keep
+                }
+                Some(d) => match certo_orchestrator::engine::workflow::parse_duration(d) {
+                    Ok(d) => d,
+                    Err(e) => {
+                        eprintln!("error: --older-than {d:?}: {e}");
+                        return Ok(ExitCode::from(EXIT_INVALID));
+                    }
+                },
+            };
+            let cutoff = chrono::Utc::now()
+                - chrono::Duration::from_std(keep).unwrap_or(chrono::Duration::days(30));
+            let n = store.prune_sweeps(sweeps::WORKFLOW, cutoff).await?;
+            println!(
+                "pruned the results of {n} cell(s) of sweeps that ended before {}",
+                cutoff.format("%Y-%m-%d %H:%M UTC")
+            );
+            Ok(ExitCode::SUCCESS)
+        }
     }
+}
+
+/// What changed, one line each: layers, repositories, packages; or that nothing did.
+fn change_lines(d: &Value) -> Vec<String> {
+    let list = |k: &str| d[k].as_array().cloned().unwrap_or_default();
+    let short = |v: &Value| {
+        v.as_str()
+            .map_or("-".to_owned(), |s| s.chars().take(12).collect())
+    };
+    let mut out = Vec::new();
+    for l in list("layers") {
+        out.push(format!(
+            "layer {}: {} -> {}",
+            l["layer"].as_str().unwrap_or(""),
+            short(&l["before"]),
+            short(&l["after"])
+        ));
+    }
+    for r in list("repositories") {
+        out.push(format!(
+            "repository {} ({} layer): metadata {} -> {}",
+            r["repository"].as_str().unwrap_or(""),
+            r["layer"].as_str().unwrap_or(""),
+            short(&r["before"]),
+            short(&r["after"])
+        ));
+    }
+    for p in list("packages") {
+        let v = |x: &Value| x.as_str().unwrap_or("(none)").to_owned();
+        out.push(format!(
+            "package {}: {} -> {}",
+            p["package"].as_str().unwrap_or(""),
+            v(&p["before"]),
+            v(&p["after"])
+        ));
+    }
+    if out.is_empty() {
+        out.push(if d["same_image"] == true {
+            "the same image both nights: no input changed (look at the test or the hosts)"
+                .to_owned()
+        } else {
+            "the images differ, but no layer input or package version does".to_owned()
+        });
+    }
+    out
 }
 
 fn summary_line(s: &Value) -> String {
@@ -211,6 +318,11 @@ async fn show(
             },
             printable(c["reason"].as_str().unwrap_or(""))
         );
+        if c["changed"].is_object() {
+            for line in change_lines(&c["changed"]) {
+                println!("      changed: {}", printable(&line));
+            }
+        }
         for t in c["tests"].as_array().into_iter().flatten() {
             if t["class"] != "passing" {
                 println!(

@@ -956,6 +956,15 @@ async fn sweeps_classify_each_cell_against_the_one_before_and_tell_flaky_from_fa
         "{c:#}"
     );
 
+    // It leads with what changed since the last good sweep: here nothing (the same image).
+    assert_eq!(c["changed"]["same_image"], true, "{c:#}");
+    let out = run(&db.url, &["sweep", "diff", cell]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("the same image both nights: no input changed"),
+        "{text}"
+    );
+
     // Again: still failing. Then repaired: fixed.
     host.guest_failures
         .store(4, std::sync::atomic::Ordering::SeqCst);
@@ -977,6 +986,36 @@ async fn sweeps_classify_each_cell_against_the_one_before_and_tell_flaky_from_fa
     let out = run(&db.url, &["sweep", "show"]);
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains(cell) && text.contains("fixed"), "{text}");
+    // Retention: everything past it is pruned to its summary, but the last good sweep of
+    // the cell (the last one, fixed) keeps its results.
+    let out = run(&db.url, &["sweep", "prune", "--older-than", "1ms"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.starts_with("pruned the results of 4 cell(s)"),
+        "{text}"
+    );
+    let id = first["sweep"].to_string();
+    let old = json_of(&run(&db.url, &["sweep", "show", &id, "--json"]));
+    let c = of(&old);
+    assert_eq!(
+        (c["class"].as_str(), c["results_pruned"].as_bool()),
+        (Some("passing"), Some(true)),
+        "{old:#}"
+    );
+    assert_eq!(c["tests"], serde_json::json!([]), "{old:#}");
+    let kept = json_of(&run(&db.url, &["sweep", "show", "--json"]));
+    let c = of(&kept);
+    assert_eq!(
+        (c["class"].as_str(), c["results_pruned"].as_bool()),
+        (Some("fixed"), Some(false)),
+        "{kept:#}"
+    );
+    assert_eq!(
+        c["trend"],
+        serde_json::json!(["pass", "pass", "fail", "fail"]),
+        "{kept:#}"
+    );
+    assert!(!c["tests"].as_array().expect("tests").is_empty());
     // Nothing left running on the host, no slot held.
     let held = db.store.held_slots().await.expect("slots");
     assert!(held.values().all(|n| *n == 0), "slots still held: {held:?}");

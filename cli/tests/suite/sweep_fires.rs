@@ -146,3 +146,124 @@ async fn fires_missed_while_no_worker_ran_are_skipped_and_made_up_by_one_sweep()
     );
     db.drop_db().await.expect("drop");
 }
+
+fn layer(
+    byte: u8,
+    parent: Option<u8>,
+    kind: certo_imager::LayerKind,
+    repo_sha: &str,
+    installed: &[(&str, &str, &str)],
+) -> certo_imager::LayerRecord {
+    certo_imager::LayerRecord {
+        digest: certo_imager::LayerDigest::from_bytes([byte; 32]),
+        parent: parent.map(|p| certo_imager::LayerDigest::from_bytes([p; 32])),
+        kind,
+        backend: "dnf".into(),
+        repositories: vec![("sl5-production".into(), repo_sha.into())],
+        packages: Vec::new(),
+        config_files: Vec::new(),
+        installed: installed
+            .iter()
+            .map(|(n, v, a)| ((*n).to_owned(), (*v).to_owned(), (*a).to_owned()))
+            .collect(),
+        size_bytes: 1,
+        build_seconds: 1.0,
+        built_at: 1_796_000_000,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn what_changed_from_the_last_good_night_names_layers_repositories_and_package_versions() {
+    use certo_imager::LayerKind::{Core, NodeType};
+    let db = certo_testkit::scratch_db().await;
+    let core = layer(1, None, Core, "aaaa", &[("bash", "3.2-24", "x86_64")]);
+    let good = layer(
+        2,
+        Some(1),
+        NodeType,
+        "aaaa",
+        &[
+            ("bash", "3.2-24", "x86_64"),
+            ("glite-wn", "3.2.0-1", "noarch"),
+        ],
+    );
+    // The repository was refreshed: a new glite-wn, and a new dependency with it.
+    let bad = layer(
+        3,
+        Some(1),
+        NodeType,
+        "bbbb",
+        &[
+            ("bash", "3.2-24", "x86_64"),
+            ("glite-wn", "3.2.1-1", "noarch"),
+            ("lcg-tags", "0.4-1", "noarch"),
+        ],
+    );
+    db.store
+        .record_layers(&[core.clone(), good.clone(), bad.clone()])
+        .await
+        .expect("layers");
+    let cell = "3.2/sl5_x86_64/glite-WN";
+    let nightly = Workflow::nightly();
+    let night = |top: &certo_imager::LayerRecord, status: &'static str| {
+        let (store, nightly, top) = (db.store.clone(), nightly.clone(), top.clone());
+        let core = core.digest.to_hex();
+        async move {
+            let run = store
+                .create_run(&nightly, None, &[cell.to_owned()])
+                .await
+                .expect("run");
+            store
+                .record_sweep_cell(
+                    &certo_orchestrator::store::sweeps::SweepCellRow {
+                        run_id: run,
+                        cell: cell.into(),
+                        state: "ran".into(),
+                        reason: None,
+                        image_digest: Some(top.digest.to_hex()),
+                        layers: serde_json::json!([{"digest": core}, {"digest": top.digest.to_hex()}]),
+                        class: None,
+                        results_pruned: false,
+                    },
+                    &[("regression".into(), "wn-jobs".into(), status.into(), String::new())],
+                )
+                .await
+                .expect("cell");
+            run
+        }
+    };
+    let first = night(&good, "pass").await;
+    let second = night(&bad, "fail").await;
+    let d = certo_orchestrator::app::sweeps::diff(&db.store, cell)
+        .await
+        .expect("diff")
+        .expect("a change from good to bad");
+    assert_eq!(d["last_good"]["sweep"], first, "{d:#}");
+    assert_eq!(d["first_bad"]["sweep"], second, "{d:#}");
+    assert_eq!(
+        d["layers"],
+        serde_json::json!([{"layer": "node_type", "before": good.digest.to_hex(), "after": bad.digest.to_hex()}]),
+        "{d:#}"
+    );
+    assert_eq!(
+        d["repositories"],
+        serde_json::json!([{"layer": "node_type", "repository": "sl5-production", "before": "aaaa", "after": "bbbb"}]),
+        "{d:#}"
+    );
+    assert_eq!(
+        d["packages"],
+        serde_json::json!([
+            {"package": "glite-wn.noarch", "before": "3.2.0-1", "after": "3.2.1-1"},
+            {"package": "lcg-tags.noarch", "before": null, "after": "0.4-1"},
+        ]),
+        "{d:#}"
+    );
+    // A cell that never went from good to bad has no such difference.
+    assert_eq!(
+        certo_orchestrator::app::sweeps::diff(&db.store, "3.1/sl4_i386/glite-CE")
+            .await
+            .expect("diff"),
+        None
+    );
+    db.drop_db().await.expect("drop");
+}

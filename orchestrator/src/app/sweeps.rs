@@ -188,6 +188,8 @@ impl Certify {
                     reason: None,
                     image_digest: Some(digest.clone()),
                     layers: build["image"]["layers"].clone(),
+                    class: None,
+                    results_pruned: false,
                 },
                 &rows,
             )
@@ -244,6 +246,8 @@ impl Certify {
                         reason: Some(reason),
                         image_digest: None,
                         layers: json!([]),
+                        class: None,
+                        results_pruned: false,
                     },
                     &[],
                 )
@@ -252,7 +256,39 @@ impl Certify {
         let v = view(&s.store, run)
             .await
             .map_err(|e| StepError::Other(e.to_string()))?;
-        Ok(StepOutput::Passed(v["summary"].clone()))
+        // Each cell's class outlives its results; sweeps past the retention keep only that.
+        let cells = v["cells"].as_array().cloned().unwrap_or_default();
+        let classes: Vec<(String, String)> = cells
+            .iter()
+            .map(|c| (str_of(c, "cell"), str_of(c, "class")))
+            .collect();
+        let tests: Vec<(String, String, String, String)> = cells
+            .iter()
+            .flat_map(|c| {
+                let cell = str_of(c, "cell");
+                c["tests"]
+                    .as_array()
+                    .cloned()
+                    .unwrap_or_default()
+                    .into_iter()
+                    .map(move |t| {
+                        (
+                            cell.clone(),
+                            str_of(&t, "suite"),
+                            str_of(&t, "name"),
+                            str_of(&t, "class"),
+                        )
+                    })
+            })
+            .collect();
+        s.store.set_sweep_classes(run.id, &classes, &tests).await?;
+        let keep = self.nightly.sweep.clone().unwrap_or_default().keep;
+        let cutoff =
+            Utc::now() - chrono::Duration::from_std(keep).unwrap_or(chrono::Duration::days(30));
+        let pruned = s.store.prune_sweeps(&run.workflow, cutoff).await?;
+        let mut summary = v["summary"].clone();
+        summary["pruned_cells"] = json!(pruned);
+        Ok(StepOutput::Passed(summary))
     }
 }
 
@@ -306,7 +342,12 @@ pub async fn view(store: &Store, run: &RunRow) -> Result<Value, AppError> {
         let mut found_prev = false;
         for (rid, ecs) in &earlier_cells {
             if let Some(ec) = ecs.iter().find(|e| e.cell == c.cell) {
-                if ec.state == "ran" {
+                if ec.state == "ran" && ec.results_pruned {
+                    // Only its summary is left.
+                    let failing = ec.class.as_deref().is_some_and(|k| k.ends_with("failing"));
+                    trend.push(if failing { "fail" } else { "pass" });
+                    found_prev = true;
+                } else if ec.state == "ran" {
                     let rs = store.sweep_results(*rid).await?;
                     let failing = rs.iter().any(|r| r.cell == c.cell && r.status == "fail");
                     trend.push(if failing { "fail" } else { "pass" });
@@ -331,13 +372,28 @@ pub async fn view(store: &Store, run: &RunRow) -> Result<Value, AppError> {
                 let prev = before
                     .get(&(r.suite.clone(), r.name.clone()))
                     .map(String::as_str);
+                // The report's class stands (the sweep it compared with may be pruned since).
+                let class = r
+                    .class
+                    .as_deref()
+                    .unwrap_or_else(|| class_of(&r.status, prev));
                 json!({"suite": r.suite, "name": r.name, "status": r.status,
-                       "class": class_of(&r.status, prev), "before": prev,
+                       "class": class, "before": prev,
                        "output": r.output})
             })
             .collect();
         let class = if c.state != "ran" {
             "not run"
+        } else if c.results_pruned || c.class.is_some() {
+            // The report's class stands.
+            match c.class.as_deref() {
+                Some("newly failing") => "newly failing",
+                Some("still failing") => "still failing",
+                Some("failing") => "failing",
+                Some("flaky") => "flaky",
+                Some("fixed") => "fixed",
+                _ => "passing",
+            }
         } else {
             tests
                 .iter()
@@ -353,9 +409,26 @@ pub async fn view(store: &Store, run: &RunRow) -> Result<Value, AppError> {
                 })
         };
         *summary.entry(class).or_default() += 1;
+        // A cell that went from good to bad leads with what changed.
+        let changed = if class == "newly failing" {
+            let history = store.cell_history(&run.workflow, &c.cell).await?;
+            let good = history
+                .iter()
+                .rev()
+                .find(|(h, bad)| h.run_id < run.id && !bad)
+                .map(|(h, _)| h.clone());
+            match good {
+                Some(g) => Some(changes(store, &g, c).await?),
+                None => None,
+            }
+        } else {
+            None
+        };
         out_cells.push(json!({
             "cell": c.cell, "state": c.state, "reason": c.reason, "class": class,
             "image_digest": c.image_digest, "trend": trend, "tests": tests,
+            "results_pruned": c.results_pruned,
+            "changed": changed,
         }));
     }
     // Worst first.
@@ -367,5 +440,101 @@ pub async fn view(store: &Store, run: &RunRow) -> Result<Value, AppError> {
         "fire_at": fire.map(|f| f.0), "skipped_before": fire.map(|f| f.1),
         "cells": out_cells,
         "summary": summary,
+    }))
+}
+
+/// What changed for `cell` between its last good sweep and the first bad one after it (the
+/// newest such change): which layers' digests, which repositories' metadata, which package
+/// versions (from the package lists the image cache records per layer). `None` when the cell
+/// never went from good to bad.
+pub async fn diff(store: &Store, cell: &str) -> Result<Option<Value>, AppError> {
+    let history = store.cell_history(WORKFLOW, cell).await?;
+    let Some(i) = (1..history.len())
+        .rev()
+        .find(|&i| history[i].1 && !history[i - 1].1)
+    else {
+        return Ok(None);
+    };
+    let (good, bad) = (&history[i - 1].0, &history[i].0);
+    Ok(Some(changes(store, good, bad).await?))
+}
+
+/// The difference between two sweeps' images of one cell.
+pub async fn changes(
+    store: &Store,
+    good: &SweepCellRow,
+    bad: &SweepCellRow,
+) -> Result<Value, AppError> {
+    let digests = |c: &SweepCellRow| -> Vec<String> {
+        c.layers
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|l| l["digest"].as_str().map(str::to_owned))
+            .collect()
+    };
+    let (before, after) = (digests(good), digests(bad));
+    let mut all = before.clone();
+    all.extend(after.iter().cloned());
+    let rows = store.layers_by_digest(&all).await?;
+    let layer = |d: &str| rows.iter().find(|r| r.0 == d);
+    let mut layers = Vec::new();
+    let mut repositories = Vec::new();
+    for (k, (b, a)) in before.iter().zip(after.iter()).enumerate() {
+        if b == a {
+            continue;
+        }
+        let kind = layer(a)
+            .or(layer(b))
+            .map_or(format!("layer {k}"), |l| l.1.clone());
+        layers.push(json!({"layer": kind, "before": b, "after": a}));
+        let repos = |d: &str| -> BTreeMap<String, String> {
+            layer(d)
+                .and_then(|l| l.2["repositories"].as_array().cloned())
+                .into_iter()
+                .flatten()
+                .filter_map(|p| Some((p[0].as_str()?.to_owned(), p[1].as_str()?.to_owned())))
+                .collect()
+        };
+        let (rb, ra) = (repos(b), repos(a));
+        for (id, sha) in &ra {
+            if rb.get(id) != Some(sha) {
+                repositories.push(json!({"layer": kind, "repository": id,
+                    "before": rb.get(id), "after": sha}));
+            }
+        }
+    }
+    // Package versions: the top layers' lists are every package of each image.
+    let installed = |d: Option<&String>| -> BTreeMap<String, String> {
+        d.and_then(|d| layer(d))
+            .and_then(|l| l.3.as_array().cloned())
+            .into_iter()
+            .flatten()
+            .filter_map(|p| {
+                Some((
+                    format!("{}.{}", p[0].as_str()?, p[2].as_str().unwrap_or("")),
+                    p[1].as_str()?.to_owned(),
+                ))
+            })
+            .collect()
+    };
+    let (pb, pa) = (installed(before.last()), installed(after.last()));
+    let mut packages = Vec::new();
+    for (name, v) in &pa {
+        if pb.get(name) != Some(v) {
+            packages.push(json!({"package": name, "before": pb.get(name), "after": v}));
+        }
+    }
+    for (name, v) in &pb {
+        if !pa.contains_key(name) {
+            packages.push(json!({"package": name, "before": v, "after": null}));
+        }
+    }
+    Ok(json!({
+        "cell": bad.cell,
+        "last_good": {"sweep": good.run_id, "image_digest": good.image_digest},
+        "first_bad": {"sweep": bad.run_id, "image_digest": bad.image_digest},
+        "same_image": good.image_digest == bad.image_digest,
+        "layers": layers, "repositories": repositories, "packages": packages,
     }))
 }

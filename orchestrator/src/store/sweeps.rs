@@ -131,6 +131,12 @@ pub struct SweepCellRow {
     pub reason: Option<String>,
     pub image_digest: Option<String>,
     pub layers: serde_json::Value,
+    /// The class the sweep's report gave the cell.
+    #[sqlx(default)]
+    pub class: Option<String>,
+    /// Its test results were pruned (the retention); the class stays.
+    #[sqlx(default)]
+    pub results_pruned: bool,
 }
 
 /// One test of a cell of a sweep.
@@ -142,6 +148,9 @@ pub struct SweepResultRow {
     pub name: String,
     pub status: String,
     pub output: String,
+    /// The class the sweep's report gave the test.
+    #[sqlx(default)]
+    pub class: Option<String>,
 }
 
 impl Store {
@@ -199,8 +208,8 @@ impl Store {
     /// The cells a sweep recorded.
     pub async fn sweep_cells(&self, run: i64) -> Result<Vec<SweepCellRow>, StoreError> {
         Ok(sqlx::query_as(
-            "SELECT run_id, cell, state, reason, image_digest, layers FROM sweep_cells
-              WHERE run_id = $1 ORDER BY cell",
+            "SELECT run_id, cell, state, reason, image_digest, layers, class, results_pruned
+               FROM sweep_cells WHERE run_id = $1 ORDER BY cell",
         )
         .bind(run)
         .fetch_all(&self.pool)
@@ -210,7 +219,7 @@ impl Store {
     /// The test results a sweep recorded.
     pub async fn sweep_results(&self, run: i64) -> Result<Vec<SweepResultRow>, StoreError> {
         Ok(sqlx::query_as(
-            "SELECT run_id, cell, suite, name, status, output FROM sweep_results
+            "SELECT run_id, cell, suite, name, status, output, class FROM sweep_results
               WHERE run_id = $1 ORDER BY cell, suite, name",
         )
         .bind(run)
@@ -250,5 +259,142 @@ impl Store {
         .bind(run)
         .fetch_optional(&self.pool)
         .await?)
+    }
+
+    /// Records the classes a sweep's report gave its cells (cell, class) and tests (cell,
+    /// suite, name, class), in one transaction.
+    pub async fn set_sweep_classes(
+        &self,
+        run: i64,
+        cells: &[(String, String)],
+        tests: &[(String, String, String, String)],
+    ) -> Result<(), StoreError> {
+        let mut tx = self.pool.begin().await?;
+        let (names, classes): (Vec<&str>, Vec<&str>) =
+            cells.iter().map(|(c, k)| (c.as_str(), k.as_str())).unzip();
+        sqlx::query(
+            "UPDATE sweep_cells c SET class = t.k
+               FROM unnest($2::text[], $3::text[]) AS t(cell, k)
+              WHERE c.run_id = $1 AND c.cell = t.cell",
+        )
+        .bind(run)
+        .bind(&names)
+        .bind(&classes)
+        .execute(&mut *tx)
+        .await?;
+        let mut cols: [Vec<&str>; 4] = Default::default();
+        for (c, su, n, k) in tests {
+            cols[0].push(c);
+            cols[1].push(su);
+            cols[2].push(n);
+            cols[3].push(k);
+        }
+        sqlx::query(
+            "UPDATE sweep_results r SET class = t.k
+               FROM unnest($2::text[], $3::text[], $4::text[], $5::text[]) AS t(cell, suite, name, k)
+              WHERE r.run_id = $1 AND r.cell = t.cell AND r.suite = t.suite AND r.name = t.name",
+        )
+        .bind(run)
+        .bind(&cols[0])
+        .bind(&cols[1])
+        .bind(&cols[2])
+        .bind(&cols[3])
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// Prunes the sweeps of `workflow` that ended before `before` down to their summaries:
+    /// their test results go, each cell's state, reason, image and class stay. The last good
+    /// sweep of each cell (it ran, and no test failed: passing, fixed or flaky) keeps its
+    /// results. Returns how many cells' results were pruned.
+    pub async fn prune_sweeps(
+        &self,
+        workflow: &str,
+        before: DateTime<Utc>,
+    ) -> Result<u64, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        let pruned: Vec<(i64, String)> = sqlx::query_as(
+            "WITH good AS (
+                SELECT DISTINCT ON (c.cell) c.run_id, c.cell FROM sweep_cells c
+                  JOIN engine_runs r ON r.id = c.run_id
+                 WHERE r.workflow = $1 AND c.state = 'ran'
+                   AND c.class IN ('passing', 'fixed', 'flaky')
+                 ORDER BY c.cell, c.run_id DESC),
+             old AS (
+                SELECT c.run_id, c.cell FROM sweep_cells c JOIN engine_runs r ON r.id = c.run_id
+                 WHERE r.workflow = $1 AND r.state <> 'running' AND r.finished_at < $2
+                   AND NOT c.results_pruned
+                   AND NOT EXISTS (SELECT 1 FROM good g WHERE g.run_id = c.run_id AND g.cell = c.cell)),
+             d AS (
+                DELETE FROM sweep_results s USING old
+                 WHERE s.run_id = old.run_id AND s.cell = old.cell)
+             UPDATE sweep_cells c SET results_pruned = true FROM old
+              WHERE c.run_id = old.run_id AND c.cell = old.cell
+             RETURNING c.run_id, c.cell",
+        )
+        .bind(workflow)
+        .bind(before)
+        .fetch_all(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        if !pruned.is_empty() {
+            tracing::info!(workflow, cells = pruned.len(), %before, "sweep results pruned");
+        }
+        Ok(pruned.len() as u64)
+    }
+
+    /// Layers by digest, as the image cache's mirror keeps them: digest, kind, inputs
+    /// (repositories with their metadata digests, packages, configuration files) and every
+    /// package installed once the layer is applied.
+    pub async fn layers_by_digest(
+        &self,
+        digests: &[String],
+    ) -> Result<Vec<(String, String, serde_json::Value, serde_json::Value)>, StoreError> {
+        Ok(sqlx::query_as(
+            "SELECT digest, kind, inputs, installed FROM image_layers WHERE digest = ANY($1)",
+        )
+        .bind(digests)
+        .fetch_all(&self.pool)
+        .await?)
+    }
+
+    /// The sweeps of `workflow` in which `cell` ran, oldest first, with whether any of its
+    /// tests failed.
+    pub async fn cell_history(
+        &self,
+        workflow: &str,
+        cell: &str,
+    ) -> Result<Vec<(SweepCellRow, bool)>, StoreError> {
+        let rows: Vec<SweepCellRow> = sqlx::query_as(
+            "SELECT c.run_id, c.cell, c.state, c.reason, c.image_digest, c.layers, c.class,
+                    c.results_pruned
+               FROM sweep_cells c JOIN engine_runs r ON r.id = c.run_id
+              WHERE r.workflow = $1 AND c.cell = $2 AND c.state = 'ran' ORDER BY c.run_id",
+        )
+        .bind(workflow)
+        .bind(cell)
+        .fetch_all(&self.pool)
+        .await?;
+        let failing: Vec<i64> = sqlx::query_scalar(
+            "SELECT DISTINCT run_id FROM sweep_results WHERE cell = $1 AND status = 'fail'
+                AND run_id = ANY($2)",
+        )
+        .bind(cell)
+        .bind(rows.iter().map(|r| r.run_id).collect::<Vec<_>>())
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows
+            .into_iter()
+            .map(|r| {
+                let bad = if r.results_pruned {
+                    r.class.as_deref().is_some_and(|k| k.ends_with("failing"))
+                } else {
+                    failing.contains(&r.run_id)
+                };
+                (r, bad)
+            })
+            .collect())
     }
 }

@@ -1023,3 +1023,238 @@ async fn sweeps_classify_each_cell_against_the_one_before_and_tell_flaky_from_fa
     let _ = std::fs::remove_file(data().join("host-tokens").join(&name));
     db.drop_db().await.expect("drop");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_worker_killed_inside_a_sweep_leaves_the_sweep_complete_and_each_cell_counted_once() {
+    let db = certo_testkit::scratch_db().await;
+    let api = certo_testkit::api_server(&db.store, Duration::from_secs(10)).await;
+    let name = format!("sweepkill{}", std::process::id());
+    let (host, _) = registered_host(&db, &api, &name, 2, |hv| hv).await;
+    let cell = "3.2/sl5_i386/glite-WN";
+    // The first VM's results fail, so `tests` boots a second VM for the flakiness retry: a
+    // long step to kill the worker in.
+    host.guest_failures
+        .store(2, std::sync::atomic::Ordering::SeqCst);
+    let mut first = WorkerProc::start(&db.url, &api.base, "sweep-first");
+    let out = run(&db.url, &["sweep", "run", "--cells", cell, "--json"]);
+    let id = json_of(&out)["sweep"].as_i64().expect("sweep id");
+    let started = Instant::now();
+    let tests_running = || async {
+        sqlx::query_scalar::<_, bool>(
+            "SELECT EXISTS (SELECT 1 FROM engine_steps WHERE run_id = $1 AND name = 'tests' AND state = 'running')",
+        )
+        .bind(id)
+        .fetch_one(db.store.pool())
+        .await
+        .expect("tests state")
+    };
+    while !tests_running().await {
+        assert!(
+            started.elapsed() < Duration::from_secs(300),
+            "the tests step never ran"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    first.kill();
+    let _second = WorkerProc::start(&db.url, &api.base, "sweep-second");
+    let v = loop {
+        let out = run(&db.url, &["sweep", "show", &id.to_string(), "--json"]);
+        let v = json_of(&out);
+        if v["state"] != "running" {
+            break v;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(300),
+            "the sweep did not end: {v:#}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert_eq!(v["state"], "passed", "{v:#}");
+    let cells = v["cells"].as_array().expect("cells");
+    assert_eq!(cells.len(), 1, "{v:#}");
+    assert_eq!(cells[0]["state"], "ran", "{v:#}");
+    let total: u64 = v["summary"]
+        .as_object()
+        .map(|m| m.values().filter_map(Value::as_u64).sum())
+        .unwrap_or(0);
+    assert_eq!(total, 1, "one cell in the summary: {v:#}");
+    // The step was taken over under a higher epoch.
+    let timeline = db.store.run_timeline(id).await.expect("timeline");
+    let tests = timeline
+        .iter()
+        .find(|s| s.name == "tests")
+        .expect("tests step");
+    assert!(tests.attempt >= 2, "{tests:?}");
+    let held = db.store.held_slots().await.expect("slots");
+    assert!(held.values().all(|n| *n == 0), "slots still held: {held:?}");
+    drop(host);
+    let _ = std::fs::remove_file(data().join("host-tokens").join(&name));
+    db.drop_db().await.expect("drop");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_refreshed_repository_that_breaks_one_cell_shows_it_newly_failing_with_the_package_then_fixed()
+ {
+    certo_testkit::ensure_libvirtd();
+    let db = certo_testkit::scratch_db().await;
+    let pid = std::process::id();
+    // Repositories of its own (they are refreshed), over the shared image cache.
+    let world = tmp().join(format!("refresh-world-{pid}"));
+    let _ = std::fs::remove_dir_all(&world);
+    let cp = Command::new("cp")
+        .arg("-r")
+        .arg(common::world())
+        .arg(&world)
+        .status()
+        .expect("cp");
+    assert!(cp.success());
+    let dir = tmp().join(format!("refresh-data-{pid}"));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("data dir");
+    std::fs::create_dir_all(data().join("imager")).expect("image cache");
+    std::os::unix::fs::symlink(data().join("imager"), dir.join("imager")).expect("symlink");
+    let certo_here = |args: &[&str]| -> Output {
+        Command::new(env!("CARGO_BIN_EXE_certo"))
+            .arg("--data-dir")
+            .arg(&dir)
+            .arg("--repos")
+            .arg(&world)
+            .args(args)
+            .env("DATABASE_URL", &db.url)
+            .env_remove("CERTO_CATALOGUE")
+            .env_remove("CERTO_ORCHESTRATOR")
+            .output()
+            .expect("certo")
+    };
+    let host = format!("refresh{pid}");
+    let out = certo_here(&[
+        "up",
+        "--listen",
+        "127.0.0.1:0",
+        "--slots",
+        "2",
+        "--host",
+        &host,
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let cells = "3.2/sl5_i386/glite-WN,3.2/sl5_x86_64/glite-WN";
+    let sweep = || {
+        let out = certo_here(&["sweep", "run", "--cells", cells, "--wait", "--json"]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        json_of(&out)
+    };
+    let cell_of = |v: &Value, cell: &str| -> Value {
+        v["cells"]
+            .as_array()
+            .and_then(|cs| cs.iter().find(|c| c["cell"] == cell))
+            .cloned()
+            .unwrap_or_else(|| panic!("no cell {cell}: {v:#}"))
+    };
+    let test_of = |c: &Value, name: &str| -> Value {
+        c["tests"]
+            .as_array()
+            .and_then(|ts| ts.iter().find(|t| t["name"] == name))
+            .cloned()
+            .unwrap_or_else(|| panic!("no test {name}: {c:#}"))
+    };
+    let (i386, x86_64) = ("3.2/sl5_i386/glite-WN", "3.2/sl5_x86_64/glite-WN");
+    let refresh = |from: &str| {
+        let repo = world.join("rpm/glite/3.2/sl5/i386");
+        let src = world.join("rpm/refresh/3.2/sl5/i386").join(from);
+        for e in std::fs::read_dir(&src).expect("refresh dir").flatten() {
+            if e.path().extension().is_some_and(|x| x == "rpm") {
+                std::fs::copy(e.path(), repo.join(e.file_name())).expect("copy rpm");
+            }
+        }
+        let st = Command::new("createrepo_c")
+            .args(["--quiet", "--no-database", "--simple-md-filenames"])
+            .arg(&repo)
+            .status()
+            .expect("createrepo_c");
+        assert!(st.success());
+    };
+
+    // Night 1: both cells run; the worker node's site check passes on both.
+    let v1 = sweep();
+    for cell in [i386, x86_64] {
+        let c = cell_of(&v1, cell);
+        assert_eq!(c["state"], "ran", "{c:#}");
+        assert_eq!(test_of(&c, "30-wn-info")["status"], "pass", "{c:#}");
+    }
+
+    // The i386 baseline repository is refreshed: glite-wn-info 1.2.4 loses the site name.
+    refresh("broken");
+    let v2 = sweep();
+    assert_eq!(
+        v2["summary"]["newly failing"], 1,
+        "exactly one cell newly failing: {v2:#}"
+    );
+    let c = cell_of(&v2, i386);
+    assert_eq!(c["class"], "newly failing", "{c:#}");
+    assert_eq!(test_of(&c, "30-wn-info")["class"], "newly failing", "{c:#}");
+    let other = cell_of(&v2, x86_64);
+    assert_ne!(other["class"], "newly failing", "{other:#}");
+    assert_eq!(
+        test_of(&other, "30-wn-info")["class"],
+        "passing",
+        "{other:#}"
+    );
+    // It leads with what changed: the package and both versions, the repository, the layer.
+    let changed = &c["changed"];
+    let pkg = changed["packages"]
+        .as_array()
+        .and_then(|ps| {
+            ps.iter().find(|p| {
+                p["package"]
+                    .as_str()
+                    .is_some_and(|n| n.starts_with("glite-wn-info"))
+            })
+        })
+        .cloned()
+        .unwrap_or_else(|| panic!("glite-wn-info not among the changes: {c:#}"));
+    assert!(
+        pkg["before"]
+            .as_str()
+            .is_some_and(|v| v.starts_with("1.2.3-1"))
+            && pkg["after"]
+                .as_str()
+                .is_some_and(|v| v.starts_with("1.2.4-1")),
+        "{pkg:#}"
+    );
+    assert!(
+        changed["repositories"]
+            .as_array()
+            .is_some_and(|rs| rs.iter().any(|r| r["repository"] == "glite/3.2")),
+        "{changed:#}"
+    );
+    let out = certo_here(&["sweep", "diff", i386]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("package glite-wn-info.i386: 1.2.3-1") && text.contains("-> 1.2.4-1"),
+        "{text}"
+    );
+
+    // Fixed in the repository: glite-wn-info 1.2.5.
+    refresh("fixed");
+    let v3 = sweep();
+    let c = cell_of(&v3, i386);
+    assert_eq!(test_of(&c, "30-wn-info")["class"], "fixed", "{c:#}");
+    assert_ne!(c["class"], "newly failing", "{c:#}");
+    let out = certo_here(&["down", "--keep-store"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let _ = std::fs::remove_dir_all(&world);
+    let _ = std::fs::remove_dir_all(&dir);
+    db.drop_db().await.expect("drop");
+}

@@ -340,6 +340,7 @@ pub async fn view(store: &Store, run: &RunRow) -> Result<Value, AppError> {
         let mut before: BTreeMap<(String, String), String> = BTreeMap::new();
         let mut trend = Vec::new();
         let mut found_prev = false;
+        let mut prev_cell: Option<SweepCellRow> = None;
         for (rid, ecs) in &earlier_cells {
             if let Some(ec) = ecs.iter().find(|e| e.cell == c.cell) {
                 if ec.state == "ran" && ec.results_pruned {
@@ -353,6 +354,7 @@ pub async fn view(store: &Store, run: &RunRow) -> Result<Value, AppError> {
                     trend.push(if failing { "fail" } else { "pass" });
                     if !found_prev {
                         found_prev = true;
+                        prev_cell = Some(ec.clone());
                         before = rs
                             .into_iter()
                             .filter(|r| r.cell == c.cell)
@@ -409,20 +411,11 @@ pub async fn view(store: &Store, run: &RunRow) -> Result<Value, AppError> {
                 })
         };
         *summary.entry(class).or_default() += 1;
-        // A cell that went from good to bad leads with what changed.
-        let changed = if class == "newly failing" {
-            let history = store.cell_history(&run.workflow, &c.cell).await?;
-            let good = history
-                .iter()
-                .rev()
-                .find(|(h, bad)| h.run_id < run.id && !bad)
-                .map(|(h, _)| h.clone());
-            match good {
-                Some(g) => Some(changes(store, &g, c).await?),
-                None => None,
-            }
-        } else {
-            None
+        // A cell that went from good to bad leads with what changed since the sweep it was
+        // compared with.
+        let changed = match (class, &prev_cell) {
+            ("newly failing", Some(p)) => Some(changes(store, p, c).await?),
+            _ => None,
         };
         out_cells.push(json!({
             "cell": c.cell, "state": c.state, "reason": c.reason, "class": class,
@@ -443,16 +436,17 @@ pub async fn view(store: &Store, run: &RunRow) -> Result<Value, AppError> {
     }))
 }
 
-/// What changed for `cell` between its last good sweep and the first bad one after it (the
-/// newest such change): which layers' digests, which repositories' metadata, which package
-/// versions (from the package lists the image cache records per layer). `None` when the cell
-/// never went from good to bad.
+/// What changed for `cell` between its last good sweep and the first bad one after it: the
+/// newest sweep in which a test failed that had passed in the sweep before (known failures
+/// failing on both do not count), against that sweep. `None` when no test of the cell ever
+/// went from passing to failing in the sweeps kept.
 pub async fn diff(store: &Store, cell: &str) -> Result<Option<Value>, AppError> {
     let history = store.cell_history(WORKFLOW, cell).await?;
-    let Some(i) = (1..history.len())
-        .rev()
-        .find(|&i| history[i].1 && !history[i - 1].1)
-    else {
+    let newly = |i: usize| match (&history[i - 1].1, &history[i].1) {
+        (Some(before), Some(now)) => now.iter().any(|t| !before.contains(t)),
+        _ => false,
+    };
+    let Some(i) = (1..history.len()).rev().find(|&i| newly(i)) else {
         return Ok(None);
     };
     let (good, bad) = (&history[i - 1].0, &history[i].0);

@@ -360,13 +360,13 @@ impl Store {
         .await?)
     }
 
-    /// The sweeps of `workflow` in which `cell` ran, oldest first, with whether any of its
-    /// tests failed.
+    /// The sweeps of `workflow` in which `cell` ran, oldest first, each with the tests that
+    /// failed in it (`suite/name`); `None` for a sweep whose results were pruned.
     pub async fn cell_history(
         &self,
         workflow: &str,
         cell: &str,
-    ) -> Result<Vec<(SweepCellRow, bool)>, StoreError> {
+    ) -> Result<Vec<(SweepCellRow, Option<Vec<String>>)>, StoreError> {
         let rows: Vec<SweepCellRow> = sqlx::query_as(
             "SELECT c.run_id, c.cell, c.state, c.reason, c.image_digest, c.layers, c.class,
                     c.results_pruned
@@ -377,9 +377,9 @@ impl Store {
         .bind(cell)
         .fetch_all(&self.pool)
         .await?;
-        let failing: Vec<i64> = sqlx::query_scalar(
-            "SELECT DISTINCT run_id FROM sweep_results WHERE cell = $1 AND status = 'fail'
-                AND run_id = ANY($2)",
+        let failing: Vec<(i64, String)> = sqlx::query_as(
+            "SELECT run_id, suite || '/' || name FROM sweep_results
+              WHERE cell = $1 AND status = 'fail' AND run_id = ANY($2)",
         )
         .bind(cell)
         .bind(rows.iter().map(|r| r.run_id).collect::<Vec<_>>())
@@ -388,12 +388,14 @@ impl Store {
         Ok(rows
             .into_iter()
             .map(|r| {
-                let bad = if r.results_pruned {
-                    r.class.as_deref().is_some_and(|k| k.ends_with("failing"))
-                } else {
-                    failing.contains(&r.run_id)
-                };
-                (r, bad)
+                let tests = (!r.results_pruned).then(|| {
+                    failing
+                        .iter()
+                        .filter(|(id, _)| *id == r.run_id)
+                        .map(|(_, t)| t.clone())
+                        .collect()
+                });
+                (r, tests)
             })
             .collect())
     }

@@ -138,6 +138,8 @@ async fn certify(
             listen: "127.0.0.1:0".into(),
             host: "local".into(),
             memory_mib: 4096,
+            // The demo's stack lives for the demo: no nightly sweep starts in it.
+            no_schedules: true,
         },
     )
     .await?;

@@ -38,6 +38,9 @@ pub struct WorkerArgs {
     /// The worker's name (default: HOSTNAME-PID).
     #[arg(long)]
     pub name: Option<String>,
+    /// Start no scheduled run (the nightly sweep): another worker does, or none should.
+    #[arg(long)]
+    pub no_schedules: bool,
 }
 
 pub async fn worker(g: &Global, a: WorkerArgs) -> anyhow::Result<ExitCode> {
@@ -100,14 +103,18 @@ pub async fn worker(g: &Global, a: WorkerArgs) -> anyhow::Result<ExitCode> {
     );
     tracing::info!(worker = %name, concurrency = config.concurrency, %orchestrator, "worker started");
     // Every worker looks at the nightly schedule; each fire time runs once.
-    let scheduler = tokio::spawn(certo_orchestrator::app::sweeps::schedule_loop(
-        ctx.clone(),
-        store.clone(),
-    ));
+    let scheduler = (!a.no_schedules).then(|| {
+        tokio::spawn(certo_orchestrator::app::sweeps::schedule_loop(
+            ctx.clone(),
+            store.clone(),
+        ))
+    });
     Worker::new(store, config, std::sync::Arc::new(handler))
         .run(stopped(stop_rx))
         .await?;
-    scheduler.abort();
+    if let Some(s) = scheduler {
+        s.abort();
+    }
     if let Some(srv) = guest_api {
         let _ = srv.await;
     }

@@ -37,6 +37,9 @@ pub struct UpArgs {
     /// Memory the host offers its VMs (MiB).
     #[arg(long, default_value_t = 4096)]
     pub memory_mib: u64,
+    /// The workers start no scheduled run (the nightly sweep); `certo sweep run` still works.
+    #[arg(long)]
+    pub no_schedules: bool,
 }
 
 #[derive(Debug, Args)]
@@ -304,14 +307,22 @@ pub async fn up(g: &Global, a: UpArgs) -> anyhow::Result<ExitCode> {
         let w = spawn(
             g,
             &[
-                "worker",
-                "--orchestrator",
-                &url,
-                "--concurrency",
-                &concurrency,
-                "--name",
-                &name,
-            ],
+                &[
+                    "worker",
+                    "--orchestrator",
+                    &url,
+                    "--concurrency",
+                    &concurrency,
+                    "--name",
+                    &name,
+                ][..],
+                if a.no_schedules {
+                    &["--no-schedules"][..]
+                } else {
+                    &[][..]
+                },
+            ]
+            .concat(),
             &[],
             &dir.join(format!("worker-{i}.log")),
             false,

@@ -79,6 +79,8 @@ impl WorkerProc {
                 "60",
                 "--name",
                 name,
+                // A test's store sees no nightly sweep start (a run at 02:00 would compete).
+                "--no-schedules",
             ],
         )
         .env("CERTO_LOG", "info,sqlx=warn")
@@ -314,6 +316,7 @@ async fn certo_up_and_submit_wait_reach_every_verdict_on_real_vms() {
             "2",
             "--host",
             &host,
+            "--no-schedules",
         ],
     );
     assert!(
@@ -1135,6 +1138,7 @@ async fn a_refreshed_repository_that_breaks_one_cell_shows_it_newly_failing_with
         "2",
         "--host",
         &host,
+        "--no-schedules",
     ]);
     assert!(
         out.status.success(),
@@ -1256,5 +1260,79 @@ async fn a_refreshed_repository_that_breaks_one_cell_shows_it_newly_failing_with
     );
     let _ = std::fs::remove_dir_all(&world);
     let _ = std::fs::remove_dir_all(&dir);
+    db.drop_db().await.expect("drop");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_sweep_also_runs_the_image_of_each_patch_in_flight_on_its_cell() {
+    let db = certo_testkit::scratch_db().await;
+    let api = certo_testkit::api_server(&db.store, Duration::from_secs(10)).await;
+    let name = format!("inflight{}", std::process::id());
+    let (host, _) = registered_host(&db, &api, &name, 2, |hv| hv).await;
+    // 3509 (3.2 WN on SL5 i386) is in flight (its certification started, no worker yet);
+    // 3510 (3.1 CE on SL4 i386) is stored only.
+    let out = run(&db.url, &["submit", &fixture("3509-two-records.yaml")]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    rerun(&db.url, "3509");
+    let cell = "3.2/sl5_i386/glite-WN";
+    let out = run(&db.url, &["sweep", "run", "--cells", cell, "--json"]);
+    let id = json_of(&out)["sweep"].as_i64().expect("sweep id");
+    let sweep_run = db
+        .store
+        .run(id)
+        .await
+        .expect("run")
+        .expect("the sweep's run");
+    assert_eq!(
+        sweep_run.targets,
+        vec![cell.to_owned(), format!("{cell}#3509r1")],
+        "the cell, then the patch in flight on it"
+    );
+    let _w = WorkerProc::start(&db.url, &api.base, "inflight-worker");
+    let started = Instant::now();
+    let v = loop {
+        let v = json_of(&run(&db.url, &["sweep", "show", &id.to_string(), "--json"]));
+        if v["state"] != "running" {
+            break v;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(600),
+            "the sweep did not end: {v:#}"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    };
+    let cells = v["cells"].as_array().expect("cells");
+    let find = |k: &str| {
+        cells
+            .iter()
+            .find(|c| c["cell"] == k)
+            .cloned()
+            .unwrap_or_else(|| panic!("no row {k}: {v:#}"))
+    };
+    let (base, patch) = (find(cell), find(&format!("{cell}#3509r1")));
+    assert_eq!(
+        (base["state"].as_str(), patch["state"].as_str()),
+        (Some("ran"), Some("ran")),
+        "{v:#}"
+    );
+    assert_ne!(
+        base["image_digest"], patch["image_digest"],
+        "the patch's own image: {v:#}"
+    );
+    // Only the cell's baseline refreshes the baseline results.
+    let patch_digest = patch["image_digest"].as_str().expect("digest");
+    assert!(
+        db.store
+            .baseline_results(patch_digest)
+            .await
+            .expect("baseline")
+            .is_empty()
+    );
+    drop(host);
+    let _ = std::fs::remove_file(data().join("host-tokens").join(&name));
     db.drop_db().await.expect("drop");
 }

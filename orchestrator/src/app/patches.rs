@@ -85,14 +85,23 @@ pub fn targets(catalogue: &crate::catalogue::Catalogue, p: &PatchRecord) -> Vec<
         .collect()
 }
 
-/// `release/platform/node_type`.
+/// `release/platform/node_type`; a sweep's target of a patch in flight,
+/// `release/platform/node_type#IDrREV`, gives its cell's parts.
 pub fn split_target(t: &str) -> (&str, &str, &str) {
+    let t = t.split('#').next().unwrap_or(t);
     let mut p = t.splitn(3, '/');
     (
         p.next().unwrap_or(""),
         p.next().unwrap_or(""),
         p.next().unwrap_or(""),
     )
+}
+
+/// The patch revision a sweep's target names (`release/platform/node_type#IDrREV`).
+pub fn target_patch(t: &str) -> Option<(u64, u32)> {
+    let (_, p) = t.split_once('#')?;
+    let (id, rev) = p.split_once('r')?;
+    Some((id.parse().ok()?, rev.parse().ok()?))
 }
 
 /// The target string of a (release, platform, node type).

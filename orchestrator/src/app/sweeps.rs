@@ -51,6 +51,32 @@ pub fn cells(ctx: &Context, sweep: &SweepSettings) -> Vec<String> {
     out
 }
 
+/// The sweep's targets: each cell, and after it the image of every patch in flight (a
+/// certification running) that targets the cell, as `CELL#IDrREV`.
+pub async fn targets(
+    ctx: &Context,
+    store: &Store,
+    cells: &[String],
+) -> Result<Vec<String>, AppError> {
+    let mut patches: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for (_, row) in store.patches_in_flight().await? {
+        for t in super::patches::targets(ctx.catalogue(), &row.record) {
+            let key = super::patches::target_key(&t.release, &t.platform, &t.node_type);
+            let tag = format!("{key}#{}r{}", row.patch_id, row.revision);
+            let list = patches.entry(key).or_default();
+            if !list.contains(&tag) {
+                list.push(tag);
+            }
+        }
+    }
+    let mut out = Vec::new();
+    for c in cells {
+        out.push(c.clone());
+        out.extend(patches.remove(c).unwrap_or_default());
+    }
+    Ok(out)
+}
+
 /// Starts a sweep now over the cells `filter` (a `release/platform/node_type` pattern, `*`
 /// for any part) picks among the workflow's; the run's id.
 pub async fn start(ctx: &Context, store: &Store, filter: Option<&str>) -> Result<i64, AppError> {
@@ -61,6 +87,7 @@ pub async fn start(ctx: &Context, store: &Store, filter: Option<&str>) -> Result
         sweep.cells = f.split(',').map(|s| s.trim().to_owned()).collect();
         targets.retain(|c| sweep.covers(c));
     }
+    let targets = self::targets(ctx, store, &targets).await?;
     if targets.is_empty() {
         return Err(AppError::NotFound(format!(
             "no cell of the catalogue matches {:?} (cells are release/platform/node_type, `*` for any part)",
@@ -80,10 +107,17 @@ pub async fn schedule_loop(ctx: Context, store: Store) {
     let (Some(schedule), Some(sweep)) = (&workflow.schedule, &workflow.sweep) else {
         return;
     };
-    let targets = cells(&ctx, sweep);
+    let cells = cells(&ctx, sweep);
     loop {
         let now = Utc::now();
-        match store.fire_due(&workflow, &targets, now).await {
+        let fired = match targets(&ctx, &store, &cells).await {
+            Ok(t) => store
+                .fire_due(&workflow, &t, now)
+                .await
+                .map_err(AppError::from),
+            Err(e) => Err(e),
+        };
+        match fired {
             Ok(Some(f)) => {
                 tracing::info!(run = f.run, fire_at = %f.fire_at, skipped = f.skipped.len(), "nightly sweep started")
             }
@@ -104,14 +138,35 @@ impl Certify {
         let target = &s.claim.target;
         match s.claim.name.as_str() {
             "plan" => Ok(StepOutput::Passed(json!({"cells": run.targets}))),
-            "build" => self.build(target, None).await,
+            "build" => {
+                let record = self.sweep_record(s, target).await?;
+                self.build(target, record.as_ref()).await
+            }
             "place" => self.place(s, target).await,
             "transfer" => self.transfer(s, target).await,
-            "boot" => self.boot(s, target, None).await,
+            "boot" => {
+                let record = self.sweep_record(s, target).await?;
+                self.boot(s, target, record.as_ref()).await
+            }
             "tests" => self.sweep_tests(s, target).await,
             "teardown" => self.teardown(s, target).await,
             "report" => self.sweep_report(s, run).await,
             other => Ok(infra(format!("the nightly workflow has no step {other}"))),
+        }
+    }
+
+    /// The record of the patch a sweep's target names (none for a cell's baseline).
+    async fn sweep_record(
+        &self,
+        s: &StepCtx,
+        target: &str,
+    ) -> Result<Option<crate::patch::PatchRecord>> {
+        let Some((id, rev)) = super::patches::target_patch(target) else {
+            return Ok(None);
+        };
+        match s.store.get_patch(id, Some(rev)).await? {
+            Some(row) => Ok(Some(row.record)),
+            None => Err(StepError::Other(format!("patch {id} r{rev} is not stored"))),
         }
     }
 
@@ -194,18 +249,20 @@ impl Certify {
                 &rows,
             )
             .await?;
-        // The baseline results verdicts compare against: a flaky test counts as failing
-        // there (a patch failing it is not rejected for it).
-        let baseline: Vec<(String, String, String, String)> = rows
-            .iter()
-            .map(|(su, n, st, out)| {
-                let st = if st == "pass" { "pass" } else { "fail" };
-                (su.clone(), n.clone(), st.to_owned(), out.clone())
-            })
-            .collect();
-        s.store
-            .record_baseline_results(&digest, &name, &baseline)
-            .await?;
+        // The baseline results verdicts compare against (a cell's, not a patch's image): a
+        // flaky test counts as failing there (a patch failing it is not rejected for it).
+        if super::patches::target_patch(cell).is_none() {
+            let baseline: Vec<(String, String, String, String)> = rows
+                .iter()
+                .map(|(su, n, st, out)| {
+                    let st = if st == "pass" { "pass" } else { "fail" };
+                    (su.clone(), n.clone(), st.to_owned(), out.clone())
+                })
+                .collect();
+            s.store
+                .record_baseline_results(&digest, &name, &baseline)
+                .await?;
+        }
         let count = |w: &str| rows.iter().filter(|r| r.2 == w).count();
         Ok(StepOutput::Passed(json!({
             "vm": name, "tests": rows.len(), "passed": count("pass"),

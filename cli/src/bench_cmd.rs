@@ -43,6 +43,9 @@ pub enum BenchCommand {
     Vm(super::bench_vm::VmBenchArgs),
     /// The workflow engine's overhead: no-op steps through claim and completion, 1-8 workers.
     Engine(super::bench_engine::EngineBenchArgs),
+    /// The nightly sweep over the fixture matrix on real VMs: warm, then with one cell's
+    /// repository refreshed.
+    Sweep(super::bench_sweep::SweepBenchArgs),
 }
 
 /// A deterministic generator of small numbers (no need for a random crate).
@@ -129,6 +132,7 @@ pub async fn run(g: &Global, args: BenchArgs) -> anyhow::Result<ExitCode> {
         BenchCommand::Image(a) => return super::bench_image::run(g, a).await,
         BenchCommand::Vm(a) => return super::bench_vm::run(g, a).await,
         BenchCommand::Engine(a) => return super::bench_engine::run(g, a).await,
+        BenchCommand::Sweep(a) => return super::bench_sweep::run(g, a).await,
     };
     if records == 0 || batch == 0 || runs == 0 {
         bail!("--records, --batch and --runs must be positive");

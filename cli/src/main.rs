@@ -5,6 +5,7 @@ mod agent_cmd;
 mod bench_cmd;
 mod bench_engine;
 mod bench_image;
+mod bench_sweep;
 mod bench_vm;
 mod catalogue_cmd;
 mod db_cmd;

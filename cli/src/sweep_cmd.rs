@@ -296,6 +296,33 @@ async fn show(
         run.state,
         summary_line(&v["summary"])
     );
+    if run.state == "running" {
+        let steps = store.run_timeline(run.id).await?;
+        let ended = |name: &str| {
+            steps
+                .iter()
+                .filter(|s| {
+                    s.name == name
+                        && !["waiting", "runnable", "running"].contains(&s.state.as_str())
+                })
+                .count()
+        };
+        let running: Vec<String> = steps
+            .iter()
+            .filter(|s| s.state == "running" && !s.target.is_empty())
+            .map(|s| format!("{} {}", s.target, s.name))
+            .collect();
+        println!(
+            "  in progress: {} of {} cells done; now: {}",
+            ended("teardown"),
+            run.targets.len(),
+            if running.is_empty() {
+                "waiting for a worker".to_owned()
+            } else {
+                running.join(", ")
+            }
+        );
+    }
     for c in v["cells"].as_array().into_iter().flatten() {
         let trend: String = c["trend"]
             .as_array()

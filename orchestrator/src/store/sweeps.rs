@@ -399,4 +399,23 @@ impl Store {
             })
             .collect())
     }
+
+    /// VMs requested between two instants: all, and those not named after run `run` (a
+    /// sweep's flakiness retries run under names of their own).
+    pub async fn vms_requested_between(
+        &self,
+        from: DateTime<Utc>,
+        to: DateTime<Utc>,
+        run: i64,
+    ) -> Result<(i64, i64), StoreError> {
+        Ok(sqlx::query_as(
+            "SELECT count(*), count(*) FILTER (WHERE name NOT LIKE $3)
+               FROM vm_runs WHERE requested_at BETWEEN $1 AND $2",
+        )
+        .bind(from)
+        .bind(to)
+        .bind(format!("certo-r{run}-%"))
+        .fetch_one(&self.pool)
+        .await?)
+    }
 }

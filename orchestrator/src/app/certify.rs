@@ -124,7 +124,7 @@ impl Certify {
                 .map(|p| p.record),
             _ => None,
         };
-        if run.workflow == super::sweeps::WORKFLOW {
+        if run.workflow == self.nightly.name {
             return self.sweep_step(s, &run).await;
         }
         let Some(record) = record else {

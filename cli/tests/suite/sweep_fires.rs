@@ -267,3 +267,30 @@ async fn what_changed_from_the_last_good_night_names_layers_repositories_and_pac
     );
     db.drop_db().await.expect("drop");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_sweep_never_starves_certification_its_steps_are_claimed_after_certifiers() {
+    let db = certo_testkit::scratch_db().await;
+    let nightly = Workflow::nightly();
+    let certify = Workflow::certify();
+    // A whole-matrix sweep queued first, then a certifier's run (priority 10, as `runs::start`).
+    let cells: Vec<String> = (0..40).map(|i| format!("3.2/sl5_x86_64/cell{i}")).collect();
+    let sweep = db
+        .store
+        .create_run_with_priority(&nightly, None, &cells, 0)
+        .await
+        .expect("sweep");
+    let cert = db
+        .store
+        .create_run_with_priority(&certify, None, &["3.2/sl5_x86_64/glite-WN".into()], 10)
+        .await
+        .expect("certification");
+    // Both have a runnable first step (plan); a worker with one free slot takes the
+    // certifier's, and only then the sweep's.
+    let lease = std::time::Duration::from_secs(30);
+    let first = db.store.claim_steps("w", 1, lease).await.expect("claim");
+    assert_eq!(first.iter().map(|c| c.run).collect::<Vec<_>>(), vec![cert]);
+    let next = db.store.claim_steps("w", 1, lease).await.expect("claim");
+    assert_eq!(next.iter().map(|c| c.run).collect::<Vec<_>>(), vec![sweep]);
+    db.drop_db().await.expect("drop");
+}

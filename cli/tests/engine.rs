@@ -1336,3 +1336,37 @@ async fn a_sweep_also_runs_the_image_of_each_patch_in_flight_on_its_cell() {
     let _ = std::fs::remove_file(data().join("host-tokens").join(&name));
     db.drop_db().await.expect("drop");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_cell_that_cannot_run_is_not_run_with_the_reason_never_a_pass_or_a_failure() {
+    let db = certo_testkit::scratch_db().await;
+    let api = certo_testkit::api_server(&db.store, Duration::from_secs(10)).await;
+    let name = format!("norun{}", std::process::id());
+    // The only host's libvirt cannot start a domain: every boot fails (infrastructure).
+    let (host, _) = registered_host(&db, &api, &name, 2, |hv| {
+        let f = certo_testkit::hypervisor::Faulty::new(hv);
+        f.fail_start
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        std::sync::Arc::new(f)
+    })
+    .await;
+    let _w = WorkerProc::start(&db.url, &api.base, "norun-worker");
+    let cell = "3.2/sl5_i386/glite-WN";
+    let v = sweep(&db.url, cell);
+    let c = &v["cells"][0];
+    assert_eq!(
+        (c["state"].as_str(), c["class"].as_str()),
+        (Some("not run"), Some("not run")),
+        "{v:#}"
+    );
+    let reason = c["reason"].as_str().unwrap_or("");
+    assert!(reason.starts_with("boot: "), "{reason}");
+    assert!(c["tests"].as_array().is_some_and(Vec::is_empty), "{v:#}");
+    assert_eq!(v["summary"], serde_json::json!({"not run": 1}), "{v:#}");
+    // Its slot was given back.
+    let held = db.store.held_slots().await.expect("slots");
+    assert!(held.values().all(|n| *n == 0), "slots still held: {held:?}");
+    drop(host);
+    let _ = std::fs::remove_file(data().join("host-tokens").join(&name));
+    db.drop_db().await.expect("drop");
+}

@@ -875,6 +875,19 @@ async fn a_quarantined_host_gets_work_again_only_after_a_passing_health_check() 
     db.drop_db().await.expect("drop");
 }
 
+/// `certo sweep show ID --json` once the sweep has ended (within `within`).
+async fn sweep_ended(db: &str, id: i64, within: Duration) -> Value {
+    let started = Instant::now();
+    loop {
+        let v = json_of(&run(db, &["sweep", "show", &id.to_string(), "--json"]));
+        if v["state"] != "running" {
+            return v;
+        }
+        assert!(started.elapsed() < within, "the sweep did not end: {v:#}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
 /// `certo sweep run --cells CELL --wait --json`: the sweep's view.
 fn sweep(db: &str, cell: &str) -> Value {
     let out = run(db, &["sweep", "run", "--cells", cell, "--wait", "--json"]);
@@ -1060,18 +1073,7 @@ async fn a_worker_killed_inside_a_sweep_leaves_the_sweep_complete_and_each_cell_
     }
     first.kill();
     let _second = WorkerProc::start(&db.url, &api.base, "sweep-second");
-    let v = loop {
-        let out = run(&db.url, &["sweep", "show", &id.to_string(), "--json"]);
-        let v = json_of(&out);
-        if v["state"] != "running" {
-            break v;
-        }
-        assert!(
-            started.elapsed() < Duration::from_secs(300),
-            "the sweep did not end: {v:#}"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    };
+    let v = sweep_ended(&db.url, id, Duration::from_secs(300)).await;
     assert_eq!(v["state"], "passed", "{v:#}");
     let cells = v["cells"].as_array().expect("cells");
     assert_eq!(cells.len(), 1, "{v:#}");
@@ -1293,18 +1295,7 @@ async fn a_sweep_also_runs_the_image_of_each_patch_in_flight_on_its_cell() {
         "the cell, then the patch in flight on it"
     );
     let _w = WorkerProc::start(&db.url, &api.base, "inflight-worker");
-    let started = Instant::now();
-    let v = loop {
-        let v = json_of(&run(&db.url, &["sweep", "show", &id.to_string(), "--json"]));
-        if v["state"] != "running" {
-            break v;
-        }
-        assert!(
-            started.elapsed() < Duration::from_secs(600),
-            "the sweep did not end: {v:#}"
-        );
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    };
+    let v = sweep_ended(&db.url, id, Duration::from_secs(600)).await;
     let cells = v["cells"].as_array().expect("cells");
     let find = |k: &str| {
         cells

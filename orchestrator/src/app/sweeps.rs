@@ -362,6 +362,20 @@ fn class_of(now: &str, before: Option<&str>) -> &'static str {
     }
 }
 
+/// A class by name (as stored), as one of the classes; anything else is `passing`.
+fn known_class(k: Option<&str>) -> &'static str {
+    const CLASSES: [&str; 6] = [
+        "newly failing",
+        "still failing",
+        "failing",
+        "not run",
+        "flaky",
+        "fixed",
+    ];
+    k.and_then(|k| CLASSES.into_iter().find(|c| *c == k))
+        .unwrap_or("passing")
+}
+
 /// How bad a class is, for a cell's class (its worst test's).
 fn rank(class: &str) -> u8 {
     match class {
@@ -445,27 +459,13 @@ pub async fn view(store: &Store, run: &RunRow) -> Result<Value, AppError> {
             "not run"
         } else if c.results_pruned || c.class.is_some() {
             // The report's class stands.
-            match c.class.as_deref() {
-                Some("newly failing") => "newly failing",
-                Some("still failing") => "still failing",
-                Some("failing") => "failing",
-                Some("flaky") => "flaky",
-                Some("fixed") => "fixed",
-                _ => "passing",
-            }
+            known_class(c.class.as_deref())
         } else {
             tests
                 .iter()
                 .filter_map(|t| t["class"].as_str())
                 .max_by_key(|k| rank(k))
-                .map_or("passing", |k| match k {
-                    "newly failing" => "newly failing",
-                    "still failing" => "still failing",
-                    "failing" => "failing",
-                    "flaky" => "flaky",
-                    "fixed" => "fixed",
-                    _ => "passing",
-                })
+                .map_or("passing", |k| known_class(Some(k)))
         };
         *summary.entry(class).or_default() += 1;
         // A cell that went from good to bad leads with what changed since the sweep it was

@@ -35,6 +35,9 @@ CERTO_NEEDS=(
   "/usr/include/libvirt/libvirt.h libvirt-dev"
   "qemu-system-x86_64 qemu-system-x86"
   "/lib/modules linux-image-amd64"
+  "chromium chromium"
+  "wrk wrk"
+  "openssl openssl"
 )
 
 # Programs Certo, its tools and its tests run that every Debian system has: each comes

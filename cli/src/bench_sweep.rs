@@ -52,6 +52,8 @@ pub async fn run(g: &Global, a: SweepBenchArgs) -> anyhow::Result<ExitCode> {
         catalogue: g.catalogue.clone(),
         repos: Some(repos.clone()),
         verbose: g.verbose,
+        server: None,
+        user_token_file: None,
     };
     let up = super::stack_cmd::up(
         &here,

@@ -100,8 +100,7 @@ pub async fn run(g: &Global, args: DemoArgs) -> anyhow::Result<ExitCode> {
 
     println!("== Patches in the store");
     let listed = patch_cmd::list(
-        g,
-        store,
+        &super::remote::Backend::Local(ctx.clone()),
         patch_cmd::PatchesArgs {
             state: None,
             release: None,
@@ -193,7 +192,13 @@ async fn certify(
             order.push(record);
             ids.push(id);
         }
-        let _ = super::run_cmd::wait_and_print(store, &ids, true, false).await?;
+        let _ = super::run_cmd::wait_and_print(
+            &super::remote::Backend::Local(ctx.clone()),
+            &ids,
+            true,
+            false,
+        )
+        .await?;
         for id in ids {
             if let Some(v) = store.verdict(id).await? {
                 views.push(v.detail);

@@ -5,8 +5,11 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use certo_imager::{BuildError, Built, Event, Format, ImageRequest, Imager, LayerOutcome, Phase};
-use clap::{Args, Subcommand};
+use certo_imager::{
+    BuildError, Built, Customization, Event, Format, ImageRequest, Imager, LayerOutcome, Phase,
+    RootPassword, Top,
+};
+use clap::{Args, Subcommand, ValueEnum};
 use serde_json::json;
 
 use super::{EXIT_FAILURE, EXIT_INVALID, Global, print_json};
@@ -38,9 +41,20 @@ pub struct TargetArgs {
     /// Platform label, e.g. sl5_x86_64 or deb12_x86_64.
     #[arg(long)]
     pub platform: String,
-    /// Node type, e.g. glite-WN.
-    #[arg(long)]
-    pub node_type: String,
+    /// Node type, e.g. glite-WN (required unless --layers says the image has none).
+    #[arg(long, required_unless_present = "layers")]
+    pub node_type: Option<String>,
+    /// An image without a node type: of the core layer only, or of the core and base layers.
+    #[arg(long, value_enum, value_name = "core|base", conflicts_with_all = ["node_type", "patch"])]
+    pub layers: Option<LayersArg>,
+    /// An extra package from the platform's repositories (repeatable), installed in a
+    /// custom layer on top of the image's top layer.
+    #[arg(long = "package", value_name = "NAME", conflicts_with = "patch")]
+    pub packages: Vec<String>,
+    /// Root's password: the first line of FILE, stored hashed (SHA-512 crypt) in the
+    /// image's /etc/shadow, in the custom layer.
+    #[arg(long, value_name = "FILE", conflicts_with = "patch")]
+    pub root_password_file: Option<PathBuf>,
     /// A patch on top: a record file, or a stored patch as ID or ID@REVISION.
     #[arg(long, value_name = "FILE|ID[@REV]")]
     pub patch: Option<String>,
@@ -52,6 +66,15 @@ pub struct TargetArgs {
     pub json: bool,
 }
 
+/// The layers of an image without a node type.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LayersArg {
+    /// The core layer only.
+    Core,
+    /// The core and base layers.
+    Base,
+}
+
 #[derive(Debug, Args)]
 pub struct BuildArgs {
     #[command(flatten)]
@@ -59,6 +82,69 @@ pub struct BuildArgs {
     /// Extra artefacts besides the ext4 image: qcow2, tar.gz (comma-separated).
     #[arg(long, value_delimiter = ',', value_name = "FORMATS")]
     pub export: Vec<String>,
+    /// Copy the image to FILE, in the format its name says: .ext4 or .img (raw ext4),
+    /// .qcow2, .tar.gz (or .tgz); an existing FILE is never overwritten.
+    #[arg(long, value_name = "FILE")]
+    pub output: Option<PathBuf>,
+}
+
+/// The format an `--output` file's name asks for.
+fn output_format(path: &std::path::Path) -> Option<Format> {
+    let name = path.file_name()?.to_str()?;
+    if name.ends_with(".tar.gz") || name.ends_with(".tgz") {
+        Some(Format::TarGz)
+    } else if name.ends_with(".qcow2") {
+        Some(Format::Qcow2)
+    } else if name.ends_with(".ext4") || name.ends_with(".img") {
+        Some(Format::Ext4)
+    } else {
+        None
+    }
+}
+
+/// Copies `from` to `to`, which must not exist (a copy, not a link: the cache's
+/// artefacts stay as they are whatever is done with the copy).
+fn copy_new(from: &std::path::Path, to: &std::path::Path) -> Result<(), String> {
+    let mut src = std::fs::File::open(from)
+        .map_err(|e| format!("cannot read the artefact {}: {e}", from.display()))?;
+    let mut dst = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(to)
+        .map_err(|e| match e.kind() {
+            std::io::ErrorKind::AlreadyExists => format!(
+                "--output {}: the file exists; Certo does not overwrite it (remove it or choose another name)",
+                to.display()
+            ),
+            _ => format!("--output {}: cannot create it: {e}", to.display()),
+        })?;
+    let copied = std::io::copy(&mut src, &mut dst).and_then(|_| dst.sync_all());
+    if let Err(e) = copied {
+        drop(dst);
+        let _ = std::fs::remove_file(to);
+        return Err(format!("--output {}: copying failed: {e}", to.display()));
+    }
+    Ok(())
+}
+
+/// The customization the command line asks for; `Err` is a refusal.
+fn customization(t: &TargetArgs) -> Result<Customization, String> {
+    let top = match t.layers {
+        None => Top::NodeType,
+        Some(LayersArg::Core) => Top::Core,
+        Some(LayersArg::Base) => Top::Base,
+    };
+    let root_password = match &t.root_password_file {
+        None => None,
+        Some(path) => Some(
+            RootPassword::from_file(path).map_err(|why| format!("--root-password-file {why}"))?,
+        ),
+    };
+    Ok(Customization {
+        top,
+        packages: t.packages.clone(),
+        root_password,
+    })
 }
 
 #[derive(Debug, Args)]
@@ -112,18 +198,33 @@ async fn request(ctx: &Context, t: &TargetArgs) -> anyhow::Result<Result<ImageRe
         None => None,
         Some(spec) => match app::patches::resolve(ctx, spec, t.patch_id).await {
             Ok(p) => Some(p),
-            Err(OpError::Refused(e)) => return Ok(Err(e)),
+            Err(OpError::Refused(e) | OpError::NotFound(e) | OpError::Forbidden(e)) => {
+                return Ok(Err(e));
+            }
             Err(OpError::App(e)) => return Err(e.into()),
         },
     };
-    match app::images::request(ctx, &t.release, &t.platform, &t.node_type, patch.as_ref()) {
+    let asked = match &t.node_type {
+        Some(node_type) if t.layers.is_none() => {
+            app::images::request(ctx, &t.release, &t.platform, node_type, patch.as_ref())
+        }
+        _ => app::images::layers_request(ctx, &t.release, &t.platform),
+    };
+    match asked {
         Ok(r) => Ok(Ok(r)),
-        Err(OpError::Refused(e)) => Ok(Err(e)),
+        Err(OpError::Refused(e) | OpError::NotFound(e) | OpError::Forbidden(e)) => Ok(Err(e)),
         Err(OpError::App(e)) => Err(e.into()),
     }
 }
 
 async fn plan(g: &Global, t: TargetArgs) -> anyhow::Result<ExitCode> {
+    let custom = match customization(&t) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return Ok(ExitCode::from(EXIT_INVALID));
+        }
+    };
     let ctx = g.context()?;
     let req = match request(&ctx, &t).await? {
         Ok(r) => r,
@@ -136,7 +237,7 @@ async fn plan(g: &Global, t: TargetArgs) -> anyhow::Result<ExitCode> {
     let planned = {
         let imager = imager.clone();
         let req = req.clone();
-        tokio::task::spawn_blocking(move || imager.plan(&req)).await?
+        tokio::task::spawn_blocking(move || imager.plan_custom(&req, &custom)).await?
     };
     let plans = match planned {
         Ok(p) => p,
@@ -145,12 +246,17 @@ async fn plan(g: &Global, t: TargetArgs) -> anyhow::Result<ExitCode> {
     let mut rows = Vec::new();
     for p in &plans {
         let cached = imager.store().layer(&p.digest).ok().flatten().is_some();
-        rows.push(json!({
+        let mut row = json!({
             "kind": p.kind, "label": p.label, "digest": p.digest, "cached": cached,
             "backend": p.backend,
             "repositories": p.inputs.repository_state.iter().map(|(id, d)| json!([id, hex::encode(d)])).collect::<Vec<_>>(),
             "packages": p.inputs.packages,
-        }));
+        });
+        if p.root_password.is_some() {
+            // That the layer sets one; never the password nor its hash.
+            row["root_password"] = json!(true);
+        }
+        rows.push(row);
     }
     let digests: Vec<_> = plans.iter().map(|p| p.digest).collect();
     let image = certo_imager::image_id(&digests);
@@ -183,16 +289,38 @@ pub async fn build_one(
     formats: &[Format],
     show_progress: bool,
 ) -> anyhow::Result<Result<Built, BuildError>> {
+    build_one_custom(ctx, req, &Customization::default(), formats, show_progress).await
+}
+
+/// [`build_one`] with a person's customization (top layer, extra packages, root password).
+pub async fn build_one_custom(
+    ctx: &Context,
+    req: &ImageRequest,
+    custom: &Customization,
+    formats: &[Format],
+    show_progress: bool,
+) -> anyhow::Result<Result<Built, BuildError>> {
     let bar = if show_progress {
         spinner()
     } else {
         indicatif::ProgressBar::hidden()
     };
+    let top = match custom.top {
+        Top::NodeType => req.node_type.clone(),
+        Top::Core => "core".to_owned(),
+        Top::Base => "base".to_owned(),
+    };
+    let mut extras = String::new();
+    if !custom.packages.is_empty() {
+        extras.push_str(&format!(" + {} packages", custom.packages.len()));
+    }
+    if custom.root_password.is_some() {
+        extras.push_str(" + root password");
+    }
     let target = format!(
-        "{} {} {}{}",
+        "{} {} {top}{}{extras}",
         req.release,
         req.platform.label,
-        req.node_type,
         req.patch
             .as_ref()
             .map(|p| format!(" + patch {} r{}", p.id, p.revision))
@@ -230,7 +358,7 @@ pub async fn build_one(
             }
         }
     };
-    let result = app::images::build(ctx, req, formats, progress).await;
+    let result = app::images::build_custom(ctx, req, custom, formats, progress).await;
     bar.finish_and_clear();
     Ok(result?)
 }
@@ -259,6 +387,48 @@ async fn build(g: &Global, a: BuildArgs) -> anyhow::Result<ExitCode> {
             }
         }
     }
+    let output = match &a.output {
+        None => None,
+        Some(path) => {
+            let Some(format) = output_format(path) else {
+                eprintln!(
+                    "error: --output {}: the format comes from the name's extension: .ext4 or .img (raw ext4), .qcow2, .tar.gz or .tgz",
+                    path.display()
+                );
+                return Ok(ExitCode::from(2));
+            };
+            if std::fs::symlink_metadata(path).is_ok() {
+                eprintln!(
+                    "error: --output {}: the file exists; Certo does not overwrite it (remove it or choose another name)",
+                    path.display()
+                );
+                return Ok(ExitCode::from(EXIT_INVALID));
+            }
+            let dir = match path.parent() {
+                Some(d) if !d.as_os_str().is_empty() => d,
+                _ => std::path::Path::new("."),
+            };
+            if !dir.is_dir() {
+                eprintln!(
+                    "error: --output {}: {} is not a directory",
+                    path.display(),
+                    dir.display()
+                );
+                return Ok(ExitCode::from(EXIT_INVALID));
+            }
+            if !formats.contains(&format) {
+                formats.push(format);
+            }
+            Some((path.clone(), format))
+        }
+    };
+    let custom = match customization(&a.target) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return Ok(ExitCode::from(EXIT_INVALID));
+        }
+    };
     let ctx = g.context()?;
     let req = match request(&ctx, &a.target).await? {
         Ok(r) => r,
@@ -267,15 +437,36 @@ async fn build(g: &Global, a: BuildArgs) -> anyhow::Result<ExitCode> {
             return Ok(ExitCode::from(EXIT_INVALID));
         }
     };
-    match build_one(&ctx, &req, &formats, !a.target.json).await? {
+    match build_one_custom(&ctx, &req, &custom, &formats, !a.target.json).await? {
         Ok(built) => {
+            if let Some((to, format)) = &output {
+                let from = built
+                    .image
+                    .artefacts
+                    .iter()
+                    .find(|x| x.format == format.as_str())
+                    .map(|x| x.path.clone());
+                let copied = match from {
+                    Some(from) => copy_new(&from, to),
+                    None => Err(format!(
+                        "the image has no {} artefact to copy to {}",
+                        format.as_str(),
+                        to.display()
+                    )),
+                };
+                if let Err(e) = copied {
+                    eprintln!("error: {e}");
+                    return Ok(ExitCode::from(EXIT_FAILURE));
+                }
+                tracing::info!(output = %to.display(), format = format.as_str(), "image copied");
+            }
             let path = built
                 .image
                 .ext4()
                 .map(|x| x.path.display().to_string())
                 .unwrap_or_default();
             if a.target.json {
-                print_json(&json!({
+                let mut v = json!({
                     "digest": built.image.digest,
                     "path": path,
                     "cached": built.image_cached && built.layers.iter().all(|(_, o)| *o != LayerOutcome::Built),
@@ -290,11 +481,18 @@ async fn build(g: &Global, a: BuildArgs) -> anyhow::Result<ExitCode> {
                         "outcome": match o { LayerOutcome::Cached => "cached", LayerOutcome::Built => "built", LayerOutcome::BuiltByOther => "built_by_other" },
                         "build_seconds": l.build_seconds, "size_bytes": l.size_bytes,
                     })).collect::<Vec<_>>(),
-                }))?;
+                });
+                if let Some((to, _)) = &output {
+                    v["output"] = json!(to.display().to_string());
+                }
+                print_json(&v)?;
             } else {
                 println!("image {}", built.image.digest);
                 for art in &built.image.artefacts {
                     println!("  {:<7} {}", art.format, art.path.display());
+                }
+                if let Some((to, format)) = &output {
+                    println!("  copied  {} ({})", to.display(), format.as_str());
                 }
                 println!("ready in {:.2} s", built.seconds);
             }
@@ -360,7 +558,11 @@ async fn ls(g: &Global, a: LsArgs) -> anyhow::Result<ExitCode> {
                 &i.digest[..16],
                 i.release,
                 i.platform,
-                i.node_type,
+                if i.node_type.is_empty() {
+                    "-"
+                } else {
+                    &i.node_type
+                },
                 i.patch_id
                     .map(|p| format!("{p} r{}", i.patch_revision.unwrap_or(0)))
                     .unwrap_or_else(|| "-".into()),

@@ -3,20 +3,26 @@
 
 mod agent_cmd;
 mod bench_cmd;
+mod bench_dashboard;
 mod bench_engine;
 mod bench_image;
+mod bench_records;
 mod bench_sweep;
 mod bench_vm;
 mod catalogue_cmd;
 mod db_cmd;
 mod demo_cmd;
+mod hook_cmd;
 pub mod image_cmd;
 mod patch_cmd;
+mod remote;
+mod report_cmd;
 mod run_cmd;
 mod serve_cmd;
 mod stack_cmd;
 mod sweep_cmd;
 mod transfer_cmd;
+mod user_cmd;
 mod vm_cmd;
 mod workflow_cmd;
 
@@ -71,6 +77,14 @@ pub struct Global {
     /// (default: the fixture world, built from fixtures/world under the data directory).
     #[arg(long, global = true, env = "CERTO_REPOS", value_name = "DIR")]
     pub repos: Option<PathBuf>,
+    /// Talk to this orchestrator's API (`certo serve`) instead of the local store: `submit`,
+    /// `patches`, `show`, `runs`, `rerun`, `cancel` and `sweep show`, with a user token from
+    /// CERTO_TOKEN or --user-token-file.
+    #[arg(long, global = true, env = "CERTO_SERVER", value_name = "URL")]
+    pub server: Option<String>,
+    /// The file holding the user token for --server (its first line).
+    #[arg(long, global = true, env = "CERTO_TOKEN_FILE", value_name = "FILE")]
+    pub user_token_file: Option<PathBuf>,
     /// More log output (repeat for more); CERTO_LOG takes a tracing filter instead.
     #[arg(short, long, global = true, action = clap::ArgAction::Count)]
     pub verbose: u8,
@@ -121,6 +135,13 @@ pub enum Command {
     Rerun(run_cmd::RerunArgs),
     /// The nightly regression sweeps over the release matrix: run one now, list, show.
     Sweep(sweep_cmd::SweepArgs),
+    /// The nightly report of the latest sweep: self-contained HTML (--html DIR) or --json.
+    Report(report_cmd::ReportArgs),
+    /// Verdict hooks: URLs that receive a signed JSON event when a run ends.
+    Hook(hook_cmd::HookArgs),
+    /// The people who use the API: add one (with a role; their token is printed once), list,
+    /// revoke.
+    User(user_cmd::UserArgs),
     /// Start this machine's stack in the background: the store, `certo serve`, a host agent, workers.
     Up(stack_cmd::UpArgs),
     /// Stop what `certo up` started.
@@ -249,10 +270,12 @@ pub fn exit_status(e: &anyhow::Error) -> u8 {
     use certo_orchestrator::app::OpError;
     use certo_orchestrator::vmrun::VmRunError;
     for cause in e.chain() {
-        if matches!(cause.downcast_ref::<OpError>(), Some(OpError::Refused(_)))
-            || cause
-                .downcast_ref::<VmRunError>()
-                .is_some_and(VmRunError::is_refusal)
+        if matches!(
+            cause.downcast_ref::<OpError>(),
+            Some(OpError::Refused(_) | OpError::NotFound(_) | OpError::Forbidden(_))
+        ) || cause
+            .downcast_ref::<VmRunError>()
+            .is_some_and(VmRunError::is_refusal)
         {
             return EXIT_INVALID;
         }
@@ -284,6 +307,9 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Cancel(args) => run_cmd::cancel(g, args).await,
         Command::Rerun(args) => run_cmd::rerun(g, args).await,
         Command::Sweep(args) => sweep_cmd::run(g, args).await,
+        Command::User(args) => user_cmd::run(g, args).await,
+        Command::Hook(args) => hook_cmd::run(g, args).await,
+        Command::Report(args) => report_cmd::run(g, args).await,
         Command::Up(args) => stack_cmd::up(g, args).await,
         Command::Down(args) => stack_cmd::down(g, args).await,
         Command::Status(args) => stack_cmd::status(g, args).await,

@@ -7,10 +7,12 @@ use anyhow::Context;
 use clap::Args;
 use serde_json::json;
 
-use super::{EXIT_INVALID, Global, print_json, progress};
-use certo_orchestrator::ingest::{self, Loaded};
+use super::remote::Backend;
+use super::{EXIT_INVALID, Global, print_json};
+use certo_orchestrator::app::patches::PatchFilter;
+use certo_orchestrator::ingest::Loaded;
 use certo_orchestrator::patch::{PackageSource, PatchRecord};
-use certo_orchestrator::store::{PatchRow, PatchState, Store, SubmitError, SubmitOutcome};
+use certo_orchestrator::store::{PatchEvent, PatchState, SubmitOutcome};
 
 #[derive(Debug, Args)]
 pub struct ValidateArgs {
@@ -63,15 +65,13 @@ pub struct ShowArgs {
     /// Print the patch as JSON on stdout.
     #[arg(long)]
     pub json: bool,
-}
-
-fn load(g: &Global, files: &[PathBuf]) -> anyhow::Result<Loaded> {
-    let catalogue = g.catalogue()?;
-    let count = ingest::expand(files).map(|f| f.len()).unwrap_or(0);
-    let bar = progress(count as u64, "validating");
-    let loaded = ingest::load_files(files, &catalogue, || bar.inc(1));
-    bar.finish_and_clear();
-    Ok(loaded)
+    /// Print the tests of its latest run as JUnit XML (the format CI systems read).
+    #[arg(long, conflicts_with_all = ["json", "tracker"])]
+    pub junit: bool,
+    /// Print the record in the tracker's text form with its new status (Certified, or
+    /// Rejected and why), ready to paste back into the tracker.
+    #[arg(long, conflicts_with = "json")]
+    pub tracker: bool,
 }
 
 /// Warnings and lifecycle notes of valid records, `FILE:LINE:COL: warning|note: …`.
@@ -97,20 +97,12 @@ fn remarks_json(
     Vec<serde_json::Value>,
 ) {
     let warnings = loaded.records.iter().flat_map(|r| &r.warnings).collect();
-    let notes = loaded
-        .records
-        .iter()
-        .filter_map(|r| {
-            r.note().map(|n| {
-                json!({"file": r.file, "line": r.pos.line, "col": r.pos.col, "patch": r.record.id, "note": n})
-            })
-        })
-        .collect();
+    let notes = certo_orchestrator::app::submit::notes(loaded);
     (warnings, notes)
 }
 
 pub fn validate(g: &Global, args: ValidateArgs) -> anyhow::Result<ExitCode> {
-    let loaded = load(g, &args.files)?;
+    let loaded = super::remote::load(g, &args.files)?;
     for e in &loaded.errors {
         eprintln!("{e}");
     }
@@ -159,154 +151,123 @@ pub fn validate(g: &Global, args: ValidateArgs) -> anyhow::Result<ExitCode> {
 }
 
 pub async fn submit(g: &Global, args: SubmitArgs) -> anyhow::Result<ExitCode> {
-    let loaded = load(g, &args.files)?;
-    if !loaded.errors.is_empty() {
-        for e in &loaded.errors {
-            eprintln!("{e}");
-        }
-        eprintln!("{} error(s); nothing was stored", loaded.errors.len());
-        if args.json {
-            print_json(&json!({"stored": false, "errors": loaded.errors}))?;
-        }
-        return Ok(ExitCode::from(EXIT_INVALID));
-    }
-    print_remarks(&loaded);
-    let store = g.store().await?;
-    match store.submit(&loaded.records).await {
-        Ok(reports) if args.wait => {
-            let ctx = g.context()?;
-            let mut ids = Vec::new();
-            for r in &reports {
-                let Some(row) = store.get_patch(r.patch_id, Some(r.revision)).await? else {
-                    continue;
-                };
-                if !row.record.wants_certification_status() {
-                    eprintln!(
-                        "patch {} r{}: tracker status {:?} is not for certification; stored only",
-                        r.patch_id, r.revision, row.record.status
-                    );
-                    continue;
-                }
-                let existing =
-                    certo_orchestrator::app::runs::latest(&store, r.patch_id, Some(r.revision))
-                        .await?;
-                let id = match existing {
-                    Some(run) if run.cancel_reason.is_none() => run.id,
-                    _ => certo_orchestrator::app::runs::start(&ctx, &row.record).await?,
-                };
-                if !args.json {
-                    eprintln!(
-                        "patch {} r{}: run {id} ({})",
-                        r.patch_id,
-                        r.revision,
-                        match r.outcome {
-                            SubmitOutcome::Unchanged => "already stored",
-                            _ => "stored",
-                        }
-                    );
-                }
-                ids.push(id);
-            }
-            super::run_cmd::wait_and_print(&store, &ids, !args.json, args.json).await
-        }
-        Ok(reports) => {
-            if args.json {
-                print_json(&json!({"stored": true, "records": reports}))?;
-            } else {
-                for r in &reports {
-                    match r.outcome {
-                        SubmitOutcome::Stored {
-                            supersedes: Some(old),
-                        } => println!(
-                            "stored     patch {} r{} (supersedes r{old})  {}",
-                            r.patch_id, r.revision, r.file
-                        ),
-                        SubmitOutcome::Stored { supersedes: None } => {
-                            println!(
-                                "stored     patch {} r{}  {}",
-                                r.patch_id, r.revision, r.file
-                            )
-                        }
-                        SubmitOutcome::Unchanged => println!(
-                            "unchanged  patch {} r{} (already stored with the same content)  {}",
-                            r.patch_id, r.revision, r.file
-                        ),
-                    }
-                }
-            }
-            tracing::info!(records = reports.len(), "submitted");
-            Ok(ExitCode::SUCCESS)
-        }
-        Err(SubmitError::Conflicts(conflicts)) => {
-            for e in &conflicts {
+    let backend = Backend::of(g)?;
+    let answer = match backend.submit_files(g, &args.files, args.wait).await? {
+        Ok(a) => a,
+        Err(failure) => {
+            for e in failure.diagnostics() {
                 eprintln!("{e}");
             }
-            eprintln!("{} conflict(s); nothing was stored", conflicts.len());
+            eprintln!("{failure}");
             if args.json {
-                print_json(&json!({"stored": false, "errors": conflicts}))?;
+                print_json(&json!({"stored": false, "errors": failure.diagnostics()}))?;
             }
-            Ok(ExitCode::from(EXIT_INVALID))
+            return Ok(ExitCode::from(EXIT_INVALID));
         }
-        Err(SubmitError::Store(e)) => Err(e).context("cannot store the records"),
+    };
+    for w in &answer.warnings {
+        eprintln!(
+            "{}:{}:{}: warning: {}: {}",
+            w.file, w.line, w.col, w.field, w.message
+        );
     }
-}
-
-fn summary(row: &PatchRow) -> serde_json::Value {
-    json!({
-        "patch_id": row.patch_id,
-        "revision": row.revision,
-        "state": row.state,
-        "title": row.record.title,
-        "release": row.record.release,
-        "platforms": row.record.platforms,
-        "node_types": row.record.node_types,
-        "submitter": row.record.submitter,
-        "tracker_status": row.record.status,
-        "submitted_at": row.submitted_at,
-        "superseded_by": row.superseded_by,
-        "content_sha256": row.content_sha256,
-    })
+    for n in &answer.notes {
+        eprintln!(
+            "{}:{}:{}: note: {}",
+            n["file"].as_str().unwrap_or(""),
+            n["line"],
+            n["col"],
+            n["note"].as_str().unwrap_or("")
+        );
+    }
+    if args.wait {
+        for s in &answer.skipped {
+            eprintln!("{s}");
+        }
+        let mut ids = Vec::new();
+        for r in &answer.runs {
+            let id = r["run"].as_i64().unwrap_or(0);
+            if !args.json {
+                eprintln!(
+                    "patch {} r{}: run {id} ({})",
+                    r["patch"],
+                    r["revision"],
+                    if r["already_stored"] == true {
+                        "already stored"
+                    } else {
+                        "stored"
+                    }
+                );
+            }
+            ids.push(id);
+        }
+        return super::run_cmd::wait_and_print(&backend, &ids, !args.json, args.json).await;
+    }
+    if args.json {
+        print_json(&json!({"stored": true, "records": answer.records}))?;
+    } else {
+        for r in &answer.records {
+            match r.outcome {
+                SubmitOutcome::Stored {
+                    supersedes: Some(old),
+                } => println!(
+                    "stored     patch {} r{} (supersedes r{old})  {}",
+                    r.patch_id, r.revision, r.file
+                ),
+                SubmitOutcome::Stored { supersedes: None } => {
+                    println!(
+                        "stored     patch {} r{}  {}",
+                        r.patch_id, r.revision, r.file
+                    )
+                }
+                SubmitOutcome::Unchanged => println!(
+                    "unchanged  patch {} r{} (already stored with the same content)  {}",
+                    r.patch_id, r.revision, r.file
+                ),
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 pub async fn patches(g: &Global, args: PatchesArgs) -> anyhow::Result<ExitCode> {
-    let store = g.store().await?;
-    list(g, &store, args).await
+    list(&Backend::of(g)?, args).await
 }
 
-/// Lists patches from an open store (the demo reuses its own).
-pub async fn list(g: &Global, store: &Store, args: PatchesArgs) -> anyhow::Result<ExitCode> {
-    let release = match &args.release {
-        Some(r) => Some(
-            g.catalogue()?
-                .release(r)
-                .map(|r| r.name.clone())
-                .with_context(|| format!("unknown release `{r}`"))?,
-        ),
-        None => None,
+/// Lists patches (the demo lists its own).
+pub async fn list(backend: &Backend, args: PatchesArgs) -> anyhow::Result<ExitCode> {
+    let filter = PatchFilter {
+        state: args.state,
+        release: args.release.clone(),
+        all_revisions: args.all_revisions,
     };
-    let mut rows = store.list_patches(args.state, release.as_deref()).await?;
-    if args.state.is_none() && !args.all_revisions {
-        rows.retain(|r| r.state != PatchState::Superseded);
-    }
+    let rows = backend.patches(&filter).await?;
     if args.json {
-        let list: Vec<_> = rows.iter().map(summary).collect();
-        return print_json(&list).map(|()| ExitCode::SUCCESS);
+        return print_json(&rows).map(|()| ExitCode::SUCCESS);
     }
     if rows.is_empty() {
         println!("no patches");
         return Ok(ExitCode::SUCCESS);
     }
+    let joined = |v: &serde_json::Value| -> String {
+        v.as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|x| x.as_str())
+            .collect::<Vec<_>>()
+            .join(",")
+    };
     let table: Vec<[String; 7]> = rows
         .iter()
         .map(|r| {
             [
-                r.patch_id.to_string(),
-                r.revision.to_string(),
-                r.state.to_string(),
-                format!("gLite {}", r.record.release_shown()),
-                r.record.platforms.join(","),
-                r.record.node_types.join(","),
-                r.record.title.clone(),
+                r["patch_id"].to_string(),
+                r["revision"].to_string(),
+                r["state"].as_str().unwrap_or("").to_owned(),
+                format!("gLite {}", r["release_shown"].as_str().unwrap_or("")),
+                joined(&r["platforms"]),
+                joined(&r["node_types"]),
+                r["title"].as_str().unwrap_or("").to_owned(),
             ]
         })
         .collect();
@@ -362,64 +323,82 @@ fn parse_patch_arg(s: &str) -> anyhow::Result<(u64, Option<u32>)> {
 pub async fn show(g: &Global, args: ShowArgs) -> anyhow::Result<ExitCode> {
     let (id, at_rev) = parse_patch_arg(&args.patch)?;
     let revision = args.revision.or(at_rev);
-    let store = g.store().await?;
-    let Some(row) = store.get_patch(id, revision).await? else {
-        match revision {
-            Some(r) => eprintln!("error: patch {id} revision {r} is not stored"),
-            None => eprintln!("error: patch {id} is not stored"),
-        }
-        return Ok(ExitCode::from(EXIT_INVALID));
-    };
-    let revisions = store.revisions(id).await?;
-    let events = store.events(id).await?;
-    let run = certo_orchestrator::app::runs::latest(&store, id, Some(row.revision)).await?;
-    let run_view = match &run {
-        Some(r) => Some(certo_orchestrator::app::runs::view(&store, r).await?),
-        None => None,
-    };
-    let timeline = match &run {
-        Some(r) => certo_orchestrator::app::runs::timeline(&store, r.id).await?,
-        None => Vec::new(),
-    };
-    if args.json {
-        let revs: Vec<_> = revisions
-            .iter()
-            .map(|(r, s)| json!({"revision": r, "state": s}))
-            .collect();
-        print_json(&json!({
-            "patch_id": row.patch_id,
-            "revision": row.revision,
-            "state": row.state,
-            "content_sha256": row.content_sha256,
-            "submitted_at": row.submitted_at,
-            "superseded_by": row.superseded_by,
-            "source_file": row.source_file,
-            "source_format": row.source_format,
-            "record": row.record,
-            "revisions": revs,
-            "events": events,
-            "run": run_view,
-            "timeline": timeline,
-        }))?;
+    let backend = Backend::of(g)?;
+    let v = backend.show(id, revision).await?;
+    if args.junit {
+        let Some(run) = v["run_id"].as_i64() else {
+            return Err(certo_orchestrator::app::OpError::Refused(format!(
+                "patch {id} r{} has no run yet: nothing to report",
+                v["revision"]
+            ))
+            .into());
+        };
+        print!("{}", backend.junit(run).await?);
         return Ok(ExitCode::SUCCESS);
     }
-    print_record(&row.record);
+    if args.json {
+        print_json(&v)?;
+        return Ok(ExitCode::SUCCESS);
+    }
+    let record: PatchRecord = serde_json::from_value(v["record"].clone())
+        .context("the patch's record is not one Certo reads")?;
+    if args.tracker {
+        let status = match v["run"]["verdict"].as_str() {
+            Some("certified") => "Certified",
+            Some("rejected") => "Rejected",
+            other => {
+                return Err(certo_orchestrator::app::OpError::Refused(format!(
+                    "patch {id} r{} is not decided ({}): nothing to post back to the tracker yet",
+                    v["revision"],
+                    other.map_or_else(|| "no run".to_owned(), |o| format!("its run is {o}"))
+                ))
+                .into());
+            }
+        };
+        let line = super::run_cmd::verdict_line(&v["run"]);
+        print!(
+            "{}",
+            certo_orchestrator::patch::write::with_status(&record, status, Some(&line))
+        );
+        return Ok(ExitCode::SUCCESS);
+    }
+    let events: Vec<PatchEvent> = serde_json::from_value(v["events"].clone())
+        .context("the patch's history is not one Certo reads")?;
+    let text = |k: &str| v[k].as_str().unwrap_or("").to_owned();
+    let submitted_at = v["submitted_at"]
+        .as_str()
+        .and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok())
+        .map(|t| {
+            t.with_timezone(&chrono::Utc)
+                .format("%Y-%m-%d %H:%M:%S UTC")
+                .to_string()
+        })
+        .unwrap_or_default();
+    print_record(&record);
     println!();
     println!(
         "Certo state:   {}{}",
-        row.state,
-        row.superseded_by
+        text("state"),
+        v["superseded_by"]
+            .as_u64()
             .map(|r| format!(" (by revision {r})"))
             .unwrap_or_default()
     );
     println!(
-        "Submitted:     {} from {} ({})",
-        row.submitted_at.format("%Y-%m-%d %H:%M:%S UTC"),
-        row.source_file,
-        row.source_format
+        "Submitted:     {submitted_at} from {} ({})",
+        text("source_file"),
+        text("source_format")
     );
-    println!("Content:       sha256:{}", row.content_sha256);
-    let revs: Vec<String> = revisions.iter().map(|(r, s)| format!("r{r} {s}")).collect();
+    if let Some(owner) = v["owner"].as_str() {
+        println!("Owner:         {owner}");
+    }
+    println!("Content:       sha256:{}", text("content_sha256"));
+    let revs: Vec<String> = v["revisions"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|r| format!("r{} {}", r["revision"], r["state"].as_str().unwrap_or("")))
+        .collect();
     println!("Revisions:     {}", revs.join(", "));
     println!("History:");
     for e in &events {
@@ -431,10 +410,12 @@ pub async fn show(g: &Global, args: ShowArgs) -> anyhow::Result<ExitCode> {
             e.detail
         );
     }
-    if let (Some(r), Some(v)) = (&run, &run_view) {
+    let timeline = v["timeline"].as_array().cloned().unwrap_or_default();
+    if let (Some(run_id), Some(rv)) = (v["run_id"].as_i64(), v["run"].as_object()) {
+        let rv = serde_json::Value::Object(rv.clone());
         println!();
-        println!("Verdict:       {}", super::run_cmd::verdict_line(v));
-        for t in v["targets"].as_array().into_iter().flatten() {
+        println!("Verdict:       {}", super::run_cmd::verdict_line(&rv));
+        for t in rv["targets"].as_array().into_iter().flatten() {
             println!(
                 "  {}/{}/{:<16} {:<10} host {:<12} attempts {}  {:>6.1} s{}",
                 t["release"].as_str().unwrap_or(""),
@@ -450,7 +431,10 @@ pub async fn show(g: &Global, args: ShowArgs) -> anyhow::Result<ExitCode> {
                     .unwrap_or_default()
             );
         }
-        println!("Timeline (run {}, {}):", r.id, r.state);
+        println!(
+            "Timeline (run {run_id}, {}):",
+            v["run_state"].as_str().unwrap_or("")
+        );
         for s in &timeline {
             println!(
                 "  {:<34} {:<10} {:<9} attempt {}  {:<12} {}",

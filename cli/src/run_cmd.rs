@@ -8,11 +8,11 @@ use anyhow::Context as _;
 use clap::Args;
 use serde_json::{Value, json};
 
+use super::remote::Backend;
 use super::{EXIT_FAILURE, EXIT_INVALID, Global, print_json};
 use certo_orchestrator::app::certify::{Certify, CertifySettings};
-use certo_orchestrator::app::runs;
+use certo_orchestrator::app::runs::RunFilter;
 use certo_orchestrator::engine::worker::{Worker, WorkerConfig};
-use certo_orchestrator::store::Store;
 
 #[derive(Debug, Args)]
 pub struct WorkerArgs {
@@ -74,9 +74,7 @@ pub async fn worker(g: &Global, a: WorkerArgs) -> anyhow::Result<ExitCode> {
             let url = format!("http://{}", listener.local_addr()?);
             let srv = tokio::spawn(certo_orchestrator::api::serve(
                 listener,
-                certo_orchestrator::api::ApiState {
-                    store: store.clone(),
-                },
+                certo_orchestrator::api::ApiState::protocols(store.clone()),
                 Duration::from_secs(10),
                 stopped(stop_rx.clone()),
             ));
@@ -143,26 +141,33 @@ pub async fn list(g: &Global, a: RunsArgs) -> anyhow::Result<ExitCode> {
         eprintln!("error: --state {s:?}: use running, passed, failed or cancelled");
         return Ok(ExitCode::from(EXIT_INVALID));
     }
-    let store = g.store().await?;
-    let rows = store.runs(a.state.as_deref(), a.patch, a.limit).await?;
-    let mut out = Vec::new();
-    for r in &rows {
-        out.push(runs::view(&store, r).await?);
-    }
+    let filter = RunFilter {
+        state: a.state.clone(),
+        patch: a.patch,
+    };
+    let out = Backend::of(g)?.runs(&filter, a.limit.max(1)).await?;
     if a.json {
         print_json(&json!({ "runs": out }))?;
         return Ok(ExitCode::SUCCESS);
     }
-    for (r, v) in rows.iter().zip(&out) {
+    for v in &out {
+        let created = v["created_at"]
+            .as_str()
+            .and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok())
+            .map(|t| {
+                t.with_timezone(&chrono::Utc)
+                    .format("%Y-%m-%d %H:%M:%S")
+                    .to_string()
+            })
+            .unwrap_or_default();
         println!(
-            "run {:<5} patch {:>6} r{:<2} {:<10} {:<9} {} targets  {}",
-            r.id,
-            r.patch_id.unwrap_or(0),
-            r.revision.unwrap_or(0),
-            r.state,
+            "run {:<5} patch {:>6} r{:<2} {:<10} {:<9} {} targets  {created}",
+            v["run"].as_i64().unwrap_or(0),
+            v["patch"].as_u64().unwrap_or(0),
+            v["revision"].as_u64().unwrap_or(0),
+            v["run_state"].as_str().unwrap_or(""),
             v["verdict"].as_str().unwrap_or("?"),
-            r.targets.len(),
-            r.created_at.format("%Y-%m-%d %H:%M:%S")
+            v["target_count"].as_u64().unwrap_or(0),
         );
     }
     Ok(ExitCode::SUCCESS)
@@ -175,13 +180,7 @@ pub struct CancelArgs {
 }
 
 pub async fn cancel(g: &Global, a: CancelArgs) -> anyhow::Result<ExitCode> {
-    let store = g.store().await?;
-    let who = std::env::var("USER").unwrap_or_else(|_| "someone".into());
-    let done = runs::cancel(&store, a.patch, &format!("cancelled by {who}")).await?;
-    if done.is_empty() {
-        eprintln!("error: patch {} has no running certification", a.patch);
-        return Ok(ExitCode::from(EXIT_INVALID));
-    }
+    let done = Backend::of(g)?.cancel(a.patch).await?;
     for id in done {
         println!(
             "run {id} of patch {} cancelled (teardown still runs)",
@@ -206,8 +205,8 @@ pub struct RerunArgs {
 }
 
 pub async fn rerun(g: &Global, a: RerunArgs) -> anyhow::Result<ExitCode> {
-    let ctx = g.context()?;
-    let run = runs::rerun(&ctx, a.patch, a.failed).await?;
+    let backend = Backend::of(g)?;
+    let run = backend.rerun(a.patch, a.failed).await?;
     if !a.wait {
         if a.json {
             print_json(&json!({"run": run}))?;
@@ -216,14 +215,14 @@ pub async fn rerun(g: &Global, a: RerunArgs) -> anyhow::Result<ExitCode> {
         }
         return Ok(ExitCode::SUCCESS);
     }
-    wait_and_print(ctx.store().await?, &[run], !a.json, a.json).await
+    wait_and_print(&backend, &[run], !a.json, a.json).await
 }
 
 /// Waits for every run's verdict, showing progress on a terminal; prints one line per run
 /// (or `{"runs": [...]}`), and returns 0 when all are certified, 1 when any is rejected, 3
 /// when any is incomplete or cancelled.
 pub async fn wait_and_print(
-    store: &Store,
+    backend: &Backend,
     ids: &[i64],
     lines: bool,
     json_out: bool,
@@ -238,37 +237,24 @@ pub async fn wait_and_print(
             if views[i].is_some() {
                 continue;
             }
-            if let Some(v) = store.verdict(*id).await? {
+            let status = backend.run_status(*id).await?;
+            if let Some(v) = status.verdict {
                 bar.inc(1);
                 if lines {
-                    bar.suspend(|| println!("   {}", verdict_line(&v.detail)));
+                    bar.suspend(|| println!("   {}", verdict_line(&v)));
                 }
-                views[i] = Some(v.detail);
+                views[i] = Some(v);
             } else {
-                active.push(*id);
+                active.push(status);
             }
         }
         if active.is_empty() {
             break;
         }
-        if let Some(first) = active.first() {
-            let steps = store.run_timeline(*first).await?;
-            let running: Vec<String> = steps
-                .iter()
-                .filter(|s| s.state == "running")
-                .map(|s| {
-                    if s.target.is_empty() {
-                        s.name.clone()
-                    } else {
-                        format!("{} {}", s.name, s.target)
-                    }
-                })
-                .collect();
-            bar.set_message(format!("run {first}: {}", running.join(", ")));
-            if !said_no_worker
-                && started.elapsed() > Duration::from_secs(30)
-                && steps.iter().all(|s| s.started_at.is_none())
-            {
+        if let Some(status) = active.first() {
+            let first = status.run;
+            bar.set_message(format!("run {first}: {}", status.running.join(", ")));
+            if !said_no_worker && started.elapsed() > Duration::from_secs(30) && !status.started {
                 said_no_worker = true;
                 bar.suspend(|| {
                     eprintln!(
@@ -300,43 +286,7 @@ pub fn exit_for(views: &[Value]) -> ExitCode {
     }
 }
 
-/// `patch 3456 r2 (run 17): certified on 2 targets`.
+/// `patch 3456 r2 (run 17): certified on 2 targets` (the dashboard says it the same way).
 pub fn verdict_line(v: &Value) -> String {
-    let verdict = v["verdict"].as_str().unwrap_or("?");
-    let detail = match verdict {
-        "rejected" => format!(
-            "rejected at {} on {}: {}",
-            v["stage"].as_str().unwrap_or("?"),
-            v["target"].as_str().unwrap_or("?"),
-            v["reason"].as_str().unwrap_or("")
-        ),
-        "certified" => {
-            let n = v["targets"].as_array().map_or(0, Vec::len);
-            // A bug is checked on each target; say it once.
-            let mut fixed: Vec<String> = v["bugs"]
-                .as_array()
-                .map(|b| {
-                    b.iter()
-                        .filter(|b| b["fixed"] == true)
-                        .map(|b| format!("bug {} fixed", b["id"]))
-                        .collect()
-                })
-                .unwrap_or_default();
-            fixed.dedup();
-            let mut s = format!("certified on {n} target{}", if n == 1 { "" } else { "s" });
-            if !fixed.is_empty() {
-                s.push_str(&format!(" ({})", fixed.join(", ")));
-            }
-            if let Some(k) = v["known_failures"].as_array().filter(|k| !k.is_empty()) {
-                let k: Vec<&str> = k.iter().filter_map(Value::as_str).collect();
-                s.push_str(&format!("; known baseline failures: {}", k.join(", ")));
-            }
-            s
-        }
-        other => format!("{other}: {}", v["reason"].as_str().unwrap_or("")),
-    };
-    format!(
-        "patch {} r{} (run {}): {detail}",
-        v["patch"], v["revision"], v["run"]
-    )
+    certo_orchestrator::app::runs::verdict_sentence(v)
 }

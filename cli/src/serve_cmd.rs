@@ -24,6 +24,13 @@ pub struct ServeArgs {
     /// again).
     #[arg(long, default_value_t = 60.0)]
     pub host_check_interval: f64,
+    /// Seconds between looks for verdicts to deliver to the hooks (`certo hook`).
+    #[arg(long, default_value_t = 2.0)]
+    pub hook_interval: f64,
+    /// Let anyone who reaches the server read the dashboard's pages without signing in
+    /// (acting on a patch still needs a user's session).
+    #[arg(long)]
+    pub public_dashboard: bool,
 }
 
 pub async fn serve(g: &Global, a: ServeArgs) -> anyhow::Result<ExitCode> {
@@ -39,11 +46,19 @@ pub async fn serve(g: &Global, a: ServeArgs) -> anyhow::Result<ExitCode> {
         store.clone(),
         Duration::from_secs_f64(a.host_check_interval.max(1.0)),
     ));
+    let hooks = tokio::spawn(certo_orchestrator::app::hooks::deliver_loop(
+        store.clone(),
+        certo_orchestrator::app::hooks::DeliverySettings::default(),
+        Duration::from_secs_f64(a.hook_interval.max(0.1)),
+    ));
     let listener = tokio::net::TcpListener::bind(a.listen)
         .await
         .with_context(|| format!("listening on {}", a.listen))?;
     let addr = listener.local_addr()?;
     println!("listening on http://{addr}");
+    // One line on stdout, the address (scripts read it and may close the pipe); the rest
+    // goes to stderr.
+    eprintln!("dashboard: http://{addr}/matrix (sign in with a token from `certo user add`)");
     tracing::info!(%addr, "orchestrator API listening");
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let shutdown = async move {
@@ -52,15 +67,19 @@ pub async fn serve(g: &Global, a: ServeArgs) -> anyhow::Result<ExitCode> {
             _ = term.recv() => {}
         }
     };
-    api::serve(
+    let mut state = ApiState::full(g.context()?, store.clone());
+    state.public_dashboard = a.public_dashboard;
+    api::serve_router(
         listener,
-        ApiState { store },
+        certo_orchestrator::web::router(state),
+        store,
         Duration::from_secs_f64(a.health_interval.max(0.1)),
         shutdown,
     )
     .await?;
     supervisor.abort();
     rechecks.abort();
+    hooks.abort();
     Ok(ExitCode::SUCCESS)
 }
 

@@ -114,7 +114,7 @@ pub async fn run(g: &Global, a: SweepArgs) -> anyhow::Result<ExitCode> {
                 tokio::time::sleep(Duration::from_millis(500)).await;
             }
             bar.finish_and_clear();
-            show(&store, Some(id), json).await
+            show(&super::remote::Backend::Local(ctx.clone()), Some(id), json).await
         }
         SweepCommand::Ls { limit, json } => {
             let runs = store
@@ -150,7 +150,7 @@ pub async fn run(g: &Global, a: SweepArgs) -> anyhow::Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
-        SweepCommand::Show { id, json } => show(&store, id, json).await,
+        SweepCommand::Show { id, json } => show(&super::remote::Backend::of(g)?, id, json).await,
         SweepCommand::Diff { cell, json } => match sweeps::diff(&store, &cell).await? {
             None => {
                 eprintln!(
@@ -166,7 +166,7 @@ pub async fn run(g: &Global, a: SweepArgs) -> anyhow::Result<ExitCode> {
                         "{cell}: last good sweep {}, first bad sweep {}",
                         d["last_good"]["sweep"], d["first_bad"]["sweep"]
                     );
-                    for line in change_lines(&d) {
+                    for line in sweeps::change_lines(&d) {
                         println!("  {}", printable(&line));
                     }
                 }
@@ -201,51 +201,6 @@ pub async fn run(g: &Global, a: SweepArgs) -> anyhow::Result<ExitCode> {
     }
 }
 
-/// What changed, one line each: layers, repositories, packages; or that nothing did.
-fn change_lines(d: &Value) -> Vec<String> {
-    let list = |k: &str| d[k].as_array().cloned().unwrap_or_default();
-    let short = |v: &Value| {
-        v.as_str()
-            .map_or("-".to_owned(), |s| s.chars().take(12).collect())
-    };
-    let mut out = Vec::new();
-    for l in list("layers") {
-        out.push(format!(
-            "layer {}: {} -> {}",
-            l["layer"].as_str().unwrap_or(""),
-            short(&l["before"]),
-            short(&l["after"])
-        ));
-    }
-    for r in list("repositories") {
-        out.push(format!(
-            "repository {} ({} layer): metadata {} -> {}",
-            r["repository"].as_str().unwrap_or(""),
-            r["layer"].as_str().unwrap_or(""),
-            short(&r["before"]),
-            short(&r["after"])
-        ));
-    }
-    for p in list("packages") {
-        let v = |x: &Value| x.as_str().unwrap_or("(none)").to_owned();
-        out.push(format!(
-            "package {}: {} -> {}",
-            p["package"].as_str().unwrap_or(""),
-            v(&p["before"]),
-            v(&p["after"])
-        ));
-    }
-    if out.is_empty() {
-        out.push(if d["same_image"] == true {
-            "the same image both nights: no input changed (look at the test or the hosts)"
-                .to_owned()
-        } else {
-            "the images differ, but no layer input or package version does".to_owned()
-        });
-    }
-    out
-}
-
 fn summary_line(s: &Value) -> String {
     let Some(m) = s.as_object() else {
         return String::new();
@@ -267,55 +222,32 @@ fn summary_line(s: &Value) -> String {
 }
 
 async fn show(
-    store: &certo_orchestrator::store::Store,
+    backend: &super::remote::Backend,
     id: Option<i64>,
     json: bool,
 ) -> anyhow::Result<ExitCode> {
-    let run = match id {
-        Some(id) => store
-            .run(id)
-            .await?
-            .filter(|r| r.workflow == sweeps::WORKFLOW),
-        None => store.runs_of(sweeps::WORKFLOW, 1).await?.into_iter().next(),
-    };
-    let Some(run) = run else {
-        eprintln!(
-            "error: {}",
-            id.map_or_else(|| "no sweep yet".to_owned(), |i| format!("no sweep {i}"))
-        );
-        return Ok(ExitCode::from(EXIT_INVALID));
-    };
-    let v = sweeps::view(store, &run).await?;
+    let v = backend.sweep_show(id).await?;
     if json {
         print_json(&v)?;
         return Ok(ExitCode::SUCCESS);
     }
     println!(
         "sweep {} ({}): {}",
-        run.id,
-        run.state,
+        v["sweep"],
+        v["state"].as_str().unwrap_or(""),
         summary_line(&v["summary"])
     );
-    if run.state == "running" {
-        let steps = store.run_timeline(run.id).await?;
-        let ended = |name: &str| {
-            steps
-                .iter()
-                .filter(|s| {
-                    s.name == name
-                        && !["waiting", "runnable", "running"].contains(&s.state.as_str())
-                })
-                .count()
-        };
-        let running: Vec<String> = steps
-            .iter()
-            .filter(|s| s.state == "running" && !s.target.is_empty())
-            .map(|s| format!("{} {}", s.target, s.name))
+    if let Some(p) = v["progress"].as_object() {
+        let running: Vec<&str> = p["running"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(Value::as_str)
             .collect();
         println!(
             "  in progress: {} of {} cells done; now: {}",
-            ended("teardown"),
-            run.targets.len(),
+            p["done"],
+            p["cells"],
             if running.is_empty() {
                 "waiting for a worker".to_owned()
             } else {
@@ -324,16 +256,7 @@ async fn show(
         );
     }
     for c in v["cells"].as_array().into_iter().flatten() {
-        let trend: String = c["trend"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .map(|t| match t.as_str() {
-                Some("pass") => '.',
-                Some("fail") => 'x',
-                _ => '-',
-            })
-            .collect();
+        let trend = sweeps::trend_marks(c);
         println!(
             "  {:<36} {:<14} {:>14}  {}",
             c["cell"].as_str().unwrap_or(""),
@@ -346,7 +269,7 @@ async fn show(
             printable(c["reason"].as_str().unwrap_or(""))
         );
         if c["changed"].is_object() {
-            for line in change_lines(&c["changed"]) {
+            for line in sweeps::change_lines(&c["changed"]) {
                 println!("      changed: {}", printable(&line));
             }
         }

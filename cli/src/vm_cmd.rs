@@ -4,6 +4,8 @@
 use certo_orchestrator::model::{TestStatus, VmState};
 use std::path::PathBuf;
 use std::process::ExitCode;
+
+use anyhow::Context as _;
 use std::time::Duration;
 
 use clap::{Args, Subcommand};
@@ -87,6 +89,29 @@ pub async fn run(g: &Global, a: VmArgs) -> anyhow::Result<ExitCode> {
         }
         tracing::info!(step = s, "vm run");
     };
+    // Without --orchestrator, the guest API is served here, on an address the guest reaches.
+    let mut own_api = None;
+    let orchestrator = match &a.orchestrator {
+        Some(o) => o.clone(),
+        None => {
+            let (bind, guest_host) = certo_orchestrator::vmrun::callback_bind(&a.agent)?;
+            let listener = tokio::net::TcpListener::bind(bind)
+                .await
+                .with_context(|| format!("listening on {bind} for the guest"))?;
+            let port = listener.local_addr()?.port();
+            let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+            let srv = tokio::spawn(certo_orchestrator::api::serve(
+                listener,
+                certo_orchestrator::api::ApiState::protocols(ctx.store().await?.clone()),
+                Duration::from_secs(10),
+                async move {
+                    let _ = stop_rx.await;
+                },
+            ));
+            own_api = Some((stop_tx, srv));
+            format!("http://{guest_host}:{port}")
+        }
+    };
     let out = certo_orchestrator::app::vms::run(
         &ctx,
         &a.agent,
@@ -98,13 +123,17 @@ pub async fn run(g: &Global, a: VmArgs) -> anyhow::Result<ExitCode> {
             suite: a.suite,
             timeout: Duration::from_secs_f64(a.timeout.max(1.0)),
             memory_mib: a.memory,
-            orchestrator: a.orchestrator.as_deref(),
+            orchestrator: Some(&orchestrator),
             fault: a.fault.as_deref(),
             index_cache: None,
         },
         &say,
     )
     .await;
+    if let Some((stop, srv)) = own_api {
+        let _ = stop.send(());
+        let _ = srv.await;
+    }
     // A run that could not be carried out: the one mapping (main) gives its exit status.
     let out = out?;
     let all_pass = !out.tests.is_empty() && out.tests.iter().all(|t| t.status == TestStatus::Pass);

@@ -326,12 +326,55 @@ async fn certo_up_and_submit_wait_reach_every_verdict_on_real_vms() {
         String::from_utf8_lossy(&out.stderr)
     );
     let down = || run(&db.url, &["down", "--keep-store"]);
+    // A failed assertion still takes the stack down (its agent holds the shared image
+    // repository's lock, which the next run of this test needs).
+    struct DownOnPanic(String);
+    impl Drop for DownOnPanic {
+        fn drop(&mut self) {
+            if std::thread::panicking() {
+                let _ = run(&self.0, &["down", "--keep-store"]);
+            }
+        }
+    }
+    let _down_on_panic = DownOnPanic(db.url.clone());
 
-    // 3213 revision 1 alone: its bug is claimed, not fixed.
+    // 3213 revision 1 alone, submitted through the API by a certifier, as from their own
+    // machine (no database): its bug is claimed, not fixed.
+    let stack = json_of(&run(&db.url, &["status", "--json"]));
+    let api = stack["processes"]
+        .as_array()
+        .and_then(|p| p.iter().find(|p| p["name"] == "serve"))
+        .and_then(|p| p["url"].as_str())
+        .unwrap_or_else(|| panic!("no serve URL in {stack:#}"))
+        .to_owned();
+    let token_file = tmp().join(format!("alice-{}.token", std::process::id()));
+    let _ = std::fs::remove_file(&token_file);
+    let tf = token_file.display().to_string();
     let out = run(
         &db.url,
-        &["submit", &fixture("3213-lb-r1.txt"), "--wait", "--json"],
+        &[
+            "user",
+            "add",
+            "alice",
+            "--role",
+            "certifier",
+            "--token-file",
+            &tf,
+        ],
     );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let remote = |args: &[&str]| {
+        let mut all = vec!["--server", api.as_str(), "--user-token-file", tf.as_str()];
+        all.extend_from_slice(args);
+        certo("postgres://nobody@127.0.0.1:1/none", &all)
+            .output()
+            .expect("certo")
+    };
+    let out = remote(&["submit", &fixture("3213-lb-r1.txt"), "--wait", "--json"]);
     let v = json_of(&out);
     assert_eq!(out.status.code(), Some(1), "{v:#}");
     let r1 = &verdicts_by_patch(&v)[&(3213, 1)];
@@ -501,6 +544,17 @@ async fn certo_up_and_submit_wait_reach_every_verdict_on_real_vms() {
         text.contains("Verdict:") && text.contains("Timeline"),
         "{text}"
     );
+    // The remote CLI shows what the local one shows.
+    for args in [["show", "3213"], ["show", "3505"], ["runs", "--json"]] {
+        let local = run(&db.url, &args);
+        let far = remote(&args);
+        assert_eq!(
+            String::from_utf8_lossy(&local.stdout),
+            String::from_utf8_lossy(&far.stdout),
+            "certo {args:?}: {}",
+            String::from_utf8_lossy(&far.stderr)
+        );
+    }
 
     // Nothing left running: every domain of these runs is gone, every slot given back.
     let intents: Vec<(String,)> = sqlx::query_as("SELECT key FROM engine_intents")
@@ -1358,6 +1412,296 @@ async fn a_cell_that_cannot_run_is_not_run_with_the_reason_never_a_pass_or_a_fai
     let held = db.store.held_slots().await.expect("slots");
     assert!(held.values().all(|n| *n == 0), "slots still held: {held:?}");
     drop(host);
+    let _ = std::fs::remove_file(data().join("host-tokens").join(&name));
+    db.drop_db().await.expect("drop");
+}
+
+/// Loads `url` in headless Chromium (a fresh profile); returns the DOM as rendered and
+/// saves a screenshot to `shot`.
+fn chromium(url: &str, shot: &std::path::Path) -> String {
+    let profile = tempfile::tempdir().expect("profile dir");
+    let base = |c: &mut Command| {
+        c.args([
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--no-first-run",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            "--hide-scrollbars",
+            "--window-size=1400,1000",
+        ])
+        .arg(format!("--user-data-dir={}", profile.path().display()));
+    };
+    let mut dump = Command::new("chromium");
+    base(&mut dump);
+    let out = dump
+        .arg("--dump-dom")
+        .arg(url)
+        .output()
+        .expect("chromium (Debian's `chromium`; scripts/lib.sh installs it)");
+    assert!(
+        out.status.success(),
+        "chromium {url}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut snap = Command::new("chromium");
+    base(&mut snap);
+    let shot_out = snap
+        .arg(format!("--screenshot={}", shot.display()))
+        .arg(url)
+        .output()
+        .expect("chromium");
+    assert!(
+        shot_out.status.success() && shot.exists(),
+        "no screenshot of {url}"
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_dashboard_in_headless_chromium_shows_a_red_cell_the_queue_and_a_rejected_patch() {
+    let db = certo_testkit::scratch_db().await;
+    let api = certo_testkit::api_server(&db.store, Duration::from_secs(10)).await;
+    let name = format!("dash{}", std::process::id());
+    let (host, _) = registered_host(&db, &api, &name, 2, |hv| hv).await;
+    let mut worker = WorkerProc::start(&db.url, &api.base, "dash-worker");
+    let cell = "3.2/sl5_i386/glite-WN";
+    // A good night, then 3509 (3.2 WN on SL5 i386) with its first test failing: rejected.
+    let first = sweep(&db.url, cell);
+    assert_eq!(first["cells"][0]["class"], "passing", "{first:#}");
+    let out = run(&db.url, &["submit", &fixture("3509-two-records.yaml")]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    host.guest_failures
+        .store(1, std::sync::atomic::Ordering::SeqCst);
+    let out = run(&db.url, &["rerun", "3509", "--wait", "--json"]);
+    let rejected = json_of(&out)["runs"][0].clone();
+    assert_eq!(rejected["verdict"], "rejected", "{rejected:#}");
+    // A bad night: every test of the cell fails, retries too: newly failing.
+    host.guest_failures
+        .store(1000, std::sync::atomic::Ordering::SeqCst);
+    let bad = sweep(&db.url, cell);
+    assert_eq!(bad["cells"][0]["class"], "newly failing", "{bad:#}");
+    host.guest_failures
+        .store(0, std::sync::atomic::Ordering::SeqCst);
+    // Something in the queue: no worker, and 3213 r1 submitted for certification.
+    worker.kill();
+    let out = run(&db.url, &["submit", &fixture("3213-lb-r1.txt")]);
+    assert!(out.status.success());
+    let queued = rerun(&db.url, "3213");
+
+    let mut serve_cmd = certo(
+        &db.url,
+        &["serve", "--listen", "127.0.0.1:0", "--public-dashboard"],
+    );
+    let serve = certo_testkit::process::Listening::spawn(
+        serve_cmd.stderr(Stdio::null()),
+        Duration::from_secs(30),
+    );
+    let shots = tmp().join("dashboard");
+    std::fs::create_dir_all(&shots).expect("screenshots dir");
+
+    // The matrix: the cell is red and says so; the other cells of the release are there.
+    let dom = chromium(&format!("{}/matrix", serve.url), &shots.join("matrix.png"));
+    let chip = dom
+        .split("<a class=\"chip ")
+        .find(|c| c.contains(&format!("data-cell=\"{cell}\"")))
+        .unwrap_or_else(|| panic!("no chip for {cell} in the matrix:\n{dom}"));
+    assert!(chip.starts_with("bad"), "the cell is not red: {chip}");
+    assert!(chip.contains("newly failing"), "{chip}");
+    // Its trend: the one night before, which passed.
+    assert!(chip.contains("<span class=\"trend\">.</span>"), "{chip}");
+    assert!(
+        dom.contains("gLite 3.1") && dom.contains("gLite 3.2"),
+        "{dom}"
+    );
+    assert!(
+        dom.contains("sl5 i386") || dom.contains("SL5 i386"),
+        "{dom}"
+    );
+
+    // The queue: 3213 waiting for a worker.
+    let dom = chromium(&format!("{}/queue", serve.url), &shots.join("queue.png"));
+    assert!(dom.contains(&format!("run {queued}")), "{dom}");
+    assert!(dom.contains("patch 3213 r1"), "{dom}");
+    assert!(dom.contains("L&amp;B server 2.1 purge fix"), "{dom}");
+
+    // The rejected patch: the verdict line first, red, with the failing test and its output.
+    let dom = chromium(
+        &format!("{}/patches/3509", serve.url),
+        &shots.join("patch-3509.png"),
+    );
+    let verdict = dom
+        .split("id=\"verdict\">")
+        .nth(1)
+        .and_then(|v| v.split("</div>").next())
+        .unwrap_or_else(|| panic!("no verdict line:\n{dom}"));
+    assert!(verdict.contains("rejected at"), "{verdict}");
+    assert!(dom.contains("class=\"verdict bad\""), "{dom}");
+    let failing = dom
+        .split("<tr class=\"test ")
+        .skip(1)
+        .find(|r| r.starts_with("bad"))
+        .unwrap_or_else(|| panic!("no failing test row:\n{dom}"));
+    assert!(failing.contains("data-test=\"basic/"), "{failing}");
+    assert!(dom.contains("<svg"), "no timeline: {dom}");
+    // Not signed in: no rerun or cancel button.
+    assert!(!dom.contains("action=\"/patches/3509/rerun\""), "{dom}");
+    // The images: 3509's patch layer, with what its digest covers and its cache use.
+    let dom = chromium(&format!("{}/images", serve.url), &shots.join("images.png"));
+    let patch_layer = dom
+        .split("<tr id=\"layer-")
+        .skip(1)
+        .find(|r| r.contains("<td>patch</td>"))
+        .unwrap_or_else(|| panic!("no patch layer on the images page:\n{dom}"));
+    assert!(patch_layer.contains("glite-wn"), "{patch_layer}");
+    assert!(dom.contains("3.2/sl5_i386/glite-WN"), "{dom}");
+    let dom = chromium(
+        &format!("{}/savings", serve.url),
+        &shots.join("savings.png"),
+    );
+    assert!(dom.contains("Layer cache:"), "{dom}");
+    // The API gives the same evidence to a user: the failing test with its output, the logs.
+    let out = run(
+        &db.url,
+        &["user", "add", "ops", "--role", "admin", "--json"],
+    );
+    let token = json_of(&out)["token"].as_str().expect("token").to_owned();
+    let run_id = rejected["run"].as_i64().expect("run");
+    let api_get = |path: String| {
+        let (url, token) = (serve.url.clone(), token.clone());
+        async move {
+            let r = reqwest::Client::new()
+                .get(format!("{url}{path}"))
+                .bearer_auth(token)
+                .send()
+                .await
+                .expect("request");
+            assert_eq!(r.status().as_u16(), 200, "{path}");
+            serde_json::from_str::<Value>(&r.text().await.expect("body")).expect("JSON")
+        }
+    };
+    let tests = api_get(format!("/api/v1/runs/{run_id}/tests")).await;
+    let failing = tests[0]["tests"]
+        .as_array()
+        .and_then(|ts| ts.iter().find(|t| t["status"] == "fail").cloned())
+        .unwrap_or_else(|| panic!("no failing test: {tests:#}"));
+    assert_eq!(failing["name"], "simulated", "{failing:#}");
+    assert!(
+        failing["output"]
+            .as_str()
+            .unwrap_or("")
+            .contains("failed on purpose"),
+        "{failing:#}"
+    );
+    let logs = api_get(format!("/api/v1/runs/{run_id}/logs")).await;
+    assert!(
+        !logs[0]["harness_log"].as_str().unwrap_or("").is_empty(),
+        "{logs:#}"
+    );
+    // An image downloaded from its page: the ext4 file whole, with its ext4 magic.
+    let images = api_get("/api/v1/images".to_owned()).await;
+    let digest = images[0]["digest"].as_str().expect("an image").to_owned();
+    let ext4 = images[0]["artefacts"]
+        .as_array()
+        .and_then(|a| a.iter().find(|x| x["format"] == "ext4"))
+        .and_then(|a| a["path"].as_str())
+        .expect("its ext4 artefact")
+        .to_owned();
+    let r = reqwest::get(format!("{}/images/{digest}/ext4", serve.url))
+        .await
+        .expect("download");
+    assert_eq!(r.status().as_u16(), 200);
+    let bytes = r.bytes().await.expect("body");
+    assert_eq!(
+        bytes.len() as u64,
+        std::fs::metadata(&ext4).expect("file").len()
+    );
+    assert_eq!(
+        &bytes[1080..1082],
+        &[0x53, 0xef],
+        "no ext4 superblock magic"
+    );
+    for (path, status) in [
+        (format!("/images/{digest}/exe"), 422),
+        ("/images/..%2F..%2Fetc%2Fpasswd/ext4".to_owned(), 422),
+        (format!("/images/{}/ext4", "0".repeat(64)), 404),
+    ] {
+        let r = reqwest::get(format!("{}{path}", serve.url))
+            .await
+            .expect("get");
+        assert_eq!(r.status().as_u16(), status, "{path}");
+    }
+    // The same rejection for a CI system (JUnit XML, well-formed) and for the tracker (its
+    // text form, status Rejected with the reason, itself a valid record).
+    let out = run(&db.url, &["show", "3509", "--junit"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let xml = String::from_utf8_lossy(&out.stdout).into_owned();
+    let junit = shots.join("3509.junit.xml");
+    std::fs::write(&junit, &xml).expect("junit file");
+    let lint = Command::new("xmllint")
+        .arg("--noout")
+        .arg(&junit)
+        .output()
+        .expect("xmllint");
+    assert!(
+        lint.status.success(),
+        "{}
+{xml}",
+        String::from_utf8_lossy(&lint.stderr)
+    );
+    assert!(
+        xml.contains("<testsuite name=\"3.2/sl5_i386/glite-WN\""),
+        "{xml}"
+    );
+    assert!(xml.contains("failures=\"1\""), "{xml}");
+    let case = xml
+        .split("<testcase ")
+        .find(|c| c.contains("name=\"simulated\"") && c.contains(".basic\""))
+        .unwrap_or_else(|| panic!("no basic/simulated case: {xml}"));
+    assert!(
+        case.contains("<failure message=\"failed on purpose"),
+        "{case}"
+    );
+    let out = run(&db.url, &["show", "3509", "--tracker"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(text.contains("Status: Rejected"), "{text}");
+    assert!(
+        text.contains("rejected at basic on 3.2/sl5_i386/glite-WN"),
+        "{text}"
+    );
+    let tracker = shots.join("3509-tracker.txt");
+    std::fs::write(&tracker, &text).expect("tracker file");
+    let out = run(&db.url, &["validate", &tracker.display().to_string()]);
+    assert!(
+        out.status.success(),
+        "{}
+{text}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Not decided yet: nothing to post back.
+    let out = run(&db.url, &["show", "3213", "--tracker"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not decided"));
+    for shot in ["matrix.png", "queue.png", "patch-3509.png"] {
+        let len = std::fs::metadata(shots.join(shot)).expect("shot").len();
+        assert!(len > 10_000, "{shot} is {len} bytes");
+    }
+    drop(serve);
     let _ = std::fs::remove_file(data().join("host-tokens").join(&name));
     db.drop_db().await.expect("drop");
 }

@@ -1647,3 +1647,773 @@ async fn a_script_change_the_record_makes_too_is_the_records_own() {
     );
     db.drop_db().await.expect("drop");
 }
+
+/// Every file under `dir` (not following links) whose bytes contain `needle`.
+fn files_containing(dir: &Path, needle: &[u8]) -> Vec<PathBuf> {
+    let mut found = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let Ok(entries) = std::fs::read_dir(&d) else {
+            continue;
+        };
+        for entry in entries.flatten() {
+            let path = entry.path();
+            let Ok(kind) = entry.file_type() else {
+                continue;
+            };
+            if kind.is_dir() {
+                stack.push(path);
+            } else if kind.is_file()
+                && std::fs::read(&path)
+                    .is_ok_and(|bytes| bytes.windows(needle.len()).any(|w| w == needle))
+            {
+                found.push(path);
+            }
+        }
+    }
+    found
+}
+
+/// Root's `/etc/shadow` hash in an ext4 image.
+fn root_hash(image: &Path) -> String {
+    let shadow = cat_in_image(image, "/etc/shadow");
+    shadow
+        .lines()
+        .find_map(|l| l.strip_prefix("root:"))
+        .and_then(|rest| rest.split(':').next())
+        .unwrap_or_else(|| panic!("no root entry in /etc/shadow: {shadow:?}"))
+        .to_owned()
+}
+
+/// Whether `hash` (`$6$SALT$...`) is SHA-512 crypt of `password`, as OpenSSL computes it.
+fn openssl_verifies(hash: &str, password: &str) -> bool {
+    let salt = hash
+        .strip_prefix("$6$")
+        .and_then(|rest| rest.split('$').next())
+        .unwrap_or_else(|| panic!("not a $6$ hash: {hash}"));
+    let mut child = Command::new("openssl")
+        .args(["passwd", "-6", "-salt", salt, "-stdin"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("run openssl");
+    {
+        use std::io::Write;
+        let mut stdin = child.stdin.take().expect("stdin");
+        writeln!(stdin, "{password}").expect("write password");
+    }
+    let out = child.wait_with_output().expect("openssl");
+    assert!(out.status.success());
+    String::from_utf8_lossy(&out.stdout).trim() == hash
+}
+
+fn cache_entries(data: &Path) -> Vec<String> {
+    let mut names: Vec<String> = ["layers", "images"]
+        .iter()
+        .flat_map(|d| {
+            std::fs::read_dir(data.join("imager").join(d))
+                .into_iter()
+                .flatten()
+                .flatten()
+                .map(move |e| format!("{d}/{}", e.file_name().to_string_lossy()))
+        })
+        .collect();
+    names.sort();
+    names
+}
+
+/// `genfs.py -t SL5_x86_64 -g Core -p glite-wn-env -w rootpwd -o img.qcow2`, Certo's way:
+/// a core-only image with an extra package and root's password in a custom layer of its
+/// own, cached like the others, copied where the person asked.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_core_image_with_an_extra_package_and_a_root_password_is_built_once() {
+    let db = common::scratch().await;
+    let fresh = Fresh::new("custom");
+    let data = fresh.0.clone();
+    let files = tempfile::tempdir().expect("tempdir");
+    let password = "c0rrect horse: battery $taple";
+    let pw_file = files.path().join("rootpw");
+    std::fs::write(&pw_file, format!("{password}\nnot part of it\n")).expect("write");
+    let pw = pw_file.to_string_lossy().into_owned();
+    let out_file = files.path().join("custom.qcow2");
+    let out_arg = out_file.to_string_lossy().into_owned();
+    let target = [
+        "--release",
+        "3.2",
+        "--platform",
+        "sl5_x86_64",
+        "--layers",
+        "core",
+        "--package",
+        "glite-wn-env",
+        "--package",
+        "glite-wn-env",
+        "--root-password-file",
+        &pw,
+    ];
+    let mut with_output = target.to_vec();
+    with_output.extend_from_slice(&["--output", &out_arg]);
+    let started = std::time::Instant::now();
+    let (out, v) = build(&db.url, &data, &with_output);
+    assert!(out.status.success(), "build failed: {v}");
+    eprintln!("first build: {:.1} s", started.elapsed().as_secs_f64());
+    assert_eq!(
+        outcomes(&v),
+        [
+            ("core".to_owned(), "built".to_owned()),
+            ("custom".to_owned(), "built".to_owned())
+        ],
+        "{v}"
+    );
+    assert_eq!(v["node_type"], "", "{v}");
+    assert_eq!(v["output"], out_arg.as_str(), "{v}");
+    // Recorded like any image: `image ls` lists it, its custom layer names the package and
+    // says a password is set, never which.
+    let ls = json_of(&run(&db.url, &data, &["image", "ls", "--json"]));
+    assert!(
+        ls.as_array()
+            .is_some_and(|l| l.iter().any(|i| i["digest"] == v["digest"])),
+        "{ls:#}"
+    );
+    let layers = json_of(&run(&db.url, &data, &["image", "ls", "--layers", "--json"]));
+    assert!(
+        layers
+            .as_array()
+            .is_some_and(|l| l.iter().any(|x| x["kind"] == "custom")),
+        "{layers:#}"
+    );
+    let stored: String =
+        sqlx::query_scalar("SELECT inputs::text FROM image_layers WHERE kind = 'custom'")
+            .fetch_one(db.store.pool())
+            .await
+            .expect("the custom layer's row");
+    assert!(stored.contains("glite-wn-env"), "{stored}");
+    // The password is in no output of the command.
+    for stream in [&out.stdout, &out.stderr] {
+        assert!(!String::from_utf8_lossy(stream).contains(password));
+    }
+    // The extra package is installed; nothing of the base or a node type is.
+    let image = PathBuf::from(v["path"].as_str().expect("path"));
+    let installed = rpm_installed(&image);
+    assert!(
+        installed
+            .iter()
+            .any(|p| p.starts_with("glite-wn-env 3.2.3-1")),
+        "glite-wn-env not installed: {installed:?}"
+    );
+    assert!(installed.iter().any(|p| p.starts_with("busybox ")));
+    for absent in ["certo-base ", "glite-WN ", "glite-wn ", "glite-yaim-core "] {
+        assert!(
+            !installed.iter().any(|p| p.starts_with(absent)),
+            "{absent:?} is in a core image: {installed:?}"
+        );
+    }
+    // Root's password is a SHA-512 crypt hash of the file's first line, and only that.
+    let hash = root_hash(&image);
+    assert!(hash.starts_with("$6$"), "{hash}");
+    assert!(openssl_verifies(&hash, password), "{hash}");
+    assert!(!openssl_verifies(&hash, "not part of it"));
+    assert!(!cat_in_image(&image, "/etc/shadow").contains(password));
+    assert!(
+        cat_in_image(&image, "/etc/passwd")
+            .lines()
+            .any(|l| l.starts_with("root:x:0:0:")),
+        "root's passwd entry must point at the shadow file"
+    );
+    // Neither the password nor its hash is in the cache's records, logs or anywhere but
+    // the image's own /etc/shadow.
+    let custom = layer_digest(&v, "custom");
+    let layer_dir = data.join("imager/layers").join(&custom);
+    let record = std::fs::read_to_string(layer_dir.join("layer.json")).expect("layer.json");
+    assert!(
+        !record.contains(password) && !record.contains(&hash),
+        "{record}"
+    );
+    assert!(
+        files_containing(&data, password.as_bytes()).is_empty(),
+        "the password is in {:?}",
+        files_containing(&data, password.as_bytes())
+    );
+    let with_hash: Vec<PathBuf> = files_containing(&data.join("imager/layers"), hash.as_bytes());
+    assert_eq!(with_hash, [layer_dir.join("tree/etc/shadow")]);
+    // --output wrote a qcow2 copy.
+    let info = Command::new("qemu-img")
+        .args(["info", "--output=json"])
+        .arg(&out_file)
+        .output()
+        .expect("qemu-img");
+    assert!(
+        String::from_utf8_lossy(&info.stdout).contains("\"format\": \"qcow2\""),
+        "{}",
+        String::from_utf8_lossy(&info.stdout)
+    );
+
+    // The same request again: every layer and the image from the cache.
+    let started = std::time::Instant::now();
+    let (out, again) = build(&db.url, &data, &target);
+    assert!(out.status.success(), "{again}");
+    eprintln!("second build: {:.1} s", started.elapsed().as_secs_f64());
+    assert_eq!(again["cached"], true, "{again}");
+    assert!(
+        outcomes(&again).iter().all(|(_, o)| o == "cached"),
+        "{again}"
+    );
+    assert_eq!(again["digest"], v["digest"]);
+    // The plan shows the custom layer, cached, and says a password is set.
+    let plan = json_of(&run(
+        &db.url,
+        &data,
+        &[&["image", "plan", "--json"][..], &target[..]].concat(),
+    ));
+    let layers = plan["layers"].as_array().expect("layers");
+    assert_eq!(layers.len(), 2, "{plan}");
+    assert_eq!(layers[1]["kind"], "custom");
+    assert_eq!(layers[1]["cached"], true);
+    assert_eq!(layers[1]["root_password"], true);
+    assert_eq!(layers[1]["digest"], custom.as_str());
+    assert!(!plan.to_string().contains(password));
+
+    // An existing --output file is never overwritten.
+    let (refused, _) = {
+        let out = run(
+            &db.url,
+            &data,
+            &[&["image", "build"][..], &with_output[..]].concat(),
+        );
+        (out, ())
+    };
+    assert_eq!(refused.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        stderr.contains("exists") && stderr.contains(&out_arg),
+        "{stderr}"
+    );
+
+    // Another password: another custom layer over the same core.
+    std::fs::write(&pw_file, "another one\n").expect("write");
+    let (out, other) = build(&db.url, &data, &target);
+    assert!(out.status.success(), "{other}");
+    assert_eq!(layer_digest(&other, "core"), layer_digest(&v, "core"));
+    assert_ne!(layer_digest(&other, "custom"), custom);
+    assert_eq!(
+        outcomes(&other),
+        [
+            ("core".to_owned(), "cached".to_owned()),
+            ("custom".to_owned(), "built".to_owned())
+        ]
+    );
+    let other_image = PathBuf::from(other["path"].as_str().expect("path"));
+    assert!(openssl_verifies(&root_hash(&other_image), "another one"));
+
+    // An unknown package is refused by name, and the cache is left as it was.
+    let before = cache_entries(&data);
+    let out = run(
+        &db.url,
+        &data,
+        &[
+            "image",
+            "build",
+            "--release",
+            "3.2",
+            "--platform",
+            "sl5_x86_64",
+            "--layers",
+            "base",
+            "--package",
+            "glite-wn-env",
+            "--package",
+            "no-such-package",
+        ],
+    );
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("unknown package no-such-package"),
+        "{stderr}"
+    );
+    assert_eq!(cache_entries(&data), before);
+    db.drop_db().await.expect("drop");
+    drop(fresh);
+}
+
+/// An image of the core and base layers, without a node type; a root password on a
+/// Debian core (which has an /etc/shadow of its own) is set in place.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_base_image_needs_no_node_type_and_goes_where_output_says() {
+    let db = common::scratch().await;
+    let data = shared_data();
+    let files = tempfile::tempdir().expect("tempdir");
+    let ext4 = files.path().join("base.ext4");
+    let ext4_arg = ext4.to_string_lossy().into_owned();
+    let (out, v) = build(
+        &db.url,
+        &data,
+        &[
+            "--release",
+            "3.2",
+            "--platform",
+            "sl5_x86_64",
+            "--layers",
+            "base",
+            "--output",
+            &ext4_arg,
+        ],
+    );
+    assert!(out.status.success(), "build failed: {v}");
+    let kinds: Vec<String> = outcomes(&v).into_iter().map(|(k, _)| k).collect();
+    assert_eq!(kinds, ["core", "base"]);
+    // The copy is the image itself, an ext4 filesystem with the base but no node type.
+    let cached = PathBuf::from(v["path"].as_str().expect("path"));
+    assert_eq!(
+        std::fs::read(&ext4).expect("output"),
+        std::fs::read(&cached).expect("image")
+    );
+    let installed = rpm_installed(&ext4);
+    assert!(installed.iter().any(|p| p.starts_with("certo-base ")));
+    assert!(
+        !installed.iter().any(|p| p.starts_with("glite-")),
+        "{installed:?}"
+    );
+    // --layers and --node-type are one or the other; without either, as before.
+    let both = run(
+        &db.url,
+        &data,
+        &[
+            "image",
+            "plan",
+            "--release",
+            "3.2",
+            "--platform",
+            "sl5_x86_64",
+            "--layers",
+            "core",
+            "--node-type",
+            "glite-WN",
+        ],
+    );
+    assert_eq!(both.status.code(), Some(2));
+    let neither = run(
+        &db.url,
+        &data,
+        &[
+            "image",
+            "plan",
+            "--release",
+            "3.2",
+            "--platform",
+            "sl5_x86_64",
+        ],
+    );
+    assert_eq!(neither.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&neither.stderr).contains("--node-type"));
+    // Extra packages are not for certification images.
+    let p = patch("3456-yaim-core-wn.txt");
+    let with_patch = run(
+        &db.url,
+        &data,
+        &[
+            "image",
+            "plan",
+            "--release",
+            "3.2",
+            "--platform",
+            "sl5_x86_64",
+            "--node-type",
+            "glite-WN",
+            "--patch",
+            &p,
+            "--package",
+            "glite-wn-env",
+        ],
+    );
+    assert_eq!(with_patch.status.code(), Some(2));
+
+    // Debian: core + a password-only custom layer (no package manager run at all).
+    let pw_file = files.path().join("pw");
+    std::fs::write(&pw_file, "debian root\n").expect("write");
+    let pw = pw_file.to_string_lossy().into_owned();
+    let tgz = files.path().join("deb.tar.gz");
+    let tgz_arg = tgz.to_string_lossy().into_owned();
+    let (out, d) = build(
+        &db.url,
+        &data,
+        &[
+            "--release",
+            "3.2",
+            "--platform",
+            "deb12_x86_64",
+            "--layers",
+            "core",
+            "--root-password-file",
+            &pw,
+            "--output",
+            &tgz_arg,
+        ],
+    );
+    assert!(out.status.success(), "build failed: {d}");
+    let image = PathBuf::from(d["path"].as_str().expect("path"));
+    let hash = root_hash(&image);
+    assert!(openssl_verifies(&hash, "debian root"), "{hash}");
+    let shadow = cat_in_image(&image, "/etc/shadow");
+    // The other accounts of Debian's shadow file are as they were.
+    assert!(
+        shadow.lines().any(|l| l.starts_with("daemon:*:")),
+        "{shadow}"
+    );
+    assert!(
+        dpkg_installed(&image)
+            .iter()
+            .all(|p| !p.starts_with("busybox "))
+    );
+    let tar = Command::new("tar")
+        .arg("-tzf")
+        .arg(&tgz)
+        .output()
+        .expect("tar");
+    assert!(tar.status.success());
+    assert!(String::from_utf8_lossy(&tar.stdout).contains("./etc/shadow"));
+    db.drop_db().await.expect("drop");
+}
+
+/// The custom layer's digest: the package names as a set, the lower layer, the
+/// repositories' state and the root password (through its hash) make it; nothing else.
+#[test]
+fn the_custom_layer_is_keyed_by_its_package_set_its_lower_layer_and_the_password() {
+    use certo_imager::{Customization, RootPassword, Top};
+    let w = world();
+    let cat = certo_orchestrator::catalogue::Catalogue::builtin();
+    let req =
+        certo_orchestrator::images::layers_request(&cat, "3.2", "sl5_x86_64").expect("request");
+    let wn = certo_orchestrator::images::request(&cat, "3.2", "sl5_x86_64", "glite-WN", None)
+        .expect("request");
+    let custom = |top, packages: &[&str], password: Option<&str>| Customization {
+        top,
+        packages: packages.iter().map(|p| (*p).to_owned()).collect(),
+        root_password: password.map(|p| RootPassword::from_text(p).expect("password")),
+    };
+    let plan = |req: &certo_imager::ImageRequest, c: &Customization| -> Vec<String> {
+        certo_imager::plan::plan_custom(req, c, &w)
+            .expect("plan")
+            .iter()
+            .map(|l| l.digest.to_hex())
+            .collect()
+    };
+    let node_type = digests(&wn, &w);
+    // No customization: the node type's own stack, unchanged.
+    assert_eq!(plan(&wn, &Customization::default()), node_type);
+    // Core and base are the node type's lower layers.
+    assert_eq!(plan(&req, &custom(Top::Core, &[], None)), node_type[..1]);
+    assert_eq!(plan(&req, &custom(Top::Base, &[], None)), node_type[..2]);
+    let a = plan(&req, &custom(Top::Core, &["glite-wn-env", "busybox"], None));
+    assert_eq!(a.len(), 2);
+    assert_eq!(a[0], node_type[0]);
+    // Order and repeats do not matter; another name does.
+    assert_eq!(
+        plan(
+            &req,
+            &custom(Top::Core, &["busybox", "glite-wn-env", "busybox"], None)
+        ),
+        a
+    );
+    assert_ne!(
+        plan(&req, &custom(Top::Core, &["glite-wn-env"], None))[1],
+        a[1]
+    );
+    // The lower layer is part of the key.
+    let on_base = plan(&req, &custom(Top::Base, &["glite-wn-env", "busybox"], None));
+    assert_ne!(on_base[2], a[1]);
+    let on_wn = plan(&wn, &custom(Top::NodeType, &["glite-wn-env"], None));
+    assert_eq!(on_wn.len(), 4);
+    assert_eq!(on_wn[..3], node_type[..]);
+    // The same password gives the same layer; another password another one.
+    let pw = plan(&req, &custom(Top::Core, &["busybox"], Some("pw one")));
+    assert_eq!(
+        pw,
+        plan(&req, &custom(Top::Core, &["busybox"], Some("pw one")))
+    );
+    assert_ne!(
+        pw[1],
+        plan(&req, &custom(Top::Core, &["busybox"], Some("pw two")))[1]
+    );
+    assert_ne!(pw[1], plan(&req, &custom(Top::Core, &["busybox"], None))[1]);
+    // The plan's inputs hold the password's hash only as a digest.
+    let plans =
+        certo_imager::plan::plan_custom(&req, &custom(Top::Core, &["busybox"], Some("pw one")), &w)
+            .expect("plan");
+    let top = plans.last().expect("custom layer");
+    let hash = top.root_password.as_ref().expect("hash");
+    assert!(certo_imager::password::verify("pw one", hash.as_str()));
+    let inputs = format!("{:?} {:?}", top.inputs, top);
+    assert!(
+        !inputs.contains("pw one") && !inputs.contains(hash.as_str()),
+        "{inputs}"
+    );
+    // An unknown package is refused by name, before anything is built.
+    let err = certo_imager::plan::plan_custom(
+        &req,
+        &custom(Top::Core, &["busybox", "no-such-package"], None),
+        &w,
+    )
+    .expect_err("unknown package");
+    assert_eq!(err.package.as_deref(), Some("no-such-package"));
+    assert_eq!(err.layer, Some(certo_imager::LayerKind::Custom));
+}
+
+/// Debian: extra packages from the release's repository and from the Debian archive in a
+/// custom layer over the base; a name neither has fails the build by name, caching nothing.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_debian_custom_layer_installs_extra_packages_and_refuses_an_unknown_one() {
+    let db = common::scratch().await;
+    let data = shared_data();
+    let target = [
+        "--release",
+        "3.2",
+        "--platform",
+        "deb12_x86_64",
+        "--layers",
+        "base",
+        "--package",
+        "less",
+        "--package",
+        "glite-wn-env",
+    ];
+    let started = std::time::Instant::now();
+    let (out, v) = build(&db.url, &data, &target);
+    assert!(out.status.success(), "build failed: {v}");
+    eprintln!("first build: {:.1} s", started.elapsed().as_secs_f64());
+    let kinds: Vec<String> = outcomes(&v).into_iter().map(|(k, _)| k).collect();
+    assert_eq!(kinds, ["core", "base", "custom"]);
+    let image = PathBuf::from(v["path"].as_str().expect("path"));
+    let installed = dpkg_installed(&image);
+    for expected in ["glite-wn-env 3.2.3-1", "less ", "busybox "] {
+        assert!(
+            installed.iter().any(|p| p.starts_with(expected)),
+            "{expected:?} not installed: {installed:?}"
+        );
+    }
+    assert!(!installed.iter().any(|p| p.starts_with("glite-wn ")));
+    let (out, again) = build(&db.url, &data, &target);
+    assert!(out.status.success(), "{again}");
+    assert_eq!(again["cached"], true, "{again}");
+
+    let unknown = [
+        "--release",
+        "3.2",
+        "--platform",
+        "deb12_x86_64",
+        "--layers",
+        "base",
+        "--package",
+        "no-such-package",
+    ];
+    let plan = json_of(&run(
+        &db.url,
+        &data,
+        &[&["image", "plan", "--json"][..], &unknown[..]].concat(),
+    ));
+    let digest = plan["layers"][2]["digest"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no custom layer: {plan}"))
+        .to_owned();
+    let (out, v) = build(&db.url, &data, &unknown);
+    assert_eq!(out.status.code(), Some(1), "{v}");
+    assert_eq!(v["error"]["package"], "no-such-package", "{v}");
+    assert_eq!(v["error"]["layer"], "custom", "{v}");
+    assert!(
+        v["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("no-such-package")),
+        "{v}"
+    );
+    assert!(!data.join("imager/layers").join(&digest).exists());
+    db.drop_db().await.expect("drop");
+}
+
+/// The images page's form, as a person uses it in a browser: the plan first (the image is
+/// not built; which layers are cached), refusals that record nothing (an unknown package,
+/// no session, a stale form), then a real build in the server that its page follows to the
+/// downloads; asked again, the same configuration is ready at once.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_images_page_plans_builds_and_follows_an_image_then_finds_it_ready() {
+    use common::{csrf_of, page, sign_in};
+    let db = common::scratch().await;
+    let fresh = Fresh::new("form");
+    let srv = common::people_server_with(&db, false, Some(fresh.0.clone()), Some(world())).await;
+    let alice = certo_orchestrator::app::users::add(
+        &db.store,
+        "alice",
+        certo_orchestrator::store::Role::Certifier,
+    )
+    .await
+    .expect("alice");
+    let cookie = sign_in(&srv.base, &alice).await;
+    let builds = || async {
+        sqlx::query_scalar::<_, i64>("SELECT count(*) FROM image_builds")
+            .fetch_one(db.store.pool())
+            .await
+            .expect("count")
+    };
+    let ask = "release=3.2&platform=sl5_x86_64&top=core&packages=glite-wn-env+glite-wn-env&qcow2=1";
+    let plan = page(
+        "GET",
+        &format!("{}/images?{ask}", srv.base),
+        Some(&cookie),
+        None,
+        None,
+    )
+    .await;
+    assert_eq!(plan.status, 200, "{}", plan.body);
+    assert!(
+        plan.body
+            .contains("3.2 sl5_x86_64 core + glite-wn-env: image <code>")
+            && plan
+                .body
+                .contains("is not built yet; 0 of its 2 layers are cached"),
+        "{}",
+        plan.body
+    );
+    assert!(plan.body.contains("id=\"build\""), "{}", plan.body);
+    let csrf = csrf_of(&plan.body);
+    let form = |packages: &'static str, csrf: String| {
+        vec![
+            ("csrf", csrf),
+            ("release", "3.2".to_owned()),
+            ("platform", "sl5_x86_64".to_owned()),
+            ("top", "core".to_owned()),
+            ("packages", packages.to_owned()),
+            ("qcow2", "1".to_owned()),
+        ]
+    };
+    let post = |fields: Vec<(&'static str, String)>, cookie: Option<String>| {
+        let base = srv.base.clone();
+        async move {
+            let f: Vec<(&str, &str)> = fields.iter().map(|(k, v)| (*k, v.as_str())).collect();
+            page(
+                "POST",
+                &format!("{base}/images/builds"),
+                cookie.as_deref(),
+                Some(&f),
+                None,
+            )
+            .await
+        }
+    };
+    // An unknown package: the plan says which, and a build of it is refused; nothing recorded.
+    let bad = page(
+        "GET",
+        &format!(
+            "{}/images?release=3.2&platform=sl5_x86_64&top=core&packages=no-such-package",
+            srv.base
+        ),
+        Some(&cookie),
+        None,
+        None,
+    )
+    .await;
+    assert!(
+        bad.body.contains("id=\"plan\"") && bad.body.contains("no-such-package"),
+        "{}",
+        bad.body
+    );
+    let a = post(form("no-such-package", csrf.clone()), Some(cookie.clone())).await;
+    assert_eq!(a.status, 422, "{}", a.body);
+    assert!(a.body.contains("no-such-package"), "{}", a.body);
+    // No session, or a form without the session's CSRF token: refused.
+    let a = post(form("glite-wn-env", csrf.clone()), None).await;
+    assert_eq!(
+        (a.status, a.location.as_deref()),
+        (303, Some("/login")),
+        "{}",
+        a.body
+    );
+    let a = post(form("glite-wn-env", "stale".into()), Some(cookie.clone())).await;
+    assert_eq!(a.status, 403, "{}", a.body);
+    assert_eq!(builds().await, 0, "refused asks record nothing");
+
+    // The build, followed on its page until it ends.
+    let a = post(form("glite-wn-env", csrf.clone()), Some(cookie.clone())).await;
+    assert_eq!(a.status, 303, "{}", a.body);
+    let at = a.location.expect("to the build's page");
+    assert!(at.starts_with("/images/builds/"), "{at}");
+    let started = std::time::Instant::now();
+    let mut seen_running = false;
+    let done = loop {
+        let p = page(
+            "GET",
+            &format!("{}{at}", srv.base),
+            Some(&cookie),
+            None,
+            None,
+        )
+        .await;
+        assert_eq!(p.status, 200, "{}", p.body);
+        if p.body.contains("building…") {
+            assert!(p.body.contains("http-equiv=\"refresh\""), "{}", p.body);
+            seen_running = true;
+        } else {
+            break p;
+        }
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(600),
+            "the build did not end in 10 minutes:\n{}",
+            p.body
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    };
+    assert!(seen_running, "the page never showed the build running");
+    assert!(done.body.contains("built in"), "{}", done.body);
+    assert!(
+        !done.body.contains("http-equiv=\"refresh\""),
+        "{}",
+        done.body
+    );
+    for event in ["building core", "building custom", "exporting qcow2"] {
+        assert!(
+            done.body.contains(event),
+            "no {event:?} event:\n{}",
+            done.body
+        );
+    }
+    let image: String = sqlx::query_scalar(
+        "SELECT image_digest FROM image_builds WHERE state = 'built' AND requested_by = 'alice'",
+    )
+    .fetch_one(db.store.pool())
+    .await
+    .expect("the build's row");
+    for f in ["ext4", "qcow2"] {
+        assert!(
+            done.body.contains(&format!("href=\"/images/{image}/{f}\"")),
+            "no {f} download:\n{}",
+            done.body
+        );
+    }
+    let qcow2 = reqwest::Client::new()
+        .get(format!("{}/images/{image}/qcow2", srv.base))
+        .header("cookie", format!("certo_session={cookie}"))
+        .send()
+        .await
+        .expect("download");
+    assert_eq!(qcow2.status(), 200);
+    let bytes = qcow2.bytes().await.expect("body");
+    assert_eq!(&bytes[..4], b"QFI\xfb", "a qcow2 file");
+
+    // Asked again: the same configuration is there, ready at once, with nothing to build.
+    let again = page(
+        "GET",
+        &format!("{}/images?{ask}", srv.base),
+        Some(&cookie),
+        None,
+        None,
+    )
+    .await;
+    assert!(
+        again
+            .body
+            .contains("this exact configuration exists already, image <code>")
+            && again.body.contains(&image),
+        "{}",
+        again.body
+    );
+    assert!(!again.body.contains("id=\"build\""), "{}", again.body);
+    assert_eq!(builds().await, 1);
+}

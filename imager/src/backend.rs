@@ -1037,6 +1037,7 @@ mod tests {
             packages: Vec::new(),
             config_files: Vec::new(),
             allow_downgrade,
+            root_password: None,
         };
         LayerPlan {
             kind: LayerKind::Patch,
@@ -1055,6 +1056,7 @@ mod tests {
             inputs,
             label: "patch 1 r1".into(),
             allow_downgrade,
+            root_password: None,
         }
     }
 

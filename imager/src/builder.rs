@@ -13,8 +13,9 @@ use crate::digest::{LayerDigest, LayerKind};
 use crate::error::{BuildError, Phase};
 use crate::export;
 use crate::mounts;
+use crate::password;
 use crate::plan::{self, LayerPlan};
-use crate::request::{ImageRequest, Recipe};
+use crate::request::{Customization, ImageRequest, Recipe, Top};
 use crate::siteconf;
 use crate::store::{ImageRecord, LayerRecord, Store, write_record};
 use crate::verify;
@@ -141,6 +142,15 @@ impl Imager {
         plan::plan(request, &self.world)
     }
 
+    /// The layers `request` with `custom` needs (see [`plan::plan_custom`]).
+    pub fn plan_custom(
+        &self,
+        request: &ImageRequest,
+        custom: &Customization,
+    ) -> Result<Vec<LayerPlan>, BuildError> {
+        plan::plan_custom(request, custom, &self.world)
+    }
+
     /// Builds (or finds) the image for `request` with the given extra export formats.
     pub fn build(
         &self,
@@ -148,9 +158,21 @@ impl Imager {
         formats: &[Format],
         progress: &dyn Fn(Event),
     ) -> Result<Built, BuildError> {
+        self.build_custom(request, &Customization::default(), formats, progress)
+    }
+
+    /// Builds (or finds) the image for `request` with `custom`: its layers up to
+    /// `custom.top` and its custom layer, if any.
+    pub fn build_custom(
+        &self,
+        request: &ImageRequest,
+        custom: &Customization,
+        formats: &[Format],
+        progress: &dyn Fn(Event),
+    ) -> Result<Built, BuildError> {
         let started = Instant::now();
         let _gc = self.store.gc_lock(false)?;
-        let plans = self.plan(request)?;
+        let plans = self.plan_custom(request, custom)?;
         progress(Event::Planned {
             layers: plans
                 .iter()
@@ -172,7 +194,8 @@ impl Imager {
             layers.push((record, outcome));
         }
         let digests: Vec<LayerDigest> = plans.iter().map(|p| p.digest).collect();
-        let (image, image_cached) = self.ensure_image(request, &digests, formats, progress)?;
+        let (image, image_cached) =
+            self.ensure_image(request, custom.top, &digests, formats, progress)?;
         Ok(Built {
             image,
             layers,
@@ -263,6 +286,11 @@ impl Imager {
                 if let Some(site_before) = &site_before {
                     siteconf::check(plan, family, &merged, &scratch, site_before, &mut log)?;
                 }
+                if let Some(hash) = &plan.root_password {
+                    // Written by Certo itself, inside the image: no tool sees the password.
+                    log.note("setting root's password (SHA-512 crypt) in /etc/shadow");
+                    password::set_root_password(&backend::open_root(&merged)?, hash)?;
+                }
                 if !plan.config.is_empty() {
                     backend::apply_config(plan, &merged, &mut log)?;
                     backend::with_chroot(&merged, &mut log, |log| {
@@ -293,6 +321,13 @@ impl Imager {
                 .config_files
                 .iter()
                 .map(|(p, c)| (p.clone(), String::from_utf8_lossy(c).into_owned()))
+                .chain(plan.root_password.as_ref().map(|_| {
+                    (
+                        "etc/shadow".to_owned(),
+                        "root password set (SHA-512 crypt; neither it nor its hash is recorded)"
+                            .to_owned(),
+                    )
+                }))
                 .collect(),
             installed,
             size_bytes: export::tree_size(&tree),
@@ -309,6 +344,7 @@ impl Imager {
     fn ensure_image(
         &self,
         request: &ImageRequest,
+        top: Top,
         layers: &[LayerDigest],
         formats: &[Format],
         progress: &dyn Fn(Event),
@@ -378,7 +414,11 @@ impl Imager {
             layers: layers.to_vec(),
             release: request.release.clone(),
             platform: request.platform.label.clone(),
-            node_type: request.node_type.clone(),
+            // An image of the core or base layers has no node type.
+            node_type: match top {
+                Top::NodeType => request.node_type.clone(),
+                Top::Core | Top::Base => String::new(),
+            },
             patch: request.patch.as_ref().map(|p| (p.id, p.revision)),
             artefacts,
             export_seconds: t.elapsed().as_secs_f64(),

@@ -13,16 +13,19 @@
 //! | domain           | `bytes("certo-imager/layer-inputs")`                                  |
 //! | version          | one byte, `1`                                                         |
 //! | parent           | `0`, or `1` followed by the parent's 32-byte digest                   |
-//! | kind             | one byte: core `1`, base `2`, node type `3`, patch `4`                |
+//! | kind             | one byte: core `1`, base `2`, node type `3`, patch `4`, custom `5`    |
 //! | backend          | `bytes(backend)`                                                      |
 //! | repository state | count, then per repository sorted by id: `bytes(id)`, 32-byte digest  |
 //! | packages         | count, then per package sorted by name: `bytes(name)`, `bytes(version)` |
 //! | config files     | count, then per file sorted by path: `bytes(path)`, `bytes(content)`  |
 //! | downgrades       | nothing when refused (the default); `bytes("allow-downgrade")` when allowed |
+//! | root password    | nothing when none is set (the default); `bytes("root-password")` followed by the 32-byte SHA-256 of the password's crypt hash when one is |
 //!
-//! The last field is written only when it differs from the default, so the digests of
-//! layers that do not use it are those of the encoding without it (every field before it
-//! is length-prefixed, so an encoding with it never equals one without).
+//! The last two fields are written only when they differ from the default, so the digests
+//! of layers that do not use them are those of the encoding without them (every field
+//! before them is length-prefixed and they start with distinct tags, so an encoding with
+//! one never equals one without). The root password enters only as a digest of its salted
+//! SHA-512 crypt hash: never in clear, and no cheaper to guess from than `/etc/shadow`.
 //! Sorting compares the UTF-8 bytes of the keys. Duplicate keys, empty keys, an empty
 //! backend and config file paths that are not plain relative paths are refused.
 
@@ -47,6 +50,9 @@ pub enum LayerKind {
     NodeType,
     /// A patch under certification on top of a node type.
     Patch,
+    /// What a person added on top of a core, base or node type: extra packages from the
+    /// platform's repositories and/or root's password.
+    Custom,
 }
 
 impl LayerKind {
@@ -57,6 +63,7 @@ impl LayerKind {
             Self::Base => 2,
             Self::NodeType => 3,
             Self::Patch => 4,
+            Self::Custom => 5,
         }
     }
 }
@@ -79,6 +86,9 @@ pub struct LayerInputs {
     /// Whether the layer may replace an installed package by an older version (a patch
     /// record's explicit opt-in); refused otherwise.
     pub allow_downgrade: bool,
+    /// SHA-256 of the SHA-512 crypt hash of root's password, when the layer sets one (a
+    /// custom layer); never the password itself.
+    pub root_password: Option<[u8; 32]>,
 }
 
 /// Why layer inputs cannot be digested.
@@ -155,6 +165,10 @@ impl LayerInputs {
         }
         if self.allow_downgrade {
             put_bytes(&mut out, b"allow-downgrade");
+        }
+        if let Some(password) = &self.root_password {
+            put_bytes(&mut out, b"root-password");
+            out.extend_from_slice(password);
         }
         Ok(out)
     }
@@ -335,6 +349,7 @@ mod tests {
             ],
             config_files: vec![("etc/glite/site-info.def".into(), b"SITE_NAME=t\n".to_vec())],
             allow_downgrade: false,
+            root_password: None,
         }
     }
 
@@ -372,6 +387,9 @@ mod tests {
             |i| i.config_files[0].0 = "etc/glite/site-info.conf".into(),
             |i| i.config_files.clear(),
             |i| i.allow_downgrade = true,
+            |i| i.kind = LayerKind::Custom,
+            |i| i.root_password = Some([7; 32]),
+            |i| i.root_password = Some([8; 32]),
         ];
         let mut seen = HashSet::from([digest(&sample())]);
         for (n, edit) in edits.iter().enumerate() {

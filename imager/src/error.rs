@@ -129,5 +129,6 @@ pub fn layer_name(kind: LayerKind) -> &'static str {
         LayerKind::Base => "base",
         LayerKind::NodeType => "node-type",
         LayerKind::Patch => "patch",
+        LayerKind::Custom => "custom",
     }
 }

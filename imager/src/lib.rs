@@ -22,6 +22,7 @@ pub mod digest;
 pub mod error;
 pub mod export;
 pub mod mounts;
+pub mod password;
 pub mod plan;
 pub mod repos;
 pub mod request;
@@ -35,6 +36,7 @@ pub use builder::{Built, Event, Format, Imager, LayerOutcome, image_id};
 pub use digest::{DigestError, LayerDigest, LayerInputs, LayerKind, ParseDigestError};
 pub use error::{BuildError, Phase};
 pub use request::{
-    ConfigChange, ImageRequest, PackageSource, PatchLayer, PatchPackage, Platform, Recipe,
+    ConfigChange, Customization, ImageRequest, PackageSource, PatchLayer, PatchPackage, Platform,
+    Recipe, RootPassword, Top,
 };
 pub use store::{Artefact, ImageRecord, LayerRecord, Store};

@@ -8,8 +8,11 @@ use sha2::{Digest, Sha256};
 
 use crate::digest::{LayerDigest, LayerInputs, LayerKind};
 use crate::error::{BuildError, Phase};
+use crate::password::{self, CryptHash};
 use crate::repos::{self, Repo, RepoLocation};
-use crate::request::{ImageRequest, PackageSource, Recipe, debian_name, safe_file_name};
+use crate::request::{
+    Customization, ImageRequest, PackageSource, Recipe, Top, debian_name, safe_file_name,
+};
 
 /// What the Debian base layer installs on top of minbase: what every appliance needs.
 pub const DEB_BASE_PACKAGES: &[&str] = &["busybox", "iproute2", "procps"];
@@ -66,10 +69,61 @@ pub struct LayerPlan {
     pub label: String,
     /// Whether the layer may downgrade an installed package (a patch record's opt-in).
     pub allow_downgrade: bool,
+    /// Root's password hash, when the layer (a custom one) sets it.
+    pub root_password: Option<CryptHash>,
 }
 
 /// Plans the layers of `request`, bottom to top. `world` is the repository root.
 pub fn plan(request: &ImageRequest, world: &Path) -> Result<Vec<LayerPlan>, BuildError> {
+    plan_custom(request, &Customization::default(), world)
+}
+
+/// Plans the layers of `request` with `custom`: the layers up to `custom.top`, then (when
+/// it adds packages or a root password) a custom layer on top.
+pub fn plan_custom(
+    request: &ImageRequest,
+    custom: &Customization,
+    world: &Path,
+) -> Result<Vec<LayerPlan>, BuildError> {
+    if request.patch.is_some() && custom.top != Top::NodeType {
+        return Err(BuildError::new(
+            Phase::Prepare,
+            "a patch layer goes on a node type: an image of the core or base layers has no patch",
+        ));
+    }
+    if request.patch.is_some() && custom.has_layer() {
+        return Err(BuildError::new(
+            Phase::Prepare,
+            "extra packages and a root password make a custom image; they cannot be combined with a patch (a certification image)",
+        ));
+    }
+    let mut names: Vec<String> = custom.packages.clone();
+    names.sort();
+    names.dedup();
+    for name in &names {
+        if name.is_empty()
+            || name.starts_with('-')
+            || !name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '+' | '-' | '_'))
+        {
+            return Err(
+                BuildError::new(Phase::Resolve, format!("{name:?} is not a package name"))
+                    .package(name.clone())
+                    .in_layer(LayerKind::Custom),
+            );
+        }
+    }
+    let custom_label = {
+        let mut parts: Vec<String> = Vec::new();
+        if !names.is_empty() {
+            parts.push(names.join(" "));
+        }
+        if custom.root_password.is_some() {
+            parts.push("root password".to_owned());
+        }
+        format!("custom {}", parts.join(" + "))
+    };
     let rel = &request.release;
     let mut layers: Vec<LayerPlan> = Vec::new();
     // Each repository's state is read once per plan, however many layers use it.
@@ -126,6 +180,7 @@ pub fn plan(request: &ImageRequest, world: &Path) -> Result<Vec<LayerPlan>, Buil
             packages,
             config_files,
             allow_downgrade,
+            root_password: None,
         };
         let digest = inputs.digest().map_err(|e| {
             BuildError::new(Phase::Prepare, format!("layer inputs: {e}")).in_layer(kind)
@@ -140,6 +195,7 @@ pub fn plan(request: &ImageRequest, world: &Path) -> Result<Vec<LayerPlan>, Buil
             digest,
             label,
             allow_downgrade,
+            root_password: None,
         });
         Ok(())
     };
@@ -171,61 +227,89 @@ pub fn plan(request: &ImageRequest, world: &Path) -> Result<Vec<LayerPlan>, Buil
                 Vec::new(),
                 format!("core {}", request.platform.label),
             )?;
-            push(
-                LayerKind::Base,
-                format!("apt-get/{arch}"),
-                vec![mirror_repo.clone()],
-                DEB_BASE_PACKAGES
-                    .iter()
-                    .map(|p| Install::Named {
-                        name: (*p).to_owned(),
-                        version: String::new(),
-                    })
-                    .collect(),
-                Vec::new(),
-                "base".to_owned(),
-            )?;
-            let node_pkg = debian_name(&request.node_type);
-            let version = repos::deb_flat_version(&glite_dir, &node_pkg)?.ok_or_else(|| {
-                BuildError::new(
-                    Phase::Resolve,
-                    format!(
-                        "node type {} has no package {node_pkg} in {}",
-                        request.node_type,
-                        glite_dir.display()
-                    ),
-                )
-                .package(node_pkg.clone())
-                .in_layer(LayerKind::NodeType)
-            })?;
-            push(
-                LayerKind::NodeType,
-                format!("apt-get/{arch}"),
-                vec![mirror_repo.clone(), glite.clone()],
-                vec![Install::Named {
-                    name: node_pkg,
-                    version,
-                }],
-                Vec::new(),
-                format!("node-type {}", request.node_type),
-            )?;
-            if let Some(patch) = &request.patch {
-                let mut repos = vec![mirror_repo, glite];
-                if updates_dir.is_dir() {
-                    repos.push(Repo {
-                        id: format!("updates/{rel}"),
-                        location: RepoLocation::DebFlat(updates_dir.clone()),
-                    });
-                }
-                let install = patch_files(patch, world, "deb", &updates_dir, &glite_dir)?;
-                let config = patch_config(patch)?;
+            if custom.top != Top::Core {
                 push(
-                    LayerKind::Patch,
+                    LayerKind::Base,
                     format!("apt-get/{arch}"),
-                    repos,
+                    vec![mirror_repo.clone()],
+                    DEB_BASE_PACKAGES
+                        .iter()
+                        .map(|p| Install::Named {
+                            name: (*p).to_owned(),
+                            version: String::new(),
+                        })
+                        .collect(),
+                    Vec::new(),
+                    "base".to_owned(),
+                )?;
+            }
+            if custom.top == Top::NodeType {
+                let node_pkg = debian_name(&request.node_type);
+                let version = repos::deb_flat_version(&glite_dir, &node_pkg)?.ok_or_else(|| {
+                    BuildError::new(
+                        Phase::Resolve,
+                        format!(
+                            "node type {} has no package {node_pkg} in {}",
+                            request.node_type,
+                            glite_dir.display()
+                        ),
+                    )
+                    .package(node_pkg.clone())
+                    .in_layer(LayerKind::NodeType)
+                })?;
+                push(
+                    LayerKind::NodeType,
+                    format!("apt-get/{arch}"),
+                    vec![mirror_repo.clone(), glite.clone()],
+                    vec![Install::Named {
+                        name: node_pkg,
+                        version,
+                    }],
+                    Vec::new(),
+                    format!("node-type {}", request.node_type),
+                )?;
+                if let Some(patch) = &request.patch {
+                    let mut repos = vec![mirror_repo.clone(), glite.clone()];
+                    if updates_dir.is_dir() {
+                        repos.push(Repo {
+                            id: format!("updates/{rel}"),
+                            location: RepoLocation::DebFlat(updates_dir.clone()),
+                        });
+                    }
+                    let install = patch_files(patch, world, "deb", &updates_dir, &glite_dir)?;
+                    let config = patch_config(patch)?;
+                    push(
+                        LayerKind::Patch,
+                        format!("apt-get/{arch}"),
+                        repos,
+                        install,
+                        config,
+                        format!("patch {} r{}", patch.id, patch.revision),
+                    )?;
+                }
+            }
+            if custom.has_layer() {
+                // Names of the release's repository are pinned to its version; the others
+                // come from the Debian archive, pinned by its state (as the base layer's).
+                let install = names
+                    .iter()
+                    .map(|name| {
+                        let version = repos::deb_flat_version(&glite_dir, name)
+                            .map_err(|e| e.in_layer(LayerKind::Custom))?
+                            .unwrap_or_default();
+                        Ok(Install::Named {
+                            name: name.clone(),
+                            version,
+                        })
+                    })
+                    .collect::<Result<Vec<_>, BuildError>>()?;
+                push(
+                    LayerKind::Custom,
+                    format!("apt-get/{arch}"),
+                    vec![mirror_repo, glite],
                     install,
-                    config,
-                    format!("patch {} r{}", patch.id, patch.revision),
+                    Vec::new(),
+                    custom_label,
                 )?;
             }
         }
@@ -282,46 +366,103 @@ pub fn plan(request: &ImageRequest, world: &Path) -> Result<Vec<LayerPlan>, Buil
                 Vec::new(),
                 format!("core {}", request.platform.label),
             )?;
-            push(
-                LayerKind::Base,
-                backend.clone(),
-                vec![os.clone()],
-                pinned(&os_dir, RPM_BASE_PACKAGES, LayerKind::Base)?,
-                Vec::new(),
-                "base".to_owned(),
-            )?;
-            push(
-                LayerKind::NodeType,
-                backend.clone(),
-                vec![os.clone(), glite.clone()],
-                pinned(
-                    &glite_dir,
-                    &[request.node_type.as_str()],
+            if custom.top != Top::Core {
+                push(
+                    LayerKind::Base,
+                    backend.clone(),
+                    vec![os.clone()],
+                    pinned(&os_dir, RPM_BASE_PACKAGES, LayerKind::Base)?,
+                    Vec::new(),
+                    "base".to_owned(),
+                )?;
+            }
+            if custom.top == Top::NodeType {
+                push(
                     LayerKind::NodeType,
-                )?,
-                Vec::new(),
-                format!("node-type {}", request.node_type),
-            )?;
-            if let Some(patch) = &request.patch {
-                let mut repos = vec![os, glite];
-                if updates_dir.is_dir() {
-                    repos.push(Repo {
-                        id: format!("updates/{rel}"),
-                        location: RepoLocation::Rpm(updates_dir.clone()),
+                    backend.clone(),
+                    vec![os.clone(), glite.clone()],
+                    pinned(
+                        &glite_dir,
+                        &[request.node_type.as_str()],
+                        LayerKind::NodeType,
+                    )?,
+                    Vec::new(),
+                    format!("node-type {}", request.node_type),
+                )?;
+                if let Some(patch) = &request.patch {
+                    let mut repos = vec![os.clone(), glite.clone()];
+                    if updates_dir.is_dir() {
+                        repos.push(Repo {
+                            id: format!("updates/{rel}"),
+                            location: RepoLocation::Rpm(updates_dir.clone()),
+                        });
+                    }
+                    let install = patch_files(patch, world, "rpm", &updates_dir, &glite_dir)?;
+                    let config = patch_config(patch)?;
+                    push(
+                        LayerKind::Patch,
+                        backend.clone(),
+                        repos,
+                        install,
+                        config,
+                        format!("patch {} r{}", patch.id, patch.revision),
+                    )?;
+                }
+            }
+            if custom.has_layer() {
+                // Each name is pinned to its version in the OS repository, or else in the
+                // release's; a name in neither is refused here, before anything is built.
+                let mut install = Vec::new();
+                for name in &names {
+                    let mut version = None;
+                    for dir in [&os_dir, &glite_dir] {
+                        version = repos::rpm_version(dir, name)
+                            .map_err(|e| e.in_layer(LayerKind::Custom))?;
+                        if version.is_some() {
+                            break;
+                        }
+                    }
+                    let version = version.ok_or_else(|| {
+                        BuildError::new(
+                            Phase::Resolve,
+                            format!(
+                                "unknown package {name}: it is in none of the platform's repositories ({} {}, {} {})",
+                                os.id,
+                                os_dir.display(),
+                                glite.id,
+                                glite_dir.display()
+                            ),
+                        )
+                        .package(name.clone())
+                        .in_layer(LayerKind::Custom)
+                    })?;
+                    install.push(Install::Named {
+                        name: name.clone(),
+                        version,
                     });
                 }
-                let install = patch_files(patch, world, "rpm", &updates_dir, &glite_dir)?;
-                let config = patch_config(patch)?;
                 push(
-                    LayerKind::Patch,
+                    LayerKind::Custom,
                     backend,
-                    repos,
+                    vec![os, glite],
                     install,
-                    config,
-                    format!("patch {} r{}", patch.id, patch.revision),
+                    Vec::new(),
+                    custom_label,
                 )?;
             }
         }
+    }
+    if let Some(secret) = &custom.root_password
+        && let [.., lower, top] = layers.as_mut_slice()
+        && top.kind == LayerKind::Custom
+    {
+        let hash = password::hash(secret, &lower.digest)?;
+        top.inputs.root_password = Some(hash.digest());
+        top.digest = top.inputs.digest().map_err(|e| {
+            BuildError::new(Phase::Prepare, format!("layer inputs: {e}"))
+                .in_layer(LayerKind::Custom)
+        })?;
+        top.root_password = Some(hash);
     }
     Ok(layers)
 }

@@ -176,3 +176,72 @@ pub fn safe_file_name(name: &str) -> Result<(), String> {
 pub fn debian_name(package: &str) -> String {
     package.to_ascii_lowercase().replace('_', "-")
 }
+
+/// The layer an image ends with below its custom layer, if any: a node type (every
+/// certification image), or just the core or the core and base layers.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Top {
+    /// Core, base and the request's node type (and its patch, if any).
+    #[default]
+    NodeType,
+    /// The core layer only.
+    Core,
+    /// The core and base layers.
+    Base,
+}
+
+/// What a person adds to an image beyond the catalogue's layers: a custom layer on top,
+/// with extra packages from the platform's repositories and/or root's password. The
+/// default adds nothing (the image of the request as the orchestrator asks for it).
+#[derive(Debug, Clone, Default)]
+pub struct Customization {
+    /// The layer the image ends with below the custom layer.
+    pub top: Top,
+    /// Extra package names from the platform's repositories (any order, repeats allowed:
+    /// the plan sorts and deduplicates them).
+    pub packages: Vec<String>,
+    /// Root's password, if the image is to set one.
+    pub root_password: Option<RootPassword>,
+}
+
+impl Customization {
+    /// Whether the image needs a custom layer.
+    pub fn has_layer(&self) -> bool {
+        !self.packages.is_empty() || self.root_password.is_some()
+    }
+}
+
+/// A root password in clear, as read from its file. It is never printed (its `Debug` is
+/// redacted), serialized, logged or put in a layer's inputs: only its salted SHA-512
+/// crypt hash reaches the image and, digested again, the layer's cache key.
+#[derive(Clone)]
+pub struct RootPassword(String);
+
+impl std::fmt::Debug for RootPassword {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("RootPassword(<redacted>)")
+    }
+}
+
+impl RootPassword {
+    /// The first line of `text` (without its line ending); refused when empty.
+    pub fn from_text(text: &str) -> Result<Self, String> {
+        let line = text.lines().next().unwrap_or("");
+        if line.is_empty() {
+            return Err("its first line is empty; it must hold the password".into());
+        }
+        Ok(Self(line.to_owned()))
+    }
+
+    /// The first line of the file at `path`.
+    pub fn from_file(path: &std::path::Path) -> Result<Self, String> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| format!("{} cannot be read: {e}", path.display()))?;
+        Self::from_text(&text).map_err(|why| format!("{}: {why}", path.display()))
+    }
+
+    /// The password's bytes, for hashing.
+    pub(crate) fn expose(&self) -> &[u8] {
+        self.0.as_bytes()
+    }
+}

@@ -52,14 +52,34 @@ pub enum TargetError {
     },
 }
 
-/// The image request for one target of the catalogue, with an optional patch on top.
-pub fn request(
+/// The image request of a release's platform without a node type (for an image of its
+/// core or base layers): its `node_type` is empty and it has no patch.
+pub fn layers_request(
     catalogue: &Catalogue,
     release: &str,
     platform: &str,
-    node_type: &str,
-    patch: Option<&PatchRecord>,
 ) -> Result<ImageRequest, TargetError> {
+    let (rel, plat, recipe) = release_platform(catalogue, release, platform)?;
+    Ok(ImageRequest {
+        release: rel.name.clone(),
+        platform: Platform {
+            label: plat.label.clone(),
+            os: plat.os.clone(),
+            arch: plat.arch.clone(),
+            recipe,
+        },
+        node_type: String::new(),
+        patch: None,
+    })
+}
+
+/// The catalogue's release and platform (the release must be built for the platform),
+/// and the imager's recipe of the platform.
+fn release_platform<'c>(
+    catalogue: &'c Catalogue,
+    release: &str,
+    platform: &str,
+) -> Result<(&'c catalogue::Release, &'c catalogue::Platform, Recipe), TargetError> {
     let rel = catalogue.release(release).ok_or_else(|| {
         TargetError::UnknownRelease(
             release.to_owned(),
@@ -88,6 +108,40 @@ pub fn request(
             platform: platform.to_owned(),
         });
     }
+    let recipe = match &plat.recipe {
+        catalogue::Recipe::Mmdebstrap {
+            suite,
+            arch,
+            mirror,
+        } => Recipe::Mmdebstrap {
+            suite: suite.clone(),
+            arch: arch.clone(),
+            mirror: mirror.clone(),
+        },
+        catalogue::Recipe::Dnf {
+            repository,
+            arch,
+            releasever,
+        } => Recipe::Dnf {
+            repository: repository.clone(),
+            arch: arch.clone(),
+            releasever: releasever
+                .clone()
+                .unwrap_or_else(|| plat.os.chars().filter(char::is_ascii_digit).collect()),
+        },
+    };
+    Ok((rel, plat, recipe))
+}
+
+/// The image request for one target of the catalogue, with an optional patch on top.
+pub fn request(
+    catalogue: &Catalogue,
+    release: &str,
+    platform: &str,
+    node_type: &str,
+    patch: Option<&PatchRecord>,
+) -> Result<ImageRequest, TargetError> {
+    let (rel, plat, recipe) = release_platform(catalogue, release, platform)?;
     let nt = rel
         .node_types
         .iter()
@@ -113,28 +167,6 @@ pub fn request(
             platform: platform.to_owned(),
         });
     }
-    let recipe = match &plat.recipe {
-        catalogue::Recipe::Mmdebstrap {
-            suite,
-            arch,
-            mirror,
-        } => Recipe::Mmdebstrap {
-            suite: suite.clone(),
-            arch: arch.clone(),
-            mirror: mirror.clone(),
-        },
-        catalogue::Recipe::Dnf {
-            repository,
-            arch,
-            releasever,
-        } => Recipe::Dnf {
-            repository: repository.clone(),
-            arch: arch.clone(),
-            releasever: releasever
-                .clone()
-                .unwrap_or_else(|| plat.os.chars().filter(char::is_ascii_digit).collect()),
-        },
-    };
     let patch = match patch {
         None => None,
         Some(p) => {

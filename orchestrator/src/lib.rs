@@ -15,4 +15,5 @@ pub mod patch;
 pub mod store;
 pub mod testbed;
 pub mod vmrun;
+pub mod web;
 pub mod world;

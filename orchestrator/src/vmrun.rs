@@ -12,7 +12,6 @@ use certo_proto::agent::{BootRequest, GuestSpec};
 use chrono::Utc;
 use serde::Serialize;
 
-use crate::api::{self, ApiState};
 use crate::store::{NewVm, ProbeOutcomeKind, ResultRow, Store, StoreError, VmRow};
 
 /// How long the agent may stay silent before a run is declared lost.
@@ -287,7 +286,8 @@ pub fn guest_callback(orch: &str) -> Result<String> {
     Ok(url.as_str().trim_end_matches('/').to_owned())
 }
 
-/// Runs one VM to its end. The orchestrator API is served in-process for the guest.
+/// Runs one VM to its end; the guest reports to `req.orchestrator` (the caller serves the
+/// guest API there when it is its own: `certo vm run` without --orchestrator).
 pub async fn run(
     store: &Store,
     agent_url: &str,
@@ -301,40 +301,20 @@ pub async fn run(
     // The host's credential is the token the agent was started with.
     match store.host_token(&host).await? {
         None => {
-            store.add_host(&host, &api::token_digest(token)).await?;
+            store
+                .add_host(&host, &certo_proto::token::digest(token))
+                .await?;
         }
-        Some(stored) if stored == api::token_digest(token) => {}
+        Some(stored) if stored == certo_proto::token::digest(token) => {}
         Some(_) => return Err(VmRunError::HostToken(host)),
     }
-    if let Some(orch) = req.orchestrator {
-        let callback = guest_callback(orch)?;
-        return run_inner(store, &agent, &host, &callback, req, say).await;
-    }
-    // Serve the guest API on the address the guest can reach.
-    let (bind, guest_host) = callback_bind(agent_url)?;
-    let listener = tokio::net::TcpListener::bind(bind)
-        .await
-        .map_err(io(format!("listening on {bind} for the guest")))?;
-    let port = listener
-        .local_addr()
-        .map_err(io("reading the guest API's address"))?
-        .port();
-    let callback = format!("http://{guest_host}:{port}");
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let srv = tokio::spawn(api::serve(
-        listener,
-        ApiState {
-            store: store.clone(),
-        },
-        Duration::from_secs(10),
-        async move {
-            let _ = stop_rx.await;
-        },
-    ));
-    let result = run_inner(store, &agent, &host, &callback, req, say).await;
-    let _ = stop_tx.send(());
-    let _ = srv.await;
-    result
+    let Some(orch) = req.orchestrator else {
+        return Err(VmRunError::Refused(
+            "no orchestrator for the guest to report to".into(),
+        ));
+    };
+    let callback = guest_callback(orch)?;
+    run_inner(store, &agent, &host, &callback, req, say).await
 }
 
 async fn run_inner(
@@ -372,7 +352,7 @@ async fn run_inner(
         .fetch_one(store.pool())
         .await?;
     let name = vm_name(next, req.node_type, 1);
-    let token = api::new_token().map_err(io("making the VM's token"))?;
+    let token = certo_proto::token::new_token().map_err(io("making the VM's token"))?;
     let started = Instant::now();
     let deadline = Utc::now() + chrono::Duration::milliseconds(req.timeout.as_millis() as i64);
     let vm = store
@@ -384,7 +364,7 @@ async fn run_inner(
             patch: req.patch,
             attempt: 1,
             suite: req.suite,
-            token_sha256: &api::token_digest(&token),
+            token_sha256: &certo_proto::token::digest(&token),
             deadline,
         })
         .await?;
@@ -540,7 +520,14 @@ async fn run_inner(
 async fn look_at_services(store: &Store, agent: &Agent, vm: &VmRow) -> Result<()> {
     use certo_proto::agent::ProbeOutcome;
     for (service, port) in store.pending_probes(vm.id).await? {
-        let (kind, evidence) = match agent.probe(&vm.name, port).await {
+        let mut probed = agent.probe(&vm.name, port).await;
+        // A service that said nothing within the agent's wait may be one that waits to be
+        // spoken to, or one in a guest too loaded to answer in time: look once more before
+        // taking silence for its word.
+        if matches!(&probed, Ok(ProbeOutcome::Answered { said }) if said.trim().is_empty()) {
+            probed = agent.probe(&vm.name, port).await;
+        }
+        let (kind, evidence) = match probed {
             Ok(ProbeOutcome::Answered { said }) => (ProbeOutcomeKind::Answered, said),
             Ok(ProbeOutcome::Silent { why }) => (ProbeOutcomeKind::Silent, why),
             Ok(ProbeOutcome::Unverifiable { why }) => (ProbeOutcomeKind::Unverifiable, why),
@@ -683,7 +670,7 @@ pub struct Boot<'a> {
 /// Boots a VM through its host's agent with a token made for it alone, recording the run;
 /// the VM row ends failed (infrastructure) when the host cannot boot it.
 pub async fn boot(store: &Store, agent: &Agent, b: &Boot<'_>) -> Result<VmRow> {
-    let token = api::new_token().map_err(io("making the VM's token"))?;
+    let token = certo_proto::token::new_token().map_err(io("making the VM's token"))?;
     let deadline = Utc::now() + chrono::Duration::milliseconds(b.timeout.as_millis() as i64);
     let vm = store
         .create_vm(&NewVm {
@@ -694,7 +681,7 @@ pub async fn boot(store: &Store, agent: &Agent, b: &Boot<'_>) -> Result<VmRow> {
             patch: b.patch,
             attempt: i32::try_from(b.attempt).unwrap_or(i32::MAX),
             suite: b.suite,
-            token_sha256: &api::token_digest(&token),
+            token_sha256: &certo_proto::token::digest(&token),
             deadline,
         })
         .await?;

@@ -125,9 +125,7 @@ pub async fn api_server(
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
     tokio::spawn(certo_orchestrator::api::serve(
         listener,
-        certo_orchestrator::api::ApiState {
-            store: store.clone(),
-        },
+        certo_orchestrator::api::ApiState::protocols(store.clone()),
         health_every,
         async move {
             let _ = rx.await;

@@ -1424,10 +1424,16 @@ const CASES: u32 = 256;
 fn run(named: Vec<Probe>, strategy: impl Strategy<Value = Probe>) {
     let _turn = serial();
     let started = Instant::now();
-    // The counter counts.
-    let base = reset_peak();
-    drop(std::hint::black_box(vec![1u8; 8 << 20]));
-    assert!(PEAK.load(Ordering::SeqCst) - base >= 8 << 20);
+    // The counter counts. Threads of the test before may still be freeing memory, which
+    // lowers the count under an allocation: one look without that is enough.
+    assert!(
+        (0..20).any(|_| {
+            let base = reset_peak();
+            drop(std::hint::black_box(vec![1u8; 8 << 20]));
+            PEAK.load(Ordering::SeqCst).saturating_sub(base) >= 8 << 20
+        }),
+        "the counting allocator never saw an 8 MiB allocation"
+    );
     let host = Host::start();
     let mut failed = None;
     for p in &named {

@@ -30,9 +30,7 @@ async fn api(store: &certo_orchestrator::store::Store, health: Duration) -> Api 
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
     tokio::spawn(api::serve(
         listener,
-        ApiState {
-            store: store.clone(),
-        },
+        ApiState::protocols(store.clone()),
         health,
         async move {
             let _ = rx.await;

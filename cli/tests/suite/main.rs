@@ -9,11 +9,14 @@ mod common;
 
 mod cli_contract;
 mod cluster;
+mod dashboard;
 mod engine_store;
 mod fixtures;
 mod hardening;
+mod hooks;
 mod hosts_api;
 mod parser_props;
+mod people_api;
 mod store;
 mod sweep_fires;
 mod testbed_guard;

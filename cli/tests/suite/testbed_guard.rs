@@ -136,9 +136,7 @@ async fn api(store: &Store) -> Api {
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
     tokio::spawn(api::serve(
         listener,
-        ApiState {
-            store: store.clone(),
-        },
+        ApiState::protocols(store.clone()),
         Duration::from_millis(200),
         async move {
             let _ = rx.await;

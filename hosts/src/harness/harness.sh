@@ -114,8 +114,12 @@ report() {
   ERRORS="$ERRORS $1"
   return 1
 }
-ports() {
-  netstat -ltn 2>/dev/null | awk 'NR > 2 { n = split($4, a, ":"); print a[n] }' | sort -un
+# The listening TCP sockets, one "PORT INODE" per line (the port in hex, as the kernel
+# writes it): a service that takes over a port another one listened on (3506's top BDII
+# stopping the BDII to take 2170) has a socket of its own, so its port counts as new.
+listening() {
+  cat /proc/net/tcp /proc/net/tcp6 2>/dev/null |
+    awk '$4 == "0A" { n = split($2, a, ":"); print a[n], $10 }' | sort -u
 }
 uptime_s() { read -r u _ < /proc/uptime; echo "$u"; }
 # stream_log: POST the log lines written since the last call.
@@ -177,16 +181,17 @@ for f in /root/etc/init.d/*; do
   case $svc in
     S[0-9][0-9]*) [ -e "/root/etc/init.d/${svc#S[0-9][0-9]}" ] && continue ;;
   esac
-  ports > $W/before
+  # A first line of its own: with nothing listening before, an empty first file would make
+  # awk take the second one's lines for the first's (NR == FNR holds in both).
+  { echo before; listening; } > $W/before
   if chroot /root /etc/init.d/$svc start < /dev/null > $W/svc.out 2>&1; then state=up; else state=failed; fi
   indent < $W/svc.out
   port=0
   if [ $state = up ]; then
     for i in $(seq 1 20); do
-      for p in $(ports); do
-        grep -qx "$p" $W/before || { port=$p; break; }
-      done
-      [ "$port" != 0 ] && break
+      listening > $W/after
+      hex=$(awk 'NR == FNR { seen[$0] = 1; next } !($0 in seen) { print $1; exit }' $W/before $W/after)
+      [ -n "$hex" ] && { port=$((0x$hex)); break; }
       sleep 0.1
     done
   fi

@@ -207,3 +207,61 @@ impl FromRequestParts<Arc<ApiState>> for VmReader {
         }
     }
 }
+
+/// A person using the API: a user's token (`Authorization: Bearer`), not revoked. Their
+/// role decides what they may do ([`crate::app::Actor`]).
+#[derive(Debug, Clone)]
+pub struct UserAuth {
+    pub actor: crate::app::Actor,
+}
+
+impl UserAuth {
+    /// Refuses unless the user is an admin.
+    pub fn admin(&self, what: &str) -> Result<(), super::error::JsonError> {
+        Ok(self.actor.require_admin(what)?)
+    }
+}
+
+impl FromRequestParts<Arc<ApiState>> for UserAuth {
+    type Rejection = super::error::JsonError;
+
+    async fn from_request_parts(
+        parts: &mut Parts,
+        state: &Arc<ApiState>,
+    ) -> Result<Self, Self::Rejection> {
+        let token = bearer(parts).ok_or_else(|| {
+            ApiError::unauthorized(
+                "a user token is required (Authorization: Bearer TOKEN; `certo user add` makes one)",
+            )
+        })?;
+        user_for_token(state, token).await
+    }
+}
+
+/// The user whose token this is, refused when unknown or revoked.
+pub async fn user_for_token(
+    state: &ApiState,
+    token: &str,
+) -> Result<UserAuth, super::error::JsonError> {
+    let digest = super::token_digest(token);
+    match state.store.user_by_token(&digest).await? {
+        Some(u) if u.revoked_at.is_some() => {
+            tracing::warn!(user = %u.name, "a revoked user token was presented");
+            Err(ApiError::unauthorized(format!(
+                "the token of user {} was revoked at {}",
+                u.name,
+                u.revoked_at
+                    .map(|t| t.format("%Y-%m-%d %H:%M:%S UTC").to_string())
+                    .unwrap_or_default()
+            ))
+            .into())
+        }
+        Some(u) => Ok(UserAuth {
+            actor: crate::app::Actor::User {
+                name: u.name,
+                role: u.role,
+            },
+        }),
+        None => Err(ApiError::unauthorized("unknown user token").into()),
+    }
+}

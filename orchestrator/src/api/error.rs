@@ -4,6 +4,8 @@
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 
+use crate::app::OpError;
+use crate::patch::Diagnostic;
 use crate::store::StoreError;
 
 /// What a request is refused or failed with.
@@ -84,4 +86,99 @@ pub fn text(status: StatusCode, body: impl Into<String>) -> Response {
         body.into(),
     )
         .into_response()
+}
+
+/// An error of the people's API (`/api/v1/` outside the guest and host protocols), as
+/// JSON: `{"error": {"code", "message", "diagnostics"}}`. The code is stable; a refused
+/// submission carries the same `FILE:LINE:COL` diagnostics as the CLI prints.
+#[derive(Debug)]
+pub struct JsonError {
+    pub error: ApiError,
+    pub diagnostics: Vec<Diagnostic>,
+}
+
+/// The body of every error of the people's API.
+#[derive(Debug, serde::Serialize, serde::Deserialize, utoipa::ToSchema)]
+pub struct ErrorBody {
+    pub error: ErrorDetail,
+}
+
+#[derive(Debug, serde::Serialize, serde::Deserialize, utoipa::ToSchema)]
+pub struct ErrorDetail {
+    /// Stable: `bad_request`, `unauthorized`, `forbidden`, `not_found`, `refused`,
+    /// `invalid_record`, `conflict`, `not_yours`, `internal`.
+    pub code: String,
+    pub message: String,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub diagnostics: Vec<Diagnostic>,
+}
+
+impl JsonError {
+    pub fn with_diagnostics(error: ApiError, diagnostics: Vec<Diagnostic>) -> Self {
+        JsonError { error, diagnostics }
+    }
+}
+
+impl From<ApiError> for JsonError {
+    fn from(error: ApiError) -> Self {
+        JsonError {
+            error,
+            diagnostics: Vec::new(),
+        }
+    }
+}
+
+impl From<StoreError> for JsonError {
+    fn from(e: StoreError) -> Self {
+        ApiError::internal(e).into()
+    }
+}
+
+impl From<OpError> for JsonError {
+    fn from(e: OpError) -> Self {
+        match e {
+            OpError::Refused(m) => ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "refused", m),
+            OpError::NotFound(m) => ApiError::not_found(m),
+            OpError::Forbidden(m) => ApiError::forbidden(m),
+            OpError::App(crate::app::AppError::NotFound(m)) => ApiError::not_found(m),
+            OpError::App(e) => ApiError::internal(e),
+        }
+        .into()
+    }
+}
+
+impl From<axum::extract::rejection::QueryRejection> for JsonError {
+    fn from(e: axum::extract::rejection::QueryRejection) -> Self {
+        ApiError::bad_request(format!("the query string: {}", e.body_text())).into()
+    }
+}
+
+impl From<axum::extract::rejection::JsonRejection> for JsonError {
+    fn from(e: axum::extract::rejection::JsonRejection) -> Self {
+        ApiError::new(
+            e.status(),
+            "bad_request",
+            format!("the body: {}", e.body_text()),
+        )
+        .into()
+    }
+}
+
+impl From<axum::extract::rejection::PathRejection> for JsonError {
+    fn from(e: axum::extract::rejection::PathRejection) -> Self {
+        ApiError::bad_request(format!("the path: {}", e.body_text())).into()
+    }
+}
+
+impl IntoResponse for JsonError {
+    fn into_response(self) -> Response {
+        let body = ErrorBody {
+            error: ErrorDetail {
+                code: self.error.code.to_owned(),
+                message: self.error.message,
+                diagnostics: self.diagnostics,
+            },
+        };
+        (self.error.status, axum::Json(body)).into_response()
+    }
 }

@@ -6,7 +6,8 @@ use std::sync::Arc;
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::Response;
-use axum::routing::{get, post};
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 use super::ApiState;
 use super::auth::{GuestAuth, GuestCredential};
@@ -14,14 +15,14 @@ use super::error::{ApiError, text};
 use crate::model::{Fault, ServiceStatus, TestStatus, VmState};
 use crate::store::{ProbeOutcomeKind, RegisterError, ResultRow, VmRow};
 
-pub fn routes() -> axum::Router<Arc<ApiState>> {
-    axum::Router::new()
-        .route("/api/v1/guest/join", post(join))
-        .route("/api/v1/guest/service", post(service))
-        .route("/api/v1/guest/result", post(result))
-        .route("/api/v1/guest/done", post(done))
-        .route("/api/v1/guest/log", post(log))
-        .route("/api/v1/guest/testbed", get(testbed))
+pub fn routes() -> OpenApiRouter<Arc<ApiState>> {
+    OpenApiRouter::new()
+        .routes(routes!(join))
+        .routes(routes!(service))
+        .routes(routes!(result))
+        .routes(routes!(done))
+        .routes(routes!(log))
+        .routes(routes!(testbed))
 }
 
 /// Most test results one VM may report.
@@ -108,6 +109,8 @@ fn body_text<'a>(body: &'a [u8], what: &str) -> Result<std::borrow::Cow<'a, str>
 /// Join: the harness gets its hostname and its test plan; a token is good for one boot.
 /// Join takes the VM token and answers with a `session KEY` line: the key, which only the
 /// harness holds (in memory), acts for the VM from now on, and the VM token no longer does.
+/// The harness joins: its hostname and test plan, and the session key every later call carries.
+#[utoipa::path(post, path = "/api/v1/guest/join", tag = "guest", responses((status = 200, description = "Plain text", body = String, content_type = "text/plain"), (status = 401, description = "Plain text; the code in X-Certo-Error", body = String, content_type = "text/plain")), security(("vm_token" = [])))]
 async fn join(State(s): State<Arc<ApiState>>, guest: GuestAuth) -> Result<Response, ApiError> {
     if guest.credential != GuestCredential::VmToken {
         return Err(ApiError::conflict(format!(
@@ -150,6 +153,8 @@ async fn join(State(s): State<Arc<ApiState>>, guest: GuestAuth) -> Result<Respon
 }
 
 /// `SERVICE PORT up|failed`: a service of the patch's slice came up (or did not).
+/// A service the VM started, for the host to probe from outside and the testbed to list.
+#[utoipa::path(post, path = "/api/v1/guest/service", tag = "guest", request_body(content = String, content_type = "text/plain"), responses((status = 200, description = "Plain text", body = String, content_type = "text/plain"), (status = 401, description = "Plain text; the code in X-Certo-Error", body = String, content_type = "text/plain")), security(("vm_token" = [])))]
 async fn service(
     State(s): State<Arc<ApiState>>,
     guest: GuestAuth,
@@ -266,6 +271,8 @@ async fn service(
 }
 
 /// `SUITE NAME pass|fail|error SECONDS`, then the test's output.
+/// One test's result, with its output.
+#[utoipa::path(post, path = "/api/v1/guest/result", tag = "guest", request_body(content = String, content_type = "text/plain"), responses((status = 200, description = "Plain text", body = String, content_type = "text/plain"), (status = 401, description = "Plain text; the code in X-Certo-Error", body = String, content_type = "text/plain")), security(("vm_token" = [])))]
 async fn result(
     State(s): State<Arc<ApiState>>,
     guest: GuestAuth,
@@ -317,6 +324,8 @@ async fn result(
 }
 
 /// A chunk of the harness's own log.
+/// A part of the harness's log.
+#[utoipa::path(post, path = "/api/v1/guest/log", tag = "guest", request_body(content = String, content_type = "text/plain"), responses((status = 200, description = "Plain text", body = String, content_type = "text/plain"), (status = 401, description = "Plain text; the code in X-Certo-Error", body = String, content_type = "text/plain")), security(("vm_token" = [])))]
 async fn log(
     State(s): State<Arc<ApiState>>,
     guest: GuestAuth,
@@ -335,6 +344,8 @@ async fn log(
 }
 
 /// `ok`, or `error REASON`: the harness is done; the run ends and the token is used up.
+/// The harness is done (or could not start, with the reason).
+#[utoipa::path(post, path = "/api/v1/guest/done", tag = "guest", request_body(content = String, content_type = "text/plain"), responses((status = 200, description = "Plain text", body = String, content_type = "text/plain"), (status = 401, description = "Plain text; the code in X-Certo-Error", body = String, content_type = "text/plain")), security(("vm_token" = [])))]
 async fn done(
     State(s): State<Arc<ApiState>>,
     guest: GuestAuth,
@@ -401,6 +412,8 @@ async fn done(
 
 /// What a guest sees of the testbed: the shared services and its own slice's, one per line:
 /// `NAME NODE_TYPE ENDPOINT shared|slice healthy|unhealthy`.
+/// The testbed as this VM sees it: the shared services and its patch's slice.
+#[utoipa::path(get, path = "/api/v1/guest/testbed", tag = "guest", responses((status = 200, description = "Plain text", body = String, content_type = "text/plain"), (status = 401, description = "Plain text; the code in X-Certo-Error", body = String, content_type = "text/plain")), security(("vm_token" = [])))]
 async fn testbed(State(s): State<Arc<ApiState>>, guest: GuestAuth) -> Result<Response, ApiError> {
     guest.require_session("the testbed")?;
     let services = s.store.services(Some(&slice_of(&guest.vm))).await?;

@@ -4,25 +4,26 @@ use std::sync::Arc;
 
 use axum::Json;
 use axum::extract::State;
-use axum::routing::{get, post};
 use certo_proto::host::{HeartbeatReply, Registered, Registration};
 use chrono::{DateTime, Utc};
 use serde::Serialize;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 use super::ApiState;
 use super::auth::HostAuth;
 use super::error::ApiError;
 use crate::store::HostRow;
 
-pub fn routes() -> axum::Router<Arc<ApiState>> {
-    axum::Router::new()
-        .route("/api/v1/hosts/{name}", get(show))
-        .route("/api/v1/hosts/{name}/register", post(register))
-        .route("/api/v1/hosts/{name}/heartbeat", post(heartbeat))
+pub fn routes() -> OpenApiRouter<Arc<ApiState>> {
+    OpenApiRouter::new()
+        .routes(routes!(show))
+        .routes(routes!(register))
+        .routes(routes!(heartbeat))
 }
 
 /// A host as the API shows it.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct HostView {
     pub name: String,
     pub agent_url: Option<String>,
@@ -49,6 +50,9 @@ impl From<HostRow> for HostView {
     }
 }
 
+/// A host's own record (its own token).
+#[utoipa::path(get, path = "/api/v1/hosts/{name}", tag = "host protocol", params(("name" = String, Path, description = "The host")),
+    responses((status = 200, body = HostView), (status = 403, body = String, content_type = "text/plain")), security(("host_token" = [])))]
 async fn show(State(s): State<Arc<ApiState>>, host: HostAuth) -> Result<Json<HostView>, ApiError> {
     let row = s
         .store
@@ -60,6 +64,10 @@ async fn show(State(s): State<Arc<ApiState>>, host: HostAuth) -> Result<Json<Hos
     Ok(Json(row.into()))
 }
 
+/// A host's agent registers: its URL, hypervisor and capacity (its own token).
+#[utoipa::path(post, path = "/api/v1/hosts/{name}/register", tag = "host protocol", params(("name" = String, Path, description = "The host")),
+    request_body(content = Object, description = "Registration: agent_url, libvirt_uri, slots, memory_mib, vcpus"),
+    responses((status = 200, body = Object), (status = 403, body = String, content_type = "text/plain")), security(("host_token" = [])))]
 async fn register(
     State(s): State<Arc<ApiState>>,
     host: HostAuth,
@@ -109,6 +117,9 @@ fn check_field(name: &str, value: &str, max: usize) -> Result<(), ApiError> {
     Ok(())
 }
 
+/// A host's heartbeat; answered with its live VMs, so the agent reaps any other domain.
+#[utoipa::path(post, path = "/api/v1/hosts/{name}/heartbeat", tag = "host protocol", params(("name" = String, Path, description = "The host")),
+    responses((status = 200, body = Object), (status = 403, body = String, content_type = "text/plain")), security(("host_token" = [])))]
 async fn heartbeat(
     State(s): State<Arc<ApiState>>,
     host: HostAuth,

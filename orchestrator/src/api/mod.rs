@@ -13,10 +13,15 @@
 //! hides internals. Reads for people (lists of hosts, the whole testbed) come with users
 //! and roles.
 
+pub mod admin;
 pub mod auth;
 pub mod error;
 pub mod guest;
 pub mod hosts;
+pub mod metrics;
+pub mod patches;
+pub mod runs;
+pub mod sweeps;
 pub mod testbed;
 pub mod vms;
 
@@ -33,10 +38,117 @@ pub use testbed::check_health;
 /// Largest body the API accepts (test output included).
 const MAX_BODY: usize = 256 * 1024;
 
-/// What every handler shares.
+/// What every handler shares: the store, and for the people's API (`certo serve`) the
+/// application context (the catalogue, the package repositories, starting runs).
 #[derive(Debug, Clone)]
 pub struct ApiState {
     pub store: Store,
+    pub app: Option<crate::app::Context>,
+    /// The dashboard's pages may be read without signing in (`--public-dashboard`).
+    pub public_dashboard: bool,
+}
+
+impl ApiState {
+    /// The guest and host protocols only (a worker's own guest API, `certo vm run`).
+    pub fn protocols(store: Store) -> ApiState {
+        ApiState {
+            store,
+            app: None,
+            public_dashboard: false,
+        }
+    }
+
+    /// Everything: the protocols and the people's API.
+    pub fn full(app: crate::app::Context, store: Store) -> ApiState {
+        ApiState {
+            store,
+            app: Some(app),
+            public_dashboard: false,
+        }
+    }
+
+    /// The application context, for the people's API.
+    pub fn app(&self) -> Result<&crate::app::Context, error::JsonError> {
+        self.app.as_ref().ok_or_else(|| {
+            error::ApiError::new(
+                axum::http::StatusCode::NOT_FOUND,
+                "not_found",
+                "this server speaks only the guest and host protocols; the people's API is `certo serve`'s",
+            )
+            .into()
+        })
+    }
+}
+
+/// The OpenAPI document's frame: title, version, the three kinds of bearer token.
+#[derive(utoipa::OpenApi)]
+#[openapi(
+    info(title = "Certo", description = "Certo's HTTP API: the people's API (certifiers and admins, with user tokens), the host protocol (host tokens) and the guest protocol (VM tokens and session keys)."),
+    modifiers(&Tokens),
+)]
+struct ApiDoc;
+
+struct Tokens;
+
+impl utoipa::Modify for Tokens {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+        let components = openapi.components.get_or_insert_with(Default::default);
+        for (name, what) in [
+            ("token", "A user's token (`certo user add`)"),
+            ("host_token", "A host's token (`certo host add`)"),
+            (
+                "vm_token",
+                "A VM's token, or the session key its join returned (with X-Certo-VM)",
+            ),
+        ] {
+            components.add_security_scheme(
+                name,
+                SecurityScheme::Http(
+                    HttpBuilder::new()
+                        .scheme(HttpAuthScheme::Bearer)
+                        .description(Some(what))
+                        .build(),
+                ),
+            );
+        }
+    }
+}
+
+/// Every route with its OpenAPI description: the router and the document are made from
+/// the same handlers, so the document cannot leave a route out.
+fn api() -> utoipa_axum::router::OpenApiRouter<Arc<ApiState>> {
+    use utoipa::OpenApi;
+    utoipa_axum::router::OpenApiRouter::with_openapi(ApiDoc::openapi())
+        .merge(hosts::routes())
+        .merge(guest::routes())
+        .merge(vms::routes())
+        .merge(
+            patches::routes().layer(axum::extract::DefaultBodyLimit::max(
+                crate::patch::limits::MAX_UPLOAD_BYTES,
+            )),
+        )
+        .merge(runs::routes())
+        .merge(sweeps::routes())
+        .merge(admin::routes())
+        .merge(metrics::routes())
+        .routes(utoipa_axum::routes!(openapi_json))
+}
+
+/// This document. It needs no credential: it says what the API is, not what is stored.
+#[utoipa::path(get, path = "/api/v1/openapi.json", tag = "meta",
+    responses((status = 200, description = "The OpenAPI 3.1 document", body = Object)),
+    security(()))]
+async fn openapi_json() -> axum::Json<utoipa::openapi::OpenApi> {
+    static DOC: std::sync::OnceLock<utoipa::openapi::OpenApi> = std::sync::OnceLock::new();
+    axum::Json(DOC.get_or_init(openapi).clone())
+}
+
+/// The OpenAPI document (`/api/v1/openapi.json`).
+pub fn openapi() -> utoipa::openapi::OpenApi {
+    let mut doc = api().into_openapi();
+    doc.info.version = env!("CARGO_PKG_VERSION").to_owned();
+    doc
 }
 
 /// SHA-256 of a token, hex (what the store keeps instead of the token).
@@ -49,22 +161,19 @@ fn same(a: &str, b: &str) -> bool {
     certo_proto::token::same(a.as_bytes(), b.as_bytes())
 }
 
-/// A new random token: 32 bytes from the kernel, hex.
-pub fn new_token() -> std::io::Result<String> {
-    use std::io::Read;
-    let mut bytes = [0u8; 32];
-    std::fs::File::open("/dev/urandom")?.read_exact(&mut bytes)?;
-    Ok(hex::encode(bytes))
-}
+pub use certo_proto::token::new_token;
 
 /// The API router.
 pub fn router(state: ApiState) -> Router {
-    Router::new()
-        .merge(hosts::routes())
-        .merge(guest::routes())
-        .merge(vms::routes())
+    router_of(Arc::new(state))
+}
+
+/// The API router over shared state (the dashboard merges its pages into it).
+pub fn router_of(state: Arc<ApiState>) -> Router {
+    let (routes, _) = api().split_for_parts();
+    routes
         .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY))
-        .with_state(Arc::new(state))
+        .with_state(state)
 }
 
 /// Serves until `shutdown` resolves; checks shared services' health every `health_every`.
@@ -74,14 +183,32 @@ pub async fn serve(
     health_every: Duration,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    let checker = tokio::spawn(testbed::health_loop(state.store.clone(), health_every));
-    let sweeper = tokio::spawn(guest::sweep_loop(state.store.clone(), health_every));
-    let app = router(state);
+    let store = state.store.clone();
+    serve_router(listener, router(state), store, health_every, shutdown).await
+}
+
+/// Serves `app` (the API, or the API and the dashboard) until `shutdown` resolves, with the
+/// API's background checks over `store`.
+pub async fn serve_router(
+    listener: tokio::net::TcpListener,
+    app: Router,
+    store: Store,
+    health_every: Duration,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let checker = tokio::spawn(testbed::health_loop(store.clone(), health_every));
+    let sweeper = tokio::spawn(guest::sweep_loop(store, health_every));
     // Bounded like the agent: connection and in-flight caps, header, idle and body deadlines.
     let result = certo_transfer::http::serve(
         listener,
         app,
-        certo_transfer::http::Limits::default(),
+        // A dashboard under a hundred connections queues on the store's pool rather than
+        // being answered 503; the caps still bound what one server holds.
+        certo_transfer::http::Limits {
+            max_connections: 1024,
+            max_in_flight: 256,
+            ..certo_transfer::http::Limits::default()
+        },
         shutdown,
     )
     .await;

@@ -4,9 +4,10 @@ use std::sync::Arc;
 
 use axum::Json;
 use axum::extract::State;
-use axum::routing::get;
 use chrono::{DateTime, Utc};
 use serde::Serialize;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 use super::ApiState;
 use super::auth::VmReader;
@@ -14,8 +15,8 @@ use super::error::ApiError;
 use crate::model::{PatchId, Suite, TestStatus, VmState};
 use crate::store::{ResultRow, VmRow};
 
-pub fn routes() -> axum::Router<Arc<ApiState>> {
-    axum::Router::new().route("/api/v1/vms/{name}", get(show))
+pub fn routes() -> OpenApiRouter<Arc<ApiState>> {
+    OpenApiRouter::new().routes(routes!(show))
 }
 
 /// A VM run as the API shows it (no token state, no internal ids).
@@ -89,6 +90,10 @@ pub struct VmWithTests {
     pub tests: Vec<TestView>,
 }
 
+/// A VM's record and results, for the host that runs it or the VM itself.
+#[utoipa::path(get, path = "/api/v1/vms/{name}", tag = "host protocol", params(("name" = String, Path, description = "The VM's domain name")),
+    responses((status = 200, body = Object), (status = 403, body = String, content_type = "text/plain")),
+    security(("host_token" = []), ("vm_token" = [])))]
 async fn show(
     State(s): State<Arc<ApiState>>,
     reader: VmReader,

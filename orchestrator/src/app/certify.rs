@@ -441,6 +441,7 @@ impl Certify {
                 s.store.host_worked(&host).await?;
                 Ok(StepOutput::Passed(json!({
                     "host": host, "image": name, "bytes_sent": pushed.bytes_sent,
+                    "bytes_total": pushed.bytes_total,
                     "blocks_reused": pushed.blocks_reused,
                     "seconds": started.elapsed().as_secs_f64(),
                 })))

@@ -9,11 +9,18 @@
 //!   record it.
 
 pub mod certify;
+pub mod evidence;
+pub mod hooks;
 pub mod hosts;
+pub mod image_builds;
 pub mod images;
 pub mod patches;
+pub mod reports;
 pub mod runs;
+pub mod show;
+pub mod submit;
 pub mod sweeps;
+pub mod users;
 pub mod vms;
 
 use std::path::{Path, PathBuf};
@@ -212,11 +219,16 @@ impl Context {
 }
 
 /// Why an operation did not do what was asked: the input was refused (it must change;
-/// retrying will not help), or Certo could not do its work.
+/// retrying will not help), what it names does not exist, the caller may not do it, or
+/// Certo could not do its work.
 #[derive(Debug, thiserror::Error)]
 pub enum OpError {
     #[error("{0}")]
     Refused(String),
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    Forbidden(String),
     #[error(transparent)]
     App(#[from] AppError),
 }
@@ -224,5 +236,196 @@ pub enum OpError {
 impl From<StoreError> for OpError {
     fn from(e: StoreError) -> Self {
         OpError::App(AppError::Store(e))
+    }
+}
+
+/// Which page of a list to give: `limit` items (1 to [`PageAsk::MAX`], default 50) after
+/// skipping `offset`.
+#[derive(Debug, Clone, Default, serde::Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct PageAsk {
+    /// Items per page (default 50, at most 1000 in the API).
+    pub limit: Option<i64>,
+    /// Items skipped from the start of the list.
+    pub offset: Option<i64>,
+    /// Continues after this item: a page's `next_after`. Unlike `offset`, it costs the
+    /// same deep in a list as at its start, and a list that grows meanwhile neither
+    /// repeats nor skips an item. Not combined with `offset`.
+    pub after: Option<String>,
+}
+
+impl PageAsk {
+    pub const MAX: i64 = 1000;
+    pub const DEFAULT: i64 = 50;
+
+    /// Everything, for the local CLI's lists (which have always shown everything).
+    pub fn all() -> PageAsk {
+        PageAsk {
+            limit: Some(i64::MAX - 1),
+            offset: None,
+            after: None,
+        }
+    }
+
+    /// `(limit, offset)` clamped to what a page may be.
+    pub fn bounds(&self) -> (i64, i64) {
+        (
+            self.limit.unwrap_or(Self::DEFAULT).clamp(1, i64::MAX - 1),
+            self.offset.unwrap_or(0).max(0),
+        )
+    }
+
+    /// As [`PageAsk::bounds`], with the limit at most [`PageAsk::MAX`] (the API's lists).
+    pub fn capped(self) -> PageAsk {
+        let (limit, offset) = self.bounds();
+        PageAsk {
+            limit: Some(limit.min(Self::MAX)),
+            offset: Some(offset),
+            after: self.after,
+        }
+    }
+
+    /// The `after` cursor as the keys `parse` reads from it (`None` without one); refused
+    /// with `offset` beside it or when it is not one of this list's cursors.
+    pub fn after_key<T>(
+        &self,
+        list: &str,
+        parse: impl Fn(&str) -> Option<T>,
+    ) -> Result<Option<T>, OpError> {
+        let Some(a) = &self.after else {
+            return Ok(None);
+        };
+        if self.offset.unwrap_or(0) > 0 {
+            return Err(OpError::Refused(
+                "`after` and `offset` cannot be combined: `after` already says where the page starts".into(),
+            ));
+        }
+        parse(a).map(Some).ok_or_else(|| {
+            OpError::Refused(format!(
+                "after={a:?} is not a cursor of the {list} list (use a page's `next_after`)"
+            ))
+        })
+    }
+}
+
+/// One page of a list: its items, how many there are in all, and where the next page
+/// starts (`None` on the last).
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize, utoipa::ToSchema)]
+pub struct Page {
+    #[schema(value_type = Vec<Object>)]
+    pub items: Vec<serde_json::Value>,
+    pub total: i64,
+    pub limit: i64,
+    pub offset: i64,
+    /// Where the next page starts by offset (`None` on the last page, and for a page
+    /// asked for by `after`, whose position is not counted).
+    pub next_offset: Option<i64>,
+    /// The cursor of the next page (`after=`), `None` on the last page.
+    pub next_after: Option<String>,
+}
+
+impl Page {
+    pub fn new(items: Vec<serde_json::Value>, total: i64, limit: i64, offset: i64) -> Page {
+        let end = offset.saturating_add(items.len() as i64);
+        Page {
+            next_offset: (end < total).then_some(end),
+            next_after: None,
+            items,
+            total,
+            limit,
+            offset,
+        }
+    }
+
+    /// A page of a list read one item past its end (`more`: that item existed), with the
+    /// cursor of its last item for the next one. `keyset`: the page was asked for by
+    /// `after` (its offset is unknown).
+    pub fn keyed(
+        items: Vec<serde_json::Value>,
+        total: i64,
+        limit: i64,
+        offset: i64,
+        more: bool,
+        last_cursor: Option<String>,
+        keyset: bool,
+    ) -> Page {
+        let end = offset.saturating_add(items.len() as i64);
+        Page {
+            next_offset: (more && !keyset).then_some(end),
+            next_after: if more { last_cursor } else { None },
+            items,
+            total,
+            limit,
+            offset: if keyset { 0 } else { offset },
+        }
+    }
+}
+
+/// Who an operation acts for: the operator on the orchestrator's own machine (who holds
+/// the store, so everything), or a user of the API with their role.
+#[derive(Debug, Clone)]
+pub enum Actor {
+    Operator(String),
+    User {
+        name: String,
+        role: crate::store::Role,
+    },
+}
+
+impl Actor {
+    /// The operator, named by `$USER`.
+    pub fn operator() -> Actor {
+        Actor::Operator(std::env::var("USER").unwrap_or_else(|_| "someone".into()))
+    }
+
+    pub fn name(&self) -> &str {
+        match self {
+            Actor::Operator(n) | Actor::User { name: n, .. } => n,
+        }
+    }
+
+    pub fn is_admin(&self) -> bool {
+        match self {
+            Actor::Operator(_) => true,
+            Actor::User { role, .. } => *role == crate::store::Role::Admin,
+        }
+    }
+
+    /// Whether this actor may rerun or cancel `patch`: the operator and admins may act on
+    /// every patch, a certifier on the patches they own.
+    pub async fn may_act_on(&self, store: &Store, patch: u64) -> Result<(), OpError> {
+        if self.is_admin() {
+            return Ok(());
+        }
+        match store.patch_owner(patch).await? {
+            Some(owner) if self.may_act_as_owner(Some(&owner)) => Ok(()),
+            Some(owner) => Err(OpError::Forbidden(format!(
+                "patch {patch} belongs to {owner}: only they or an admin may act on it"
+            ))),
+            None if store.get_patch(patch, None).await?.is_none() => {
+                Err(OpError::NotFound(format!("patch {patch} is not stored")))
+            }
+            None => Err(OpError::Forbidden(format!(
+                "patch {patch} was stored on the orchestrator's machine and has no owner: only an admin may act on it"
+            ))),
+        }
+    }
+
+    /// [`Actor::may_act_on`] of a stored patch whose owner is read already: an admin, or
+    /// the owner.
+    pub fn may_act_as_owner(&self, owner: Option<&str>) -> bool {
+        self.is_admin() || owner.is_some_and(|o| o == self.name())
+    }
+
+    /// Refuses unless the actor is an admin (hosts, quarantine, sweeps, users).
+    pub fn require_admin(&self, what: &str) -> Result<(), OpError> {
+        if self.is_admin() {
+            Ok(())
+        } else {
+            Err(OpError::Forbidden(format!(
+                "{what} is for admins; {} is a certifier",
+                self.name()
+            )))
+        }
     }
 }

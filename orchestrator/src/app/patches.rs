@@ -3,8 +3,91 @@
 
 use std::path::Path;
 
-use super::{Context, OpError};
+use serde_json::{Value, json};
+
+use super::{Context, OpError, Page, PageAsk};
 use crate::patch::PatchRecord;
+use crate::store::{PatchRow, PatchState};
+
+/// A stored revision as lists show it.
+pub fn summary(row: &PatchRow) -> Value {
+    json!({
+        "patch_id": row.patch_id,
+        "revision": row.revision,
+        "state": row.state,
+        "title": row.record.title,
+        "release": row.record.release,
+        "release_shown": row.record.release_shown(),
+        "platforms": row.record.platforms,
+        "node_types": row.record.node_types,
+        "submitter": row.record.submitter,
+        "tracker_status": row.record.status,
+        "submitted_at": row.submitted_at,
+        "superseded_by": row.superseded_by,
+        "content_sha256": row.content_sha256,
+    })
+}
+
+/// Which patches a list shows.
+#[derive(Debug, Clone, Default, serde::Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct PatchFilter {
+    /// Only revisions in this state (submitted, recorded, superseded).
+    #[param(value_type = Option<String>)]
+    pub state: Option<PatchState>,
+    /// Only patches of this release (`3.2`, `gLite 3.2`).
+    pub release: Option<String>,
+    /// Every revision, superseded ones included (without `state`).
+    #[serde(default)]
+    pub all_revisions: bool,
+}
+
+/// One page of stored revisions (current ones unless the filter asks for more).
+pub async fn list(ctx: &Context, filter: &PatchFilter, page: PageAsk) -> Result<Page, OpError> {
+    let release = match &filter.release {
+        Some(r) => Some(
+            ctx.catalogue()
+                .release(r)
+                .map(|r| r.name.clone())
+                .ok_or_else(|| OpError::Refused(format!("unknown release `{r}`")))?,
+        ),
+        None => None,
+    };
+    let current_only = filter.state.is_none() && !filter.all_revisions;
+    let (limit, offset) = page.bounds();
+    // A cursor is `ID.REVISION` of the last item seen.
+    let after = page.after_key("patches", |a| {
+        let (id, rev) = a.split_once('.')?;
+        Some((id.parse::<i64>().ok()?, rev.parse::<i32>().ok()?))
+    })?;
+    // One row past the page says whether another page follows.
+    let (mut rows, total) = ctx
+        .store()
+        .await?
+        .list_patches_page(
+            filter.state,
+            release.as_deref(),
+            current_only,
+            limit + 1,
+            offset,
+            after,
+        )
+        .await?;
+    let more = rows.len() as i64 > limit;
+    rows.truncate(limit as usize);
+    let last = rows
+        .last()
+        .map(|r| format!("{}.{}", r.patch_id, r.revision));
+    Ok(Page::keyed(
+        rows.iter().map(summary).collect(),
+        total,
+        limit,
+        offset,
+        more,
+        last,
+        after.is_some(),
+    ))
+}
 
 /// Resolves `spec`: a patch record file (with `patch_id` choosing among several records),
 /// or a stored patch `ID` (newest revision) or `ID@REVISION`.

@@ -4,7 +4,7 @@
 
 use serde_json::{Value, json};
 
-use super::{Context, OpError};
+use super::{Actor, Context, OpError, Page, PageAsk};
 use crate::engine::verdict;
 use crate::engine::workflow::Workflow;
 use crate::model::PatchId;
@@ -90,27 +90,34 @@ pub async fn view(store: &Store, run: &RunRow) -> Result<Value, StoreError> {
         return Ok(v.detail);
     }
     let steps = store.run_timeline(run.id).await?;
-    let mut d = verdict::decide(run, &steps);
+    Ok(view_of(run, None, &steps))
+}
+
+/// [`view`] of a run whose verdict's detail (`None` while undecided) and steps are read.
+pub fn view_of(
+    run: &RunRow,
+    verdict: Option<Value>,
+    steps: &[crate::store::engine::StepDetail],
+) -> Value {
+    if let Some(v) = verdict {
+        return v;
+    }
+    let mut d = verdict::decide(run, steps);
     if run.state == "running" {
         d.verdict = "running".into();
     }
-    Ok(d.to_json(run))
+    d.to_json(run)
 }
 
 /// The timeline of a run: each step with its target, state, attempt, host and duration.
 pub async fn timeline(store: &Store, run: i64) -> Result<Vec<Value>, StoreError> {
     let targets = store.run(run).await?.map(|r| r.targets).unwrap_or_default();
-    let mut steps = store.run_timeline(run).await?;
-    // Grouped: the run's first steps, each target's in order, the run's last.
-    steps.sort_by_key(|s| {
-        let t = targets.iter().position(|t| *t == s.target);
-        match (s.target.is_empty(), t) {
-            (true, _) if s.name == "plan" => (0, 0, s.id),
-            (true, _) => (2, 0, s.id),
-            (false, t) => (1, t.unwrap_or(usize::MAX), s.id),
-        }
-    });
-    Ok(steps
+    Ok(timeline_of(&targets, store.run_timeline(run).await?))
+}
+
+/// [`timeline`] of a run's steps already read, for a run of `targets`.
+pub fn timeline_of(targets: &[String], steps: Vec<crate::store::engine::StepDetail>) -> Vec<Value> {
+    in_timeline_order(targets, steps)
         .into_iter()
         .map(|s| {
             let seconds = match (s.started_at, s.finished_at) {
@@ -123,7 +130,24 @@ pub async fn timeline(store: &Store, run: i64) -> Result<Vec<Value>, StoreError>
                 "reason": s.outcome.as_ref().and_then(|o| o.get("reason")).cloned(),
             })
         })
-        .collect())
+        .collect()
+}
+
+/// A run's steps in the timeline's order: the run's first steps, each target's in order,
+/// the run's last.
+pub fn in_timeline_order(
+    targets: &[String],
+    mut steps: Vec<crate::store::engine::StepDetail>,
+) -> Vec<crate::store::engine::StepDetail> {
+    steps.sort_by_key(|s| {
+        let t = targets.iter().position(|t| *t == s.target);
+        match (s.target.is_empty(), t) {
+            (true, _) if s.name == "plan" => (0, 0, s.id),
+            (true, _) => (2, 0, s.id),
+            (false, t) => (1, t.unwrap_or(usize::MAX), s.id),
+        }
+    });
+    steps
 }
 
 /// Cancels the running runs of a patch; returns their ids.
@@ -231,4 +255,168 @@ pub async fn conflicts_in_flight(
         }
     }
     Ok(out)
+}
+
+/// Which runs a list shows.
+#[derive(Debug, Clone, Default, serde::Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct RunFilter {
+    /// Only runs in this state: running, passed, failed, cancelled.
+    pub state: Option<String>,
+    /// Only runs of this patch.
+    pub patch: Option<u64>,
+}
+
+/// One page of runs, newest first, each as [`view`] shows it.
+pub async fn list(store: &Store, filter: &RunFilter, page: PageAsk) -> Result<Page, OpError> {
+    if let Some(s) = &filter.state
+        && !["running", "passed", "failed", "cancelled"].contains(&s.as_str())
+    {
+        return Err(OpError::Refused(format!(
+            "state {s:?}: use running, passed, failed or cancelled"
+        )));
+    }
+    let (limit, offset) = page.bounds();
+    // A cursor is the id of the last run seen (newest first: the next are older).
+    let before = page.after_key("runs", |a| a.parse::<i64>().ok())?;
+    let (mut rows, total) = store
+        .runs_page(
+            filter.state.as_deref(),
+            filter.patch,
+            limit + 1,
+            offset,
+            before,
+        )
+        .await?;
+    let more = rows.len() as i64 > limit;
+    rows.truncate(limit as usize);
+    let last = rows.last().map(|r| r.id.to_string());
+    let mut items = Vec::with_capacity(rows.len());
+    for r in &rows {
+        let mut v = view(store, r).await?;
+        v["run_state"] = json!(r.state);
+        v["created_at"] = json!(r.created_at);
+        v["target_count"] = json!(r.targets.len());
+        items.push(v);
+    }
+    Ok(Page::keyed(
+        items,
+        total,
+        limit,
+        offset,
+        more,
+        last,
+        before.is_some(),
+    ))
+}
+
+/// Where a run is, for someone waiting on it: its verdict once decided, else the steps
+/// running now and whether any step has started at all.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize, utoipa::ToSchema)]
+pub struct RunStatus {
+    pub run: i64,
+    pub state: String,
+    /// The verdict, once the run has one.
+    #[schema(value_type = Option<Object>)]
+    pub verdict: Option<Value>,
+    /// `step target` (or `step` for the run's own) of every running step.
+    pub running: Vec<String>,
+    /// Whether any step has been taken by a worker.
+    pub started: bool,
+}
+
+/// The status of run `id`.
+pub async fn status(store: &Store, id: i64) -> Result<RunStatus, OpError> {
+    let Some(run) = store.run(id).await? else {
+        return Err(OpError::NotFound(format!("run {id} does not exist")));
+    };
+    let verdict = store.verdict(id).await?.map(|v| v.detail);
+    let steps = store.run_timeline(id).await?;
+    Ok(RunStatus {
+        run: id,
+        state: run.state,
+        verdict,
+        running: steps
+            .iter()
+            .filter(|s| s.state == "running")
+            .map(|s| {
+                if s.target.is_empty() {
+                    s.name.clone()
+                } else {
+                    format!("{} {}", s.name, s.target)
+                }
+            })
+            .collect(),
+        started: steps.iter().any(|s| s.started_at.is_some()),
+    })
+}
+
+/// Cancels the running certification of a patch for `actor` (who must own it, or be an
+/// admin or the operator); returns the runs cancelled.
+pub async fn cancel_for(ctx: &Context, actor: &Actor, patch: u64) -> Result<Vec<i64>, OpError> {
+    let store = ctx.store().await?;
+    actor.may_act_on(store, patch).await?;
+    let done = cancel(store, patch, &format!("cancelled by {}", actor.name())).await?;
+    if done.is_empty() {
+        return Err(OpError::Refused(format!(
+            "patch {patch} has no running certification"
+        )));
+    }
+    tracing::info!(patch, actor = actor.name(), runs = ?done, "cancelled");
+    Ok(done)
+}
+
+/// Reruns a patch for `actor` (who must own it, or be an admin or the operator).
+pub async fn rerun_for(
+    ctx: &Context,
+    actor: &Actor,
+    patch: u64,
+    failed_only: bool,
+) -> Result<i64, OpError> {
+    actor.may_act_on(ctx.store().await?, patch).await?;
+    let run = rerun(ctx, patch, failed_only).await?;
+    tracing::info!(patch, actor = actor.name(), run, "rerun started");
+    Ok(run)
+}
+
+/// One line a person reads of a run's verdict: `patch 3456 r2 (run 17): certified on 2
+/// targets`, or `... rejected at STAGE on TARGET: REASON`.
+pub fn verdict_sentence(v: &Value) -> String {
+    let verdict = v["verdict"].as_str().unwrap_or("?");
+    let detail = match verdict {
+        "rejected" => format!(
+            "rejected at {} on {}: {}",
+            v["stage"].as_str().unwrap_or("?"),
+            v["target"].as_str().unwrap_or("?"),
+            v["reason"].as_str().unwrap_or("")
+        ),
+        "certified" => {
+            let n = v["targets"].as_array().map_or(0, Vec::len);
+            // A bug is checked on each target; say it once.
+            let mut fixed: Vec<String> = v["bugs"]
+                .as_array()
+                .map(|b| {
+                    b.iter()
+                        .filter(|b| b["fixed"] == true)
+                        .map(|b| format!("bug {} fixed", b["id"]))
+                        .collect()
+                })
+                .unwrap_or_default();
+            fixed.dedup();
+            let mut s = format!("certified on {n} target{}", if n == 1 { "" } else { "s" });
+            if !fixed.is_empty() {
+                s.push_str(&format!(" ({})", fixed.join(", ")));
+            }
+            if let Some(k) = v["known_failures"].as_array().filter(|k| !k.is_empty()) {
+                let k: Vec<&str> = k.iter().filter_map(Value::as_str).collect();
+                s.push_str(&format!("; known baseline failures: {}", k.join(", ")));
+            }
+            s
+        }
+        other => format!("{other}: {}", v["reason"].as_str().unwrap_or("")),
+    };
+    format!(
+        "patch {} r{} (run {}): {detail}",
+        v["patch"], v["revision"], v["run"]
+    )
 }

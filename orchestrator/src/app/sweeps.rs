@@ -28,7 +28,7 @@ use crate::engine::workflow::{FailureClass, SweepSettings, Workflow};
 use crate::model::TestStatus;
 use crate::store::Store;
 use crate::store::engine::RunRow;
-use crate::store::sweeps::SweepCellRow;
+use crate::store::sweeps::{SweepCellRow, SweepResultRow};
 use crate::vmrun::{self, Until};
 
 /// The sweep workflow's name.
@@ -404,6 +404,9 @@ pub async fn view(store: &Store, run: &RunRow) -> Result<Value, AppError> {
     for r in earlier.iter().take(14) {
         earlier_cells.push((r.id, store.sweep_cells(r.id).await?));
     }
+    // Each earlier sweep's results, read once whatever the number of cells.
+    let mut earlier_results: std::collections::HashMap<i64, Vec<SweepResultRow>> =
+        std::collections::HashMap::new();
     let mut out_cells = Vec::new();
     let mut summary: BTreeMap<&str, usize> = BTreeMap::new();
     for c in &cells {
@@ -420,16 +423,19 @@ pub async fn view(store: &Store, run: &RunRow) -> Result<Value, AppError> {
                     trend.push(if failing { "fail" } else { "pass" });
                     found_prev = true;
                 } else if ec.state == "ran" {
-                    let rs = store.sweep_results(*rid).await?;
+                    if !earlier_results.contains_key(rid) {
+                        earlier_results.insert(*rid, store.sweep_results(*rid).await?);
+                    }
+                    let rs = earlier_results.get(rid).map(Vec::as_slice).unwrap_or(&[]);
                     let failing = rs.iter().any(|r| r.cell == c.cell && r.status == "fail");
                     trend.push(if failing { "fail" } else { "pass" });
                     if !found_prev {
                         found_prev = true;
                         prev_cell = Some(ec.clone());
                         before = rs
-                            .into_iter()
+                            .iter()
                             .filter(|r| r.cell == c.cell)
-                            .map(|r| ((r.suite, r.name), r.status))
+                            .map(|r| ((r.suite.clone(), r.name.clone()), r.status.clone()))
                             .collect();
                     }
                 } else {
@@ -588,4 +594,137 @@ pub async fn changes(
         "same_image": good.image_digest == bad.image_digest,
         "layers": layers, "repositories": repositories, "packages": packages,
     }))
+}
+
+/// A sweep (the newest when `id` is `None`) as [`view`] shows it; a running one also
+/// says how far it is (`progress`: cells done, cells, what runs now).
+pub async fn show(store: &Store, id: Option<i64>) -> std::result::Result<Value, super::OpError> {
+    let run = match id {
+        Some(id) => store.run(id).await?.filter(|r| r.workflow == WORKFLOW),
+        None => store.runs_of(WORKFLOW, 1).await?.into_iter().next(),
+    };
+    let Some(run) = run else {
+        return Err(super::OpError::NotFound(id.map_or_else(
+            || "no sweep yet".to_owned(),
+            |i| format!("no sweep {i}"),
+        )));
+    };
+    let mut v = view(store, &run).await?;
+    if run.state == "running" {
+        let steps = store.run_timeline(run.id).await?;
+        let done = steps
+            .iter()
+            .filter(|s| {
+                s.name == "teardown"
+                    && !["waiting", "runnable", "running"].contains(&s.state.as_str())
+            })
+            .count();
+        let running: Vec<String> = steps
+            .iter()
+            .filter(|s| s.state == "running" && !s.target.is_empty())
+            .map(|s| format!("{} {}", s.target, s.name))
+            .collect();
+        v["progress"] = serde_json::json!({
+            "done": done, "cells": run.targets.len(), "running": running,
+        });
+    }
+    Ok(v)
+}
+
+/// One page of sweeps, newest first, as summaries (id, state, fire time, summary).
+pub async fn list(
+    store: &Store,
+    page: super::PageAsk,
+) -> std::result::Result<super::Page, super::OpError> {
+    let (limit, offset) = page.bounds();
+    // A cursor is the run id of the last sweep seen (newest first).
+    let before = page.after_key("sweeps", |a| a.parse::<i64>().ok())?;
+    let mut runs = store
+        .runs_of_page(WORKFLOW, limit.saturating_add(1), offset, before)
+        .await?;
+    let more = runs.len() as i64 > limit;
+    runs.truncate(limit as usize);
+    let last = runs.last().map(|r| r.id.to_string());
+    let total = store.count_runs_of(WORKFLOW).await?;
+    let mut items = Vec::new();
+    for r in &runs {
+        let v = view(store, r).await?;
+        items.push(serde_json::json!({
+            "sweep": v["sweep"], "state": v["state"], "fire_at": v["fire_at"],
+            "created_at": v["created_at"], "finished_at": v["finished_at"], "summary": v["summary"],
+        }));
+    }
+    Ok(super::Page::keyed(
+        items,
+        total,
+        limit,
+        offset,
+        more,
+        last,
+        before.is_some(),
+    ))
+}
+
+/// A cell's trend as marks, oldest first: `.` a night it passed, `x` one it failed, `-`
+/// one it did not run.
+pub fn trend_marks(cell: &Value) -> String {
+    cell["trend"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|t| match t.as_str() {
+            Some("pass") => '.',
+            Some("fail") => 'x',
+            _ => '-',
+        })
+        .collect()
+}
+
+/// What changed, one line each: layers, repositories, packages; or that nothing did
+/// (`sweep show`, `sweep diff`, the dashboard, the report). Empty for `null`.
+pub fn change_lines(d: &Value) -> Vec<String> {
+    if !d.is_object() {
+        return Vec::new();
+    }
+    let list = |k: &str| d[k].as_array().cloned().unwrap_or_default();
+    let short = |v: &Value| {
+        v.as_str()
+            .map_or("-".to_owned(), |s| s.chars().take(12).collect())
+    };
+    let mut out = Vec::new();
+    for l in list("layers") {
+        out.push(format!(
+            "layer {}: {} -> {}",
+            l["layer"].as_str().unwrap_or(""),
+            short(&l["before"]),
+            short(&l["after"])
+        ));
+    }
+    for r in list("repositories") {
+        out.push(format!(
+            "repository {} ({} layer): metadata {} -> {}",
+            r["repository"].as_str().unwrap_or(""),
+            r["layer"].as_str().unwrap_or(""),
+            short(&r["before"]),
+            short(&r["after"])
+        ));
+    }
+    for p in list("packages") {
+        let v = |x: &Value| x.as_str().unwrap_or("(none)").to_owned();
+        out.push(format!(
+            "package {}: {} -> {}",
+            p["package"].as_str().unwrap_or(""),
+            v(&p["before"]),
+            v(&p["after"])
+        ));
+    }
+    if out.is_empty() {
+        out.push(if d["same_image"] == true {
+            "the same image both nights: no input changed (look at the test or the hosts)"
+                .to_owned()
+        } else {
+            "the images differ, but no layer input or package version does".to_owned()
+        });
+    }
+    out
 }

@@ -3,6 +3,10 @@
 
 /// Largest patch file accepted.
 pub const MAX_FILE_BYTES: usize = 1024 * 1024;
+/// Files in one submission through the API.
+pub const MAX_FILES: usize = 200;
+/// Bytes of one submission through the API (its JSON body).
+pub const MAX_UPLOAD_BYTES: usize = 8 * 1024 * 1024;
 /// Records in one file.
 pub const MAX_RECORDS_PER_FILE: usize = 1000;
 /// Values (scalars, lists, mappings) in one YAML or JSON file.

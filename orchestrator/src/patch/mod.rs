@@ -13,6 +13,7 @@ pub mod limits;
 pub mod text;
 #[cfg(test)]
 mod tracker_tests;
+pub mod write;
 
 use std::fmt;
 use std::path::Path;
@@ -24,7 +25,7 @@ use crate::catalogue::Catalogue;
 pub use doc::Pos;
 
 /// One validation error: where it is, which field, and what was expected.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Diagnostic {
     pub file: String,
     pub line: u32,

@@ -555,7 +555,7 @@ pub(super) async fn notify(tx: &mut sqlx::PgConnection) -> Result<(), StoreError
 }
 
 /// A run as stored.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, sqlx::FromRow)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, sqlx::FromRow)]
 pub struct RunRow {
     pub id: i64,
     pub workflow: String,
@@ -571,7 +571,7 @@ pub struct RunRow {
 }
 
 /// A step with what the timeline shows.
-#[derive(Debug, Clone, PartialEq, Serialize, sqlx::FromRow)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, sqlx::FromRow)]
 pub struct StepDetail {
     pub id: i64,
     pub target: String,
@@ -716,6 +716,40 @@ impl Store {
         .bind(limit)
         .fetch_all(&self.pool)
         .await?)
+    }
+
+    /// One page of runs, newest first, and how many match in all.
+    pub async fn runs_page(
+        &self,
+        state: Option<&str>,
+        patch: Option<u64>,
+        limit: i64,
+        offset: i64,
+        before: Option<i64>,
+    ) -> Result<(Vec<RunRow>, i64), StoreError> {
+        let rows = sqlx::query_as(
+            "SELECT id, workflow, patch_id, revision, state, priority, cancel_reason, targets,
+                    conflicts, created_at, finished_at FROM engine_runs
+              WHERE ($1::text IS NULL OR state = $1) AND ($2::bigint IS NULL OR patch_id = $2)
+                AND ($5::bigint IS NULL OR id < $5)
+              ORDER BY id DESC LIMIT $3 OFFSET $4",
+        )
+        .bind(state)
+        .bind(patch.map(|p| p as i64))
+        .bind(limit)
+        .bind(offset)
+        .bind(before)
+        .fetch_all(&self.pool)
+        .await?;
+        let total: (i64,) = sqlx::query_as(
+            "SELECT count(*) FROM engine_runs
+              WHERE ($1::text IS NULL OR state = $1) AND ($2::bigint IS NULL OR patch_id = $2)",
+        )
+        .bind(state)
+        .bind(patch.map(|p| p as i64))
+        .fetch_one(&self.pool)
+        .await?;
+        Ok((rows, total.0))
     }
 
     /// A run's steps with their timeline, in creation order.
@@ -1075,5 +1109,35 @@ impl Store {
             .into_iter()
             .filter_map(|(s, p, e)| Some((s, u16::try_from(p).ok()?, e.unwrap_or_default())))
             .collect())
+    }
+}
+
+impl Store {
+    /// For each of `targets`, the newest run of the certification workflow before `before`
+    /// that was certified and had that target, with the VM its boot step started there:
+    /// (target, run, patch, revision, VM), in one round trip. Targets without one are left
+    /// out.
+    pub async fn last_certified_with_targets(
+        &self,
+        targets: &[String],
+        before: i64,
+    ) -> Result<Vec<(String, i64, Option<i64>, Option<i32>, Option<String>)>, StoreError> {
+        Ok(sqlx::query_as(
+            "SELECT t.target, g.id, g.patch_id, g.revision, g.vm
+               FROM unnest($1::text[]) AS t(target)
+               CROSS JOIN LATERAL (
+                 SELECT r.id, r.patch_id, r.revision,
+                        (SELECT s.outcome->>'vm' FROM engine_steps s
+                          WHERE s.run_id = r.id AND s.target = t.target AND s.name = 'boot'
+                          ORDER BY s.id DESC LIMIT 1) AS vm
+                   FROM verdicts v JOIN engine_runs r ON r.id = v.run_id
+                  WHERE v.verdict = 'certified' AND v.run_id < $2 AND t.target = ANY(r.targets)
+                    AND r.workflow = 'certify'
+                  ORDER BY v.run_id DESC LIMIT 1) g",
+        )
+        .bind(targets)
+        .bind(before)
+        .fetch_all(&self.pool)
+        .await?)
     }
 }

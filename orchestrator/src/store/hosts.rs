@@ -2,6 +2,7 @@
 
 use chrono::{DateTime, Utc};
 use serde::Serialize;
+use sqlx::types::Json;
 
 use super::{Store, StoreError};
 use crate::model::{Fault, PatchId, Suite, TestStatus, VmState};
@@ -126,6 +127,18 @@ pub enum RegisterError {
 }
 
 const VM_COLUMNS: &str = "id, name, host, image, node_type, patch_id, patch_revision, attempt, suite, state, fault, reason, hostname, token_used_up, serial_log, deadline, requested_at, joined_at, finished_at";
+
+/// What one VM left ([`Store::vm_evidence`]).
+#[derive(Debug, Clone)]
+pub struct VmEvidence {
+    pub name: String,
+    pub host: String,
+    pub serial_log: Option<String>,
+    /// (suite, name, status, seconds, output), in the order reported.
+    pub results: Vec<(String, String, String, f64, String)>,
+    /// The harness's log.
+    pub log: String,
+}
 
 impl Store {
     /// Adds a host with the SHA-256 of its token; false if the name is taken.
@@ -560,6 +573,40 @@ impl Store {
                 .fetch_all(&self.pool)
                 .await?;
         Ok(rows.into_iter().map(|r| r.0).collect())
+    }
+
+    /// What the VMs named `names` left: each one's host, serial log path, results (in the
+    /// order reported) and harness log, in one round trip. Unknown names are left out.
+    pub async fn vm_evidence(&self, names: &[String]) -> Result<Vec<VmEvidence>, StoreError> {
+        type Row = (
+            String,
+            String,
+            Option<String>,
+            Json<Vec<(String, String, String, f64, String)>>,
+            String,
+        );
+        let rows: Vec<Row> = sqlx::query_as(
+            "SELECT v.name, v.host, v.serial_log,
+                    coalesce((SELECT json_agg(json_build_array(r.suite, r.name, r.status, r.seconds, r.output)
+                                ORDER BY r.reported_at, r.suite, r.name)
+                                FROM vm_results r WHERE r.vm_id = v.id), '[]'),
+                    coalesce((SELECT string_agg(l.chunk, '' ORDER BY l.seq)
+                                FROM vm_logs l WHERE l.vm_id = v.id), '')
+               FROM vm_runs v WHERE v.name = ANY($1)",
+        )
+        .bind(names)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows
+            .into_iter()
+            .map(|(name, host, serial_log, results, log)| VmEvidence {
+                name,
+                host,
+                serial_log,
+                results: results.0,
+                log,
+            })
+            .collect())
     }
 
     /// A VM's results in the order reported.

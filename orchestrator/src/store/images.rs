@@ -103,6 +103,15 @@ impl Store {
 
     /// Images, most recently used first.
     pub async fn list_images(&self) -> Result<Vec<ImageRow>, StoreError> {
+        self.images_where(None).await
+    }
+
+    /// One image by its digest.
+    pub async fn image_row(&self, digest: &str) -> Result<Option<ImageRow>, StoreError> {
+        Ok(self.images_where(Some(digest)).await?.into_iter().next())
+    }
+
+    async fn images_where(&self, digest: Option<&str>) -> Result<Vec<ImageRow>, StoreError> {
         type Row = (
             String,
             String,
@@ -119,8 +128,10 @@ impl Store {
         let rows: Vec<Row> = sqlx::query_as(
             "SELECT digest, release, platform, node_type, patch_id, patch_revision, layers,
                     artefacts, size_bytes, built_at, last_used_at
-             FROM images ORDER BY last_used_at DESC, digest",
+             FROM images WHERE ($1::text IS NULL OR digest = $1)
+             ORDER BY last_used_at DESC, digest",
         )
+        .bind(digest)
         .fetch_all(&self.pool)
         .await?;
         Ok(rows
@@ -156,7 +167,7 @@ impl Store {
         let rows: Vec<Row> = sqlx::query_as(
             "SELECT digest, parent, kind, backend, size_bytes, build_seconds, built_at, last_used_at
              FROM image_layers
-             ORDER BY array_position(ARRAY['core','base','node_type','patch'], kind), built_at",
+             ORDER BY array_position(ARRAY['core','base','node_type','patch','custom'], kind), built_at",
         )
         .fetch_all(&self.pool)
         .await?;
@@ -266,4 +277,75 @@ async fn upsert_image(
     .execute(&mut **tx)
     .await?;
     Ok(())
+}
+
+/// A layer with what its digest covers and how often builds found it in the cache.
+#[derive(Debug, Clone, Serialize)]
+pub struct LayerDetail {
+    pub digest: String,
+    pub parent: Option<String>,
+    pub kind: String,
+    pub backend: String,
+    /// Repositories (id, SHA-256 of their metadata), packages (name, pinned version),
+    /// configuration: the inputs of its digest.
+    pub inputs: serde_json::Value,
+    pub size_bytes: i64,
+    pub build_seconds: f64,
+    pub built_at: DateTime<Utc>,
+    pub last_used_at: DateTime<Utc>,
+    /// Build steps that took it from the cache, and that built it.
+    pub cache_hits: i64,
+    pub builds: i64,
+}
+
+type LayerDetailRow = (
+    String,
+    Option<String>,
+    String,
+    String,
+    serde_json::Value,
+    i64,
+    f64,
+    DateTime<Utc>,
+    DateTime<Utc>,
+    i64,
+    i64,
+);
+
+impl Store {
+    /// Every layer with its inputs and cache use, most recently used first.
+    pub async fn layer_details(&self) -> Result<Vec<LayerDetail>, StoreError> {
+        let rows: Vec<LayerDetailRow> = sqlx::query_as(
+            "WITH use AS (
+               SELECT l->>'digest' AS digest,
+                      count(*) FILTER (WHERE l->>'outcome' = 'cached') AS hits,
+                      count(*) FILTER (WHERE l->>'outcome' = 'built') AS builds
+                 FROM engine_steps s, jsonb_each(s.outcome) e, jsonb_array_elements(
+                        CASE WHEN jsonb_typeof(e.value->'layers') = 'array' THEN e.value->'layers' ELSE '[]'::jsonb END) l
+                WHERE s.name = 'build' AND s.state = 'passed' AND jsonb_typeof(s.outcome) = 'object'
+                GROUP BY 1)
+             SELECT i.digest, i.parent, i.kind, i.backend, i.inputs, i.size_bytes, i.build_seconds,
+                    i.built_at, i.last_used_at, coalesce(u.hits, 0), coalesce(u.builds, 0)
+               FROM image_layers i LEFT JOIN use u ON u.digest = i.digest
+              ORDER BY i.last_used_at DESC, i.digest",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows
+            .into_iter()
+            .map(|r| LayerDetail {
+                digest: r.0,
+                parent: r.1,
+                kind: r.2,
+                backend: r.3,
+                inputs: r.4,
+                size_bytes: r.5,
+                build_seconds: r.6,
+                built_at: r.7,
+                last_used_at: r.8,
+                cache_hits: r.9,
+                builds: r.10,
+            })
+            .collect())
+    }
 }

@@ -4,11 +4,15 @@
 
 pub mod cluster;
 pub mod engine;
+pub mod hooks;
 mod hosts;
+mod image_builds;
 mod images;
+pub mod metrics;
 mod patches;
 pub mod scratch;
 pub mod sweeps;
+mod users;
 
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
@@ -18,9 +22,16 @@ use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{ConnectOptions, PgPool};
 
 pub use cluster::{Cluster, ClusterError, ClusterStatus};
-pub use hosts::{HostRow, NewVm, ProbeOutcomeKind, RegisterError, ResultRow, ServiceRow, VmRow};
-pub use images::{ImageRow, LayerRow};
-pub use patches::{PatchEvent, PatchRow, PatchState, SubmitError, SubmitOutcome, SubmitReport};
+pub use hosts::{
+    HostRow, NewVm, ProbeOutcomeKind, RegisterError, ResultRow, ServiceRow, VmEvidence, VmRow,
+};
+pub use image_builds::{HEARTBEAT_STALE_SECONDS, ImageBuildRow};
+pub use images::{ImageRow, LayerDetail, LayerRow};
+pub use patches::{
+    PatchEvent, PatchRow, PatchStamp, PatchState, PatchWhole, SubmitError, SubmitOutcome,
+    SubmitReport, Submitter,
+};
+pub use users::{Role, SessionRow, UserRow, valid_user_name};
 
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../migrations");
 
@@ -69,6 +80,8 @@ pub fn default_data_dir() -> PathBuf {
 #[derive(Debug, Clone)]
 pub struct Store {
     pool: PgPool,
+    /// Which connection this is ([`Store::instance`]).
+    instance: u64,
 }
 
 /// Connects to the embedded cluster of `data_dir`, starting it if needed,
@@ -187,7 +200,18 @@ impl Store {
                 source,
             })?;
         MIGRATOR.run(&pool).await?;
-        Ok(Store { pool })
+        static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+        Ok(Store {
+            pool,
+            instance: NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
+        })
+    }
+
+    /// Which connection to a database this handle is: its clones share the number, every
+    /// connection made in this process has its own (what a cache of what was read through
+    /// it is keyed by, so that two databases served by one process never mix).
+    pub fn instance(&self) -> u64 {
+        self.instance
     }
 
     pub fn pool(&self) -> &PgPool {

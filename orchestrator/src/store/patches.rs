@@ -66,7 +66,7 @@ impl FromStr for PatchState {
 }
 
 /// What submission did with one record.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "outcome", rename_all = "snake_case")]
 pub enum SubmitOutcome {
     /// Stored as a new revision; `supersedes` names the revision it replaced.
@@ -75,7 +75,7 @@ pub enum SubmitOutcome {
     Unchanged,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct SubmitReport {
     pub patch_id: u64,
     pub revision: u32,
@@ -96,6 +96,31 @@ pub struct PatchRow {
     pub source_file: String,
     pub source_format: String,
     pub record: PatchRecord,
+}
+
+/// A revision with what its page shows around it ([`Store::patch_whole`]).
+#[derive(Debug, Clone)]
+pub struct PatchWhole {
+    pub row: PatchRow,
+    /// Every revision of the patch and its state, oldest first.
+    pub revisions: Vec<(u32, PatchState)>,
+    /// The audit trail, all revisions, in order.
+    pub events: Vec<PatchEvent>,
+    pub owner: Option<String>,
+    /// The newest run of this revision, its verdict's detail once decided, and its steps
+    /// (as [`Store::run_timeline`] reads them).
+    pub run: Option<super::engine::RunRow>,
+    pub verdict: Option<serde_json::Value>,
+    pub steps: Vec<super::engine::StepDetail>,
+}
+
+/// What a patch page is made of ([`Store::patch_stamp`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PatchStamp {
+    pub stamp: String,
+    /// No run, or the newest run has finished: the page changes only with the stamp.
+    pub settled: bool,
+    pub owner: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -154,6 +179,9 @@ pub enum SubmitError {
     /// Records that conflict with what is stored; nothing was stored.
     #[error("{} record(s) conflict with the store; nothing was stored", .0.len())]
     Conflicts(Vec<Diagnostic>),
+    /// Records of patches the submitter may not add revisions to; nothing was stored.
+    #[error("{} record(s) are of patches that are not the submitter's; nothing was stored", .0.len())]
+    NotYours(Vec<Diagnostic>),
     #[error(transparent)]
     Store(#[from] StoreError),
 }
@@ -170,9 +198,28 @@ fn conflict(rec: &LoadedRecord, field: &str, message: String) -> Diagnostic {
     d
 }
 
+/// Who submits through the API: a certifier may add revisions only to patches they own
+/// (or that nobody owns yet, which they then own); an admin to every patch.
+#[derive(Debug, Clone, Copy)]
+pub struct Submitter<'a> {
+    pub user: &'a str,
+    pub admin: bool,
+}
+
 impl Store {
-    /// Stores a batch of validated records in one transaction.
+    /// Stores a batch of validated records in one transaction (on the orchestrator's own
+    /// machine: no owner is checked or recorded).
     pub async fn submit(&self, records: &[LoadedRecord]) -> Result<Vec<SubmitReport>, SubmitError> {
+        self.submit_as(records, None).await
+    }
+
+    /// Stores a batch of validated records in one transaction, for `submitter` when it
+    /// comes through the API: refused whole when a record is of another user's patch.
+    pub async fn submit_as(
+        &self,
+        records: &[LoadedRecord],
+        submitter: Option<Submitter<'_>>,
+    ) -> Result<Vec<SubmitReport>, SubmitError> {
         let mut tx = self.pool.begin().await?;
         let mut ids: Vec<i64> = records.iter().map(|r| r.record.id as i64).collect();
         ids.sort_unstable();
@@ -184,6 +231,54 @@ impl Store {
         .bind(&ids)
         .execute(&mut *tx)
         .await?;
+        if let Some(who) = submitter {
+            let owners: Vec<(i64, String)> =
+                sqlx::query_as("SELECT patch_id, owner FROM patch_owners WHERE patch_id = ANY($1)")
+                    .bind(&ids)
+                    .fetch_all(&mut *tx)
+                    .await?;
+            let unowned_stored: Vec<(i64,)> = sqlx::query_as(
+                "SELECT DISTINCT patch_id FROM patches WHERE patch_id = ANY($1)
+                 AND patch_id NOT IN (SELECT patch_id FROM patch_owners)",
+            )
+            .bind(&ids)
+            .fetch_all(&mut *tx)
+            .await?;
+            let mut refused = Vec::new();
+            for rec in records {
+                let id = rec.record.id as i64;
+                if who.admin {
+                    continue;
+                }
+                if let Some((_, owner)) = owners.iter().find(|(p, o)| *p == id && o != who.user) {
+                    refused.push(conflict(
+                        rec,
+                        "id",
+                        format!("patch {id} belongs to {owner}: only they or an admin may submit its revisions"),
+                    ));
+                } else if unowned_stored.iter().any(|(p,)| *p == id) {
+                    refused.push(conflict(
+                        rec,
+                        "id",
+                        format!("patch {id} was stored on the orchestrator's machine and has no owner: only an admin may submit its revisions"),
+                    ));
+                }
+            }
+            if !refused.is_empty() {
+                tx.rollback().await?;
+                return Err(SubmitError::NotYours(refused));
+            }
+            sqlx::query(
+                "INSERT INTO patch_owners (patch_id, owner)
+                 SELECT id, $2 FROM unnest($1::bigint[]) AS id
+                 WHERE NOT EXISTS (SELECT 1 FROM patches p WHERE p.patch_id = id)
+                 ON CONFLICT (patch_id) DO NOTHING",
+            )
+            .bind(&ids)
+            .bind(who.user)
+            .execute(&mut *tx)
+            .await?;
+        }
         let stored: Vec<(i64, i32, String, String)> = sqlx::query_as(
             "SELECT patch_id, revision, content_sha256, state FROM patches WHERE patch_id = ANY($1)",
         )
@@ -385,6 +480,59 @@ impl Store {
         rows.into_iter().map(row_from).collect()
     }
 
+    /// One page of patch revisions in (id, revision) order, and how many match in all.
+    /// `current_only` leaves superseded revisions out.
+    pub async fn list_patches_page(
+        &self,
+        state: Option<PatchState>,
+        release: Option<&str>,
+        current_only: bool,
+        limit: i64,
+        offset: i64,
+        after: Option<(i64, i32)>,
+    ) -> Result<(Vec<PatchRow>, i64), StoreError> {
+        const FILTER: &str =
+            "($1::text IS NULL OR state = $1) AND ($2::text IS NULL OR release = $2)
+             AND (NOT $3 OR state <> 'superseded')";
+        // The page's keys first (the offset is skipped over the index alone; `after` starts
+        // in the index), then only its rows are read whole.
+        // With a cursor the index scan starts at it (a condition the plan cannot skip for
+        // a NULL would make it read from the start).
+        let start = if after.is_some() {
+            "AND (patch_id, revision) > ($6, $7::int)"
+        } else {
+            "AND $6::bigint IS NULL AND $7::int IS NULL"
+        };
+        let sql = format!(
+            "SELECT {ROW_COLUMNS} FROM patches WHERE (patch_id, revision) IN (
+                 SELECT patch_id, revision FROM patches WHERE {FILTER} {start}
+                  ORDER BY patch_id, revision LIMIT $4 OFFSET $5)
+             ORDER BY patch_id, revision"
+        );
+        let rows: Vec<RowTuple> = sqlx::query_as(sqlx::AssertSqlSafe(sql))
+            .bind(state.map(|s| s.as_str()))
+            .bind(release)
+            .bind(current_only)
+            .bind(limit)
+            .bind(offset)
+            .bind(after.map(|a| a.0))
+            .bind(after.map(|a| a.1))
+            .fetch_all(&self.pool)
+            .await?;
+        let total: (i64,) = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+            "SELECT count(*) FROM patches WHERE {FILTER}"
+        )))
+        .bind(state.map(|s| s.as_str()))
+        .bind(release)
+        .bind(current_only)
+        .fetch_one(&self.pool)
+        .await?;
+        Ok((
+            rows.into_iter().map(row_from).collect::<Result<_, _>>()?,
+            total.0,
+        ))
+    }
+
     /// One revision of a patch: the given one, or the newest.
     pub async fn get_patch(
         &self,
@@ -401,6 +549,134 @@ impl Store {
             .fetch_optional(&self.pool)
             .await?;
         row.map(row_from).transpose()
+    }
+
+    /// One revision (the newest unless `revision`) with what its page shows around it, in
+    /// one round trip: every revision's state, the audit trail, the owner, and the newest
+    /// run of that revision with its verdict and steps.
+    pub async fn patch_whole(
+        &self,
+        id: u64,
+        revision: Option<u32>,
+    ) -> Result<Option<PatchWhole>, StoreError> {
+        type Extra = (
+            Json<Vec<(i32, String)>>,
+            Json<Vec<PatchEvent>>,
+            Option<String>,
+            Option<Json<super::engine::RunRow>>,
+            Option<serde_json::Value>,
+            Json<Vec<super::engine::StepDetail>>,
+        );
+        let columns: Vec<String> = ROW_COLUMNS.split(", ").map(|c| format!("p.{c}")).collect();
+        let sql = format!(
+            "SELECT {},
+                    (SELECT json_agg(json_build_array(q.revision, q.state) ORDER BY q.revision)
+                       FROM patches q WHERE q.patch_id = p.patch_id),
+                    coalesce((SELECT json_agg(json_build_object('at', e.at, 'revision', e.revision,
+                                'kind', e.kind, 'detail', e.detail) ORDER BY e.id)
+                       FROM patch_events e WHERE e.patch_id = p.patch_id), '[]'),
+                    (SELECT o.owner FROM patch_owners o WHERE o.patch_id = p.patch_id),
+                    CASE WHEN r.id IS NULL THEN NULL ELSE to_json(r) END,
+                    (SELECT v.detail FROM verdicts v WHERE v.run_id = r.id),
+                    coalesce((SELECT json_agg(json_build_object(
+                        'id', s.id, 'target', s.target, 'name', s.name, 'state', s.state,
+                        'attempt', s.attempt, 'epoch', s.epoch, 'host', s.host,
+                        'started_at', s.started_at, 'finished_at', s.finished_at,
+                        'outcome', s.outcome) ORDER BY s.id)
+                      FROM engine_steps s WHERE s.run_id = r.id), '[]')
+               FROM patches p
+               LEFT JOIN LATERAL (
+                    SELECT x.id, x.workflow, x.patch_id, x.revision, x.state, x.priority,
+                           x.cancel_reason, x.targets, x.conflicts, x.created_at, x.finished_at
+                      FROM engine_runs x WHERE x.patch_id = p.patch_id AND x.revision = p.revision
+                     ORDER BY x.id DESC LIMIT 1) r ON true
+              WHERE p.patch_id = $1 AND ($2::int IS NULL OR p.revision = $2)
+              ORDER BY p.revision DESC LIMIT 1",
+            columns.join(", ")
+        );
+        let Some(row) = sqlx::query(sqlx::AssertSqlSafe(sql))
+            .bind(id as i64)
+            .bind(revision.map(|r| r as i32))
+            .fetch_optional(&self.pool)
+            .await?
+        else {
+            return Ok(None);
+        };
+        use sqlx::Row;
+        let t: RowTuple = (
+            row.try_get(0)?,
+            row.try_get(1)?,
+            row.try_get(2)?,
+            row.try_get(3)?,
+            row.try_get(4)?,
+            row.try_get(5)?,
+            row.try_get(6)?,
+            row.try_get(7)?,
+            row.try_get(8)?,
+        );
+        let extra: Extra = (
+            row.try_get(9)?,
+            row.try_get(10)?,
+            row.try_get(11)?,
+            row.try_get(12)?,
+            row.try_get(13)?,
+            row.try_get(14)?,
+        );
+        let revisions = extra
+            .0
+            .0
+            .into_iter()
+            .map(|(r, s)| Ok((r as u32, s.parse().map_err(StoreError::Corrupt)?)))
+            .collect::<Result<_, StoreError>>()?;
+        Ok(Some(PatchWhole {
+            row: row_from(t)?,
+            revisions,
+            events: extra.1.0,
+            owner: extra.2,
+            run: extra.3.map(|j| j.0),
+            verdict: extra.4,
+            steps: extra.5.0,
+        }))
+    }
+
+    /// What the newest revision's page is made of, as a stamp, with the patch's owner: two
+    /// calls that return the same stamp show the same page, as long as it is `settled`
+    /// (no run, or the newest run finished). The stamp covers every revision's state, the
+    /// audit trail's last entry, the owner, the newest run, its state, end and verdict, and
+    /// the newest certified verdict of any patch (what "the last good run" of a target is
+    /// taken from). One index lookup per part.
+    pub async fn patch_stamp(&self, id: u64) -> Result<Option<PatchStamp>, StoreError> {
+        let row: Option<(String, bool, Option<String>)> = sqlx::query_as(
+            "SELECT concat_ws('|', p.revision,
+                    (SELECT string_agg(q.revision || q.state::text, ',' ORDER BY q.revision)
+                       FROM patches q WHERE q.patch_id = p.patch_id),
+                    coalesce((SELECT max(e.id) FROM patch_events e
+                               WHERE e.patch_id = p.patch_id)::text, '-'),
+                    coalesce(o.owner, '-'),
+                    coalesce(r.id::text, '-'), coalesce(r.state::text, '-'),
+                    coalesce(r.finished_at::text, '-'), (r.cancel_reason IS NULL),
+                    coalesce((SELECT v.decided_at FROM verdicts v WHERE v.run_id = r.id)::text, '-'),
+                    coalesce((SELECT max(c.decided_at) FROM verdicts c
+                               WHERE c.verdict = 'certified')::text, '-')),
+                    (r.id IS NULL OR r.state <> 'running'),
+                    o.owner
+               FROM patches p
+               LEFT JOIN patch_owners o ON o.patch_id = p.patch_id
+               LEFT JOIN LATERAL (
+                    SELECT x.id, x.state, x.finished_at, x.cancel_reason
+                      FROM engine_runs x WHERE x.patch_id = p.patch_id AND x.revision = p.revision
+                     ORDER BY x.id DESC LIMIT 1) r ON true
+              WHERE p.patch_id = $1
+              ORDER BY p.revision DESC LIMIT 1",
+        )
+        .bind(id as i64)
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(row.map(|(stamp, settled, owner)| PatchStamp {
+            stamp,
+            settled,
+            owner,
+        }))
     }
 
     /// The patch revisions of the runs still running, with their run ids, oldest run first

@@ -221,6 +221,112 @@ async fn drop_orphans(admin_url: &str, prefix: &str) -> Result<(), StoreError> {
     Ok(())
 }
 
+/// A cell of a seeded night: its name and its tests (suite, name, status).
+pub type NightCell = (String, Vec<(String, String, String)>);
+
+/// History for benchmarks that read it (`certo bench dashboard`): runs ended as if worked,
+/// nights of sweeps recorded in bulk. Never used on a real store.
+impl Store {
+    /// Ends every step of `runs` as if worked (one attempt, two seconds apart, each taking
+    /// one and a half); in every run whose id is a multiple of `reject_every` the `basic`
+    /// steps fail (a product failure) and what needed them is cancelled. The runs' states
+    /// follow.
+    pub async fn seed_worked_runs(
+        &self,
+        runs: &[i64],
+        reject_every: i64,
+    ) -> Result<(), StoreError> {
+        sqlx::query(
+            "WITH s AS (
+               SELECT s.id, s.run_id, s.name, r.created_at,
+                      row_number() OVER (PARTITION BY s.run_id ORDER BY s.id) AS k
+                 FROM engine_steps s JOIN engine_runs r ON r.id = s.run_id WHERE s.run_id = ANY($1))
+             UPDATE engine_steps e SET attempt = 1,
+                    started_at = s.created_at + make_interval(secs => 2 * s.k),
+                    finished_at = s.created_at + make_interval(secs => 2 * s.k + 1.5),
+                    state = CASE WHEN e.run_id % $2 = 0 AND e.name = 'basic' THEN 'failed' ELSE 'passed' END,
+                    outcome = CASE WHEN e.run_id % $2 = 0 AND e.name = 'basic'
+                                   THEN jsonb_build_object('stage', 'basic', 'reason',
+                                        'basic/simulated fails with the patch and passes on the baseline: generated')
+                                   ELSE '{}'::jsonb END
+               FROM s WHERE s.id = e.id",
+        )
+        .bind(runs)
+        .bind(reject_every.max(1))
+        .execute(&self.pool)
+        .await?;
+        sqlx::query(
+            "UPDATE engine_runs SET state = CASE WHEN id % $2 = 0 THEN 'failed' ELSE 'passed' END,
+                    finished_at = created_at + interval '1 minute' WHERE id = ANY($1)",
+        )
+        .bind(runs)
+        .bind(reject_every.max(1))
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// Records a whole night of a sweep at once: each cell ran, with its tests' statuses, and
+    /// the sweep's run ended at `at`.
+    pub async fn seed_sweep_night(
+        &self,
+        run: i64,
+        at: chrono::DateTime<chrono::Utc>,
+        cells: &[NightCell],
+    ) -> Result<(), StoreError> {
+        let mut tx = self.pool.begin().await?;
+        let names: Vec<&str> = cells.iter().map(|c| c.0.as_str()).collect();
+        sqlx::query(
+            "INSERT INTO sweep_cells (run_id, cell, state, image_digest, recorded_at)
+             SELECT $1, c, 'ran', md5(c), $3 FROM unnest($2::text[]) AS c",
+        )
+        .bind(run)
+        .bind(&names)
+        .bind(at)
+        .execute(&mut *tx)
+        .await?;
+        let (mut cell, mut suite, mut name, mut status) = (vec![], vec![], vec![], vec![]);
+        for (c, tests) in cells {
+            for (s, n, st) in tests {
+                cell.push(c.as_str());
+                suite.push(s.as_str());
+                name.push(n.as_str());
+                status.push(st.as_str());
+            }
+        }
+        sqlx::query(
+            "INSERT INTO sweep_results (run_id, cell, suite, name, status, output)
+             SELECT $1, c, s, n, st, CASE WHEN st = 'pass' THEN '' ELSE 'generated failure' END
+               FROM unnest($2::text[], $3::text[], $4::text[], $5::text[]) AS t(c, s, n, st)",
+        )
+        .bind(run)
+        .bind(&cell)
+        .bind(&suite)
+        .bind(&name)
+        .bind(&status)
+        .execute(&mut *tx)
+        .await?;
+        sqlx::query(
+            "UPDATE engine_steps SET state = 'passed', attempt = 1, started_at = $2, finished_at = $2
+              WHERE run_id = $1",
+        )
+        .bind(run)
+        .bind(at)
+        .execute(&mut *tx)
+        .await?;
+        sqlx::query(
+            "UPDATE engine_runs SET state = 'passed', created_at = $2 - interval '1 hour', finished_at = $2
+              WHERE id = $1",
+        )
+        .bind(run)
+        .bind(at)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::replace_database;

@@ -227,19 +227,42 @@ impl Store {
         .await?)
     }
 
-    /// The runs of a workflow (sweeps), newest first.
+    /// How many runs a workflow has had.
+    pub async fn count_runs_of(&self, workflow: &str) -> Result<i64, StoreError> {
+        let n: (i64,) = sqlx::query_as("SELECT count(*) FROM engine_runs WHERE workflow = $1")
+            .bind(workflow)
+            .fetch_one(&self.pool)
+            .await?;
+        Ok(n.0)
+    }
+
+    /// The runs of a workflow, newest first.
     pub async fn runs_of(
         &self,
         workflow: &str,
         limit: i64,
     ) -> Result<Vec<super::engine::RunRow>, StoreError> {
+        self.runs_of_page(workflow, limit, 0, None).await
+    }
+
+    /// [`Store::runs_of`], skipping `offset` runs, or starting before run `before`.
+    pub async fn runs_of_page(
+        &self,
+        workflow: &str,
+        limit: i64,
+        offset: i64,
+        before: Option<i64>,
+    ) -> Result<Vec<super::engine::RunRow>, StoreError> {
         Ok(sqlx::query_as(
             "SELECT id, workflow, patch_id, revision, state, priority, cancel_reason, targets,
                     conflicts, created_at, finished_at
-               FROM engine_runs WHERE workflow = $1 ORDER BY id DESC LIMIT $2",
+               FROM engine_runs WHERE workflow = $1 AND ($4::bigint IS NULL OR id < $4)
+              ORDER BY id DESC LIMIT $2 OFFSET $3",
         )
         .bind(workflow)
         .bind(limit)
+        .bind(offset)
+        .bind(before)
         .fetch_all(&self.pool)
         .await?)
     }
@@ -417,5 +440,31 @@ impl Store {
         .bind(format!("certo-r{run}-%"))
         .fetch_one(&self.pool)
         .await?)
+    }
+}
+
+impl Store {
+    /// What a sweep's view depends on, cheaply: the run (the newest of `workflow` without
+    /// `id`), its state and end, how many cells it recorded and when it last did. A view
+    /// computed for the same answer is the same view.
+    pub async fn sweep_version(
+        &self,
+        workflow: &str,
+        id: Option<i64>,
+    ) -> Result<Option<(i64, String)>, StoreError> {
+        let row: Option<(i64, String)> = sqlx::query_as(
+            "SELECT r.id, concat_ws('|', r.state, r.finished_at, c.n, c.last, c.classes)
+               FROM engine_runs r,
+                    LATERAL (SELECT count(*) AS n, max(recorded_at) AS last,
+                                    count(class) AS classes
+                               FROM sweep_cells WHERE run_id = r.id) c
+              WHERE r.workflow = $1 AND ($2::bigint IS NULL OR r.id = $2)
+              ORDER BY r.id DESC LIMIT 1",
+        )
+        .bind(workflow)
+        .bind(id)
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(row)
     }
 }

@@ -38,6 +38,7 @@ CERTO_NEEDS=(
   "chromium chromium"
   "wrk wrk"
   "openssl openssl"
+  "python3 python3"
 )
 
 # Programs Certo, its tools and its tests run that every Debian system has: each comes
@@ -76,6 +77,29 @@ certo_install_missing() {
     fi
     DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${extra[@]}" "${need[@]}" >&2
   fi
+}
+
+# Python tools the tests run, from PyPI, pinned, in a virtual environment of their own
+# under target/ (nothing is installed into the system's Python): the OpenAPI validator
+# that checks the document `certo serve` publishes.
+CERTO_PYTOOLS=(openapi-spec-validator==0.9.0)
+CERTO_PYTOOLS_DIR=${CERTO_PYTOOLS_DIR:-target/pytools}
+
+certo_install_pytools() {
+  local venv=$CERTO_PYTOOLS_DIR
+  [ -x "$venv/bin/openapi-spec-validator" ] && return 0
+  echo "== installing Python test tools into $venv: ${CERTO_PYTOOLS[*]}" >&2
+  rm -rf "$venv"
+  if ! python3 -m venv "$venv" >&2; then
+    # Debian's python3 makes environments only with python3-venv (ensurepip).
+    local sudo=""
+    [ "$(id -u)" = 0 ] || sudo="sudo"
+    $sudo apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends python3-venv >&2
+    rm -rf "$venv"
+    python3 -m venv "$venv" >&2
+  fi
+  "$venv/bin/pip" install -q --disable-pip-version-check "${CERTO_PYTOOLS[@]}" >&2
 }
 
 # Starts virtlogd and libvirtd (no systemd here) unless they already run; waits until

@@ -461,6 +461,47 @@ async fn lists_come_in_pages_and_the_openapi_document_covers_every_route() {
         }
     }
     assert!(operations >= 30, "{operations} operations");
+    // And an OpenAPI validator of its own (openapi-spec-validator, which scripts/test
+    // installs from PyPI): the document is valid OpenAPI 3.1, operation ids unique.
+    let validator = std::env::var_os("CERTO_OPENAPI_VALIDATOR")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| {
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("../target/pytools/bin/openapi-spec-validator")
+        });
+    assert!(
+        validator.exists(),
+        "{} is missing: install it with `bash -c '. scripts/lib.sh; certo_install_pytools'` \
+         (scripts/test does), or name another with CERTO_OPENAPI_VALIDATOR",
+        validator.display()
+    );
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = dir.path().join("openapi.json");
+    std::fs::write(&file, doc.to_string()).expect("write the document");
+    let out = std::process::Command::new(&validator)
+        .arg(&file)
+        .output()
+        .expect("run openapi-spec-validator");
+    assert!(
+        out.status.success(),
+        "the published OpenAPI document does not validate: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // The validator does look: the same document with one operation id used twice fails.
+    let mut twice = doc.clone();
+    twice["paths"]["/api/v1/runs"]["get"]["operationId"] =
+        twice["paths"]["/api/v1/patches"]["get"]["operationId"].clone();
+    std::fs::write(&file, twice.to_string()).expect("write the document");
+    let out = std::process::Command::new(&validator)
+        .arg(&file)
+        .output()
+        .expect("run openapi-spec-validator");
+    assert!(
+        !out.status.success() && String::from_utf8_lossy(&out.stdout).contains("not unique"),
+        "a repeated operation id passed: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
     // The routes the document leaves out would not be found: a sample of unknown ones.
     let (status, _) = call(
         "GET",

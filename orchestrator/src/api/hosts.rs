@@ -51,7 +51,7 @@ impl From<HostRow> for HostView {
 }
 
 /// A host's own record (its own token).
-#[utoipa::path(get, path = "/api/v1/hosts/{name}", tag = "host protocol", params(("name" = String, Path, description = "The host")),
+#[utoipa::path(get, path = "/api/v1/hosts/{name}", operation_id = "show_host", tag = "host protocol", params(("name" = String, Path, description = "The host")),
     responses((status = 200, body = HostView), (status = 403, body = String, content_type = "text/plain")), security(("host_token" = [])))]
 async fn show(State(s): State<Arc<ApiState>>, host: HostAuth) -> Result<Json<HostView>, ApiError> {
     let row = s

@@ -78,7 +78,7 @@ fn submit_error(e: SubmitFailure) -> JsonError {
 }
 
 /// Stored patch revisions, current ones unless the filter asks for more, by id.
-#[utoipa::path(get, path = "/api/v1/patches", tag = "patches", params(PatchFilter, PageAsk),
+#[utoipa::path(get, path = "/api/v1/patches", operation_id = "list_patches", tag = "patches", params(PatchFilter, PageAsk),
     responses((status = 200, body = Page), (status = 401, body = ErrorBody)),
     security(("token" = [])))]
 pub async fn list(
@@ -99,7 +99,7 @@ pub struct RevisionQuery {
 }
 
 /// One patch: its record, revisions, history, its latest run's verdict and timeline.
-#[utoipa::path(get, path = "/api/v1/patches/{id}", tag = "patches",
+#[utoipa::path(get, path = "/api/v1/patches/{id}", operation_id = "show_patch", tag = "patches",
     params(("id" = u64, Path, description = "The patch id"), RevisionQuery),
     responses((status = 200, body = Object), (status = 404, body = ErrorBody), (status = 401, body = ErrorBody)),
     security(("token" = [])))]

@@ -107,7 +107,7 @@ pub async fn junit(
 }
 
 /// Runs, newest first, each with its verdict (or `running` and how far it got).
-#[utoipa::path(get, path = "/api/v1/runs", tag = "runs", params(RunFilter, PageAsk),
+#[utoipa::path(get, path = "/api/v1/runs", operation_id = "list_runs", tag = "runs", params(RunFilter, PageAsk),
     responses((status = 200, body = Page), (status = 422, body = ErrorBody), (status = 401, body = ErrorBody)),
     security(("token" = [])))]
 pub async fn list(

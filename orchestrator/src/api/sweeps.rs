@@ -24,7 +24,7 @@ pub fn routes() -> OpenApiRouter<Arc<ApiState>> {
 }
 
 /// The sweeps, newest first, as summaries.
-#[utoipa::path(get, path = "/api/v1/sweeps", tag = "sweeps", params(PageAsk),
+#[utoipa::path(get, path = "/api/v1/sweeps", operation_id = "list_sweeps", tag = "sweeps", params(PageAsk),
     responses((status = 200, body = Page), (status = 401, body = ErrorBody)),
     security(("token" = [])))]
 pub async fn list(
@@ -38,7 +38,7 @@ pub async fn list(
 
 /// One sweep (`latest` for the newest): each cell's class, trend and tests; what changed
 /// for a newly failing cell; for a running one, how far it is.
-#[utoipa::path(get, path = "/api/v1/sweeps/{id}", tag = "sweeps",
+#[utoipa::path(get, path = "/api/v1/sweeps/{id}", operation_id = "show_sweep", tag = "sweeps",
     params(("id" = String, Path, description = "The sweep's run id, or `latest`")),
     responses((status = 200, body = Object), (status = 404, body = ErrorBody), (status = 401, body = ErrorBody)),
     security(("token" = [])))]

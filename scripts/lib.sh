@@ -81,13 +81,14 @@ certo_install_missing() {
 
 # Python tools the tests run, from PyPI, pinned, in a virtual environment of their own
 # under target/ (nothing is installed into the system's Python): the OpenAPI validator
-# that checks the document `certo serve` publishes.
-CERTO_PYTOOLS=(openapi-spec-validator==0.9.0)
+# that checks the document `certo serve` publishes, and schemathesis, which sends the
+# API requests made from that document and checks the answers against it.
+CERTO_PYTOOLS=(openapi-spec-validator==0.9.0 schemathesis==4.32.5)
 CERTO_PYTOOLS_DIR=${CERTO_PYTOOLS_DIR:-target/pytools}
 
 certo_install_pytools() {
   local venv=$CERTO_PYTOOLS_DIR
-  [ -x "$venv/bin/openapi-spec-validator" ] && return 0
+  [ -x "$venv/bin/openapi-spec-validator" ] && [ -x "$venv/bin/schemathesis" ] && return 0
   echo "== installing Python test tools into $venv: ${CERTO_PYTOOLS[*]}" >&2
   rm -rf "$venv"
   if ! python3 -m venv "$venv" >&2; then

@@ -416,6 +416,52 @@ async fn lists_come_in_pages_and_the_openapi_document_covers_every_route() {
         (400, Some("bad_request")),
         "{v}"
     );
+    // Pages that cannot be, and a NUL byte (which PostgreSQL's text cannot hold): refused,
+    // saying what, never an internal error.
+    for (q, code, what) in [
+        ("patches?limit=0", 422, "limit=0"),
+        ("patches?offset=-1", 422, "offset=-1"),
+        ("runs?patch=9223372036854775808", 422, "that large"),
+        ("sweeps/diff?cell=3.2%00x", 400, "NUL"),
+        ("patches?release=3%002", 422, "unknown release"),
+    ] {
+        let (status, v) = call(
+            "GET",
+            &format!("{}/api/v1/{q}", srv.base),
+            Some(&token),
+            None,
+        )
+        .await;
+        assert_eq!(status, code, "{q}: {v}");
+        assert!(
+            v["error"]["message"].as_str().unwrap_or("").contains(what),
+            "{q}: {v}"
+        );
+    }
+    // A body that is JSON but not an object (serde would read an array as fields).
+    let admin = users::add(&db.store, "pager-admin", Role::Admin)
+        .await
+        .expect("admin");
+    let (status, v) = call(
+        "POST",
+        &format!("{}/api/v1/sweeps", srv.base),
+        Some(&admin),
+        Some(json!([null])),
+    )
+    .await;
+    assert_eq!(
+        (status, v["error"]["code"].as_str()),
+        (422, Some("bad_request")),
+        "{v}"
+    );
+    let (_, sweeps) = call(
+        "GET",
+        &format!("{}/api/v1/sweeps", srv.base),
+        Some(&admin),
+        None,
+    )
+    .await;
+    assert_eq!(sweeps["total"], 0, "no sweep was started: {sweeps}");
 
     // The document: OpenAPI 3.1, every operation answers for itself, every reference
     // resolves, and every path it names is served (no 404 or 405 from the router).
@@ -463,18 +509,7 @@ async fn lists_come_in_pages_and_the_openapi_document_covers_every_route() {
     assert!(operations >= 30, "{operations} operations");
     // And an OpenAPI validator of its own (openapi-spec-validator, which scripts/test
     // installs from PyPI): the document is valid OpenAPI 3.1, operation ids unique.
-    let validator = std::env::var_os("CERTO_OPENAPI_VALIDATOR")
-        .map(std::path::PathBuf::from)
-        .unwrap_or_else(|| {
-            std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-                .join("../target/pytools/bin/openapi-spec-validator")
-        });
-    assert!(
-        validator.exists(),
-        "{} is missing: install it with `bash -c '. scripts/lib.sh; certo_install_pytools'` \
-         (scripts/test does), or name another with CERTO_OPENAPI_VALIDATOR",
-        validator.display()
-    );
+    let validator = pytool("openapi-spec-validator");
     let dir = tempfile::tempdir().expect("tempdir");
     let file = dir.path().join("openapi.json");
     std::fs::write(&file, doc.to_string()).expect("write the document");
@@ -716,4 +751,102 @@ async fn metrics_are_prometheus_text_for_a_user_and_nothing_for_anyone_else() {
         samples.contains_key("certo_steps{state=\"runnable\"}"),
         "{text}"
     );
+}
+
+/// A Python test tool scripts/test installs from PyPI into target/pytools (CERTO_PYTOOLS
+/// in scripts/lib.sh); missing, the test fails saying how to install it.
+fn pytool(name: &str) -> std::path::PathBuf {
+    let dir = std::env::var_os("CERTO_PYTOOLS_DIR")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| {
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/pytools")
+        });
+    let tool = dir.join("bin").join(name);
+    assert!(
+        tool.exists(),
+        "{} is missing: install it with `bash -c '. scripts/lib.sh; certo_install_pytools'` \
+         (scripts/test does), or name another directory with CERTO_PYTOOLS_DIR",
+        tool.display()
+    );
+    tool
+}
+
+/// The API against its own document, under requests made from it (schemathesis, from
+/// PyPI): thousands of generated requests, valid and not, to every operation, then chains
+/// of them that follow the document's links. No answer is a server error; every status,
+/// content type and body is one the document describes; a request with its credential
+/// left out or wrong is refused; a request the document forbids is refused too. The
+/// generation is deterministic, so a failure shows again on the next run.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_api_answers_generated_requests_as_its_openapi_document_says() {
+    let db = common::scratch().await;
+    let srv = common::people_server(&db, false).await;
+    db.store
+        .submit(&common::load_valid())
+        .await
+        .expect("submit the fixtures");
+    let token = users::add(&db.store, "fuzzer", Role::Admin)
+        .await
+        .expect("user");
+    let work = tempfile::tempdir().expect("tempdir");
+    // The token travels in the environment, not on the command line.
+    let config = work.path().join("schemathesis.toml");
+    std::fs::write(
+        &config,
+        "headers = { Authorization = \"Bearer ${CERTO_FUZZ_TOKEN}\" }\n",
+    )
+    .expect("write the configuration");
+    let out = tokio::process::Command::new(pytool("schemathesis"))
+        .current_dir(work.path())
+        .env("CERTO_FUZZ_TOKEN", &token)
+        .arg("--config-file")
+        .arg(&config)
+        .args([
+            "--no-color",
+            "run",
+            &format!("{}/api/v1/openapi.json", srv.base),
+            "--checks",
+            "not_a_server_error,status_code_conformance,content_type_conformance,\
+             response_schema_conformance,ignored_auth,negative_data_rejection",
+            // Revoking its own token would end the run's authority half-way.
+            "--exclude-operation-id",
+            "revoke_user",
+            "--max-examples",
+            "25",
+            "--generation-deterministic",
+            "--workers",
+            "2",
+        ])
+        .output()
+        .await
+        .expect("run schemathesis");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "schemathesis found the API and its document apart:\n{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // It did test: every operation but the one left out, thousands of requests.
+    let number_after = |label: &str| -> u64 {
+        let at = text
+            .find(label)
+            .unwrap_or_else(|| panic!("no {label:?} in:\n{text}"));
+        text[at + label.len()..]
+            .trim_start()
+            .split(|c: char| !c.is_ascii_digit())
+            .next()
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("no number after {label:?} in:\n{text}"))
+    };
+    let selected = number_after("Selected:");
+    let all = number_after(&format!("Selected: {selected}/"));
+    assert_eq!(
+        (number_after("Tested:"), selected),
+        (selected, all - 1),
+        "{text}"
+    );
+    assert!(all >= 30, "{text}");
+    assert!(number_after("Test cases:") >= 1000, "{text}");
+    // The token never shows in what the tool printed.
+    assert!(!text.contains(&token));
 }

@@ -115,8 +115,8 @@ pub async fn artefact_response(
 
 /// An image's artefact (ext4, qcow2 or tar.gz), as a download.
 #[utoipa::path(get, path = "/api/v1/images/{digest}/{format}", tag = "images",
-    params(("digest" = String, Path, description = "The image's digest"),
-           ("format" = String, Path, description = "ext4, qcow2 or tar.gz")),
+    params(("digest" = String, Path, pattern = r"^[0-9a-f]{64}$", description = "The image's digest"),
+           ("format" = String, Path, pattern = r"^(ext4|qcow2|tar\.gz)$", description = "ext4, qcow2 or tar.gz")),
     responses((status = 200, body = Vec<u8>, content_type = "application/octet-stream"),
         (status = 404, body = ErrorBody), (status = 422, body = ErrorBody), (status = 401, body = ErrorBody)),
     security(("token" = [])))]
@@ -155,10 +155,18 @@ pub async fn list_users(
 
 #[derive(Debug, Deserialize, utoipa::ToSchema)]
 pub struct NewUser {
+    #[schema(pattern = r"^[a-z][a-z0-9._-]{0,31}$")]
     pub name: String,
     /// `certifier` or `admin`.
-    #[schema(value_type = String)]
+    #[schema(schema_with = role_schema)]
     pub role: Role,
+}
+
+fn role_schema() -> utoipa::openapi::schema::Object {
+    utoipa::openapi::schema::ObjectBuilder::new()
+        .schema_type(utoipa::openapi::schema::Type::String)
+        .enum_values(Some(["certifier", "admin"]))
+        .build()
 }
 
 /// Adds a user (admins); the answer holds the token, once: only its digest is kept.
@@ -209,6 +217,12 @@ pub async fn list_hosts(
 
 #[derive(Debug, Deserialize, utoipa::ToSchema)]
 pub struct QuarantineBody {
+    /// Why, for the people who read the hosts page.
+    #[schema(
+        min_length = 1,
+        max_length = 500,
+        pattern = r"^[^\x00-\x1f\x7f-\x9f]*[^\s\x00-\x1f\x7f-\x9f][^\x00-\x1f\x7f-\x9f]*$"
+    )]
     pub reason: String,
 }
 
@@ -226,7 +240,7 @@ pub async fn quarantine(
     user.admin("quarantining hosts")?;
     let (Path(name), Json(body)) = (name?, body?);
     if body.reason.trim().is_empty()
-        || body.reason.len() > 500
+        || body.reason.chars().count() > 500
         || body.reason.chars().any(char::is_control)
     {
         return Err(ApiError::bad_request("reason: 1 to 500 printable characters").into());

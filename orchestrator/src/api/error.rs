@@ -59,8 +59,25 @@ impl ApiError {
 
 impl From<StoreError> for ApiError {
     fn from(e: StoreError) -> Self {
-        ApiError::internal(e)
+        refused_text(&e).unwrap_or_else(|| ApiError::internal(e))
     }
+}
+
+/// A text PostgreSQL cannot hold (a NUL byte: SQLSTATE 22021), anywhere in `e`'s causes:
+/// the caller's input, so a 400 that says so rather than an internal error.
+fn refused_text(e: &(dyn std::error::Error + 'static)) -> Option<ApiError> {
+    let mut cause = Some(e);
+    while let Some(c) = cause {
+        if let Some(sqlx::Error::Database(db)) = c.downcast_ref::<sqlx::Error>()
+            && db.code().as_deref() == Some("22021")
+        {
+            return Some(ApiError::bad_request(
+                "the request holds a NUL byte (\\0, %00), which no name or text Certo keeps may hold",
+            ));
+        }
+        cause = c.source();
+    }
+    None
 }
 
 impl IntoResponse for ApiError {
@@ -130,7 +147,7 @@ impl From<ApiError> for JsonError {
 
 impl From<StoreError> for JsonError {
     fn from(e: StoreError) -> Self {
-        ApiError::internal(e).into()
+        ApiError::from(e).into()
     }
 }
 
@@ -141,7 +158,7 @@ impl From<OpError> for JsonError {
             OpError::NotFound(m) => ApiError::not_found(m),
             OpError::Forbidden(m) => ApiError::forbidden(m),
             OpError::App(crate::app::AppError::NotFound(m)) => ApiError::not_found(m),
-            OpError::App(e) => ApiError::internal(e),
+            OpError::App(e) => refused_text(&e).unwrap_or_else(|| ApiError::internal(e)),
         }
         .into()
     }

@@ -124,15 +124,61 @@ fn api() -> utoipa_axum::router::OpenApiRouter<Arc<ApiState>> {
         .merge(guest::routes())
         .merge(vms::routes())
         .merge(
-            patches::routes().layer(axum::extract::DefaultBodyLimit::max(
-                crate::patch::limits::MAX_UPLOAD_BYTES,
-            )),
+            patches::routes()
+                .layer(axum::middleware::from_fn(objects_only))
+                .layer(axum::extract::DefaultBodyLimit::max(
+                    crate::patch::limits::MAX_UPLOAD_BYTES,
+                )),
         )
         .merge(runs::routes())
-        .merge(sweeps::routes())
-        .merge(admin::routes())
+        .merge(sweeps::routes().layer(axum::middleware::from_fn(objects_only)))
+        .merge(admin::routes().layer(axum::middleware::from_fn(objects_only)))
         .merge(metrics::routes())
         .routes(utoipa_axum::routes!(openapi_json))
+}
+
+/// Refuses a JSON body that is not an object: every body the people's API takes is one,
+/// and serde would read an array as a struct's fields in order. The route's own body limit
+/// still applies when its handler reads the body.
+async fn objects_only(
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    let json = req
+        .headers()
+        .get(axum::http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/json"));
+    if !json {
+        return next.run(req).await;
+    }
+    let (parts, body) = req.into_parts();
+    let most = crate::patch::limits::MAX_UPLOAD_BYTES.max(MAX_BODY);
+    let bytes = match axum::body::to_bytes(body, most).await {
+        Ok(b) => b,
+        Err(_) => {
+            return error::JsonError::from(error::ApiError::new(
+                axum::http::StatusCode::PAYLOAD_TOO_LARGE,
+                "bad_request",
+                format!("the body: larger than the {most} bytes a body may be, or cut short"),
+            ))
+            .into_response();
+        }
+    };
+    if bytes.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
+        return error::JsonError::from(error::ApiError::new(
+            axum::http::StatusCode::UNPROCESSABLE_ENTITY,
+            "bad_request",
+            "the body: a JSON object is wanted",
+        ))
+        .into_response();
+    }
+    next.run(axum::extract::Request::from_parts(
+        parts,
+        axum::body::Body::from(bytes),
+    ))
+    .await
 }
 
 /// This document. It needs no credential: it says what the API is, not what is stored.
@@ -148,7 +194,94 @@ async fn openapi_json() -> axum::Json<utoipa::openapi::OpenApi> {
 pub fn openapi() -> utoipa::openapi::OpenApi {
     let mut doc = api().into_openapi();
     doc.info.version = env!("CARGO_PKG_VERSION").to_owned();
+    common_errors(&mut doc);
     doc
+}
+
+/// The refusals every route can give before its handler runs, added to each operation
+/// that does not describe them itself: 400 for a path or query that cannot be read, 401
+/// for a missing, wrong or revoked credential, and for a body 413 (too large), 415 (not
+/// JSON) and 422 (JSON, but not the route's shape). The people's API answers them as an
+/// `ErrorBody`; the host and guest protocols as plain text.
+fn common_errors(doc: &mut utoipa::openapi::OpenApi) {
+    use utoipa::openapi::{ContentBuilder, Ref, RefOr, ResponseBuilder};
+    for item in doc.paths.paths.values_mut() {
+        for op in [
+            &mut item.get,
+            &mut item.post,
+            &mut item.put,
+            &mut item.delete,
+            &mut item.patch,
+        ]
+        .into_iter()
+        .flatten()
+        {
+            let protocol = op
+                .tags
+                .iter()
+                .flatten()
+                .any(|t| t == "guest" || t == "host protocol");
+            let secured = op.security.iter().flatten().any(|r| {
+                serde_json::to_value(r).is_ok_and(|v| v.as_object().is_some_and(|o| !o.is_empty()))
+            });
+            let takes_input = op.parameters.as_ref().is_some_and(|p| !p.is_empty());
+            let body = op.request_body.is_some();
+            let json_body = op
+                .request_body
+                .as_ref()
+                .is_some_and(|b| b.content.contains_key("application/json"));
+            let mut add = Vec::new();
+            if takes_input || body {
+                add.push((
+                    "400",
+                    "The path, query or body cannot be read (`bad_request`)",
+                ));
+            }
+            if secured {
+                add.push(("401", "No credential, or one that is wrong or revoked"));
+            }
+            if body {
+                add.push(("413", "The body is larger than the route takes"));
+            }
+            if json_body {
+                add.push((
+                    "415",
+                    "The body is not JSON (`Content-Type: application/json`)",
+                ));
+                add.push(("422", "The body is JSON, but not of the route's shape"));
+            }
+            for (status, what) in add {
+                if op.responses.responses.contains_key(status) {
+                    continue;
+                }
+                let content = if protocol {
+                    ContentBuilder::new()
+                        .schema(Some(utoipa::openapi::schema::Object::with_type(
+                            utoipa::openapi::schema::Type::String,
+                        )))
+                        .build()
+                } else {
+                    ContentBuilder::new()
+                        .schema(Some(RefOr::Ref(Ref::from_schema_name("ErrorBody"))))
+                        .build()
+                };
+                let mime = if protocol {
+                    "text/plain"
+                } else {
+                    "application/json"
+                };
+                op.responses.responses.insert(
+                    status.to_owned(),
+                    RefOr::T(
+                        ResponseBuilder::new()
+                            .description(what)
+                            .content(mime, content)
+                            .build(),
+                    ),
+                );
+            }
+        }
+    }
 }
 
 /// SHA-256 of a token, hex (what the store keeps instead of the token).

@@ -79,7 +79,7 @@ fn submit_error(e: SubmitFailure) -> JsonError {
 
 /// Stored patch revisions, current ones unless the filter asks for more, by id.
 #[utoipa::path(get, path = "/api/v1/patches", operation_id = "list_patches", tag = "patches", params(PatchFilter, PageAsk),
-    responses((status = 200, body = Page), (status = 401, body = ErrorBody)),
+    responses((status = 200, body = Page), (status = 422, description = "An unknown release, or a cursor that is not this list's (`refused`)", body = ErrorBody), (status = 401, body = ErrorBody)),
     security(("token" = [])))]
 pub async fn list(
     State(s): State<Arc<ApiState>>,
@@ -88,7 +88,9 @@ pub async fn list(
     page: Result<Query<PageAsk>, QueryRejection>,
 ) -> Result<Json<Page>, JsonError> {
     let (Query(filter), Query(page)) = (filter?, page?);
-    Ok(Json(patches::list(s.app()?, &filter, page.capped()).await?))
+    Ok(Json(
+        patches::list(s.app()?, &filter, page.capped()?).await?,
+    ))
 }
 
 #[derive(Debug, Deserialize, utoipa::IntoParams)]

@@ -48,22 +48,35 @@ async fn evidence_of(
 /// Each target's test results, with their output: the VM that ran them and its host.
 #[utoipa::path(get, path = "/api/v1/runs/{id}/tests", tag = "runs",
     params(("id" = i64, Path, description = "The run id")),
-    responses((status = 200, body = Vec<crate::app::evidence::TargetEvidence>), (status = 404, body = ErrorBody), (status = 401, body = ErrorBody)),
+    responses((status = 200, body = Vec<TargetTests>), (status = 404, body = ErrorBody), (status = 401, body = ErrorBody)),
     security(("token" = [])))]
 pub async fn tests(
     State(s): State<Arc<ApiState>>,
     _user: UserAuth,
     id: Result<Path<i64>, PathRejection>,
-) -> Result<Json<Value>, JsonError> {
+) -> Result<Json<Vec<TargetTests>>, JsonError> {
     let Path(id) = id?;
     let ev = evidence_of(&s, id, 64 * 1024).await?;
-    Ok(Json(serde_json::json!(
-        ev.iter()
-            .map(|e| serde_json::json!({
-                "target": e.target, "vm": e.vm, "host": e.host, "tests": e.tests,
-            }))
-            .collect::<Vec<_>>()
-    )))
+    Ok(Json(
+        ev.into_iter()
+            .map(|e| TargetTests {
+                target: e.target,
+                vm: e.vm,
+                host: e.host,
+                tests: e.tests,
+            })
+            .collect(),
+    ))
+}
+
+/// One target's test results (its logs are `/api/v1/runs/{id}/logs`).
+#[derive(Debug, serde::Serialize, utoipa::ToSchema)]
+pub struct TargetTests {
+    pub target: String,
+    /// The VM (domain) that ran its tests, and its host.
+    pub vm: Option<String>,
+    pub host: Option<String>,
+    pub tests: Vec<crate::app::evidence::TestEvidence>,
 }
 
 /// Each target's logs: the harness's, the serial console's, a failed build's (their last
@@ -117,7 +130,7 @@ pub async fn list(
     page: Result<Query<PageAsk>, QueryRejection>,
 ) -> Result<Json<Page>, JsonError> {
     let (Query(filter), Query(page)) = (filter?, page?);
-    Ok(Json(runs::list(&s.store, &filter, page.capped()).await?))
+    Ok(Json(runs::list(&s.store, &filter, page.capped()?).await?))
 }
 
 /// Where a run is: its verdict once decided, else the steps running now.

@@ -25,7 +25,7 @@ pub fn routes() -> OpenApiRouter<Arc<ApiState>> {
 
 /// The sweeps, newest first, as summaries.
 #[utoipa::path(get, path = "/api/v1/sweeps", operation_id = "list_sweeps", tag = "sweeps", params(PageAsk),
-    responses((status = 200, body = Page), (status = 401, body = ErrorBody)),
+    responses((status = 200, body = Page), (status = 422, description = "A cursor that is not this list's (`refused`)", body = ErrorBody), (status = 401, body = ErrorBody)),
     security(("token" = [])))]
 pub async fn list(
     State(s): State<Arc<ApiState>>,
@@ -33,13 +33,13 @@ pub async fn list(
     page: Result<Query<PageAsk>, QueryRejection>,
 ) -> Result<Json<Page>, JsonError> {
     let Query(page) = page?;
-    Ok(Json(sweeps::list(&s.store, page.capped()).await?))
+    Ok(Json(sweeps::list(&s.store, page.capped()?).await?))
 }
 
 /// One sweep (`latest` for the newest): each cell's class, trend and tests; what changed
 /// for a newly failing cell; for a running one, how far it is.
 #[utoipa::path(get, path = "/api/v1/sweeps/{id}", operation_id = "show_sweep", tag = "sweeps",
-    params(("id" = String, Path, description = "The sweep's run id, or `latest`")),
+    params(("id" = String, Path, pattern = r"^([0-9]{1,19}|latest)$", description = "The sweep's run id, or `latest`")),
     responses((status = 200, body = Object), (status = 404, body = ErrorBody), (status = 401, body = ErrorBody)),
     security(("token" = [])))]
 pub async fn show(
@@ -50,12 +50,17 @@ pub async fn show(
     let Path(id) = id?;
     let id = match id.as_str() {
         "latest" => None,
-        n => Some(n.parse::<i64>().map_err(|_| {
-            ApiError::bad_request(format!(
-                "sweep {:?}: give a run id or `latest`",
-                crate::patch::limits::shorten(n)
-            ))
-        })?),
+        n => Some(
+            n.parse::<i64>()
+                .ok()
+                .filter(|_| n.bytes().all(|b| b.is_ascii_digit()))
+                .ok_or_else(|| {
+                    ApiError::bad_request(format!(
+                        "sweep {:?}: give a run id or `latest`",
+                        crate::patch::limits::shorten(n)
+                    ))
+                })?,
+        ),
     };
     Ok(Json(sweeps::show(&s.store, id).await?))
 }

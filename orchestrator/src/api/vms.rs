@@ -91,7 +91,7 @@ pub struct VmWithTests {
 }
 
 /// A VM's record and results, for the host that runs it or the VM itself.
-#[utoipa::path(get, path = "/api/v1/vms/{name}", operation_id = "show_vm", tag = "host protocol", params(("name" = String, Path, description = "The VM's domain name")),
+#[utoipa::path(get, path = "/api/v1/vms/{name}", operation_id = "show_vm", tag = "host protocol", params(("name" = String, Path, pattern = r"^certo-r[0-9]{1,20}-(?=[a-z0-9-]{1,40}-a[0-9]{1,20}$)[a-z0-9]+(-[a-z0-9]+)*-a[0-9]{1,20}$", description = "The VM's domain name")),
     responses((status = 200, body = Object), (status = 403, body = String, content_type = "text/plain")),
     security(("host_token" = []), ("vm_token" = [])))]
 async fn show(

@@ -244,9 +244,11 @@ impl From<StoreError> for OpError {
 #[derive(Debug, Clone, Default, serde::Deserialize, utoipa::IntoParams)]
 #[into_params(parameter_in = Query)]
 pub struct PageAsk {
-    /// Items per page (default 50, at most 1000 in the API).
+    /// Items per page (default 50; more than 1000 are taken as 1000).
+    #[param(minimum = 1)]
     pub limit: Option<i64>,
     /// Items skipped from the start of the list.
+    #[param(minimum = 0)]
     pub offset: Option<i64>,
     /// Continues after this item: a page's `next_after`. Unlike `offset`, it costs the
     /// same deep in a list as at its start, and a list that grows meanwhile neither
@@ -275,14 +277,26 @@ impl PageAsk {
         )
     }
 
-    /// As [`PageAsk::bounds`], with the limit at most [`PageAsk::MAX`] (the API's lists).
-    pub fn capped(self) -> PageAsk {
+    /// The API's page: a limit below 1 or a negative offset refused (saying which), a
+    /// limit above [`PageAsk::MAX`] taken as the most a page holds.
+    pub fn capped(self) -> Result<PageAsk, OpError> {
+        if let Some(l) = self.limit.filter(|l| *l < 1) {
+            return Err(OpError::Refused(format!(
+                "limit={l}: a page holds 1 to {} items",
+                Self::MAX
+            )));
+        }
+        if let Some(o) = self.offset.filter(|o| *o < 0) {
+            return Err(OpError::Refused(format!(
+                "offset={o}: the items skipped are 0 or more"
+            )));
+        }
         let (limit, offset) = self.bounds();
-        PageAsk {
+        Ok(PageAsk {
             limit: Some(limit.min(Self::MAX)),
             offset: Some(offset),
             after: self.after,
-        }
+        })
     }
 
     /// The `after` cursor as the keys `parse` reads from it (`None` without one); refused

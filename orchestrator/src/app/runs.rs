@@ -269,6 +269,11 @@ pub struct RunFilter {
 
 /// One page of runs, newest first, each as [`view`] shows it.
 pub async fn list(store: &Store, filter: &RunFilter, page: PageAsk) -> Result<Page, OpError> {
+    if let Some(p) = filter.patch.filter(|p| i64::try_from(*p).is_err()) {
+        return Err(OpError::Refused(format!(
+            "patch={p}: no patch id is that large"
+        )));
+    }
     if let Some(s) = &filter.state
         && !["running", "passed", "failed", "cancelled"].contains(&s.as_str())
     {
